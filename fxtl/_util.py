@@ -1,0 +1,158 @@
+"""Small shared helpers: atomic writes, hashing, cache home, locking, versions."""
+from __future__ import annotations
+
+import contextlib
+import errno
+import fcntl
+import hashlib
+import json
+import os
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Iterator
+
+from .errors import FxtlError
+
+__all__ = [
+    "atomic_write_bytes", "atomic_write_json", "atomic_path", "sha256_file", "default_cache_dir",
+    "file_lock", "versions", "now_iso", "json_default",
+]
+
+
+def default_cache_dir() -> Path:
+    """``$FXTL_CACHE`` if set, else ``./cache``."""
+    return Path(os.environ.get("FXTL_CACHE", "cache"))
+
+
+def ensure_dir(path: Path) -> Path:
+    """Create ``path`` (and parents); a clear error if the place is read-only or full."""
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise FxtlError(f"cannot create directory {path}: {exc.strerror}; "
+                        "choose a writable place with --cache-dir") from None
+    if not os.access(path, os.W_OK):
+        raise FxtlError(f"directory {path} is not writable; choose another with --cache-dir")
+    return path
+
+
+@contextlib.contextmanager
+def atomic_path(final: Path, suffix: str = ".partial") -> Iterator[Path]:
+    """Yield a temporary sibling path; on success it replaces ``final`` in one rename.
+
+    On failure the temporary file is removed and ``final`` (old content, if any) is untouched.
+    """
+    final = Path(final)
+    ensure_dir(final.parent)
+    fd, tmp = tempfile.mkstemp(prefix=final.name + ".", suffix=suffix, dir=final.parent)
+    os.close(fd)
+    tmp_path = Path(tmp)
+    try:
+        yield tmp_path
+        _fsync_file(tmp_path)
+        os.replace(tmp_path, final)
+        _fsync_dir(final.parent)
+    except OSError as exc:
+        tmp_path.unlink(missing_ok=True)
+        if exc.errno in (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES):
+            raise FxtlError(f"cannot write {final}: {exc.strerror}; free space or choose "
+                            "another --cache-dir (nothing was overwritten)") from None
+        raise
+    except BaseException:
+        tmp_path.unlink(missing_ok=True)
+        raise
+
+
+def _fsync_file(path: Path) -> None:
+    with open(path, "rb+") as fh:
+        os.fsync(fh.fileno())
+
+
+def _fsync_dir(path: Path) -> None:
+    with contextlib.suppress(OSError):
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    with atomic_path(path) as tmp:
+        tmp.write_bytes(data)
+
+
+def json_default(obj: Any) -> Any:
+    """JSON encoder fallback for numpy scalars/arrays and paths."""
+    import numpy as np
+
+    if isinstance(obj, np.generic):
+        return obj.item()
+    if isinstance(obj, np.ndarray):
+        return obj.tolist()
+    if isinstance(obj, Path):
+        return str(obj)
+    raise TypeError(f"not JSON serialisable: {type(obj).__name__}")
+
+
+def atomic_write_json(path: Path, obj: Any) -> None:
+    atomic_write_bytes(path, (json.dumps(obj, indent=2, default=json_default) + "\n").encode())
+
+
+def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while block := fh.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+@contextlib.contextmanager
+def file_lock(path: Path, *, timeout: float = 3600.0, what: str = "file") -> Iterator[None]:
+    """Exclusive advisory lock on ``path`` (created if needed); waits up to ``timeout`` s.
+
+    Used so that two runs on the same cache never write the same file: the second waits for the
+    first and then finds its finished result.
+    """
+    ensure_dir(Path(path).parent)
+    fh = open(path, "a+")
+    try:
+        start = time.monotonic()
+        warned = False
+        while True:
+            try:
+                fcntl.flock(fh.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if not warned:
+                    import sys
+
+                    print(f"fxtl: waiting for another process working on {what} ({path})",
+                          file=sys.stderr)
+                    warned = True
+                if time.monotonic() - start > timeout:
+                    raise FxtlError(f"timed out waiting for the lock {path}; another fxtl "
+                                    "process is still running on it") from None
+                time.sleep(0.2)
+        yield
+    finally:
+        fh.close()
+
+
+def versions() -> dict[str, str]:
+    """Versions of the libraries whose behaviour shapes an artifact."""
+    import importlib.metadata as md
+    import platform
+
+    out = {"python": platform.python_version()}
+    for name in ("fxtl", "torch", "torchvision", "timm", "scikit-learn", "numpy", "h5py", "pillow"):
+        try:
+            out[name] = md.version(name)
+        except md.PackageNotFoundError:
+            pass
+    return out
+
+
+def now_iso() -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%S%z")

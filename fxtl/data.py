@@ -1,0 +1,281 @@
+"""Find labelled images, assign splits, fingerprint the dataset, and load images robustly.
+
+A DATA_DIR is one of:
+
+* class folders directly (``root/ants/*.jpg``, ``root/bees/*.jpg``): every image is ``train``;
+* split folders (``train``, ``val``/``valid``/``validation``, ``test``) each holding class folders;
+* a CSV manifest ``path,label[,split]`` (header optional), paths relative to the CSV's folder.
+
+Hidden files and folders (``.ipynb_checkpoints``, dotfiles) and ``Thumbs.db`` are ignored, files
+whose ending is not an image ending are ignored, and symlink loops are not followed twice.
+"""
+from __future__ import annotations
+
+import csv
+import hashlib
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+
+from .errors import DataError
+from .preprocess import IMAGE_EXTENSIONS, EvalTransform, ImageDecodeError, Preprocessing
+
+__all__ = ["Sample", "ImageSet", "discover", "SPLIT_ALIASES", "ImageDataset", "fingerprint"]
+
+# Folder name (lower case) -> canonical split name.
+SPLIT_ALIASES = {"train": "train", "training": "train", "val": "val", "valid": "val",
+                 "validation": "val", "test": "test", "testing": "test"}
+SPLITS = ("train", "val", "test")
+_IGNORED_FILES = {"thumbs.db", "desktop.ini"}
+
+
+@dataclass(frozen=True)
+class Sample:
+    path: str  # relative to ImageSet.root, with forward slashes
+    label: int  # index into class_names
+    split: str  # train | val | test
+
+
+@dataclass
+class ImageSet:
+    """A discovered dataset: root, class names and samples in a deterministic order."""
+
+    root: Path
+    class_names: list[str]
+    samples: list[Sample]
+    layout: str  # "classes" | "splits" | "manifest"
+    manifest: Path | None = None
+    stats: dict[str, Any] = field(default_factory=dict)
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    @property
+    def name(self) -> str:
+        return (self.manifest.stem if self.manifest else self.root.name) or "dataset"
+
+    @property
+    def splits(self) -> dict[str, int]:
+        out: dict[str, int] = {}
+        for s in self.samples:
+            out[s.split] = out.get(s.split, 0) + 1
+        return out
+
+    def counts(self) -> dict[str, int]:
+        """Images per class (all splits)."""
+        c = np.bincount([s.label for s in self.samples], minlength=len(self.class_names))
+        return {name: int(n) for name, n in zip(self.class_names, c)}
+
+    def abspath(self, sample: Sample) -> Path:
+        return self.root / sample.path
+
+    def subset(self, indices: Sequence[int]) -> "ImageSet":
+        return ImageSet(root=self.root, class_names=list(self.class_names),
+                        samples=[self.samples[i] for i in indices], layout=self.layout,
+                        manifest=self.manifest)
+
+
+def _is_hidden(name: str) -> bool:
+    return name.startswith(".") or name.startswith("__") or name.lower() in _IGNORED_FILES
+
+
+def _is_image(name: str) -> bool:
+    return name.lower().endswith(IMAGE_EXTENSIONS)
+
+
+def _walk_images(folder: Path) -> list[Path]:
+    """Image files under ``folder`` (recursively), sorted, following symlinks without loops."""
+    found: list[Path] = []
+    seen: set[str] = set()
+    for dirpath, dirnames, filenames in os.walk(folder, followlinks=True):
+        real = os.path.realpath(dirpath)
+        if real in seen:  # a symlink loop, or a second link to the same folder
+            dirnames[:] = []
+            continue
+        seen.add(real)
+        dirnames[:] = sorted(d for d in dirnames if not _is_hidden(d))
+        for fn in sorted(filenames):
+            if not _is_hidden(fn) and _is_image(fn):
+                found.append(Path(dirpath) / fn)
+    return sorted(found)
+
+
+def _subdirs(folder: Path) -> list[Path]:
+    try:
+        return sorted(p for p in folder.iterdir() if p.is_dir() and not _is_hidden(p.name))
+    except PermissionError:
+        raise DataError(f"{folder}: permission denied; make it readable") from None
+
+
+def discover(data: str | Path) -> ImageSet:
+    """Discover the labelled images of a DATA_DIR (or CSV manifest).
+
+    Parameters
+    ----------
+    data : str or Path
+        An ImageFolder root (class folders, or split folders holding class folders) or a CSV
+        manifest ``path,label[,split]``.
+
+    Returns
+    -------
+    ImageSet
+
+    Raises
+    ------
+    DataError
+        Missing folder, no images, an empty class folder, a bad manifest.
+    """
+    data = Path(data).expanduser()
+    if not data.exists():
+        raise DataError(f"{data}: no such file or folder; pass an image folder or a CSV manifest")
+    if data.is_file():
+        if data.suffix.lower() != ".csv":
+            raise DataError(f"{data} is a file; pass a folder of class folders or a .csv manifest")
+        return _from_manifest(data)
+    root = data.resolve()
+    subdirs = _subdirs(root)
+    split_dirs = [d for d in subdirs if d.name.lower() in SPLIT_ALIASES]
+    if split_dirs:
+        others = [d.name for d in subdirs if d.name.lower() not in SPLIT_ALIASES]
+        if others:
+            raise DataError(f"{root} mixes split folders ({', '.join(d.name for d in split_dirs)}) "
+                            f"with other folders ({', '.join(others[:3])}); move those into a split")
+        per_split: dict[str, dict[str, list[Path]]] = {}
+        for d in split_dirs:
+            split = SPLIT_ALIASES[d.name.lower()]
+            if split in per_split:
+                raise DataError(f"{root} has two folders for the {split} split; keep one")
+            per_split[split] = {c.name: _nonempty_class(c) for c in _subdirs(d)}
+            if not per_split[split]:
+                raise DataError(f"{d} holds no class folders; put images in {d}/<class>/")
+        class_names = sorted({c for classes in per_split.values() for c in classes})
+        index = {c: i for i, c in enumerate(class_names)}
+        samples = [Sample(_rel(p, root), index[c], split)
+                   for split in SPLITS if split in per_split
+                   for c, files in sorted(per_split[split].items()) for p in files]
+        if "train" in per_split:
+            missing = [c for c in class_names if c not in per_split["train"]]
+            if missing:
+                raise DataError(f"class {missing[0]!r} has images in another split but none in "
+                                f"{root}/train; add training images or remove the class")
+        layout = "splits"
+    else:
+        if not subdirs:
+            if _walk_images(root):
+                raise DataError(f"{root} holds images but no class folders; put them in "
+                                f"{root}/<class>/ (one folder per label)")
+            raise DataError(f"{root} holds no images; expected {root}/<class>/<image>.jpg")
+        class_names = [d.name for d in subdirs]
+        samples = [Sample(_rel(p, root), i, "train")
+                   for i, d in enumerate(subdirs) for p in _nonempty_class(d)]
+        layout = "classes"
+    if len(class_names) < 2:
+        raise DataError(f"{root} has {len(class_names)} class; a classifier needs at least 2 class folders")
+    return ImageSet(root=root, class_names=class_names, samples=samples, layout=layout)
+
+
+def _nonempty_class(folder: Path) -> list[Path]:
+    files = _walk_images(folder)
+    if not files:
+        raise DataError(f"class folder {folder} holds no images; add images or remove the folder")
+    return files
+
+
+def _rel(path: Path, root: Path) -> str:
+    return Path(os.path.relpath(path, root)).as_posix()
+
+
+def _from_manifest(csv_path: Path) -> ImageSet:
+    root = csv_path.resolve().parent
+    rows: list[tuple[int, str, str, str]] = []
+    try:
+        with open(csv_path, newline="", encoding="utf-8-sig") as fh:
+            for lineno, row in enumerate(csv.reader(fh), start=1):
+                if not row or all(not c.strip() for c in row) or row[0].lstrip().startswith("#"):
+                    continue
+                cells = [c.strip() for c in row]
+                if lineno == 1 and cells[0].lower() == "path":
+                    continue
+                if len(cells) < 2 or not cells[1]:
+                    raise DataError(f"{csv_path} line {lineno}: expected `path,label[,split]`, "
+                                    f"got {','.join(row)!r}; every row needs a label")
+                split = cells[2].lower() if len(cells) > 2 and cells[2] else "train"
+                if split not in SPLIT_ALIASES:
+                    raise DataError(f"{csv_path} line {lineno}: unknown split {cells[2]!r}; "
+                                    "use train, val or test")
+                rows.append((lineno, cells[0], cells[1], SPLIT_ALIASES[split]))
+    except UnicodeDecodeError:
+        raise DataError(f"{csv_path} is not UTF-8 text; save the manifest as UTF-8 CSV") from None
+    if not rows:
+        raise DataError(f"{csv_path} lists no images; add rows `path,label[,split]`")
+    train_labels = {label for _, _, label, split in rows if split == "train"}
+    class_names = sorted(train_labels) if train_labels else sorted({r[2] for r in rows})
+    index = {c: i for i, c in enumerate(class_names)}
+    samples = []
+    for lineno, rel, label, split in rows:
+        p = Path(rel)
+        full = (root / p).resolve() if not p.is_absolute() else p.resolve()
+        if p.is_absolute() or (full != root and root not in full.parents):
+            raise DataError(f"{csv_path} line {lineno}: path {rel!r} escapes the manifest's folder "
+                            f"{root}; use paths relative to it")
+        if not full.is_file():
+            raise DataError(f"{csv_path} line {lineno}: file {rel!r} not found under {root}; "
+                            "fix the path or remove the line")
+        if label not in index:
+            raise DataError(f"{csv_path} line {lineno}: label {label!r} does not occur in the "
+                            "train split; fix the label or add training images for it")
+        samples.append(Sample(_rel(full, root), index[label], split))
+    if len(class_names) < 2:
+        raise DataError(f"{csv_path} has {len(class_names)} label; a classifier needs at least 2")
+    order = {s: i for i, s in enumerate(SPLITS)}
+    samples.sort(key=lambda s: (order[s.split], s.label, s.path))
+    return ImageSet(root=root, class_names=class_names, samples=samples, layout="manifest",
+                    manifest=csv_path.resolve())
+
+
+def fingerprint(images: ImageSet, **parts: Any) -> str:
+    """sha256 over the file list (path, size, mtime, label, split), classes and ``parts``.
+
+    ``parts`` carries what else shapes the result (backbone, weights hash, preprocessing, layer,
+    precision). Any change gives another fingerprint, so a stale cache is never reused.
+    """
+    h = hashlib.sha256()
+    h.update(json.dumps({"classes": images.class_names, **parts}, sort_keys=True, default=str).encode())
+    for s in images.samples:
+        try:
+            st = os.stat(images.root / s.path)
+            size, mtime = st.st_size, st.st_mtime_ns
+        except OSError:
+            size, mtime = -1, -1
+        h.update(f"\0{s.path}\0{size}\0{mtime}\0{s.label}\0{s.split}".encode())
+    return h.hexdigest()
+
+
+class ImageDataset:
+    """Map-style dataset: ``i -> (uint8 image tensor, i, error or "")``.
+
+    Bad images do not raise: they yield a zero image and the reason, so one broken file never
+    stops a batch; the caller records and drops them.
+    """
+
+    def __init__(self, paths: Sequence[Path | str], pre: Preprocessing, transform=None):
+        self.paths = [str(p) for p in paths]
+        self.pre = pre
+        self.transform = transform or EvalTransform(pre)
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, i: int):
+        import torch
+
+        try:
+            x = self.transform.load(self.paths[i])
+            return x, i, ""
+        except ImageDecodeError as exc:
+            c = self.pre.crop
+            return torch.zeros(3, c, c, dtype=torch.uint8), i, str(exc)

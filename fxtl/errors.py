@@ -1,0 +1,29 @@
+"""Errors a user can act on.
+
+Every error fxtl raises on purpose is an :class:`FxtlError`: its message is one line that names
+the file (or option) at fault and says how to fix it. The CLI prints it and exits with status 1;
+anything else is a bug and keeps its traceback.
+"""
+from __future__ import annotations
+
+__all__ = ["FxtlError", "DataError", "CacheError", "BackboneError", "ProvenanceError"]
+
+
+class FxtlError(Exception):
+    """Base class: a one-line, actionable failure (exit status 1 in the CLI)."""
+
+
+class DataError(FxtlError):
+    """The dataset (folder, manifest, image) cannot be used as given."""
+
+
+class CacheError(FxtlError):
+    """A feature cache is missing, of another format or version, or damaged."""
+
+
+class BackboneError(FxtlError):
+    """A backbone name is unknown or its weights cannot be had (e.g. offline)."""
+
+
+class ProvenanceError(FxtlError):
+    """An artifact does not match what it is used with (other backbone, tampered file...)."""

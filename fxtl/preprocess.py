@@ -1,0 +1,178 @@
+"""Preprocessing recipes and the robust image decoder.
+
+A :class:`Preprocessing` is a value (a recipe, not a built transform) that travels with every
+artifact, so the exact same transform can be rebuilt for prediction months later. Images are
+decoded to RGB by :func:`open_image`, which turns every mode users meet in the wild (grayscale,
+palette, RGBA, CMYK, 16-bit, EXIF-rotated) into correct RGB, and refuses what cannot be used
+with a short reason instead of crashing the run.
+"""
+from __future__ import annotations
+
+import warnings
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+__all__ = ["Preprocessing", "open_image", "EvalTransform", "ImageDecodeError", "MAX_PIXELS",
+           "IMAGE_EXTENSIONS"]
+
+# Files with these endings are images to fxtl (case-insensitive); others in a DATA_DIR are ignored.
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm",
+                    ".pgm", ".pbm")
+# Larger images are refused as decompression bombs (Pillow's own default warns at ~89 Mpx).
+MAX_PIXELS = 100_000_000
+
+_INTERP = {"bicubic": Image.Resampling.BICUBIC, "bilinear": Image.Resampling.BILINEAR,
+           "nearest": Image.Resampling.NEAREST, "lanczos": Image.Resampling.LANCZOS}
+
+
+@dataclass(frozen=True)
+class Preprocessing:
+    """Evaluation preprocessing: resize the shorter side, center crop, normalise.
+
+    Parameters
+    ----------
+    resize : int
+        Shorter side after resizing (``crop / crop_pct``).
+    crop : int
+        Side of the center crop fed to the network.
+    interpolation : str
+        ``bicubic``, ``bilinear``, ``nearest`` or ``lanczos``.
+    mean, std : tuple of float
+        Per-channel normalisation applied to ``[0, 1]`` pixels (inside the network wrapper).
+    jpeg_draft : bool
+        Let libjpeg decode large JPEGs at 1/2, 1/4 or 1/8 scale when the result is still at
+        least ``resize`` on both sides (much faster, visually identical after resizing).
+    """
+
+    resize: int = 256
+    crop: int = 224
+    interpolation: str = "bicubic"
+    mean: tuple[float, float, float] = (0.485, 0.456, 0.406)
+    std: tuple[float, float, float] = (0.229, 0.224, 0.225)
+    jpeg_draft: bool = True
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["mean"], d["std"] = list(self.mean), list(self.std)
+        d["resize_mode"] = "shorter_side"
+        d["alpha"] = "composite_on_white"
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "Preprocessing":
+        return cls(resize=int(d["resize"]), crop=int(d["crop"]), interpolation=str(d["interpolation"]),
+                   mean=tuple(float(v) for v in d["mean"]), std=tuple(float(v) for v in d["std"]),
+                   jpeg_draft=bool(d.get("jpeg_draft", True)))
+
+    def with_crop(self, crop: int) -> "Preprocessing":
+        """The same recipe at another input size, keeping the crop ratio."""
+        ratio = self.crop / self.resize
+        return replace(self, crop=crop, resize=int(round(crop / ratio)))
+
+
+class ImageDecodeError(Exception):
+    """An image file that cannot be used; ``str(exc)`` is the short reason."""
+
+
+def open_image(path: str | Path, *, draft_size: int | None = None,
+               max_pixels: int = MAX_PIXELS) -> Image.Image:
+    """Decode ``path`` to an 8-bit RGB image, or raise :class:`ImageDecodeError`.
+
+    Handles EXIF orientation, grayscale, palette (with transparency), RGBA/LA (composited on
+    white), CMYK, 16-bit and 32-bit integer images. ``draft_size`` lets JPEGs decode at reduced
+    scale while staying at least that large on both sides.
+    """
+    path = Path(path)
+    try:
+        if path.stat().st_size == 0:
+            raise ImageDecodeError("empty file (0 bytes)")
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            old = Image.MAX_IMAGE_PIXELS
+            Image.MAX_IMAGE_PIXELS = max_pixels
+            try:
+                with Image.open(path) as im:
+                    w, h = im.size
+                    if w * h > max_pixels:
+                        raise ImageDecodeError(f"decompression bomb: {w}x{h} pixels exceeds "
+                                               f"{max_pixels} (refused)")
+                    if draft_size and im.format == "JPEG" and im.mode in ("RGB", "L", "CMYK"):
+                        im.draft(im.mode, (draft_size, draft_size))
+                    im.load()
+                    im = ImageOps.exif_transpose(im)
+                    return _to_rgb(im)
+            finally:
+                Image.MAX_IMAGE_PIXELS = old
+    except ImageDecodeError:
+        raise
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+        raise ImageDecodeError(f"decompression bomb (refused): {exc}") from None
+    except UnidentifiedImageError:
+        raise ImageDecodeError("not an image (unrecognised format)") from None
+    except PermissionError:
+        raise ImageDecodeError("permission denied (not readable)") from None
+    except FileNotFoundError:
+        raise ImageDecodeError("file not found") from None
+    except (OSError, SyntaxError, ValueError, EOFError) as exc:
+        msg = str(exc) or type(exc).__name__
+        if "truncated" in msg.lower() or isinstance(exc, EOFError):
+            raise ImageDecodeError(f"truncated image ({msg})") from None
+        raise ImageDecodeError(f"cannot decode ({msg})") from None
+
+
+def _to_rgb(im: Image.Image) -> Image.Image:
+    mode = im.mode
+    if mode == "RGB":
+        return im
+    if mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
+        arr = np.asarray(im)
+        if arr.dtype.kind == "f":
+            lo, hi = float(np.nanmin(arr)), float(np.nanmax(arr))
+            arr = (arr - lo) / (hi - lo or 1.0) * 255.0
+        else:
+            # 16-bit data (Pillow opens 16-bit PNGs as I;16 or I): map 0..65535 to 0..255.
+            arr = arr.astype(np.float64) / 257.0 if arr.max(initial=0) > 255 else arr
+        return Image.fromarray(np.clip(np.rint(arr), 0, 255).astype(np.uint8), "L").convert("RGB")
+    if mode == "P":
+        im = im.convert("RGBA") if "transparency" in im.info else im.convert("RGB")
+        mode = im.mode
+        if mode == "RGB":
+            return im
+    if mode in ("RGBA", "LA", "RGBa", "La", "PA"):
+        rgba = im.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(background, rgba).convert("RGB")
+    return im.convert("RGB")  # L, 1, CMYK, YCbCr, LAB, HSV
+
+
+class EvalTransform:
+    """PIL image -> uint8 tensor ``[3, crop, crop]`` (normalisation happens in the network).
+
+    Keeping uint8 until the model makes worker -> main-process transfer 4x smaller.
+    """
+
+    def __init__(self, pre: Preprocessing):
+        self.pre = pre
+        self._interp = _INTERP[pre.interpolation]
+
+    def __call__(self, im: Image.Image):
+        import torch
+
+        pre = self.pre
+        w, h = im.size
+        scale = pre.resize / min(w, h)
+        nw, nh = max(pre.crop, round(w * scale)), max(pre.crop, round(h * scale))
+        if (nw, nh) != (w, h):
+            im = im.resize((nw, nh), self._interp, reducing_gap=None)
+        left, top = (nw - pre.crop) // 2, (nh - pre.crop) // 2
+        im = im.crop((left, top, left + pre.crop, top + pre.crop))
+        arr = np.asarray(im, dtype=np.uint8)
+        return torch.from_numpy(arr.copy()).permute(2, 0, 1).contiguous()
+
+    def load(self, path: str | Path):
+        """Decode ``path`` robustly and transform it."""
+        return self(open_image(path, draft_size=self.pre.resize if self.pre.jpeg_draft else None))
