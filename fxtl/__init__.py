@@ -14,6 +14,8 @@ __version__ = "0.1.0"
 from .errors import FxtlError, DataError, CacheError, BackboneError, ProvenanceError
 from .store import FeatureCache, load_features
 from .backbones import get_backbone, list_backbones, load_backbone
+from .data import discover
+from .extract import extract
 
 __all__ = ["__version__", "FxtlError", "DataError", "CacheError", "BackboneError",
            "ProvenanceError", "FeatureCache", "load_features", "get_backbone", "list_backbones",
@@ -22,12 +24,6 @@ __all__ = ["__version__", "FxtlError", "DataError", "CacheError", "BackboneError
 
 def __getattr__(name):
     # Stage entry points are imported on first use so `import fxtl` stays light.
-    if name == "extract":
-        from .extract import extract
-        return extract
-    if name == "discover":
-        from .data import discover
-        return discover
     if name == "fit_head":
         from .heads import fit_head
         return fit_head

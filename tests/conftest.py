@@ -1,0 +1,35 @@
+"""Shared fixtures: tiny generated datasets, made once per session (no network, no GPU)."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("FXTL_CACHE", str(Path(__file__).parent / ".." / "cache" / "_pytest"))
+os.environ.setdefault("OMP_NUM_THREADS", "2")
+
+
+@pytest.fixture(scope="session")
+def shapes_dir(tmp_path_factory) -> Path:
+    """train/val split folders, 2 classes (circle, square), 6 images each per split."""
+    from fxtl.datasets import write_shapes
+
+    return write_shapes(tmp_path_factory.mktemp("shapes"), per_class=6)
+
+
+@pytest.fixture(scope="session")
+def digits_dir(tmp_path_factory) -> Path:
+    """scikit-learn digits 0-2 as PNG folders: 12 per class, train/val."""
+    from fxtl.datasets import write_digits
+
+    return write_digits(tmp_path_factory.mktemp("digits"), classes=3, per_class=12, val_fraction=0.34)
+
+
+@pytest.fixture(scope="session")
+def shapes_cache(shapes_dir, tmp_path_factory) -> Path:
+    """A feature cache of ``shapes_dir`` made by the real lite0 backbone."""
+    import fxtl
+
+    res = fxtl.extract(shapes_dir, cache_dir=tmp_path_factory.mktemp("cache"), progress=False)
+    return res.cache
