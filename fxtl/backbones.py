@@ -46,7 +46,8 @@ class BackboneSpec:
     name: str
     source: str  # "package" | "torchvision" | "timm" | "file" | "run"
     arch: str  # architecture for the builder (timm or torchvision name)
-    weights: str | None = None  # torchvision enum name, timm tag, or a file path
+    weights: str | None = None  # torchvision enum name (preprocessing/metadata come from it)
+    file: str | None = None  # local weights file ("file" and "run" sources)
     preprocessing: Preprocessing | None = None  # None: taken from the weights' own metadata
     feature_dim: int | None = None
     licence: str = ""
@@ -102,7 +103,7 @@ def parse_backbone_name(name: str) -> BackboneSpec:
         file_path = Path(os.path.expanduser(file))
         if not file_path.is_file():
             raise BackboneError(f"weights file {file_path} not found (from --backbone {name})")
-        return replace(base, name=name, source="file", weights=str(file_path.resolve()),
+        return replace(base, name=name, source="file", file=str(file_path.resolve()),
                        meta={**base.meta, "base_source": base.source})
     if name.startswith("timm:"):
         return BackboneSpec(name=name, source="timm", arch=name[5:], description="timm model")
@@ -134,7 +135,7 @@ def _spec_from_run(path: Path) -> BackboneSpec:
         raise BackboneError(f"{path / MODEL_MANIFEST} is unreadable ({exc}); re-run the fine-tune") from None
     spec = parse_backbone_name(base)
     pre = manifest.get("preprocessing")
-    return replace(spec, name=str(path), source="run", weights=str(weights_file),
+    return replace(spec, name=str(path), source="run", file=str(weights_file),
                    preprocessing=Preprocessing.from_dict(pre) if pre else spec.preprocessing,
                    meta={**spec.meta, "base_source": spec.source, "base": base,
                          "num_classes": manifest.get("num_classes"),
@@ -164,7 +165,7 @@ def _weights_available(spec: BackboneSpec) -> bool:
             return _torchvision_cached_file(spec).is_file()
         if spec.source == "timm":
             return _timm_cached_file(spec) is not None
-        return bool(spec.weights and Path(spec.weights).is_file())
+        return bool(spec.file and Path(spec.file).is_file())
     except Exception:
         return False
 
@@ -334,7 +335,7 @@ def _with_local(spec: BackboneSpec, model, pre: Preprocessing, meta: dict | None
     """Load a local weights file (``ARCH=PATH``) or a fine-tuned run into ``model``."""
     from ._util import sha256_file
 
-    file = Path(spec.weights)
+    file = Path(spec.file)
     sd = _load_any_weights(file)
     if spec.source == "run":
         classifier = spec.meta.get("classifier")

@@ -88,3 +88,112 @@ def main() -> None:
 
 # ============================================================================ extract stage
 # (commands are added below, one section per stage)
+@cli.command()
+@click.argument("data_dir", type=click.Path(exists=True, path_type=Path))
+@click.option("--backbone", "-b", default="lite0", show_default=True,
+              help="Registry name, torchvision name, timm:<name>, ARCH=PATH, or a finetune run folder.")
+@click.option("--layer", default=None, help="Pool this intermediate layer instead of the penultimate features.")
+@device_options
+@click.option("--batch-size", type=click.IntRange(min=1), default=None, help="[default: 32 on CPU, 128 on CUDA]")
+@click.option("--workers", type=click.IntRange(min=0), default=None, help="Decoding processes [default: one per spare core].")
+@click.option("--output", "-o", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="Cache file path [default: <cache-dir>/<dataset>-<backbone>-<fingerprint>.h5].")
+@click.option("--force", is_flag=True, help="Re-extract even if a matching cache exists.")
+@cache_dir_option
+@json_option
+@handle_errors
+def extract(data_dir, backbone, layer, device, precision, batch_size, workers, output, force,
+            cache_dir, as_json):
+    """Run a frozen backbone over DATA_DIR once and cache the features (HDF5).
+
+    DATA_DIR holds class folders, or split folders (train, val, test) of class folders, or is
+    a CSV manifest path,label[,split]. A matching cache is reused; a killed run resumes.
+    """
+    from .extract import extract as run_extract
+
+    res = run_extract(data_dir, backbone=backbone, layer=layer, precision=precision, device=device,
+                      batch_size=batch_size, workers=workers, cache_dir=resolve_cache_dir(cache_dir),
+                      output=output, force=force, progress=True)
+
+    def human(d):
+        splits = ", ".join(f"{k} {v}" for k, v in d["splits"].items())
+        how = "reused (cache hit)" if d["cache_hit"] else \
+            f"{d['images_per_second']:.1f} images/s, {d['precision']} on {d['device']}"
+        lines = [f"{d['cache']}", f"  {d['n']} images x {d['dim']} features ({splits}); "
+                 f"{len(d['errors'])} skipped; {d['seconds']:.1f} s, {how}"]
+        return "\n".join(lines)
+
+    emit(res.to_dict(), as_json, human)
+
+
+@cli.command()
+@click.argument("cache", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@json_option
+@handle_errors
+def info(cache, as_json):
+    """Print a cache's provenance, shape, splits and skipped images."""
+    from .store import load_features
+
+    fc = load_features(cache)
+    d = {"cache": str(cache), "n": fc.n, "dim": fc.dim, "splits": fc.splits,
+         "class_names": fc.class_names,
+         "class_counts": {c: int((fc.labels == i).sum()) for i, c in enumerate(fc.class_names)},
+         "errors": [{"path": p, "reason": r} for p, r in fc.errors],
+         "format": fc.attrs.get("format"), "format_version": fc.attrs.get("format_version"),
+         **fc.provenance}
+
+    def human(d):
+        pre = d.get("preprocessing") or {}
+        lines = [f"{d['cache']}  ({d['format']} v{d['format_version']})",
+                 f"  rows x dim     {d['n']} x {d['dim']}",
+                 f"  splits         " + ", ".join(f"{k} {v}" for k, v in d["splits"].items()),
+                 f"  classes        " + ", ".join(f"{c} ({n})" for c, n in d["class_counts"].items()),
+                 f"  backbone       {d.get('backbone')}  layer {d.get('layer')}  precision {d.get('precision')}",
+                 f"  weights sha256 {d.get('weights_sha256')}",
+                 f"  preprocessing  resize {pre.get('resize')} ({pre.get('interpolation')}), crop {pre.get('crop')}, "
+                 f"mean {pre.get('mean')}, std {pre.get('std')}",
+                 f"  fingerprint    {d.get('fingerprint')}",
+                 f"  dataset        {d.get('dataset_root')}",
+                 f"  created        {d.get('created')} by fxtl {d.get('fxtl_version')}",
+                 f"  skipped        {len(d['errors'])} image(s)"]
+        lines += [f"    {e['path']}: {e['reason']}" for e in d["errors"][:20]]
+        return "\n".join(lines)
+
+    emit(d, as_json, human)
+
+
+@cli.command()
+@click.argument("cache", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.option("--format", "fmt", type=click.Choice(["npz", "csv", "parquet"]), default="npz", show_default=True)
+@click.option("--output", "-o", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="Output file [default: the cache path with the format's suffix].")
+@json_option
+@handle_errors
+def export(cache, fmt, output, as_json):
+    """Write a cache's features, labels, paths and split as npz, csv or parquet."""
+    from .export import export_cache
+
+    out = export_cache(cache, fmt=fmt, output=output)
+    emit({"output": str(out), "format": fmt}, as_json, lambda d: d["output"])
+
+
+@cli.command()
+@click.option("--layers", "layers_of", default=None, metavar="NAME",
+              help="List the layer names of backbone NAME usable with --layer.")
+@json_option
+@handle_errors
+def backbones(layers_of, as_json):
+    """List the registered backbones and whether their weights are available offline."""
+    from .backbones import list_backbones, load_backbone
+
+    if layers_of:
+        bb = load_backbone(layers_of)
+        emit({"backbone": layers_of, "layers": bb.layer_names(), "default": "pooled",
+              "feature_dim": bb.feature_dim}, as_json,
+             lambda d: "\n".join(["pooled (default)"] + d["layers"]))
+        return
+    rows = list_backbones()
+    emit({"backbones": rows}, as_json, lambda d: "\n".join(
+        f"{r['name']:<38} {str(r['feature_dim'] or '?'):>5}  "
+        f"{'offline' if r['available_offline'] else 'download'}  {r['description']}"
+        for r in d["backbones"]) + "\nAlso: any torchvision model name, timm:<name>, ARCH=PATH, a finetune run folder.")

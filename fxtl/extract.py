@@ -201,19 +201,16 @@ def extract(data: str | Path, *, backbone: str = DEFAULT_BACKBONE, layer: str | 
             attrs = read_attrs(path)
         except CacheError:
             return None
-        if attrs.get("fingerprint") != fp:
-            if output:  # an explicit path holding another dataset's cache: rebuild it
-                return None
+        if attrs.get("fingerprint") != fp:  # e.g. an explicit --output holding another cache
             return None
-        from .store import load_features
+        from .store import summarize
 
-        cache = load_features(path)
-        return ExtractResult(cache=path, n=cache.n, dim=cache.dim, splits=cache.splits,
-                             errors=[{"path": p, "reason": r} for p, r in cache.errors],
-                             seconds=time.perf_counter() - t0, images_per_second=0.0,
-                             cache_hit=True, backbone=bb.spec.name, layer=bb.layer,
-                             precision=precision, device=device, fingerprint=fp,
-                             class_names=cache.class_names)
+        s = summarize(path)
+        return ExtractResult(cache=path, n=s["n"], dim=s["dim"], splits=s["splits"],
+                             errors=s["errors"], seconds=time.perf_counter() - t0,
+                             images_per_second=0.0, cache_hit=True, backbone=bb.spec.name,
+                             layer=bb.layer, precision=precision, device=device, fingerprint=fp,
+                             class_names=s["class_names"])
 
     res = hit_result()
     if res is not None:
@@ -278,6 +275,7 @@ def _extract_locked(images: ImageSet, bb: Backbone, path: Path, fp: str, *, devi
             rows_this_chunk = min(chunk_rows, n - k * chunk_rows)
             if filled == rows_this_chunk:
                 _save_chunk(parts, k, np.concatenate(buf_f), buf_err)
+                _fault_point(k)
                 buf_f, buf_err, filled, k = [], [], 0, k + 1
         if filled:
             raise FxtlError("internal: extraction ended inside a chunk")
@@ -329,6 +327,18 @@ def _extract_locked(images: ImageSet, bb: Backbone, path: Path, fp: str, *, devi
                          cache_hit=False, resumed_rows=resumed_rows, backbone=bb.spec.name,
                          layer=bb.layer, precision=precision, device=device, fingerprint=fp,
                          class_names=images.class_names)
+
+
+def _fault_point(k: int) -> None:
+    """Test hook: ``FXTL_TEST_KILL_AFTER_CHUNK=K`` SIGKILLs this process after chunk K is saved.
+
+    The fault-injection tests use it to prove that a killed run resumes to identical features.
+    """
+    at = os.environ.get("FXTL_TEST_KILL_AFTER_CHUNK")
+    if at is not None and int(at) == k:
+        import signal
+
+        os.kill(os.getpid(), signal.SIGKILL)
 
 
 def _runs(ks: list[int]) -> Iterator[tuple[int, int]]:

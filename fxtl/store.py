@@ -17,7 +17,7 @@ from ._util import atomic_path
 from .errors import CacheError
 
 __all__ = ["FORMAT", "FORMAT_VERSION", "FeatureCache", "load_features", "write_cache",
-           "read_attrs", "iter_feature_chunks"]
+           "read_attrs", "iter_feature_chunks", "summarize"]
 
 FORMAT = "fxtl-features"
 FORMAT_VERSION = 1
@@ -168,6 +168,23 @@ def _attrs_of(f) -> dict[str, Any]:
             value = json.loads(value)
         out[key] = value
     return out
+
+
+def summarize(path: Path) -> dict[str, Any]:
+    """Shape, splits, classes and errors of a cache without reading the features."""
+    with _open(Path(path)) as f:
+        attrs = _attrs_of(f)
+        split = [_decode(s) for s in f["split"][...]]
+        errors = []
+        if "errors" in f:
+            g = f["errors"]
+            errors = [{"path": _decode(p), "reason": _decode(r)}
+                      for p, r in zip(g["path"][...], g["reason"][...])]
+        n, dim = f["features"].shape
+    names, counts = np.unique(np.array(split, dtype=str), return_counts=True)
+    return {"n": int(n), "dim": int(dim), "splits": {str(k): int(v) for k, v in zip(names, counts)},
+            "errors": errors, "class_names": [str(c) for c in attrs.get("class_names", [])],
+            "attrs": attrs}
 
 
 @dataclass

@@ -1,0 +1,117 @@
+"""The backbone registry and the real pretrained lite0 weights."""
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import pytest
+import torch
+
+from fxtl.backbones import (BACKBONES, BackboneSpec, get_backbone, list_backbones, load_backbone,
+                            parse_backbone_name, register_backbone)
+from fxtl.errors import BackboneError
+from fxtl.preprocess import EvalTransform
+
+
+@pytest.fixture(scope="module")
+def lite0():
+    return load_backbone("lite0")
+
+
+def test_registry_refuses_duplicates():
+    with pytest.raises(ValueError, match="already registered"):
+        register_backbone(BackboneSpec(name="lite0", source="package", arch="x"))
+
+
+def test_lookups_return_copies():
+    spec = get_backbone("lite0")
+    assert spec == BACKBONES["lite0"] and spec is not BACKBONES["lite0"]
+    changed = dataclasses.replace(spec, feature_dim=1)
+    assert BACKBONES["lite0"].feature_dim == 1280 and changed.feature_dim == 1
+
+
+def test_name_grammar(tmp_path):
+    assert parse_backbone_name("resnet50").source == "torchvision"
+    tv = parse_backbone_name("tv:resnet18.IMAGENET1K_V1")
+    assert (tv.arch, tv.weights) == ("resnet18", "IMAGENET1K_V1")
+    assert parse_backbone_name("timm:convnext_tiny").source == "timm"
+    w = tmp_path / "w.pth"
+    w.write_bytes(b"x")
+    spec = parse_backbone_name(f"resnet18={w}")
+    assert spec.source == "file" and spec.file == str(w.resolve())
+    with pytest.raises(BackboneError, match="unknown backbone"):
+        parse_backbone_name("no_such_net")
+    with pytest.raises(BackboneError, match="not found"):
+        parse_backbone_name(f"resnet18={tmp_path / 'missing.pth'}")
+
+
+def test_list_backbones_reports_offline_availability():
+    rows = {r["name"]: r for r in list_backbones()}
+    assert rows["lite0"]["available_offline"] is True
+    assert rows["lite0"]["feature_dim"] == 1280
+
+
+def test_lite0_weights_are_real_imagenet(lite0):
+    """The shipped ImageNet head names scikit-learn's bundled photos correctly."""
+    from PIL import Image
+    from sklearn.datasets import load_sample_image
+
+    t = EvalTransform(lite0.preprocessing)
+    x = torch.stack([t(Image.fromarray(load_sample_image(n))) for n in ("china.jpg", "flower.jpg")])
+    with torch.inference_mode():
+        feats, logits = lite0.forward_with_logits(x)
+    top = [lite0.categories[i] for i in logits.argmax(1).tolist()]
+    assert top == ["palace", "daisy"]
+    assert feats.shape == (2, 1280)
+    assert len(lite0.weights_sha256) == 64
+
+
+def test_lite0_preprocessing_from_design(lite0):
+    pre = lite0.preprocessing
+    assert (pre.resize, pre.crop, pre.interpolation) == (256, 224, "bicubic")
+    assert pre.mean == (0.5, 0.5, 0.5) and pre.std == (0.5, 0.5, 0.5)
+
+
+def test_intermediate_layer_is_pooled():
+    bb = load_backbone("lite0", layer="blocks.3")
+    x = torch.randint(0, 255, (2, 3, 224, 224), dtype=torch.uint8)
+    with torch.inference_mode():
+        f = bb(x)
+    assert f.shape == (2, bb.feature_dim) and bb.feature_dim == 80
+    assert "blocks.3" in bb.layer_names()
+    with pytest.raises(BackboneError, match="no layer"):
+        load_backbone("lite0", layer="blocks.99")
+
+
+def test_offline_download_fails_with_one_line(monkeypatch, tmp_path):
+    import fxtl.backbones as B
+
+    monkeypatch.setattr(B, "_online", lambda *a, **k: False)
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+    with pytest.raises(BackboneError) as exc:
+        load_backbone("resnet18")
+    msg = str(exc.value)
+    assert "\n" not in msg and "no network" in msg
+    assert str(tmp_path / "torch" / "hub" / "checkpoints" / "resnet18-") in msg
+
+
+def test_offline_timm_fails_with_one_line(monkeypatch):
+    import fxtl.backbones as B
+
+    monkeypatch.setattr(B, "_online", lambda *a, **k: False)
+    monkeypatch.setattr(B, "_timm_cached_file", lambda spec: None)
+    with pytest.raises(BackboneError, match="no network") as exc:
+        load_backbone("timm:resnet18.a1_in1k")
+    assert "\n" not in str(exc.value)
+
+
+def test_local_weights_file_for_torchvision_arch(tmp_path):
+    """ARCH=PATH loads a local file into the architecture without any download."""
+    import torchvision
+
+    model = torchvision.models.resnet18(weights=None, num_classes=1000)
+    w = tmp_path / "r18.pth"
+    torch.save(model.state_dict(), w)
+    bb = load_backbone(f"resnet18={w}")
+    assert bb.feature_dim == 512 and bb.preprocessing.crop == 224
+    assert torch.equal(bb.model.fc.weight, model.fc.weight)
