@@ -197,3 +197,52 @@ def backbones(layers_of, as_json):
         f"{r['name']:<38} {str(r['feature_dim'] or '?'):>5}  "
         f"{'offline' if r['available_offline'] else 'download'}  {r['description']}"
         for r in d["backbones"]) + "\nAlso: any torchvision model name, timm:<name>, ARCH=PATH, a finetune run folder.")
+
+
+# ============================================================================ advise stage
+@cli.command()
+@click.argument("data_dir", type=click.Path(exists=True, path_type=Path))
+@click.option("--backbone", "-b", default="lite0", show_default=True)
+@click.option("--sample", type=click.IntRange(min=10), default=240, show_default=True,
+              help="Images decoded to estimate similarity (stratified; the rest are only counted).")
+@click.option("--large-per-class", type=click.IntRange(min=1), default=1000, show_default=True,
+              help="Median training images per class from which a dataset counts as large.")
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--run", "run_plan", is_flag=True, help="Execute the recommended commands, then compare.")
+@device_options
+@cache_dir_option
+@json_option
+@handle_errors
+def advise(data_dir, backbone, sample, large_per_class, seed, run_plan, device, precision, cache_dir,
+           as_json):
+    """Say which of the four transfer-learning scenarios DATA_DIR is in, and what to run."""
+    from .advise import advise as run_advise
+
+    a = run_advise(data_dir, backbone=backbone, sample=sample, large_per_class=large_per_class,
+                   seed=seed, device=device, precision=precision, progress=not as_json)
+    d = a.to_dict()
+    if run_plan:
+        from .advise import run_plan as execute
+
+        d["plan"] = execute(a, cache_dir=resolve_cache_dir(cache_dir), device=device,
+                            precision=precision, seed=seed, log=log)
+
+    def human(d):
+        s, m = d["size"], d["similarity"]
+        lines = [f"Scenario {d['scenario']}: {d['size']['category']} and {m['category']}",
+                 f"  size        {s['train_images']} training images, {s['classes']} classes, "
+                 f"median {s['images_per_class_median']:.0f}/class (min {s['images_per_class_min']}, "
+                 f"imbalance {s['imbalance']:.1f}x); large from {s['large_per_class']}/class",
+                 f"  similarity  {m['score']:.2f} (similar from {m['similar_at']}) on {m['sample']} sampled images:",
+                 f"              linear probe on frozen features {m['probe_accuracy_features']:.3f} vs raw "
+                 f"pixels {m['probe_accuracy_pixels']:.3f} (chance {m['chance']:.2f})"]
+        if "imagenet_familiarity" in m:
+            tops = ", ".join(f"{c.split(',')[0]} ({n})" for c, n in m["imagenet_top_predictions"])
+            lines.append(f"              ImageNet familiarity {m['imagenet_familiarity']:.2f} "
+                         f"(mean top-1 softmax {m['imagenet_mean_max_softmax']:.2f}; top: {tops})")
+        lines += ["", d["explanation"], "", "Next:"] + [f"  {c}" for c in d["commands"]]
+        if d.get("plan"):
+            lines += ["", "Ran the plan:"] + [f"  {r}" for r in d["plan"].get("summary", [])]
+        return "\n".join(lines)
+
+    emit(d, as_json, human)

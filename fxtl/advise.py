@@ -1,0 +1,251 @@
+"""Which of the lecture's four scenarios is a dataset in? (``fxtl advise``)
+
+The decision table (CS231n "Transfer Learning" notes, the lecture fxtl comes from):
+
+=========  ===========================  ==================================================
+scenario   data                         what to do
+=========  ===========================  ==================================================
+1          small, similar to ImageNet   transfer learning: train only a classifier head
+2          large, similar               fine-tune the whole network
+3          small, different             train as few layers as possible (last blocks, or
+                                        a head on earlier-layer features)
+4          large, different             fine-tune everything from pretrained weights (from
+                                        scratch is possible, but rarely better)
+=========  ===========================  ==================================================
+
+Size is measured from the file list: training images per class (median) against
+``large_per_class`` (default 1,000, about ImageNet's 1,300 per class: below it a network of
+millions of parameters overfits when fully fine-tuned).
+
+Similarity is estimated on a stratified sample (default 240 images; the rest are never
+decoded, so advice on 30k images takes seconds), with one forward pass that yields, per image,
+the backbone's own ImageNet prediction and its pooled features:
+
+* **ImageNet familiarity** ``1 - H(p)/log(1000)``: one minus the mean normalised entropy of the
+  ImageNet classifier's softmax. Photos of things ImageNet knows give confident, low-entropy
+  predictions; digits, X-rays or synthetic renderings do not.
+* **Feature advantage** ``(acc_deep - acc_pixels) / (1 - chance)``: 5-fold cross-validated
+  accuracy of a linear probe (standardised ridge classifier) on the frozen pooled features,
+  minus that of the same probe on raw pixels (16x16 thumbnails), as a fraction of the room
+  above chance. Features learnt on a similar domain beat pixels by far; on a different domain
+  they can even lose to them.
+
+``similarity = 0.5 * clip((familiarity - 0.4) / 0.4) + 0.5 * clip(0.5 + advantage)``, in
+[0, 1]; a dataset is *similar* at ``similarity >= 0.5``. How the constants were chosen, and on
+which data, is in docs/advise.md.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .backbones import DEFAULT_BACKBONE, load_backbone
+from .data import ImageSet, discover
+from .errors import FxtlError
+
+__all__ = ["advise", "Advice", "measure_similarity", "SCENARIOS"]
+
+SCENARIOS = {
+    1: ("small", "similar", "Transfer learning: train only a classifier on frozen features; "
+        "fine-tuning this little data would overfit."),
+    2: ("large", "similar", "Fine-tune the whole network: there is enough data, and the "
+        "pretrained features are a good start."),
+    3: ("small", "different", "Train as few layers as possible: fine-tune only the last blocks "
+        "(or fit a head on earlier-layer features); the top layers are too ImageNet-specific."),
+    4: ("large", "different", "Fine-tune everything from the pretrained weights: training from "
+        "scratch is possible with this much data, but pretrained initialisation is usually better."),
+}
+# Constants of the similarity score (see module docstring and docs/advise.md).
+FAMILIARITY_FLOOR, FAMILIARITY_SPAN = 0.4, 0.4
+SIMILAR_AT = 0.5
+LARGE_PER_CLASS = 1000
+PIXELS_SIDE = 16
+
+
+@dataclass
+class Advice:
+    """What ``advise`` found; ``to_dict()`` is the ``--json`` output."""
+
+    scenario: int
+    size: dict[str, Any]
+    similarity: dict[str, Any]
+    explanation: str
+    commands: list[str]
+    seconds: float
+    data: str
+    backbone: str
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def _size(images: ImageSet, large_per_class: int) -> dict[str, Any]:
+    train = [s for s in images.samples if s.split == "train"] or images.samples
+    counts = np.bincount([s.label for s in train], minlength=len(images.class_names))
+    median = float(np.median(counts))
+    return {"images": len(images), "train_images": len(train), "classes": len(images.class_names),
+            "images_per_class_median": median, "images_per_class_min": int(counts.min()),
+            "images_per_class_max": int(counts.max()),
+            "imbalance": float(counts.max() / max(counts.min(), 1)), "splits": images.splits,
+            "large_per_class": large_per_class,
+            "category": "large" if median >= large_per_class else "small"}
+
+
+def _stratified_sample(images: ImageSet, n: int, seed: int) -> list[int]:
+    rng = np.random.default_rng(seed)
+    train = [i for i, s in enumerate(images.samples) if s.split == "train"] or list(range(len(images)))
+    by_class: dict[int, list[int]] = {}
+    for i in train:
+        by_class.setdefault(images.samples[i].label, []).append(i)
+    per = max(2, n // max(len(by_class), 1))
+    chosen: list[int] = []
+    for label in sorted(by_class):
+        members = np.array(by_class[label])
+        rng.shuffle(members)
+        chosen += members[:per].tolist()
+    return sorted(chosen)
+
+
+def _probe_accuracy(X: np.ndarray, y: np.ndarray, seed: int) -> float:
+    from sklearn.linear_model import RidgeClassifierCV
+    from sklearn.model_selection import StratifiedKFold, cross_val_score
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+
+    folds = int(min(5, np.bincount(y)[np.bincount(y) > 0].min()))
+    if folds < 2:
+        return float("nan")
+    probe = make_pipeline(StandardScaler(), RidgeClassifierCV(alphas=np.logspace(-1, 4, 11)))
+    cv = StratifiedKFold(folds, shuffle=True, random_state=seed)
+    return float(cross_val_score(probe, X, y, cv=cv).mean())
+
+
+def measure_similarity(images: ImageSet, *, backbone: str = DEFAULT_BACKBONE, sample: int = 240,
+                       seed: int = 0, device: str = "auto", precision: str = "auto",
+                       progress: bool = False) -> dict[str, Any]:
+    """Similarity of ``images`` to the backbone's source domain, measured on a sample."""
+    import torch
+    from PIL import Image
+
+    from .extract import embed_paths
+    from .preprocess import ImageDecodeError, open_image
+
+    bb = load_backbone(backbone)
+    idx = _stratified_sample(images, sample, seed)
+    paths = [str(images.abspath(images.samples[i])) for i in idx]
+    feats, logits, keep = [], [], []
+    for rows, f, lg, bad in embed_paths(bb, paths, device=device, precision=precision,
+                                        with_logits=True, progress=progress, desc="advise"):
+        bad_rows = {i for i, _ in bad}
+        ok = [k for k, r in enumerate(rows.tolist()) if r not in bad_rows]
+        feats.append(f[ok])
+        logits.append(lg[ok])
+        keep += [int(rows[k]) for k in ok]
+    if not keep:
+        raise FxtlError(f"none of the {len(paths)} sampled images under {images.root} could be decoded")
+    F, L = np.concatenate(feats), np.concatenate(logits)
+    y = np.array([images.samples[idx[k]].label for k in keep])
+    pixels = []
+    for k in keep:
+        try:
+            im = open_image(paths[k], draft_size=64).convert("L").resize((PIXELS_SIDE, PIXELS_SIDE),
+                                                                          Image.Resampling.BILINEAR)
+        except ImageDecodeError:  # pragma: no cover - decoded fine a moment ago
+            im = Image.new("L", (PIXELS_SIDE, PIXELS_SIDE))
+        pixels.append(np.asarray(im, dtype=np.float32).ravel() / 255.0)
+    P = np.stack(pixels)
+    familiarity = None
+    if L.shape[1] == 1000 and bb.categories:
+        p = torch.from_numpy(L).float().softmax(-1).numpy()
+        entropy = float((-(p * np.log(p + 1e-12)).sum(1) / np.log(p.shape[1])).mean())
+        familiarity = 1.0 - entropy
+        top = np.bincount(p.argmax(1), minlength=p.shape[1])
+        top_classes = [(bb.categories[i], int(c)) for i, c in
+                       sorted(enumerate(top), key=lambda t: -t[1])[:3] if c]
+        mean_max = float(p.max(1).mean())
+    acc_deep = _probe_accuracy(F, y, seed)
+    acc_pix = _probe_accuracy(P, y, seed)
+    chance = float(np.bincount(y).max() / len(y))
+    advantage = (acc_deep - acc_pix) / max(1e-9, 1.0 - chance)
+    s_adv = float(np.clip(0.5 + advantage, 0, 1))
+    if familiarity is None:  # backbone without an ImageNet head: features alone decide
+        score = s_adv
+    else:
+        s_fam = float(np.clip((familiarity - FAMILIARITY_FLOOR) / FAMILIARITY_SPAN, 0, 1))
+        score = 0.5 * s_fam + 0.5 * s_adv
+    out = {"score": round(float(score), 4), "category": "similar" if score >= SIMILAR_AT else "different",
+           "sample": len(keep), "probe_accuracy_features": round(acc_deep, 4),
+           "probe_accuracy_pixels": round(acc_pix, 4), "chance": round(chance, 4),
+           "feature_advantage": round(float(advantage), 4), "similar_at": SIMILAR_AT}
+    if familiarity is not None:
+        out.update({"imagenet_familiarity": round(familiarity, 4),
+                    "imagenet_mean_max_softmax": round(mean_max, 4),
+                    "imagenet_top_predictions": top_classes})
+    return out
+
+
+def _commands(scenario: int, data: str, backbone: str) -> list[str]:
+    d = f'"{data}"' if " " in data else data
+    b = "" if backbone == DEFAULT_BACKBONE else f" --backbone {backbone}"
+    if scenario == 1:
+        return [f"fxtl extract {d}{b}", "fxtl fit-head CACHE --model all", "fxtl compare"]
+    if scenario == 2:
+        return [f"fxtl finetune {d}{b} --trainable all", f"fxtl extract {d}{b}",
+                "fxtl fit-head CACHE --model logreg", "fxtl compare"]
+    if scenario == 3:
+        return [f"fxtl finetune {d}{b} --trainable last:2", f"fxtl extract {d}{b}",
+                "fxtl fit-head CACHE --model all", "fxtl compare"]
+    return [f"fxtl finetune {d}{b} --trainable all --epochs 15", f"fxtl extract {d}{b}",
+            "fxtl fit-head CACHE --model logreg", "fxtl compare"]
+
+
+def advise(data: str | Path, *, backbone: str = DEFAULT_BACKBONE, sample: int = 240,
+           large_per_class: int = LARGE_PER_CLASS, seed: int = 0, device: str = "auto",
+           precision: str = "auto", progress: bool = False) -> Advice:
+    """Measure size and similarity of a dataset and say which scenario (1-4) it is in.
+
+    Parameters
+    ----------
+    data : str or Path
+        DATA_DIR or CSV manifest.
+    backbone : str
+        The backbone whose source domain similarity is measured against.
+    sample : int
+        Images decoded for the similarity estimate (stratified over classes, from train).
+    large_per_class : int
+        Median training images per class from which a dataset counts as large.
+
+    Returns
+    -------
+    Advice
+
+    Examples
+    --------
+    >>> a = advise("data/hymenoptera")   # doctest: +SKIP
+    >>> a.scenario                       # doctest: +SKIP
+    1
+    """
+    t0 = time.perf_counter()
+    if sample < 10:
+        raise FxtlError(f"--sample must be at least 10 images (got {sample})")
+    images = discover(data)
+    size = _size(images, large_per_class)
+    sim = measure_similarity(images, backbone=backbone, sample=sample, seed=seed, device=device,
+                             precision=precision, progress=progress)
+    scenario = {("small", "similar"): 1, ("large", "similar"): 2, ("small", "different"): 3,
+                ("large", "different"): 4}[(size["category"], sim["category"])]
+    why = (f"{size['train_images']} training images in {size['classes']} classes "
+           f"(median {size['images_per_class_median']:.0f} per class: {size['category']}, "
+           f"large from {large_per_class}); similarity {sim['score']:.2f} "
+           f"({sim['category']}: frozen features {sim['probe_accuracy_features']:.2f} vs raw "
+           f"pixels {sim['probe_accuracy_pixels']:.2f} in a linear probe"
+           + (f", ImageNet familiarity {sim['imagenet_familiarity']:.2f}" if "imagenet_familiarity" in sim else "")
+           + f"). Scenario {scenario}: {SCENARIOS[scenario][2]}")
+    return Advice(scenario=scenario, size=size, similarity=sim, explanation=why,
+                  commands=_commands(scenario, str(data), backbone),
+                  seconds=round(time.perf_counter() - t0, 3), data=str(data), backbone=backbone)

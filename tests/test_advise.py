@@ -1,0 +1,54 @@
+"""fxtl advise: size and similarity measured, scenario and commands derived."""
+from __future__ import annotations
+
+import json
+
+import pytest
+from click.testing import CliRunner
+
+from fxtl.advise import SCENARIOS, _commands, advise
+from fxtl.cli import cli
+
+
+@pytest.fixture(scope="module")
+def digits_advice(digits_dir):
+    return advise(digits_dir, sample=60)
+
+
+def test_digits_are_different_from_imagenet(digits_advice):
+    """Real handwritten digits: ImageNet features do not beat raw pixels -> 'different'."""
+    sim = digits_advice.similarity
+    assert sim["category"] == "different", sim
+    assert sim["probe_accuracy_pixels"] >= sim["probe_accuracy_features"] - 0.05
+    assert digits_advice.size["category"] == "small"
+    assert digits_advice.scenario == 3
+    assert any("--trainable last:2" in c for c in digits_advice.commands)
+
+
+def test_size_threshold_moves_scenario(digits_dir):
+    a = advise(digits_dir, sample=30, large_per_class=5)
+    assert a.size["category"] == "large" and a.scenario == 4
+    assert a.size["classes"] == 3 and a.size["images_per_class_median"] == 8
+
+
+def test_every_scenario_has_commands_and_text():
+    for k, (size, sim, text) in SCENARIOS.items():
+        cmds = _commands(k, "data", "lite0")
+        assert cmds and all(c.startswith("fxtl ") for c in cmds)
+        assert text
+    assert "fit-head" in " ".join(_commands(1, "data", "lite0"))
+    assert "--trainable all" in " ".join(_commands(2, "data", "lite0"))
+
+
+def test_cli_json(digits_dir):
+    r = CliRunner().invoke(cli, ["advise", str(digits_dir), "--sample", "30", "--json"])
+    assert r.exit_code == 0, r.output
+    d = json.loads(r.stdout)
+    for key in ("scenario", "size", "similarity", "explanation", "commands"):
+        assert key in d
+    assert d["scenario"] in (1, 2, 3, 4) and 0 <= d["similarity"]["score"] <= 1
+
+
+def test_cli_rejects_tiny_sample(digits_dir):
+    r = CliRunner().invoke(cli, ["advise", str(digits_dir), "--sample", "3"])
+    assert r.exit_code == 2
