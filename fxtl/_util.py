@@ -53,15 +53,32 @@ def atomic_path(final: Path, suffix: str = ".partial") -> Iterator[Path]:
         _fsync_file(tmp_path)
         os.replace(tmp_path, final)
         _fsync_dir(final.parent)
-    except OSError as exc:
+    except BaseException as exc:
         tmp_path.unlink(missing_ok=True)
-        if exc.errno in (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES):
-            raise FxtlError(f"cannot write {final}: {exc.strerror}; free space or choose "
-                            "another --cache-dir (nothing was overwritten)") from None
+        reason = storage_failure(exc)
+        if reason:
+            raise FxtlError(f"cannot write {final}: {reason}; free space or choose another "
+                            "--cache-dir (nothing was overwritten)") from None
         raise
-    except BaseException:
-        tmp_path.unlink(missing_ok=True)
-        raise
+
+
+_STORAGE_ERRNOS = {errno.ENOSPC: "No space left on device", errno.EDQUOT: "Disk quota exceeded",
+                   errno.EROFS: "Read-only file system", errno.EACCES: "Permission denied"}
+
+
+def storage_failure(exc: BaseException) -> str | None:
+    """The reason if ``exc`` is a full disk, quota, read-only or permission failure, else None.
+
+    HDF5 reports these as RuntimeError/OSError with the errno only inside the message text.
+    """
+    if isinstance(exc, OSError) and exc.errno in _STORAGE_ERRNOS:
+        return _STORAGE_ERRNOS[exc.errno]
+    if isinstance(exc, (OSError, RuntimeError)):
+        text = str(exc)
+        for reason in _STORAGE_ERRNOS.values():
+            if reason in text:
+                return reason
+    return None
 
 
 def _fsync_file(path: Path) -> None:

@@ -192,7 +192,6 @@ def extract(data: str | Path, *, backbone: str = DEFAULT_BACKBONE, layer: str | 
                      format_version=FORMAT_VERSION)
     cache_dir = Path(cache_dir) if cache_dir else default_cache_dir()
     path = Path(output) if output else cache_path_for(images, bb.spec.name, fp, cache_dir)
-    ensure_dir(path.parent)
 
     def hit_result() -> ExtractResult | None:
         if force or not path.exists():
@@ -212,9 +211,10 @@ def extract(data: str | Path, *, backbone: str = DEFAULT_BACKBONE, layer: str | 
                              layer=bb.layer, precision=precision, device=device, fingerprint=fp,
                              class_names=s["class_names"])
 
-    res = hit_result()
+    res = hit_result()  # a hit needs no write access: caches can be shared read-only
     if res is not None:
         return res
+    ensure_dir(path.parent)
     with file_lock(path.with_name(path.name + ".lock"), what=f"the cache {path.name}"):
         res = hit_result()  # another process may have finished it while we waited
         if res is not None:

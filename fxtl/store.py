@@ -65,6 +65,7 @@ def write_cache(path: Path, *, chunks: Iterable[np.ndarray], n: int, dim: int,
     """
     h5py = _h5()
     path = Path(path)
+    _check_space(path, n * dim * 4 + sum(len(p) + len(s) + 48 for p, s in zip(paths, split)))
     rows_per_chunk = max(1, min(max(n, 1), _CHUNK_BYTES // (4 * max(dim, 1))))
     with atomic_path(path) as tmp:
         with h5py.File(tmp, "w") as f:
@@ -98,6 +99,25 @@ def write_cache(path: Path, *, chunks: Iterable[np.ndarray], n: int, dim: int,
             f.attrs["dim"] = dim
             f.attrs["complete"] = True
     return path
+
+
+def _check_space(path: Path, payload: int) -> None:
+    """Refuse before writing when the disk cannot hold the file.
+
+    HDF5 fails late (at flush/close) on a full disk and leaves h5py objects that can crash the
+    interpreter when collected, so the space is checked up front.
+    """
+    import shutil
+
+    from ._util import ensure_dir
+
+    ensure_dir(path.parent)
+    need = int(payload * 1.05) + (256 << 10)
+    free = shutil.disk_usage(path.parent).free
+    if free < need:
+        raise CacheError(f"cannot write {path}: No space left on device (needs about "
+                         f"{need / 2**20:.1f} MiB, {free / 2**20:.1f} MiB free); free space or choose "
+                         "another --cache-dir (nothing was overwritten)")
 
 
 def _encode_attr(key: str, value: Any) -> Any:
