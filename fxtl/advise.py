@@ -249,3 +249,46 @@ def advise(data: str | Path, *, backbone: str = DEFAULT_BACKBONE, sample: int = 
     return Advice(scenario=scenario, size=size, similarity=sim, explanation=why,
                   commands=_commands(scenario, str(data), backbone),
                   seconds=round(time.perf_counter() - t0, 3), data=str(data), backbone=backbone)
+
+
+def run_plan(advice: Advice, *, cache_dir: str | Path | None = None, device: str = "auto",
+             precision: str = "auto", seed: int = 0, epochs: int | None = None,
+             image_size: int | None = None, log=None) -> dict[str, Any]:
+    """Execute what ``advice`` recommends (``fxtl advise --run``), then compare the runs.
+
+    Scenario 1: extract + every head. 2 and 4: a full fine-tune (4 trains longer) beside a
+    logistic-regression head. 3: fine-tune the last two blocks beside every head. The same
+    splits are used throughout, so ``compare`` lines the results up.
+    """
+    from .compare import compare
+    from .extract import extract
+    from .finetune import finetune
+    from .heads import fit_heads
+
+    log = log or (lambda msg: None)
+    data = advice.data
+    heads = ["all"] if advice.scenario in (1, 3) else ["logreg"]
+    out: dict[str, Any] = {"scenario": advice.scenario, "runs": [], "summary": []}
+    log(f"fxtl: scenario {advice.scenario}: extracting features of {data}")
+    ex = extract(data, backbone=advice.backbone, device=device, precision=precision,
+                 cache_dir=cache_dir, progress=log is not None)
+    out["cache"] = str(ex.cache)
+    out["summary"].append(f"extract: {ex.n} images -> {ex.cache} ({ex.seconds:.1f} s)")
+    for res in fit_heads(ex.cache, models=heads, seed=seed, cache_dir=cache_dir, log=log):
+        m = res.metrics
+        out["runs"].append({"kind": "head", "model": m["model"], "accuracy": m["accuracy"],
+                            "macro_f1": m["macro_f1"], "split": m["split"], "run_dir": str(res.run_dir)})
+        out["summary"].append(f"head {m['model']}: {m['split']} accuracy {m['accuracy']:.3f} ({res.run_dir})")
+    if advice.scenario != 1:
+        trainable = "last:2" if advice.scenario == 3 else "all"
+        n_epochs = epochs or (15 if advice.scenario == 4 else 5)
+        log(f"fxtl: fine-tuning ({trainable}, {n_epochs} epochs)")
+        ft = finetune(data, backbone=advice.backbone, trainable=trainable, epochs=n_epochs,
+                      image_size=image_size, seed=seed, device=device, precision=precision,
+                      cache_dir=cache_dir, progress=log is not None)
+        out["runs"].append({"kind": "finetune", "model": ft.model, "accuracy": ft.accuracy,
+                            "macro_f1": ft.macro_f1, "split": ft.split, "run_dir": str(ft.run_dir)})
+        out["summary"].append(f"finetune {trainable}: {ft.split} accuracy {ft.accuracy:.3f} ({ft.run_dir})")
+    comp = compare(cache_dir=cache_dir, runs=[r["run_dir"] for r in out["runs"]])
+    out["compare"] = comp
+    return out
