@@ -246,3 +246,341 @@ def advise(data_dir, backbone, sample, large_per_class, seed, run_plan, device, 
         return "\n".join(lines)
 
     emit(d, as_json, human)
+
+
+@cli.command()
+@click.option("--per-class", type=click.IntRange(min=8), default=60, show_default=True,
+              help="Digits per class (10 classes).")
+@click.option("--epochs", type=click.IntRange(min=1), default=2, show_default=True,
+              help="Epochs of the short fine-tune.")
+@click.option("--image-size", type=click.IntRange(min=32), default=128, show_default=True,
+              help="Input side for the fine-tune (small keeps the demo quick on a CPU).")
+@click.option("--seed", type=int, default=0, show_default=True)
+@device_options
+@cache_dir_option
+@json_option
+@handle_errors
+def demo(per_class, epochs, image_size, seed, device, precision, cache_dir, as_json):
+    """Run the whole job offline on a small real dataset (scikit-learn's digits).
+
+    advise -> extract -> every head -> a short fine-tune -> compare; prints where the report
+    and the plots are.
+    """
+    from .demo import run_demo
+
+    r = run_demo(cache_dir=resolve_cache_dir(cache_dir), per_class=per_class, epochs=epochs,
+                 image_size=image_size, seed=seed, device=device, precision=precision, log=log)
+
+    def human(r):
+        lines = ["", f"fxtl demo: scenario {r['advice']['scenario']} "
+                     f"({r['advice']['size']['category']}, {r['advice']['similarity']['category']}) "
+                     f"in {r['seconds']} s", ""]
+        lines.append(f"  {'method':<22} {'split':<6} {'accuracy':>8} {'macro-F1':>8}")
+        for run in r["plan"]["runs"]:
+            lines.append(f"  {run['kind'] + ' ' + run['model']:<22} {run['split']:<6} "
+                         f"{run['accuracy']:>8.3f} {run['macro_f1']:>8.3f}")
+        lines += ["", f"Report: {r['report']}", f"Embedding map: {r['embedding_png']}"]
+        chart = r["plan"].get("compare", {}).get("chart")
+        if chart:
+            lines.append(f"Comparison chart: {chart}")
+        lines.append("Run folders (metrics.json, confusion.png, learning_curves.png):")
+        lines += [f"  {run['run_dir']}" for run in r["plan"]["runs"]]
+        return "\n".join(lines)
+
+    emit(r, as_json, human)
+
+
+# ============================================================================ heads stage
+from .heads import HEADS, LARGE_ROWS  # noqa: E402 - the registry gives --model its choices
+from .plots import METHODS as EMBEDDING_METHODS  # noqa: E402
+
+
+def _pca_value(ctx, param, value):
+    if value is None:
+        return None
+    try:
+        v = float(value)
+    except ValueError:
+        raise click.BadParameter("give a number of components (e.g. 64) or a variance fraction "
+                                 "(e.g. 0.95)") from None
+    if v >= 1 and v.is_integer():
+        return int(v)
+    if 0 < v < 1:
+        return v
+    raise click.BadParameter("give a whole number of components >= 1 or a fraction in (0, 1)")
+
+
+def _fmt_params(p: dict) -> str:
+    def short(v):
+        return f"{v:.3g}" if isinstance(v, float) else str(v)
+    return " ".join(f"{k}={short(v)}" for k, v in (p or {}).items()) or "defaults"
+
+
+@cli.command("fit-head")
+@click.argument("cache", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.option("--model", "-m", "models", multiple=True, default=("logreg",), show_default=True,
+              type=click.Choice([*HEADS, "all"]), help="Head to fit; repeat for several, or all.")
+@click.option("--param", "params", multiple=True, metavar="KEY=VALUE",
+              help="Estimator parameter, fixed (not searched), e.g. --param C=0.1; repeatable.")
+@click.option("--no-search", is_flag=True, help="Fit the default parameters, no hyper-parameter search.")
+@click.option("--seed", type=int, default=0, show_default=True, help="Seeds folds, hold-out and estimators.")
+@click.option("--jobs", "-j", type=int, default=-1, show_default=True,
+              help="Parallel search jobs (joblib); -1 uses every core.")
+@click.option("--test-size", type=click.FloatRange(0, 1, min_open=True, max_open=True), default=0.2,
+              show_default=True, help="Stratified hold-out fraction when the cache has only train.")
+@click.option("--cv-folds", type=click.IntRange(min=2), default=5, show_default=True,
+              help="k of the stratified k-fold CV used when there is no val split to select on.")
+@click.option("--l2-normalize", is_flag=True, help="L2-normalise feature rows before scaling.")
+@click.option("--pca", default=None, callback=_pca_value, metavar="N|FRACTION",
+              help="PCA after scaling: components, or explained-variance fraction.")
+@click.option("--large-threshold", type=click.IntRange(min=1), default=LARGE_ROWS, show_default=True,
+              help="Above this many rows, fit scalable streaming estimators (SGD, partial_fit).")
+@click.option("--run-name", default=None, help="Run folder name [default: <dataset>-<backbone>-<model>-<time>].")
+@cache_dir_option
+@json_option
+@handle_errors
+def fit_head(cache, models, params, no_search, seed, jobs, test_size, cv_folds, l2_normalize, pca,
+             large_threshold, run_name, cache_dir, as_json):
+    """Fit scikit-learn heads on a feature CACHE and report honest scores.
+
+    Hyper-parameters are selected on val when a test split exists, else by stratified k-fold
+    CV on train; scores are reported on test, else val, else a stratified hold-out. Each head
+    is saved in <cache-dir>/runs/<run>/ with metrics.json, confusion.png and head.joblib.
+    """
+    from .heads import check_params, fit_heads, parse_params
+
+    names = list(HEADS) if "all" in models else list(dict.fromkeys(models))
+    try:
+        parsed = parse_params(params)
+        check_params(names, parsed)
+    except FxtlError as exc:
+        raise click.BadParameter(str(exc), param_hint="--param") from None
+    results = fit_heads(cache, models=names, params=parsed, search=not no_search, seed=seed,
+                        jobs=jobs, test_size=test_size, cv_folds=cv_folds, l2_normalize=l2_normalize,
+                        pca=pca, large_threshold=large_threshold, cache_dir=resolve_cache_dir(cache_dir),
+                        run_name=run_name, log=log)
+    runs = [r.to_dict() for r in results]
+    for r in runs:
+        for note in r["notes"] or []:
+            log(f"fxtl: {r['model']}: {note}")
+    best = max(runs, key=lambda r: (r["accuracy"], r["macro_f1"]))
+    d = {"cache": str(cache), "runs": runs, "best": best["model"]}
+
+    def human(d):
+        head = (f"{'model':<11} {'split':<8} {'accuracy':>8} {'bal.acc':>8} {'macro-F1':>8} "
+                f"{'fit s':>7} {'pred s':>7}  {'selection':<10} best params")
+        lines = [head, "-" * len(head)]
+        for r in d["runs"]:
+            lines.append(f"{r['model']:<11} {r['split']:<8} {r['accuracy']:>8.4f} "
+                         f"{r['balanced_accuracy']:>8.4f} {r['macro_f1']:>8.4f} {r['fit_seconds']:>7.2f} "
+                         f"{r['predict_seconds']:>7.3f}  {r['selection']:<10} {_fmt_params(r['best_params'])}")
+        if len(results) == 1:
+            from .evaluate import format_metrics
+
+            lines += ["", format_metrics(results[0].metrics)]
+        b = next(r for r in d["runs"] if r["model"] == d["best"])
+        lines += ["", f"best: {b['model']} ({b['accuracy']:.4f} on {b['split']}); head: {b['head']}"]
+        if len(d["runs"]) > 1:
+            lines.append(f"runs: {Path(b['run_dir']).parent}")
+        return "\n".join(lines)
+
+    emit(d, as_json, human)
+
+
+@cli.command()
+@click.argument("model", type=click.Path(path_type=Path))
+@click.argument("inputs", nargs=-1, required=True, type=click.Path(path_type=Path))
+@click.option("--top-k", type=click.IntRange(min=1), default=1, show_default=True,
+              help="List the k most likely classes per image.")
+@click.option("--trust", is_flag=True,
+              help="Load a head whose JSON sidecar is missing or does not match. A joblib file is a "
+                   "pickle: loading one can run arbitrary code, so only for files you made yourself.")
+@device_options
+@click.option("--batch-size", type=click.IntRange(min=1), default=None, help="[default: 32 on CPU, 128 on CUDA]")
+@click.option("--workers", type=click.IntRange(min=0), default=None, help="Decoding processes.")
+@cache_dir_option
+@json_option
+@handle_errors
+def predict(model, inputs, top_k, trust, device, precision, batch_size, workers, cache_dir, as_json):
+    """Label images with a saved head (MODEL: a fit-head run folder or head.joblib) or a
+    fine-tuned run folder (fxtl-model.json).
+
+    INPUTS are image files, folders (searched recursively) or feature caches (.h5, heads only).
+    The head's backbone runs with the same weights, preprocessing, layer and precision (auto =
+    the precision of the head's cache). Unreadable images are reported and skipped.
+    """
+    from .predict import predict as run_predict
+
+    res = run_predict(model, inputs, top_k=top_k, trust=trust, device=device, precision=precision,
+                      batch_size=batch_size, workers=workers, cache_dir=resolve_cache_dir(cache_dir),
+                      progress=not as_json)
+    for note in res.notes:
+        log(f"fxtl: {note}")
+
+    def human(d):
+        width = min(60, max([len(p["path"]) for p in d["predictions"]] + [4]))
+        lines = []
+        for p in d["predictions"]:
+            line = f"{p['path']:<{width}}  {p['label']:<16} {p['probability']:.4f}"
+            if len(p["top_k"]) > 1:
+                line += "   " + ", ".join(f"{t['label']} {t['probability']:.3f}" for t in p["top_k"])
+            lines.append(line)
+        lines += [f"skipped {e['path']}: {e['reason']}" for e in d["errors"]]
+        return "\n".join(lines)
+
+    emit(res.to_dict(), as_json, human)
+
+
+@cli.command("plot-embedding")
+@click.argument("cache", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.option("--method", type=click.Choice(EMBEDDING_METHODS), default="pca", show_default=True)
+@click.option("--split", type=click.Choice(["train", "val", "test"]), default=None,
+              help="Only this split [default: all, told apart by marker].")
+@click.option("--output", "-o", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="PNG path [default: <cache-dir>/plots/<cache>-<method>.png].")
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--max-points", type=click.IntRange(min=3), default=5000, show_default=True,
+              help="Subsample larger caches (stratified by class).")
+@click.option("--perplexity", type=click.FloatRange(min=1.0), default=30.0, show_default=True,
+              help="t-SNE perplexity.")
+@cache_dir_option
+@json_option
+@handle_errors
+def plot_embedding(cache, method, split, output, seed, max_points, perplexity, cache_dir, as_json):
+    """Draw a 2-D map (PCA or t-SNE) of a CACHE's features, coloured by class, as a PNG."""
+    from .plots import plot_embedding as run_plot
+
+    res = run_plot(cache, method=method, split=split, output=output, seed=seed,
+                   max_points=max_points, perplexity=perplexity, cache_dir=resolve_cache_dir(cache_dir))
+    for note in res.notes:
+        log(f"fxtl: {note}")
+    emit(res.to_dict(), as_json, lambda d: d["plot"])
+
+
+# ============================================================================ finetune stage
+from .finetune import BN_FROZEN_BELOW, BN_MODES, MONITORS, OPTIMIZERS  # noqa: E402
+
+
+class _Trainable(click.ParamType):
+    """``all``, ``head`` or ``last:N`` (N checked against the backbone by the library)."""
+
+    name = "all|head|last:N"
+
+    def convert(self, value, param, ctx):
+        import re
+
+        text = str(value).strip().lower()
+        if text in ("all", "head") or re.fullmatch(r"last:[1-9]\d*", text):
+            return text
+        self.fail(f"{value!r} is not all, head or last:N (e.g. last:2)", param, ctx)
+
+
+@cli.command()
+@click.argument("data_dir", type=click.Path(exists=True, path_type=Path))
+@click.option("--backbone", "-b", default="lite0", show_default=True,
+              help="Registry name, torchvision name, timm:<name>, ARCH=PATH, or a finetune run folder.")
+@click.option("--trainable", type=_Trainable(), default="all", show_default=True,
+              help="What trains: all, head (the new classifier), or last:N (last N blocks + classifier).")
+@click.option("--epochs", type=click.IntRange(min=0), default=10, show_default=True,
+              help="Epochs (0: only evaluate the initial model, e.g. an --init-head probe).")
+@click.option("--lr", type=click.FloatRange(min=0, min_open=True), default=None,
+              help="Peak learning rate of the classifier [default: 1e-3 adamw, 1e-2 sgd].")
+@click.option("--batch-size", type=click.IntRange(min=1), default=32, show_default=True)
+@click.option("--image-size", type=click.IntRange(min=16), default=None,
+              help="Input side in pixels [default: the backbone's, 224 for lite0].")
+@click.option("--optimizer", type=click.Choice(OPTIMIZERS), default="adamw", show_default=True,
+              help="AdamW, or SGD with Nesterov momentum.")
+@click.option("--weight-decay", type=click.FloatRange(min=0), default=0.05, show_default=True,
+              help="On weights only (not biases or norm layers).")
+@click.option("--momentum", type=click.FloatRange(0, 1), default=0.9, show_default=True, help="SGD only.")
+@click.option("--label-smoothing", type=click.FloatRange(0, 1, max_open=True), default=0.1, show_default=True)
+@click.option("--warmup-epochs", type=click.FloatRange(min=0), default=1.0, show_default=True,
+              help="Linear warm-up, then cosine decay (per step).")
+@click.option("--lr-decay", type=click.FloatRange(0, 1, min_open=True), default=1.0, show_default=True,
+              help="Discriminative learning rates: each block down from the classifier trains at "
+                   "this factor of the one above (1: the same rate everywhere).")
+@click.option("--bn", type=click.Choice(BN_MODES), default="auto", show_default=True,
+              help=f"BatchNorm statistics; auto freezes them when a class has under "
+                   f"{BN_FROZEN_BELOW} training images.")
+@click.option("--patience", type=click.IntRange(min=0), default=3, show_default=True,
+              help="Early stopping: epochs without val improvement (0: never stop early).")
+@click.option("--monitor", type=click.Choice(MONITORS), default="accuracy", show_default=True,
+              help="Val metric for early stopping and for the kept epoch (ties: lower loss).")
+@click.option("--crop-scale", type=click.FloatRange(0, 1, min_open=True), nargs=2, default=(0.25, 1.0),
+              show_default=True, help="Area fraction range of the random resized crop.")
+@click.option("--init-head", type=click.Path(exists=True, path_type=Path), default=None,
+              help="Start the classifier from a fit-head logreg run (LP-FT, Kumar et al. 2022).")
+@click.option("--seed", type=int, default=0, show_default=True,
+              help="Seeds the classifier, shuffling, augmentation and hold-out.")
+@click.option("--test-size", type=click.FloatRange(0, 1, min_open=True, max_open=True), default=0.2,
+              show_default=True, help="Stratified hold-out fraction when DATA_DIR has only train.")
+@device_options
+@click.option("--workers", type=click.IntRange(min=0), default=None,
+              help="Decoding processes [default: one per spare core].")
+@click.option("--run-name", default=None,
+              help="Run folder name [default: <dataset>-<backbone>-ft-<trainable>-<config hash>].")
+@click.option("--resume", is_flag=True,
+              help="Continue a killed run (--run-name, else the latest of the same settings).")
+@cache_dir_option
+@json_option
+@handle_errors
+def finetune(data_dir, backbone, trainable, epochs, lr, batch_size, image_size, optimizer,
+             weight_decay, momentum, label_smoothing, warmup_epochs, lr_decay, bn, patience, monitor,
+             crop_scale, init_head, seed, test_size, device, precision, workers, run_name, resume,
+             cache_dir, as_json):
+    """Fine-tune the backbone on DATA_DIR (same splits and metrics as fit-head).
+
+    Trains on train, keeps the best epoch on val, reports on test (else val; a stratified
+    hold-out when there is only train). The run folder <cache-dir>/runs/<run>/ holds the model
+    (usable as --backbone and by predict), metrics.json, learning curves and confusion matrix.
+    """
+    from .finetune import finetune as run_finetune
+
+    res = run_finetune(data_dir, backbone=backbone, trainable=trainable, epochs=epochs, lr=lr,
+                       batch_size=batch_size, image_size=image_size, optimizer=optimizer,
+                       weight_decay=weight_decay, momentum=momentum, label_smoothing=label_smoothing,
+                       warmup_epochs=warmup_epochs, lr_decay=lr_decay, bn=bn,
+                       patience=patience or None, monitor=monitor, crop_scale=crop_scale,
+                       init_head=init_head, seed=seed, test_size=test_size, device=device,
+                       precision=precision, workers=workers, cache_dir=resolve_cache_dir(cache_dir),
+                       run_name=run_name, resume=resume, progress=True)
+    for note in res.metrics.get("notes", []):
+        log(f"fxtl: {note}")
+
+    def human(d):
+        from .evaluate import format_metrics
+
+        return "\n".join([
+            f"{d['run_dir']}",
+            f"  {d['model']}: {d['epochs']} epoch(s), kept epoch {d['best_epoch']}"
+            f"{' (stopped early)' if d['stopped_early'] else ''}; {d['trainable_params']:,} trained "
+            f"parameters; {d['fit_seconds']:.1f} s training at {d['train_images_per_second']:.1f} "
+            f"images/s ({d['precision']} on {d['device']}, BatchNorm {d['bn']})",
+            f"  on {d['split']}: " + format_metrics(res.metrics).replace("\n", "\n  ")])
+
+    emit(res.to_dict(), as_json, human)
+
+
+@cli.command()
+@click.argument("runs", nargs=-1, type=click.Path(exists=True, path_type=Path))
+@click.option("--dataset", default=None,
+              help="Only runs of this dataset (its name, or a prefix of its fingerprint).")
+@click.option("--output", "-o", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="Bar chart PNG [default: <cache-dir>/comparison-<dataset>.png].")
+@cache_dir_option
+@json_option
+@handle_errors
+def compare(runs, dataset, output, cache_dir, as_json):
+    """Heads and fine-tunes side by side: accuracy, macro-F1, trained parameters, training
+    time (feature extraction counted once for heads) and inference speed.
+
+    RUNS are run folders; default: every run under <cache-dir>/runs.
+    """
+    from .compare import compare as run_compare
+    from .compare import format_table
+
+    res = run_compare(cache_dir=resolve_cache_dir(cache_dir), runs=runs, dataset=dataset,
+                      output=output)
+    for note in res.notes:
+        log(f"fxtl: {note}")
+    emit(res.to_dict(), as_json, lambda d: f"{format_table(d['rows'])}\nchart: {d['chart']}")
