@@ -1,0 +1,202 @@
+"""Splitting one extraction over processes and machines: shard plans, names and torchrun glue.
+
+Two launchers produce the same shard files, so they can be mixed (a torchrun rank that crashed can
+be finished by ``fxtl extract --shard I/N``, and the other way round):
+
+* ``torchrun ... -m fxtl extract DATA_DIR``: rank R of W extracts shard R/W; rank 0 then merges.
+  torchrun is recognised by its environment (``WORLD_SIZE``, ``RANK``, ``LOCAL_RANK``,
+  ``LOCAL_WORLD_SIZE``); torch.distributed (gloo) only carries barriers and small Python objects.
+* ``fxtl extract DATA_DIR --shard I/N`` from a scheduler's array job, then ``fxtl merge``.
+
+Shard I of N covers a contiguous block of rows of the dataset order, cut at multiples of the batch
+size: every batch a shard computes is a batch the single-process run computes too, so the merged
+cache has the same rows, in the same order, from the same batches as a single-process run.
+"""
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import dataclass
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+from .errors import FxtlError
+
+__all__ = ["TorchrunEnv", "torchrun_env", "Coordinator", "parse_shard", "shard_rows",
+           "shards_dir", "shard_path", "SHARD_NAME", "rank_budget", "available_cores"]
+
+# File name of shard I of N inside ``<cache>.shards/`` (zero-padded so names sort in order).
+SHARD_NAME = "shard-{index:05d}-of-{count:05d}.h5"
+SHARD_RE = re.compile(r"shard-(\d+)-of-(\d+)\.h5")
+# How long a rank waits at a barrier for the slowest rank (a shard can take hours); a rank that
+# dies is noticed at once anyway (torchrun stops the others, gloo sees the closed connection).
+_DEFAULT_TIMEOUT_S = 7 * 24 * 3600
+
+
+@dataclass(frozen=True)
+class TorchrunEnv:
+    """Where this process sits in a torchrun job."""
+
+    rank: int
+    world_size: int
+    local_rank: int
+    local_world_size: int
+
+    @property
+    def is_primary(self) -> bool:
+        return self.rank == 0
+
+
+def torchrun_env(environ: dict[str, str] | None = None) -> TorchrunEnv | None:
+    """The torchrun placement from the environment, or None when not launched by torchrun.
+
+    A world of one process is treated as no torchrun at all (the ordinary single-process path).
+    """
+    env = os.environ if environ is None else environ
+    if "WORLD_SIZE" not in env or "RANK" not in env:
+        return None
+    try:
+        world = int(env["WORLD_SIZE"])
+        rank = int(env["RANK"])
+        local_rank = int(env.get("LOCAL_RANK", rank))
+        local_world = int(env.get("LOCAL_WORLD_SIZE", world))
+    except ValueError:
+        raise FxtlError(f"WORLD_SIZE={env.get('WORLD_SIZE')!r}, RANK={env.get('RANK')!r} are not "
+                        "integers; launch with torchrun or unset them") from None
+    if world <= 1:
+        return None
+    if not 0 <= rank < world or not 0 <= local_rank < max(1, local_world):
+        raise FxtlError(f"RANK={rank} (LOCAL_RANK={local_rank}) is outside WORLD_SIZE={world} "
+                        f"(LOCAL_WORLD_SIZE={local_world}); launch with torchrun")
+    return TorchrunEnv(rank=rank, world_size=world, local_rank=local_rank,
+                       local_world_size=max(1, local_world))
+
+
+def parse_shard(text: str) -> tuple[int, int]:
+    """``"I/N"`` -> ``(I, N)`` with ``0 <= I < N`` (I counts from 0, like torchrun's RANK)."""
+    m = re.fullmatch(r"\s*(\d+)\s*/\s*(\d+)\s*", str(text))
+    if not m:
+        raise FxtlError(f"{text!r} is not I/N, e.g. 0/4 (I counts from 0)")
+    index, count = int(m.group(1)), int(m.group(2))
+    if count < 1 or index >= count:
+        raise FxtlError(f"{text!r} needs 0 <= I < N (I counts from 0: the shards of 4 are "
+                        "0/4 ... 3/4)")
+    return index, count
+
+
+def shard_rows(n: int, count: int, batch_size: int) -> list[tuple[int, int]]:
+    """Row ranges ``[lo, hi)`` of the ``count`` shards of ``n`` rows, cut at batch boundaries.
+
+    Deterministic in ``(n, count, batch_size)``; contiguous; together they cover ``range(n)``.
+    With fewer batches than shards, some shards are empty.
+
+    >>> shard_rows(10, 2, 4)
+    [(0, 4), (4, 10)]
+    """
+    if count < 1 or batch_size < 1:
+        raise FxtlError(f"internal: shard_rows(count={count}, batch_size={batch_size})")
+    batches = (n + batch_size - 1) // batch_size
+    cuts = [min(n, (i * batches // count) * batch_size) for i in range(count)] + [n]
+    return [(cuts[i], cuts[i + 1]) for i in range(count)]
+
+
+def shards_dir(cache: Path) -> Path:
+    """``<cache>.shards/``: where the shard files of ``cache`` live until they are merged."""
+    cache = Path(cache)
+    return cache.with_name(cache.name + ".shards")
+
+
+def shard_path(cache: Path, index: int, count: int) -> Path:
+    """``<cache>.shards/shard-IIIII-of-NNNNN.h5``."""
+    return shards_dir(cache) / SHARD_NAME.format(index=index, count=count)
+
+
+def available_cores() -> int:
+    if hasattr(os, "sched_getaffinity"):
+        return max(1, len(os.sched_getaffinity(0)))
+    return max(1, os.cpu_count() or 1)
+
+
+def rank_budget(env: TorchrunEnv, *, cuda: bool, cores: int | None = None) -> tuple[int | None, int]:
+    """``(torch threads or None to leave as is, decode workers)`` for one rank.
+
+    Ranks on one node share its cores. On CPU each rank gets ``cores // local_world_size`` threads,
+    and a rank with a small share decodes in its own process: forked decode workers would
+    oversubscribe the cores the network runs on (decoding is cheap next to the network). On CUDA
+    the share goes to decode workers, which is what keeps a GPU fed.
+    """
+    cores = available_cores() if cores is None else cores
+    share = max(1, cores // env.local_world_size)
+    if cuda:
+        return None, max(1, min(8, share - 1))
+    workers = 0 if share < 4 else min(4, share // 4)
+    return max(1, share - workers), workers
+
+
+def _timeout() -> timedelta:
+    raw = os.environ.get("FXTL_DIST_TIMEOUT", "")
+    try:
+        seconds = float(raw) if raw else _DEFAULT_TIMEOUT_S
+    except ValueError:
+        raise FxtlError(f"FXTL_DIST_TIMEOUT={raw!r} is not a number of seconds; fix or unset it") from None
+    return timedelta(seconds=seconds)
+
+
+class Coordinator:
+    """Barriers and broadcasts of small Python objects between torchrun ranks.
+
+    Uses a gloo process group on every device: only a few bytes move, and gloo (unlike NCCL's
+    watchdog) lets a rank wait as long as the slowest shard takes. An existing process group
+    (fxtl called from inside a training script) is reused; one made here is destroyed on exit.
+    """
+
+    def __init__(self, env: TorchrunEnv):
+        self.env = env
+        self._owned = False
+        self._group = None
+
+    def __enter__(self) -> "Coordinator":
+        import torch.distributed as dist
+
+        if not dist.is_available():
+            raise FxtlError("this torch build has no torch.distributed; run without torchrun, or "
+                            "use `fxtl extract --shard I/N` and `fxtl merge`")
+        if dist.is_initialized():
+            if dist.get_backend() != "gloo":
+                self._group = dist.new_group(backend="gloo", timeout=_timeout())
+        else:
+            missing = [k for k in ("MASTER_ADDR", "MASTER_PORT") if k not in os.environ]
+            if missing:
+                raise FxtlError(f"WORLD_SIZE={self.env.world_size} is set but {', '.join(missing)} "
+                                "is not; launch with torchrun, or unset WORLD_SIZE and RANK")
+            dist.init_process_group("gloo", timeout=_timeout())
+            self._owned = True
+        return self
+
+    def __exit__(self, *exc) -> None:
+        import torch.distributed as dist
+
+        if self._owned and dist.is_initialized():
+            dist.destroy_process_group()
+
+    def barrier(self) -> None:
+        import torch.distributed as dist
+
+        dist.barrier(group=self._group)
+
+    def broadcast(self, obj: Any) -> Any:
+        """Rank 0's ``obj`` on every rank."""
+        import torch.distributed as dist
+
+        box = [obj]
+        dist.broadcast_object_list(box, src=0, group=self._group)
+        return box[0]
+
+    def all_gather(self, obj: Any) -> list[Any]:
+        """Every rank's ``obj``, indexed by rank, on every rank."""
+        import torch.distributed as dist
+
+        out: list[Any] = [None] * self.env.world_size
+        dist.all_gather_object(out, obj, group=self._group)
+        return out
