@@ -88,6 +88,17 @@ def main() -> None:
 
 # ============================================================================ extract stage
 # (commands are added below, one section per stage)
+def _parse_shard_option(ctx, param, value):
+    if value is None:
+        return None
+    from .distributed import parse_shard
+
+    try:
+        return parse_shard(value)
+    except FxtlError as exc:
+        raise click.BadParameter(str(exc)) from None
+
+
 @cli.command()
 @click.argument("data_dir", type=click.Path(exists=True, path_type=Path))
 @click.option("--backbone", "-b", default="lite0", show_default=True,
@@ -99,29 +110,82 @@ def main() -> None:
 @click.option("--output", "-o", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="Cache file path [default: <cache-dir>/<dataset>-<backbone>-<fingerprint>.h5].")
 @click.option("--force", is_flag=True, help="Re-extract even if a matching cache exists.")
+@click.option("--shard", metavar="I/N", default=None, callback=_parse_shard_option,
+              help="Extract only shard I of N (I counts from 0) into <cache>.shards/shard-IIIII-of-NNNNN.h5, "
+                   "for array jobs; then `fxtl merge`. Not needed under torchrun.")
 @cache_dir_option
 @json_option
 @handle_errors
-def extract(data_dir, backbone, layer, device, precision, batch_size, workers, output, force,
+def extract(data_dir, backbone, layer, device, precision, batch_size, workers, output, force, shard,
             cache_dir, as_json):
     """Run a frozen backbone over DATA_DIR once and cache the features (HDF5).
 
     DATA_DIR holds class folders, or split folders (train, val, test) of class folders, or is
     a CSV manifest path,label[,split]. A matching cache is reused; a killed run resumes.
+
+    \b
+    Across processes and machines (docs/scaling.md):
+      torchrun --nproc-per-node 2 -m fxtl extract DATA_DIR   each rank one shard, rank 0 merges
+      fxtl extract DATA_DIR --shard I/N ; fxtl merge ...     array jobs without torchrun
+    Either way the cache equals a single-process one (rows, order, fingerprint).
     """
     from .extract import extract as run_extract
 
     res = run_extract(data_dir, backbone=backbone, layer=layer, precision=precision, device=device,
                       batch_size=batch_size, workers=workers, cache_dir=resolve_cache_dir(cache_dir),
-                      output=output, force=force, progress=True)
+                      output=output, force=force, shard=shard, progress=True)
+    if res.rank != 0:  # under torchrun only rank 0 reports, so stdout holds one result
+        return
 
     def human(d):
         splits = ", ".join(f"{k} {v}" for k, v in d["splits"].items())
         how = "reused (cache hit)" if d["cache_hit"] else \
             f"{d['images_per_second']:.1f} images/s, {d['precision']} on {d['device']}"
+        if d["shard_index"] is not None:
+            i, n = d["shard_index"], d["shards"]
+            return "\n".join([d["shard_file"], f"  shard {i}/{n}: {d['n']} images x {d['dim']} "
+                              f"features ({splits}); {len(d['errors'])} skipped; {d['seconds']:.1f} s, {how}",
+                              f"  when all {n} shards are written: fxtl merge {d['shard_file'].rsplit('/', 1)[0]}"])
+        if d["world_size"] > 1 and not d["cache_hit"]:
+            how += f", {d['world_size']} processes"
         lines = [f"{d['cache']}", f"  {d['n']} images x {d['dim']} features ({splits}); "
                  f"{len(d['errors'])} skipped; {d['seconds']:.1f} s, {how}"]
         return "\n".join(lines)
+
+    emit(res.to_dict(), as_json, human)
+
+
+@cli.command()
+@click.argument("shards", nargs=-1, required=True, type=click.Path(path_type=Path))
+@click.option("--output", "-o", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="Cache file path [default: the cache the shards belong to, beside their .shards folder].")
+@click.option("--keep-shards", is_flag=True, help="Keep the shard files after merging (default: delete them).")
+@click.option("--force", is_flag=True, help="Rewrite the cache even if it already exists.")
+@json_option
+@handle_errors
+def merge(shards, output, keep_shards, force, as_json):
+    """Assemble the shards of `fxtl extract --shard I/N` into one cache.
+
+    SHARDS: the shard files, the <cache>.h5.shards folder holding them, or the cache path
+    itself (its .shards folder is used). The cache equals what a single-process `fxtl extract`
+    writes: same rows, order and fingerprint, one self-contained HDF5 file. Refuses, naming
+    them, missing shards, shards of other images or options, and shards that do not tile the
+    dataset. Merging a cache that is already merged is a no-op.
+
+    \b
+    Example, a SLURM array of 4 tasks:
+      sbatch --array=0-3 --wrap 'fxtl extract DATA --shard $SLURM_ARRAY_TASK_ID/4'
+      fxtl merge cache/<dataset>-<backbone>-<fingerprint>.h5.shards
+    """
+    from .extract import merge_shards
+
+    res = merge_shards(list(shards), output=output, force=force, keep_shards=keep_shards)
+
+    def human(d):
+        splits = ", ".join(f"{k} {v}" for k, v in d["splits"].items())
+        how = "already merged" if d["cache_hit"] else f"merged from {d['shards']} shards"
+        return "\n".join([d["cache"], f"  {d['n']} images x {d['dim']} features ({splits}); "
+                                      f"{len(d['errors'])} skipped; {d['seconds']:.1f} s, {how}"])
 
     emit(res.to_dict(), as_json, human)
 
