@@ -229,6 +229,10 @@ def test_large_cache_selects_on_val_when_test_exists(tmp_path):
     res = fit_head(path, model="linear-svm", large_threshold=100, save=False)
     assert res.metrics["selection"] == "val" and res.metrics["split"] == "test"
     assert res.metrics["n_fit"] == 390 and res.metrics["accuracy"] >= 0.9
+    # Parameters of the scalable stand-in are accepted (and fixed); the kernel SVM's are noted.
+    res = fit_head(path, model="svm", params={"alpha": 1e-3, "C": 2.0}, large_threshold=100, save=False)
+    assert res.metrics["best_params"] == {"alpha": 1e-3} and res.metrics["n_candidates"] == 1
+    assert any("ignored --param C" in n for n in res.metrics["notes"])
 
 
 # ----------------------------------------------------------------------------- persistence
