@@ -135,9 +135,11 @@ def _spec_from_run(path: Path) -> BackboneSpec:
         raise BackboneError(f"{path / MODEL_MANIFEST} is unreadable ({exc}); re-run the fine-tune") from None
     spec = parse_backbone_name(base)
     pre = manifest.get("preprocessing")
+    # A run trained from ARCH=PATH is built like ARCH (its own weights replace the file's).
+    base_source = spec.meta.get("base_source", spec.source) if spec.source == "file" else spec.source
     return replace(spec, name=str(path), source="run", file=str(weights_file),
                    preprocessing=Preprocessing.from_dict(pre) if pre else spec.preprocessing,
-                   meta={**spec.meta, "base_source": spec.source, "base": base,
+                   meta={**spec.meta, "base_source": base_source, "base": base,
                          "num_classes": manifest.get("num_classes"),
                          "class_names": manifest.get("class_names"),
                          "classifier": manifest.get("classifier")})
