@@ -6,6 +6,7 @@ refuse what they do not know, so a cache is never misread silently.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -171,12 +172,36 @@ def _open(path: Path):
     if missing:
         f.close()
         raise CacheError(f"{path} is damaged: missing {', '.join(missing)}; re-create it with `fxtl extract`")
+    shapes = {name: f[name].shape for name in ("features", "labels", "paths", "split")}
+    n = shapes["features"][0] if len(shapes["features"]) == 2 else None
+    if n is None or any(shapes[k] != (n,) for k in ("labels", "paths", "split")):
+        f.close()
+        raise CacheError(f"{path} is damaged: /features must be [N, D] and /labels, /paths, /split [N] "
+                         f"(found {', '.join(f'{k} {list(v)}' for k, v in shapes.items())}); "
+                         "re-create it with `fxtl extract`")
     return f
+
+
+@contextlib.contextmanager
+def _reading(path: Path) -> Iterator[None]:
+    """Turn what a damaged file makes HDF5 raise (at open or at any later read) into CacheError.
+
+    Bytes overwritten on disk surface as OSError, RuntimeError, KeyError, ValueError or a
+    UnicodeDecodeError from whichever object is read first; the user only needs to know which
+    file is damaged.
+    """
+    try:
+        yield
+    except CacheError:
+        raise
+    except (OSError, RuntimeError, KeyError, ValueError, TypeError, IndexError) as exc:
+        reason = (str(exc).splitlines() or [type(exc).__name__])[0][:160] or type(exc).__name__
+        raise CacheError(f"{path} is damaged ({reason}); re-create it with `fxtl extract`") from None
 
 
 def read_attrs(path: Path) -> dict[str, Any]:
     """Root attributes of a cache, decoded (JSON attributes become dicts)."""
-    with _open(path) as f:
+    with _reading(path), _open(path) as f:
         return _attrs_of(f)
 
 
@@ -192,7 +217,7 @@ def _attrs_of(f) -> dict[str, Any]:
 
 def summarize(path: Path) -> dict[str, Any]:
     """Shape, splits, classes and errors of a cache without reading the features."""
-    with _open(Path(path)) as f:
+    with _reading(path), _open(Path(path)) as f:
         attrs = _attrs_of(f)
         split = [_decode(s) for s in f["split"][...]]
         errors = []
@@ -291,7 +316,7 @@ def load_features(path: str | Path) -> FeatureCache:
         If the file is missing, not HDF5, of another format, of a newer version, or incomplete.
     """
     path = Path(path)
-    with _open(path) as f:
+    with _reading(path), _open(path) as f:
         attrs = _attrs_of(f)
         features = f["features"][...].astype(np.float32, copy=False)
         labels = f["labels"][...].astype(np.int64, copy=False)
@@ -312,7 +337,7 @@ def iter_feature_chunks(path: str | Path, *, rows: int = 8192,
 
     For caches larger than memory (heads fitted with ``partial_fit``).
     """
-    with _open(Path(path)) as f:
+    with _reading(path), _open(Path(path)) as f:
         n = f["features"].shape[0]
         sp = None if split is None else np.array([_decode(s) for s in f["split"][...]])
         for start in range(0, n, rows):
