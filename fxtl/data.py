@@ -24,7 +24,8 @@ import numpy as np
 from .errors import DataError
 from .preprocess import IMAGE_EXTENSIONS, EvalTransform, ImageDecodeError, Preprocessing
 
-__all__ = ["Sample", "ImageSet", "discover", "SPLIT_ALIASES", "ImageDataset", "fingerprint"]
+__all__ = ["Sample", "ImageSet", "discover", "SPLIT_ALIASES", "ImageDataset", "fingerprint",
+           "walk_images"]
 
 # Folder name (lower case) -> canonical split name.
 SPLIT_ALIASES = {"train": "train", "training": "train", "val": "val", "valid": "val",
@@ -87,11 +88,24 @@ def _is_image(name: str) -> bool:
     return name.lower().endswith(IMAGE_EXTENSIONS)
 
 
-def _walk_images(folder: Path) -> list[Path]:
-    """Image files under ``folder`` (recursively), sorted, following symlinks without loops."""
+def walk_images(folder: Path, *, unreadable: list[tuple[str, str]] | None = None) -> list[Path]:
+    """Image files under ``folder`` (recursively), sorted, following symlinks without loops.
+
+    A folder that cannot be listed (permissions) raises :class:`DataError` naming it, so its
+    images are never dropped silently; with an ``unreadable`` list the folder is appended to it
+    as ``(path, reason)`` and skipped instead.
+    """
     found: list[Path] = []
     seen: set[str] = set()
-    for dirpath, dirnames, filenames in os.walk(folder, followlinks=True):
+
+    def refuse(exc: OSError) -> None:
+        where = exc.filename or folder
+        if unreadable is None:
+            raise DataError(f"{where}: cannot read this folder ({exc.strerror or exc}); make it "
+                            "readable or move it out of the dataset") from None
+        unreadable.append((str(where), f"cannot read this folder ({exc.strerror or exc})"))
+
+    for dirpath, dirnames, filenames in os.walk(folder, followlinks=True, onerror=refuse):
         real = os.path.realpath(dirpath)
         if real in seen:  # a symlink loop, or a second link to the same folder
             dirnames[:] = []
@@ -165,7 +179,7 @@ def discover(data: str | Path) -> ImageSet:
         layout = "splits"
     else:
         if not subdirs:
-            if _walk_images(root):
+            if walk_images(root):
                 raise DataError(f"{root} holds images but no class folders; put them in "
                                 f"{root}/<class>/ (one folder per label)")
             raise DataError(f"{root} holds no images; expected {root}/<class>/<image>.jpg")
@@ -179,7 +193,7 @@ def discover(data: str | Path) -> ImageSet:
 
 
 def _nonempty_class(folder: Path) -> list[Path]:
-    files = _walk_images(folder)
+    files = walk_images(folder)
     if not files:
         raise DataError(f"class folder {folder} holds no images; add images or remove the folder")
     return files
@@ -210,6 +224,11 @@ def _from_manifest(csv_path: Path) -> ImageSet:
                 rows.append((lineno, cells[0], cells[1], SPLIT_ALIASES[split]))
     except UnicodeDecodeError:
         raise DataError(f"{csv_path} is not UTF-8 text; save the manifest as UTF-8 CSV") from None
+    except csv.Error as exc:
+        raise DataError(f"{csv_path} is not a readable CSV ({exc}); save it as plain CSV "
+                        "`path,label[,split]`") from None
+    except OSError as exc:
+        raise DataError(f"{csv_path}: cannot read the manifest ({exc.strerror or exc})") from None
     if not rows:
         raise DataError(f"{csv_path} lists no images; add rows `path,label[,split]`")
     train_labels = {label for _, _, label, split in rows if split == "train"}
@@ -217,18 +236,24 @@ def _from_manifest(csv_path: Path) -> ImageSet:
     index = {c: i for i, c in enumerate(class_names)}
     samples = []
     for lineno, rel, label, split in rows:
-        p = Path(rel)
-        full = (root / p).resolve() if not p.is_absolute() else p.resolve()
-        if p.is_absolute() or (full != root and root not in full.parents):
+        # The check is on the text: absolute paths and `..` that climbs above the manifest's
+        # folder are refused; a symlink that the user placed inside the folder is followed,
+        # exactly as in folder layouts.
+        if "\0" in rel:
+            raise DataError(f"{csv_path} line {lineno}: the path contains a NUL byte (a damaged or "
+                            "binary file?); save the manifest as plain UTF-8 CSV")
+        norm = os.path.normpath(rel)
+        if os.path.isabs(rel) or norm == ".." or norm.startswith(".." + os.sep):
             raise DataError(f"{csv_path} line {lineno}: path {rel!r} escapes the manifest's folder "
                             f"{root}; use paths relative to it")
+        full = root / norm
         if not full.is_file():
             raise DataError(f"{csv_path} line {lineno}: file {rel!r} not found under {root}; "
                             "fix the path or remove the line")
         if label not in index:
             raise DataError(f"{csv_path} line {lineno}: label {label!r} does not occur in the "
                             "train split; fix the label or add training images for it")
-        samples.append(Sample(_rel(full, root), index[label], split))
+        samples.append(Sample(Path(norm).as_posix(), index[label], split))
     if len(class_names) < 2:
         raise DataError(f"{csv_path} has {len(class_names)} label; a classifier needs at least 2")
     order = {s: i for i, s in enumerate(SPLITS)}
