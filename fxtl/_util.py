@@ -16,7 +16,7 @@ from .errors import FxtlError
 
 __all__ = [
     "atomic_write_bytes", "atomic_write_json", "atomic_path", "sha256_file", "default_cache_dir",
-    "file_lock", "versions", "now_iso", "json_default",
+    "file_lock", "versions", "now_iso", "json_default", "say",
 ]
 
 
@@ -155,6 +155,19 @@ def file_lock(path: Path, *, timeout: float = 3600.0, what: str = "file") -> Ite
         yield
     finally:
         fh.close()
+
+
+def say(msg: str) -> None:
+    """Print ``msg`` on stderr on a line of its own, even while a progress bar is drawn there.
+
+    A plain print would glue the message to the bar's current line (``extract: 36%|...|fxtl:
+    skipped ...``); tqdm.write clears the bars, prints, and draws them again.
+    """
+    import sys
+
+    from tqdm.auto import tqdm
+
+    tqdm.write(msg, file=sys.stderr)
 
 
 def versions() -> dict[str, str]:

@@ -32,7 +32,7 @@ from typing import Any, Iterator, Sequence
 import numpy as np
 
 from . import __version__
-from ._util import atomic_path, atomic_write_json, ensure_dir, file_lock, now_iso, versions
+from ._util import atomic_path, atomic_write_json, ensure_dir, file_lock, now_iso, say, versions
 from .backbones import DEFAULT_BACKBONE, Backbone, load_backbone
 from .data import ImageDataset, ImageSet, discover, fingerprint
 from .errors import CacheError, DataError, FxtlError
@@ -406,7 +406,7 @@ def _compute_rows(job: _Job, parts: Path, lo: int, hi: int, *, label: str,
             filled += len(idx)
             computed += len(idx)
             for i, reason in bad:
-                print(f"fxtl: skipped {images.samples[a + i].path}: {reason}", file=sys.stderr)
+                say(f"fxtl: skipped {images.samples[a + i].path}: {reason}")
             rows_this_chunk = min(chunk_rows, n - k * chunk_rows)
             if filled == rows_this_chunk:
                 _save_chunk(parts, k, np.concatenate(buf_f), buf_err)
