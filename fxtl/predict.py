@@ -22,8 +22,6 @@ Examples
 from __future__ import annotations
 
 import json
-import os
-import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -31,9 +29,10 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from ._util import say
 from .backbones import MODEL_MANIFEST
+from .data import walk_images
 from .errors import FxtlError, ProvenanceError
-from .preprocess import IMAGE_EXTENSIONS
 
 __all__ = ["predict", "PredictResult", "collect_images", "resolve_model"]
 
@@ -75,14 +74,14 @@ def collect_images(inputs: Sequence[str | Path]) -> tuple[list[Path], list[Path]
     for item in inputs:
         p = Path(item)
         if p.is_dir():
-            found = []
-            for dirpath, dirnames, filenames in os.walk(p, followlinks=True):
-                dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
-                found.extend(Path(dirpath) / f for f in sorted(filenames)
-                             if not f.startswith(".") and f.lower().endswith(IMAGE_EXTENSIONS))
-            if not found:
+            # The dataset walker: symlink loops are not followed twice (they would hang a plain
+            # os.walk), unreadable folders are reported instead of silently skipped.
+            unreadable: list[tuple[str, str]] = []
+            found = walk_images(p, unreadable=unreadable)
+            errors.extend({"path": where, "reason": why} for where, why in unreadable)
+            if not found and not unreadable:
                 errors.append({"path": str(p), "reason": "folder holds no image files"})
-            images.extend(sorted(found))
+            images.extend(found)
         elif p.is_file():
             (caches if p.suffix.lower() in _CACHE_SUFFIXES else images).append(p)
         else:
@@ -262,7 +261,7 @@ def _embed_and_score(bb, images: list[Path], res: PredictResult, *, top_k: int, 
         bad_idx = {i for i, _ in bad}
         for i, reason in bad:
             res.errors.append({"path": str(images[i]), "reason": reason})
-            print(f"fxtl: skipped {images[i]}: {reason}", file=sys.stderr)
+            say(f"fxtl: skipped {images[i]}: {reason}")
         keep = [k for k, i in enumerate(idx.tolist()) if i not in bad_idx]
         if not keep:
             continue
