@@ -41,6 +41,19 @@ def device_options(f: Callable) -> Callable:
     return f
 
 
+def _backbone_value(ctx, param, value):
+    """An unknown backbone name is a usage error (exit 2); the weights are loaded later."""
+    if value is None:
+        return None
+    from .backbones import parse_backbone_name
+
+    try:
+        parse_backbone_name(value)
+    except FxtlError as exc:
+        raise click.BadParameter(str(exc)) from None
+    return value
+
+
 def resolve_cache_dir(cache_dir: Path | None) -> Path:
     return Path(cache_dir) if cache_dir else default_cache_dir()
 
@@ -101,7 +114,7 @@ def _parse_shard_option(ctx, param, value):
 
 @cli.command()
 @click.argument("data_dir", type=click.Path(exists=True, path_type=Path))
-@click.option("--backbone", "-b", default="lite0", show_default=True,
+@click.option("--backbone", "-b", default="lite0", show_default=True, callback=_backbone_value,
               help="Registry name, torchvision name, timm:<name>, ARCH=PATH, or a finetune run folder.")
 @click.option("--layer", default=None, help="Pool this intermediate layer instead of the penultimate features.")
 @device_options
@@ -242,7 +255,7 @@ def export(cache, fmt, output, as_json):
 
 
 @cli.command()
-@click.option("--layers", "layers_of", default=None, metavar="NAME",
+@click.option("--layers", "layers_of", default=None, metavar="NAME", callback=_backbone_value,
               help="List the layer names of backbone NAME usable with --layer.")
 @json_option
 @handle_errors
@@ -266,7 +279,7 @@ def backbones(layers_of, as_json):
 # ============================================================================ advise stage
 @cli.command()
 @click.argument("data_dir", type=click.Path(exists=True, path_type=Path))
-@click.option("--backbone", "-b", default="lite0", show_default=True)
+@click.option("--backbone", "-b", default="lite0", show_default=True, callback=_backbone_value)
 @click.option("--sample", type=click.IntRange(min=10), default=240, show_default=True,
               help="Images decoded to estimate similarity (stratified; the rest are only counted).")
 @click.option("--large-per-class", type=click.IntRange(min=1), default=1000, show_default=True,
@@ -374,6 +387,12 @@ def _pca_value(ctx, param, value):
     raise click.BadParameter("give a whole number of components >= 1 or a fraction in (0, 1)")
 
 
+def _jobs_value(ctx, param, value):
+    if value == 0:  # joblib: -1 is every core, -2 all but one; 0 means nothing
+        raise click.BadParameter("0 jobs cannot run anything; give a count >= 1, or -1 for every core")
+    return value
+
+
 def _fmt_params(p: dict) -> str:
     def short(v):
         return f"{v:.3g}" if isinstance(v, float) else str(v)
@@ -388,7 +407,7 @@ def _fmt_params(p: dict) -> str:
               help="Estimator parameter, fixed (not searched), e.g. --param C=0.1; repeatable.")
 @click.option("--no-search", is_flag=True, help="Fit the default parameters, no hyper-parameter search.")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seeds folds, hold-out and estimators.")
-@click.option("--jobs", "-j", type=int, default=-1, show_default=True,
+@click.option("--jobs", "-j", type=int, default=-1, show_default=True, callback=_jobs_value,
               help="Parallel search jobs (joblib); -1 uses every core.")
 @click.option("--test-size", type=click.FloatRange(0, 1, min_open=True, max_open=True), default=0.2,
               show_default=True, help="Stratified hold-out fraction when the cache has only train.")
@@ -541,7 +560,7 @@ class _Trainable(click.ParamType):
 
 @cli.command()
 @click.argument("data_dir", type=click.Path(exists=True, path_type=Path))
-@click.option("--backbone", "-b", default="lite0", show_default=True,
+@click.option("--backbone", "-b", default="lite0", show_default=True, callback=_backbone_value,
               help="Registry name, torchvision name, timm:<name>, ARCH=PATH, or a finetune run folder.")
 @click.option("--trainable", type=_Trainable(), default="all", show_default=True,
               help="What trains: all, head (the new classifier), or last:N (last N blocks + classifier).")
