@@ -303,7 +303,7 @@ def _build(spec: BackboneSpec) -> tuple[Any, Preprocessing, str, dict[str, Any]]
                     f"weights for {spec.name} are not cached and there is no network: download "
                     f"{weights.url} and place it at {file}")
             try:
-                weights.get_state_dict(progress=False, check_hash=True)
+                weights.get_state_dict(progress=False, check_hash=True, weights_only=True)
             except Exception as exc:
                 raise BackboneError(f"could not download {weights.url} ({exc}); place the file at {file}") from None
         model.load_state_dict(_torch_load(file))
