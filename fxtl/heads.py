@@ -593,7 +593,8 @@ def load_head(path: str | Path, *, trust: bool = False) -> Head:
     except Exception as exc:
         raise ProvenanceError(f"{path} cannot be loaded ({type(exc).__name__}: "
                               f"{str(exc).splitlines()[0][:120] if str(exc) else ''}); refit the head") from None
-    if not isinstance(payload, dict) or payload.get("format") != HEAD_FORMAT:
+    if not isinstance(payload, dict) or payload.get("format") != HEAD_FORMAT or \
+            not {"pipeline", "class_names"} <= payload.keys():
         raise ProvenanceError(f"{path} is not an fxtl head; refit with `fxtl fit-head`")
     import sklearn
 
