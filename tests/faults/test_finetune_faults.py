@@ -41,8 +41,12 @@ cli(sys.argv[1:], prog_name="fxtl")
 """
 
 
+# One thread per process: the CI machine is small and shared; results do not depend on it.
+_ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
+
+
 def _kill_inside_epoch_2(args: list[str], timeout: float = 240) -> tuple[int, str]:
-    proc = subprocess.Popen([sys.executable, "-c", _PAUSE_IN_EPOCH_2, *args], cwd=ROOT,
+    proc = subprocess.Popen([sys.executable, "-c", _PAUSE_IN_EPOCH_2, *args], cwd=ROOT, env=_ENV,
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     seen: list[bytes] = []
     reader = threading.Thread(target=lambda: seen.extend(iter(lambda: proc.stderr.read1(4096), b"")),
@@ -66,11 +70,23 @@ def _temporaries(folder) -> list[str]:
     return sorted(p.name for p in folder.iterdir() if p.name.endswith((".tmp", ".partial")))
 
 
-def test_sigkill_inside_epoch_2_then_resume_finishes_from_the_checkpoint(tmp_path):
-    data = write_shapes(tmp_path / "data", per_class=6)  # 12 train images: 3 steps of 4
-    args = ["finetune", str(data), "--cache-dir", str(tmp_path / "home"), "--run-name", "r",
-            "--epochs", "3", "--image-size", "64", "--batch-size", "4", "--workers", "0",
-            "--precision", "fp32", "--json"]
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory) -> tuple[str, object]:
+    """A dataset and timm's 'test_efficientnet' with seeded weights: offline, quick to build."""
+    import timm
+
+    base = tmp_path_factory.mktemp("tiny")
+    torch.manual_seed(0)
+    weights = base / "test_efficientnet.pth"
+    torch.save(timm.create_model("test_efficientnet").state_dict(), weights)
+    return f"timm:test_efficientnet={weights}", write_shapes(base / "data", per_class=6)
+
+
+def test_sigkill_inside_epoch_2_then_resume_finishes_from_the_checkpoint(tmp_path, tiny):
+    backbone, data = tiny  # 12 train images: 3 steps of 4 per epoch
+    args = ["finetune", str(data), "--backbone", backbone, "--cache-dir", str(tmp_path / "home"),
+            "--run-name", "r", "--epochs", "3", "--image-size", "32", "--batch-size", "4",
+            "--workers", "0", "--precision", "fp32", "--json"]
     status, err = _kill_inside_epoch_2(args)
     assert status == -signal.SIGKILL, err[-3000:]
     run = tmp_path / "home" / "runs" / "r"
@@ -80,7 +96,7 @@ def test_sigkill_inside_epoch_2_then_resume_finishes_from_the_checkpoint(tmp_pat
     assert not (run / "fxtl-model.json").exists() and not (run / "metrics.json").exists()
     assert _temporaries(run) == []
 
-    proc = run_fxtl(*args, "--resume", timeout=300)
+    proc = run_fxtl(*args, "--resume", env=_ENV, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "Traceback" not in proc.stderr
     assert "fxtl: resuming r after epoch 1/3" in proc.stderr
@@ -91,18 +107,6 @@ def test_sigkill_inside_epoch_2_then_resume_finishes_from_the_checkpoint(tmp_pat
     ckpt = torch.load(run / "checkpoint-last.pt", map_location="cpu", weights_only=True)
     assert ckpt["epoch"] == 3 and ckpt["done"]
     assert (run / "fxtl-model.json").is_file() and _temporaries(run) == []
-
-
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory) -> tuple[str, object]:
-    """A dataset and timm's 'test_efficientnet' with seeded weights: offline, quick to build."""
-    import timm
-
-    base = tmp_path_factory.mktemp("tiny")
-    torch.manual_seed(0)
-    weights = base / "test_efficientnet.pth"
-    torch.save(timm.create_model("test_efficientnet").state_dict(), weights)
-    return f"timm:test_efficientnet={weights}", write_shapes(base / "data", per_class=3)
 
 
 class _RunsCode:
