@@ -262,12 +262,32 @@ def extract(data: str | Path, *, backbone: str = DEFAULT_BACKBONE, layer: str | 
     res = None if force else _hit_result(job)  # a hit needs no write access: caches can be shared read-only
     if res is not None:
         return res
+    if output is not None and not force:
+        _refuse_foreign_output(path)
     ensure_dir(path.parent)
     with file_lock(path.with_name(path.name + ".lock"), what=f"the cache {path.name}"):
         res = None if force else _hit_result(job)  # another process may have finished it while we waited
         if res is not None:
             return res
+        _remove_stale_temporaries(path)
         return _extract_locked(job)
+
+
+def _refuse_foreign_output(path: Path) -> None:
+    """An explicit ``--output`` may replace an fxtl cache, never some other file."""
+    if not path.exists():
+        return
+    try:
+        read_attrs(path)
+    except CacheError:
+        raise FxtlError(f"--output {path} exists and is not an fxtl cache this version can read; "
+                        "pass --force to replace it or choose another path") from None
+
+
+def _remove_stale_temporaries(path: Path) -> None:
+    """Temporaries of a run killed while writing the final file (we hold the lock: none is live)."""
+    for tmp in path.parent.glob(path.name + ".*.partial"):
+        tmp.unlink(missing_ok=True)
 
 
 @dataclass

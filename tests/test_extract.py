@@ -187,3 +187,24 @@ def test_cli_empty_dataset_is_one_line_error(tmp_path):
 def test_cli_shim_runs_from_checkout():
     r = subprocess.run([sys.executable, str(ROOT / "cli.py"), "--help"], capture_output=True, text=True)
     assert r.returncode == 0 and "extract" in r.stdout
+
+
+def test_output_never_overwrites_a_foreign_file(shapes_dir, tmp_path):
+    target = tmp_path / "notes.h5"
+    target.write_text("my notes")
+    with pytest.raises(fxtl.FxtlError, match="not an fxtl cache"):
+        fxtl.extract(shapes_dir, output=target, progress=False)
+    assert target.read_text() == "my notes"
+    res = fxtl.extract(shapes_dir, output=target, progress=False, force=True)
+    assert load_features(res.cache).n == 24
+
+
+def test_stale_temporaries_are_removed(shapes_dir, tmp_path):
+    from fxtl.datasets import write_shapes
+
+    data = write_shapes(tmp_path / "d", per_class=2)
+    out = tmp_path / "c.h5"
+    stale = tmp_path / "c.h5.abc123.partial"
+    stale.write_bytes(b"half a file")
+    fxtl.extract(data, output=out, progress=False)
+    assert not stale.exists() and out.exists()
