@@ -567,7 +567,7 @@ class _Trainable(click.ParamType):
 @click.option("--epochs", type=click.IntRange(min=0), default=10, show_default=True,
               help="Epochs (0: only evaluate the initial model, e.g. an --init-head probe).")
 @click.option("--lr", type=click.FloatRange(min=0, min_open=True), default=None,
-              help="Peak learning rate of the classifier [default: 1e-3 adamw, 1e-2 sgd].")
+              help="Peak learning rate of the classifier [default: 5e-4 adamw, 1e-2 sgd].")
 @click.option("--batch-size", type=click.IntRange(min=1), default=32, show_default=True)
 @click.option("--image-size", type=click.IntRange(min=16), default=None,
               help="Input side in pixels [default: the backbone's, 224 for lite0].")
@@ -579,7 +579,7 @@ class _Trainable(click.ParamType):
 @click.option("--label-smoothing", type=click.FloatRange(0, 1, max_open=True), default=0.1, show_default=True)
 @click.option("--warmup-epochs", type=click.FloatRange(min=0), default=1.0, show_default=True,
               help="Linear warm-up, then cosine decay (per step).")
-@click.option("--lr-decay", type=click.FloatRange(0, 1, min_open=True), default=1.0, show_default=True,
+@click.option("--lr-decay", type=click.FloatRange(0, 1, min_open=True), default=0.7, show_default=True,
               help="Discriminative learning rates: each block down from the classifier trains at "
                    "this factor of the one above (1: the same rate everywhere).")
 @click.option("--bn", type=click.Choice(BN_MODES), default="auto", show_default=True,
