@@ -1,0 +1,338 @@
+"""fxtl finetune: outputs, reuse as a backbone, partial training, resume, bad images, LP-FT init.
+
+Tiny on purpose: 48-pixel shapes at --image-size 32, batch 4, one or two epochs, fp32 (on a CPU
+each new batch shape costs a kernel warm-up, several times longer in bf16 than the few steps
+these tests take). lite0 itself is fine-tuned where its structure matters (outputs, reuse as a
+backbone, last:2); the mechanics (resume, errors, early stopping, splits) run on timm's
+100k-parameter ``test_efficientnet`` (same layout as lite0) given as a local weights file.
+"""
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from click.testing import CliRunner
+
+import fxtl
+from fxtl.cli import cli
+from fxtl.finetune import (TrainTransform, block_groups, finetune, linear_head_weights,
+                           parse_trainable)
+from fxtl.preprocess import Preprocessing
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = dict(image_size=32, batch_size=4, workers=0, progress=False, precision="fp32")
+PNG = b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory) -> str:
+    """``timm:test_efficientnet=<file>``: seeded random weights, offline, a fraction of lite0's cost."""
+    import timm
+
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("weights") / "test_efficientnet.pth"
+    torch.save(timm.create_model("test_efficientnet").state_dict(), path)
+    return f"timm:test_efficientnet={path}"
+
+
+@pytest.fixture(scope="module")
+def run2(shapes_dir, tmp_path_factory):
+    """Two epochs of a full fine-tune of lite0 on shapes (train/val), default precision."""
+    return finetune(shapes_dir, epochs=2, cache_dir=tmp_path_factory.mktemp("ft"),
+                    **{**TINY, "precision": "auto"})
+
+
+def test_run_folder_and_metrics(run2, shapes_dir):
+    d = run2.run_dir
+    for name in ("fxtl-model.json", "model.pt", "checkpoint-last.pt", "metrics.json",
+                 "learning_curves.png", "confusion.png"):
+        assert (d / name).is_file(), name
+    assert (d / "learning_curves.png").read_bytes()[:8] == PNG
+    assert (d / "confusion.png").read_bytes()[:8] == PNG
+    m = json.loads((d / "metrics.json").read_text())
+    assert m["kind"] == "finetune" and m["model"] == "finetune:all" and m["backbone"] == "lite0"
+    assert m["dataset"] == Path(shapes_dir).name and m["split"] == "val" and m["n"] == 12
+    assert len(m["dataset_fingerprint"]) == 64
+    assert 0.0 <= m["accuracy"] <= 1.0 and 0.0 <= m["macro_f1"] <= 1.0
+    assert np.asarray(m["confusion_matrix"]).sum() == 12
+    assert set(m["per_class"]) == {"circle", "square"} and m["class_names"] == ["circle", "square"]
+    assert m["epochs"] == 2 and [h["epoch"] for h in m["history"]] == [1, 2]
+    assert all({"train_loss", "train_accuracy", "val_loss", "val_accuracy"} <= set(h) for h in m["history"])
+    assert 1 <= m["best_epoch"] <= 2
+    best = m["history"][m["best_epoch"] - 1]["val_accuracy"]
+    assert m["accuracy"] == pytest.approx(best)  # the kept epoch is the one reported
+    model = fxtl.load_backbone("lite0").model
+    assert m["trainable_params"] == m["total_params"] == \
+        sum(p.numel() for n, p in model.named_parameters() if not n.startswith("classifier")) + 1281 * 2
+    assert m["fit_seconds"] > 0 and m["inference_images_per_second"] > 0
+    assert m["bn"] == "frozen"  # 6 images per class: statistics frozen by default
+    d2 = run2.to_dict()
+    for key in ("run_dir", "model", "split", "accuracy", "macro_f1", "epochs", "seconds"):
+        assert key in d2
+    json.dumps(d2)
+    ckpt = torch.load(d / "checkpoint-last.pt", weights_only=True)
+    assert ckpt["epoch"] == 2 and ckpt["done"] and set(ckpt["rng"]) >= {"torch", "numpy", "python"}
+
+
+def test_run_folder_is_a_backbone(run2, shapes_dir):
+    """load_backbone(run) rebuilds the fine-tuned network: it reproduces the reported accuracy."""
+    from fxtl.data import discover
+    from fxtl.extract import embed_paths
+
+    bb = fxtl.load_backbone(str(run2.run_dir))
+    assert bb.categories == ["circle", "square"] and bb.preprocessing.crop == 32
+    images = discover(shapes_dir)
+    val = [s for s in images.samples if s.split == "val"]
+    preds = []
+    for _, _, logits, bad in embed_paths(bb, [images.abspath(s) for s in val], with_logits=True,
+                                         precision=run2.metrics["precision"], workers=0):
+        assert not bad and logits.shape[1] == 2
+        preds.extend(logits.argmax(1).tolist())
+    acc = np.mean(np.array(preds) == np.array([s.label for s in val]))
+    assert acc == pytest.approx(run2.accuracy)
+    state = torch.load(run2.run_dir / "model.pt", weights_only=True)
+    for k, v in bb.model.state_dict().items():
+        assert torch.equal(v, state[k]), k
+
+
+def test_extract_with_finetuned_backbone(run2, shapes_dir, tmp_path):
+    res = fxtl.extract(shapes_dir, backbone=str(run2.run_dir), cache_dir=tmp_path, progress=False,
+                       workers=0)
+    assert res.n == 24 and res.dim == 1280 and res.backbone == str(run2.run_dir)
+    fc = fxtl.load_features(res.cache)
+    base = fxtl.extract(shapes_dir, cache_dir=tmp_path, progress=False, workers=0)
+    assert fc.attrs["preprocessing"]["crop"] == 32
+    assert not np.allclose(fc.features[:2], fxtl.load_features(base.cache).features[:2])
+
+
+def test_block_groups_and_trainable_parsing():
+    model = fxtl.load_backbone("lite0").model
+    groups = block_groups(model, "classifier")
+    assert [g for g, _ in groups] == ["conv_stem+bn1"] + [f"blocks.{i}" for i in range(7)] + ["conv_head+bn2"]
+    assert parse_trainable("all", 9) == 9 and parse_trainable("head", 9) == 0
+    assert parse_trainable("last:2", 9) == 2
+    for bad in ("last:0", "last:10", "some", "last:-1"):
+        with pytest.raises(fxtl.FxtlError):
+            parse_trainable(bad, 9)
+
+
+def test_last2_trains_only_the_last_blocks(shapes_dir, tmp_path):
+    res = finetune(shapes_dir, trainable="last:2", epochs=1, lr=1e-2, bn="train",
+                   cache_dir=tmp_path, **TINY)
+    before = fxtl.load_backbone("lite0").model.state_dict()
+    after = torch.load(res.run_dir / "model.pt", weights_only=True)
+    trained_prefixes = ("blocks.6.", "conv_head.", "bn2.", "classifier.")
+    changed, n_trained = [], 0
+    for k, v in after.items():
+        if k.startswith("classifier."):
+            n_trained += v.numel()
+            continue
+        same = torch.equal(before[k], v)
+        if k.startswith(trained_prefixes):
+            if not k.endswith("num_batches_tracked"):
+                n_trained += v.numel() if "running_" not in k else 0
+            changed.append(not same)
+        else:  # frozen: weights AND BatchNorm statistics untouched, even with --bn train
+            assert same, f"frozen tensor {k} changed"
+    assert sum(changed) > len(changed) // 2  # the trained blocks did move
+    assert res.trainable_params == n_trained
+    assert res.model == "finetune:last:2"
+
+
+def test_head_only_keeps_backbone(shapes_dir, tmp_path, tiny):
+    res = finetune(shapes_dir, backbone=tiny, trainable="head", epochs=1, bn="train",
+                   cache_dir=tmp_path, **TINY)
+    bb = fxtl.load_backbone(tiny)
+    before = bb.model.state_dict()
+    after = torch.load(res.run_dir / "model.pt", weights_only=True)
+    assert all(torch.equal(before[k], v) for k, v in after.items() if not k.startswith("classifier."))
+    assert res.trainable_params == bb.feature_dim * 2 + 2
+
+
+_KILL_SCRIPT = textwrap.dedent("""
+    import os, signal, sys
+    from fxtl.finetune import finetune
+
+    def kill(info):
+        if info["epoch"] == 2 and info["step"] == 2:
+            os.kill(os.getpid(), signal.SIGKILL)
+
+    finetune(sys.argv[1], backbone=sys.argv[3], cache_dir=sys.argv[2], run_name="r", epochs=2,
+             image_size=32, batch_size=4, workers=0, progress=False, precision="fp32", bn="train",
+             on_step=kill)
+""")
+
+
+def test_sigkill_in_epoch_2_then_resume_equals_uninterrupted(shapes_dir, tmp_path, tiny):
+    full = finetune(shapes_dir, backbone=tiny, cache_dir=tmp_path / "a", run_name="r", epochs=2,
+                    bn="train", **TINY)
+    proc = subprocess.run([sys.executable, "-c", _KILL_SCRIPT, str(shapes_dir), str(tmp_path / "b"),
+                           tiny],
+                          cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == -9, proc.stderr[-2000:]
+    run_dir = tmp_path / "b" / "runs" / "r"
+    ckpt = torch.load(run_dir / "checkpoint-last.pt", weights_only=True)
+    assert ckpt["epoch"] == 1 and not ckpt["done"]  # killed inside epoch 2
+    assert not (run_dir / "fxtl-model.json").exists()
+    result = CliRunner().invoke(cli, ["finetune", str(shapes_dir), "--backbone", tiny,
+                                      "--cache-dir", str(tmp_path / "b"),
+                                      "--run-name", "r", "--resume", "--epochs", "2",
+                                      "--image-size", "32", "--batch-size", "4", "--workers", "0",
+                                      "--precision", "fp32", "--bn", "train", "--json"])
+    assert result.exit_code == 0, result.output
+    out = json.loads(result.stdout)
+    assert out["resumed_from_epoch"] == 1 and out["epochs"] == 2
+    for name in ("model.pt", "checkpoint-last.pt"):
+        a = torch.load(full.run_dir / name, weights_only=True)
+        b = torch.load(run_dir / name, weights_only=True)
+        a, b = (a["model"], b["model"]) if name == "checkpoint-last.pt" else (a, b)
+        assert a.keys() == b.keys()
+        for k in a:
+            assert torch.equal(a[k], b[k]), f"{name}: {k} differs after resume"
+    hist_a = json.loads((full.run_dir / "metrics.json").read_text())["history"]
+    hist_b = json.loads((run_dir / "metrics.json").read_text())["history"]
+    assert [h["train_loss"] for h in hist_a] == [h["train_loss"] for h in hist_b]
+    assert out["accuracy"] == full.accuracy
+    assert fxtl.load_backbone(str(run_dir)).categories == ["circle", "square"]
+
+    # The finished run: resuming evaluates it again (no training); other settings are refused,
+    # and so is starting over in the same folder.
+    kw = dict(backbone=tiny, cache_dir=tmp_path / "b", run_name="r", epochs=2, bn="train", **TINY)
+    again = finetune(shapes_dir, **kw, resume=True)
+    assert again.resumed_from_epoch == 2 and again.accuracy == full.accuracy
+    assert torch.equal(torch.load(run_dir / "model.pt", weights_only=True)["classifier.weight"],
+                       torch.load(full.run_dir / "model.pt", weights_only=True)["classifier.weight"])
+    with pytest.raises(fxtl.ProvenanceError, match="other settings"):
+        finetune(shapes_dir, **{**kw, "lr": 0.5}, resume=True)
+    with pytest.raises(fxtl.FxtlError, match="--resume"):
+        finetune(shapes_dir, **kw)
+
+
+def test_bad_images_are_skipped(shapes_dir, tmp_path, tiny):
+    data = tmp_path / "data"
+    shutil.copytree(shapes_dir, data)
+    (data / "train" / "circle" / "broken.jpg").write_bytes(b"\xff\xd8\xff\xe0 not a jpeg")
+    (data / "val" / "square" / "empty.png").write_bytes(b"")
+    res = finetune(data, backbone=tiny, epochs=1, cache_dir=tmp_path / "c", **TINY)
+    reasons = {Path(e["path"]).name: e["reason"] for e in res.errors}
+    assert set(reasons) == {"broken.jpg", "empty.png"}
+    assert "empty" in reasons["empty.png"]
+    assert res.metrics["n"] == 12  # the unreadable val image is not scored
+    assert res.metrics["history"][0]["train_images"] == 12
+
+
+def test_early_stopping_keeps_best_epoch(shapes_dir, tmp_path, tiny):
+    # A learning rate too small to change anything: no improvement after epoch 1.
+    res = finetune(shapes_dir, backbone=tiny, trainable="head", epochs=4, lr=1e-12, patience=1,
+                   cache_dir=tmp_path, **TINY)
+    assert res.stopped_early and res.epochs == 2 and res.best_epoch == 1
+
+
+def test_holdout_when_only_train(tmp_path, tiny):
+    from sklearn.model_selection import train_test_split
+
+    from fxtl.data import discover
+    from fxtl.datasets import write_shapes
+
+    data = write_shapes(tmp_path / "d", per_class=5, splits=("train",))
+    res = finetune(data / "train", backbone=tiny, epochs=1, cache_dir=tmp_path / "c", seed=3, **TINY)
+    assert res.split == "holdout" and res.metrics["n"] == 2
+    images = discover(data / "train")
+    labels = [s.label for s in images.samples]
+    _, held = train_test_split(np.arange(10), test_size=0.2, stratify=labels, random_state=3)
+    assert res.metrics["n_train"] == 8
+    assert np.asarray(res.metrics["confusion_matrix"]).sum(1).tolist() == \
+        np.bincount(np.asarray(labels)[held], minlength=2).tolist()
+
+
+def test_train_transform_is_seeded_and_sized():
+    from PIL import Image
+
+    pre = Preprocessing(resize=73, crop=64, interpolation="bilinear")
+    t = TrainTransform(pre, scale=(0.2, 1.0))
+    im = Image.fromarray(np.random.default_rng(0).integers(0, 256, (90, 120, 3), dtype=np.uint8))
+    a = t(im, np.random.default_rng(7))
+    b = t(im, np.random.default_rng(7))
+    c = t(im, np.random.default_rng(8))
+    assert a.dtype == torch.uint8 and tuple(a.shape) == (3, 64, 64)
+    assert torch.equal(a, b) and not torch.equal(a, c)
+    for seed in range(50):
+        left, top, right, bottom = t.crop_box(120, 90, np.random.default_rng(seed))
+        assert 0 <= left < right <= 120 and 0 <= top < bottom <= 90
+        assert 0.2 * 0.99 <= (right - left) * (bottom - top) / (120 * 90) <= 1.0
+
+
+@pytest.mark.parametrize("n_classes", [2, 3])
+def test_linear_head_folding_matches_predict_proba(n_classes):
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+
+    rng = np.random.default_rng(0)
+    X = rng.normal(3.0, 2.0, size=(60, 5)) * np.array([1, 10, 0.1, 5, 1])
+    y = np.arange(60) % n_classes
+    X[np.arange(60), y] += 4
+    pipe = make_pipeline(StandardScaler(), LogisticRegression(C=1.0)).fit(X, y)
+    names = ["a", "b", "c"][:n_classes]
+    # the dataset lists the classes in another order than the head
+    target = names[::-1]
+    W, b = linear_head_weights(pipe, names, target, feature_dim=5)
+    logits = X @ W.T.astype(np.float64) + b
+    p = np.exp(logits - logits.max(1, keepdims=True))
+    p /= p.sum(1, keepdims=True)
+    np.testing.assert_allclose(p[:, ::-1], pipe.predict_proba(X), atol=1e-5)
+
+
+def test_linear_head_refuses_nonlinear_steps():
+    from sklearn.decomposition import PCA
+    from sklearn.pipeline import make_pipeline
+    from sklearn.svm import SVC
+
+    X = np.random.default_rng(0).normal(size=(20, 4))
+    y = np.arange(20) % 2
+    with pytest.raises(fxtl.FxtlError, match="logistic"):
+        linear_head_weights(make_pipeline(SVC()).fit(X, y), ["a", "b"], ["a", "b"], feature_dim=4)
+    from sklearn.linear_model import LogisticRegression
+
+    with pytest.raises(fxtl.FxtlError, match="cannot be folded"):
+        linear_head_weights(make_pipeline(PCA(2), LogisticRegression()).fit(X, y), ["a", "b"],
+                            ["a", "b"], feature_dim=4)
+
+
+def test_init_head_from_fit_head_run(shapes_dir, shapes_cache, tmp_path):
+    """LP-FT: with 0 epochs the network is the logistic head on top of the backbone."""
+    heads = pytest.importorskip("fxtl.heads")
+    from fxtl.store import load_features
+
+    fc = load_features(shapes_cache)
+    fitted = heads.fit_head(shapes_cache, model="logreg", cache_dir=tmp_path, search=False)
+    res = finetune(shapes_dir, init_head=fitted.run_dir, epochs=0, cache_dir=tmp_path,
+                   precision=fc.attrs["precision"], workers=0, progress=False)
+    head_pred = fitted.predictions["y_pred"]
+    assert res.split == fitted.metrics["split"] == "val"
+    assert res.accuracy == pytest.approx(fitted.metrics["accuracy"])
+    assert res.metrics["confusion_matrix"] == fitted.metrics["confusion_matrix"]
+    assert len(head_pred) == res.metrics["n"]
+
+
+def test_cli_json_and_errors(shapes_dir, tmp_path, tiny):
+    runner = CliRunner()
+    args = ["finetune", str(shapes_dir), "--backbone", tiny, "--cache-dir", str(tmp_path), "--epochs", "1",
+            "--image-size", "32", "--batch-size", "4", "--workers", "0", "--precision", "fp32",
+            "--trainable", "head"]
+    result = runner.invoke(cli, args + ["--json"])
+    assert result.exit_code == 0, result.output
+    d = json.loads(result.stdout)
+    assert {"run_dir", "model", "split", "accuracy", "macro_f1", "epochs", "seconds"} <= set(d)
+    assert d["model"] == "finetune:head" and Path(d["run_dir"]).parent == tmp_path / "runs"
+    bad = runner.invoke(cli, args[:-2] + ["--trainable", "last:99"])
+    assert bad.exit_code == 1 and "has 7 blocks" in bad.stderr and "Traceback" not in bad.output
+    usage = runner.invoke(cli, args[:-2] + ["--trainable", "middle"])
+    assert usage.exit_code == 2
