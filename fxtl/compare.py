@@ -174,7 +174,7 @@ def plot_comparison(rows: Sequence[dict[str, Any]], path: str | Path, *, title: 
     labels = [(f"{r['dataset']}: " if several else "") + r["method"] for r in rows]
     colours = ["tab:orange" if r["kind"] == "finetune" else "tab:blue" for r in rows]
     y = np.arange(len(rows))
-    fig, axes = plt.subplots(1, 3, figsize=(13, 1.2 + 0.45 * len(rows)), sharey=True)
+    fig, axes = plt.subplots(1, 3, figsize=(13, 1.8 + 0.45 * len(rows)), sharey=True)
     ax = axes[0]
     ax.barh(y - 0.2, [r["accuracy"] for r in rows], height=0.4, color=colours, label="accuracy")
     ax.barh(y + 0.2, [r["macro_f1"] for r in rows], height=0.4, color=colours, alpha=0.45,

@@ -77,6 +77,7 @@ from ._util import (atomic_path, atomic_write_json, default_cache_dir, ensure_di
 from .backbones import DEFAULT_BACKBONE, MODEL_MANIFEST, Backbone, _replace_linear, load_backbone
 from .data import ImageDataset, ImageSet, discover, fingerprint
 from .errors import DataError, FxtlError, ProvenanceError
+from .extract import _slug, default_workers
 from .preprocess import _INTERP, ImageDecodeError, Preprocessing, open_image
 from .runtime import autocast, resolve_device, resolve_precision
 
@@ -476,10 +477,6 @@ def _load_checkpoint(path: Path) -> dict[str, Any]:
 
 
 # ----------------------------------------------------------------------------- run folders
-def _slug(text: str) -> str:
-    return re.sub(r"[^A-Za-z0-9._-]+", "_", str(text)).strip("_")[:40] or "x"
-
-
 def _run_dir(runs: Path, base: str, *, run_name: str | None, resume: bool) -> Path:
     """The folder to train into: an exact ``run_name``, the latest ``base*`` run when resuming,
     else a new ``base``, ``base-2``, ... folder."""
@@ -754,8 +751,6 @@ def finetune(data: str | Path, *, backbone: str = DEFAULT_BACKBONE, trainable: s
     device = resolve_device(device)
     precision = resolve_precision(precision, device)
     if workers is None:
-        from .extract import default_workers
-
         workers = default_workers(device)
     splits = _plan_splits(images, seed=seed, test_size=test_size)
     labels = np.array([s.label for s in images.samples], dtype=np.int64)
@@ -981,7 +976,9 @@ class _Run:
         else:  # epochs == 0: the initial model is the result
             _torch_save(trainer.net.state_dict(), model_file)
         rows, errors = self.splits.report, state["errors"]
-        ev = self.evaluate(trainer, rows, self.eval_loader(rows), errors)
+        # Reporting on the selection split: its loader's workers are already running.
+        loader = self.val_loader if rows is self.splits.val else self.eval_loader(rows)
+        ev = self.evaluate(trainer, rows, loader, errors)
         good = ev["preds"] >= 0
         if not good.any():
             raise DataError(f"none of the {self.splits.report_name} images under "
@@ -1052,7 +1049,7 @@ def plot_learning_curves(history: Sequence[dict[str, Any]], path: Path, *, best_
     fig, axes = plt.subplots(1, 2, figsize=(9, 3.6))
     ep = [h["epoch"] for h in history]
     for ax, key, label in ((axes[0], "loss", "loss"), (axes[1], "accuracy", "accuracy")):
-        ax.plot(ep, [h[f"train_{key}"] for h in history], "o-", label=f"train {label}")
+        ax.plot(ep, [h[f"train_{key}"] for h in history], "o-", label=f"train {label} (augmented)")
         if history and f"val_{key}" in history[0]:
             ax.plot(ep, [h[f"val_{key}"] for h in history], "s-", label=f"val {label}")
         if best_epoch:
