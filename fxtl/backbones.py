@@ -402,129 +402,139 @@ class _StopForward(Exception):
     """Raised by a hook to end the forward pass once the wanted layer has run."""
 
 
-def _import_nn():
+def _backbone_class():
+    """Define :class:`Backbone` on first use, so importing fxtl does not import torch."""
+    cls = globals().get("_BACKBONE_CLASS")
+    if cls is not None:
+        return cls
     import torch.nn as nn
 
-    return nn
+    class Backbone(nn.Module):
+        """A frozen (or trainable) pretrained network that eats uint8 images.
+
+        ``forward(x)`` returns the features of ``layer`` (default: the pooled penultimate features,
+        i.e. the input of the final linear classifier). ``forward_with_logits(x)`` also returns the
+        network's own classifier output (ImageNet logits for pretrained weights).
+
+        Attributes
+        ----------
+        model : nn.Module -- the underlying network, classifier included
+        classifier_name : str -- dotted name of the final ``nn.Linear``
+        preprocessing : Preprocessing
+        feature_dim : int
+        provenance : dict -- backbone, weights_sha256, preprocessing, layer (JSON-ready)
+        categories : list of str -- names of the classifier's outputs, when known
+        """
+
+        def __init__(self, spec: BackboneSpec, model, preprocessing: Preprocessing, weights_sha256: str,
+                     *, layer: str | None = None, meta: dict | None = None):
+            import torch
+
+            super().__init__()
+            self.spec = spec
+            self.model = model
+            self.preprocessing = preprocessing
+            self.weights_sha256 = weights_sha256
+            self.meta = dict(meta or {})
+            self.classifier_name, classifier = _last_linear(model)
+            self.layer = layer or "pooled"
+            mean = torch.tensor(preprocessing.mean).view(1, 3, 1, 1) * 255.0
+            std = torch.tensor(preprocessing.std).view(1, 3, 1, 1) * 255.0
+            self.register_buffer("_mean", mean, persistent=False)
+            self.register_buffer("_inv_std", 1.0 / std, persistent=False)
+            self._captured: dict[str, Any] = {}
+            if self.layer == "pooled":
+                classifier.register_forward_pre_hook(self._capture_pooled)
+                self.feature_dim = int(classifier.in_features)
+            else:
+                modules = dict(model.named_modules())
+                if self.layer not in modules or not self.layer:
+                    raise BackboneError(f"{spec.name} has no layer {self.layer!r}; "
+                                        f"`fxtl backbones --layers {spec.name}` lists them")
+                modules[self.layer].register_forward_hook(self._capture_layer)
+                self.feature_dim = self._probe_dim()
+
+        @property
+        def categories(self) -> list[str]:
+            cats = self.meta.get("categories")
+            if cats:
+                return list(cats)
+            if self.spec.source == "package" or self.meta.get("imagenet"):
+                from timm.data import ImageNetInfo
+
+                info = ImageNetInfo()
+                return [info.index_to_description(i) for i in range(1000)]
+            return []
+
+        @property
+        def provenance(self) -> dict[str, Any]:
+            return {"backbone": self.spec.name, "architecture": self.spec.arch,
+                    "weights_sha256": self.weights_sha256, "preprocessing": self.preprocessing.to_dict(),
+                    "layer": self.layer, "feature_dim": self.feature_dim}
+
+        def _capture_pooled(self, module, args):
+            self._captured["features"] = args[0]
+
+        def _capture_layer(self, module, args, output):
+            if isinstance(output, (tuple, list)):
+                output = output[0]
+            if output.ndim == 4:  # N, C, H, W -> global average pool
+                output = output.float().mean(dim=(2, 3))
+            elif output.ndim == 3:  # N, tokens, C (transformers) -> mean over tokens
+                output = output.float().mean(dim=1)
+            self._captured["features"] = output
+            if self._stop_early:
+                raise _StopForward
+
+        def _probe_dim(self) -> int:
+            import torch
+
+            c = self.preprocessing.crop
+            with torch.inference_mode():
+                feats = self(torch.zeros(1, 3, c, c, dtype=torch.uint8))
+            return int(feats.shape[1])
+
+        def normalize(self, x):
+            """uint8 (or 0..255 float) images -> normalised float tensor."""
+            return (x.float() - self._mean) * self._inv_std
+
+        _stop_early = True
+
+        def forward(self, x):
+            self._captured.clear()
+            try:
+                self.model(self.normalize(x))
+            except _StopForward:
+                pass
+            return self._captured.pop("features").float()
+
+        def forward_with_logits(self, x):
+            """``(features, logits)`` in one pass (features of ``layer``, logits of the classifier)."""
+            self._captured.clear()
+            self._stop_early = False
+            try:
+                logits = self.model(self.normalize(x))
+            finally:
+                self._stop_early = True
+            return self._captured.pop("features").float(), logits.float()
+
+        def layer_names(self) -> list[str]:
+            """Modules whose output can be used with ``layer=`` (blocks and stages)."""
+            names = []
+            for name, module in self.model.named_modules():
+                if name and name.count(".") <= 1 and len(list(module.children())) > 0 or \
+                        name in ("conv_head", "bn2", "avgpool", "global_pool"):
+                    names.append(name)
+            return names
+
+    globals()["_BACKBONE_CLASS"] = Backbone
+    return Backbone
 
 
-class Backbone(_import_nn().Module):
-    """A frozen (or trainable) pretrained network that eats uint8 images.
-
-    ``forward(x)`` returns the features of ``layer`` (default: the pooled penultimate features,
-    i.e. the input of the final linear classifier). ``forward_with_logits(x)`` also returns the
-    network's own classifier output (ImageNet logits for pretrained weights).
-
-    Attributes
-    ----------
-    model : nn.Module -- the underlying network, classifier included
-    classifier_name : str -- dotted name of the final ``nn.Linear``
-    preprocessing : Preprocessing
-    feature_dim : int
-    provenance : dict -- backbone, weights_sha256, preprocessing, layer (JSON-ready)
-    categories : list of str -- names of the classifier's outputs, when known
-    """
-
-    def __init__(self, spec: BackboneSpec, model, preprocessing: Preprocessing, weights_sha256: str,
-                 *, layer: str | None = None, meta: dict | None = None):
-        import torch
-
-        super().__init__()
-        self.spec = spec
-        self.model = model
-        self.preprocessing = preprocessing
-        self.weights_sha256 = weights_sha256
-        self.meta = dict(meta or {})
-        self.classifier_name, classifier = _last_linear(model)
-        self.layer = layer or "pooled"
-        mean = torch.tensor(preprocessing.mean).view(1, 3, 1, 1) * 255.0
-        std = torch.tensor(preprocessing.std).view(1, 3, 1, 1) * 255.0
-        self.register_buffer("_mean", mean, persistent=False)
-        self.register_buffer("_inv_std", 1.0 / std, persistent=False)
-        self._captured: dict[str, Any] = {}
-        if self.layer == "pooled":
-            classifier.register_forward_pre_hook(self._capture_pooled)
-            self.feature_dim = int(classifier.in_features)
-        else:
-            modules = dict(model.named_modules())
-            if self.layer not in modules or not self.layer:
-                raise BackboneError(f"{spec.name} has no layer {self.layer!r}; "
-                                    f"`fxtl backbones --layers {spec.name}` lists them")
-            modules[self.layer].register_forward_hook(self._capture_layer)
-            self.feature_dim = self._probe_dim()
-
-    @property
-    def categories(self) -> list[str]:
-        cats = self.meta.get("categories")
-        if cats:
-            return list(cats)
-        if self.spec.source == "package" or self.meta.get("imagenet"):
-            from timm.data import ImageNetInfo
-
-            info = ImageNetInfo()
-            return [info.index_to_description(i) for i in range(1000)]
-        return []
-
-    @property
-    def provenance(self) -> dict[str, Any]:
-        return {"backbone": self.spec.name, "architecture": self.spec.arch,
-                "weights_sha256": self.weights_sha256, "preprocessing": self.preprocessing.to_dict(),
-                "layer": self.layer, "feature_dim": self.feature_dim}
-
-    def _capture_pooled(self, module, args):
-        self._captured["features"] = args[0]
-
-    def _capture_layer(self, module, args, output):
-        if isinstance(output, (tuple, list)):
-            output = output[0]
-        if output.ndim == 4:  # N, C, H, W -> global average pool
-            output = output.float().mean(dim=(2, 3))
-        elif output.ndim == 3:  # N, tokens, C (transformers) -> mean over tokens
-            output = output.float().mean(dim=1)
-        self._captured["features"] = output
-        if self._stop_early:
-            raise _StopForward
-
-    def _probe_dim(self) -> int:
-        import torch
-
-        c = self.preprocessing.crop
-        with torch.inference_mode():
-            feats = self(torch.zeros(1, 3, c, c, dtype=torch.uint8))
-        return int(feats.shape[1])
-
-    def normalize(self, x):
-        """uint8 (or 0..255 float) images -> normalised float tensor."""
-        return (x.float() - self._mean) * self._inv_std
-
-    _stop_early = True
-
-    def forward(self, x):
-        self._captured.clear()
-        try:
-            self.model(self.normalize(x))
-        except _StopForward:
-            pass
-        return self._captured.pop("features").float()
-
-    def forward_with_logits(self, x):
-        """``(features, logits)`` in one pass (features of ``layer``, logits of the classifier)."""
-        self._captured.clear()
-        self._stop_early = False
-        try:
-            logits = self.model(self.normalize(x))
-        finally:
-            self._stop_early = True
-        return self._captured.pop("features").float(), logits.float()
-
-    def layer_names(self) -> list[str]:
-        """Modules whose output can be used with ``layer=`` (blocks and stages)."""
-        names = []
-        for name, module in self.model.named_modules():
-            if name and name.count(".") <= 1 and len(list(module.children())) > 0 or \
-                    name in ("conv_head", "bn2", "avgpool", "global_pool"):
-                names.append(name)
-        return names
+def __getattr__(name: str):
+    if name == "Backbone":  # `from fxtl.backbones import Backbone` builds the class lazily
+        return _backbone_class()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def load_backbone(name: str = DEFAULT_BACKBONE, *, layer: str | None = None) -> Backbone:
@@ -558,4 +568,4 @@ def load_backbone(name: str = DEFAULT_BACKBONE, *, layer: str | None = None) -> 
     if spec.source == "timm" or spec.meta.get("base_source") == "timm":
         if getattr(model, "num_classes", 0) == 1000:
             meta = {**meta, "imagenet": True}
-    return Backbone(spec, model, pre, sha, layer=layer, meta=meta).eval()
+    return _backbone_class()(spec, model, pre, sha, layer=layer, meta=meta).eval()

@@ -27,17 +27,20 @@ import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import TYPE_CHECKING, Any, Iterator, Sequence
 
 import numpy as np
 
 from . import __version__
 from ._util import atomic_path, atomic_write_json, ensure_dir, file_lock, now_iso, say, versions
-from .backbones import DEFAULT_BACKBONE, Backbone, load_backbone
+from .backbones import DEFAULT_BACKBONE, load_backbone
 from .data import ImageDataset, ImageSet, discover, fingerprint
 from .errors import CacheError, DataError, FxtlError
 from .runtime import autocast, resolve_device, resolve_precision
 from .store import FORMAT_VERSION, read_attrs, write_cache
+
+if TYPE_CHECKING:  # the class is built lazily (importing it imports torch)
+    from .backbones import Backbone
 
 __all__ = ["extract", "merge_shards", "ExtractResult", "embed_paths", "cache_path_for",
            "default_batch_size", "default_workers", "SHARD_FORMAT"]

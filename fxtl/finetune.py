@@ -67,19 +67,22 @@ import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 import numpy as np
 
 from . import __version__
 from ._util import (atomic_path, atomic_write_json, default_cache_dir, ensure_dir, file_lock,
                     now_iso, sha256_file, versions)
-from .backbones import DEFAULT_BACKBONE, MODEL_MANIFEST, Backbone, _replace_linear, load_backbone
+from .backbones import DEFAULT_BACKBONE, MODEL_MANIFEST, _replace_linear, load_backbone
 from .data import ImageDataset, ImageSet, discover, fingerprint
 from .errors import DataError, FxtlError, ProvenanceError
 from .extract import _slug, default_workers
 from .preprocess import _INTERP, ImageDecodeError, Preprocessing, open_image
 from .runtime import autocast, resolve_device, resolve_precision
+
+if TYPE_CHECKING:  # the class is built lazily (importing it imports torch)
+    from .backbones import Backbone
 
 __all__ = ["finetune", "FinetuneResult", "TrainTransform", "block_groups", "parse_trainable",
            "linear_head_weights", "BN_FROZEN_BELOW", "CHECKPOINT_FORMAT", "CHECKPOINT_VERSION",
