@@ -11,8 +11,9 @@ parameter trained), same batch size, in one process run:
   ``ToTensor``, ``Normalize`` on PIL images, ``DataLoader(shuffle=True, num_workers=0)``, fp32,
   NCHW, ``SGD(lr=0.001, momentum=0.9)``, ``CrossEntropyLoss``, BatchNorm in train mode.
 * fxtl -- ``fxtl.finetune(data, trainable="all", epochs=E)`` with its defaults (bf16 autocast
-  where the CPU runs it natively, channels_last, decoding workers, crop + resize in one
-  resampling, BatchNorm statistics frozen below 200 images per class).
+  where the CPU runs it natively, depthwise convolutions in fp32 while training, channels_last,
+  crop + resize in one resampling, decoding in the main process on a 2-core CPU (workers
+  elsewhere), BatchNorm statistics frozen below 200 images per class).
 
 Measured: training images/s over the epochs' training phase (model loading and fxtl's
 validation passes excluded). Rounds alternate tutorial and fxtl so both see the same machine
@@ -91,8 +92,9 @@ def fxtl_epochs(data: Path, epochs: int, batch_size: int, seed: int, cache_dir: 
 
 def _fxtl_workers() -> int:
     from fxtl.extract import default_workers
+    from fxtl.finetune import _cores
 
-    return default_workers("cpu")
+    return 0 if _cores() <= 2 else default_workers("cpu")
 
 
 def summary(rows: list[dict]) -> dict:

@@ -336,3 +336,23 @@ def test_cli_json_and_errors(shapes_dir, tmp_path, tiny):
     assert bad.exit_code == 1 and "has 7 blocks" in bad.stderr and "Traceback" not in bad.output
     usage = runner.invoke(cli, args[:-2] + ["--trainable", "middle"])
     assert usage.exit_code == 2
+
+
+def test_depthwise_convs_train_in_fp32_and_infer_in_bf16():
+    import torch.nn as nn
+
+    from fxtl.finetune import _depthwise_fp32_when_training
+
+    net = nn.Sequential(nn.Conv2d(3, 8, 1), nn.Conv2d(8, 8, 3, groups=8), nn.Conv2d(8, 4, 1))
+    _depthwise_fp32_when_training(net)
+    x = torch.randn(2, 3, 6, 6)
+    dtypes = []
+    net[1].register_forward_hook(lambda m, i, o: dtypes.append(o.dtype))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = net(x)
+        out.float().sum().backward()
+        with torch.inference_mode():
+            net(x)
+    assert dtypes == [torch.float32, torch.bfloat16]
+    assert out.dtype == torch.bfloat16 and net[1].weight.grad is not None
+    assert list(net.state_dict()) == ["0.weight", "0.bias", "1.weight", "1.bias", "2.weight", "2.bias"]
