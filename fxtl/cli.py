@@ -599,7 +599,7 @@ class _Trainable(click.ParamType):
               show_default=True, help="Stratified hold-out fraction when DATA_DIR has only train.")
 @device_options
 @click.option("--workers", type=click.IntRange(min=0), default=None,
-              help="Decoding processes [default: one per spare core].")
+              help="Decoding processes [default: none on a CPU with <= 2 cores, else one per spare core].")
 @click.option("--run-name", default=None,
               help="Run folder name [default: <dataset>-<backbone>-ft-<trainable>-<config hash>].")
 @click.option("--resume", is_flag=True,

@@ -40,8 +40,8 @@ theirs.
 Speed: bf16 autocast on CPUs with native bf16 and on CUDA (fp16 with a gradient scaler on older
 GPUs), except depthwise convolutions while training on CPU (oneDNN's bf16 depthwise backward is
 2-3x slower than its fp32 one); channels_last; JPEG draft decoding; decoding in DataLoader
-workers, except for training on a CPU with at most 2 cores, where the compute threads need
-both cores and decoding in the main process measured 10% faster than one worker.
+workers, except on a CPU with at most 2 cores, where the compute threads need both cores and
+decoding in the main process measured 10% faster than one worker.
 
 Reproducibility and resume: the shuffling order and every augmentation draw are derived from
 ``(seed, epoch, image)``, not from worker or global RNG state, so a run does not depend on the
@@ -753,8 +753,8 @@ def finetune(data: str | Path, *, backbone: str = DEFAULT_BACKBONE, trainable: s
     device, precision : str
         ``auto`` picks CUDA when present and bf16 where the hardware runs it natively.
     workers : int, optional
-        Decoding processes (default: none for training on a CPU with at most 2 cores, else
-        one per spare core; one for val/test on CPU).
+        Decoding processes (default: none on a CPU with at most 2 cores, else one per spare
+        core).
     cache_dir : path, optional
         Home of ``runs/`` (default ``./cache`` or ``$FXTL_CACHE``).
     run_name : str, optional
@@ -913,12 +913,11 @@ class _Run:
                  progress: bool):
         self.images, self.splits, self.labels, self.cfg = images, splits, labels, cfg
         self.pre, self.device, self.progress = pre, device, progress
-        # Evaluation is decode-heavy: a worker overlaps it. Training is compute-heavy: on two
-        # cores a worker only preempts the compute threads (measured 15.8 vs 17.6 images/s).
-        self.eval_workers = min(default_workers(device) if workers is None else workers, 1)
-        train_workers = workers
         if workers is None:
-            train_workers = 0 if device == "cpu" and _cores() <= 2 else default_workers(device)
+            # On two cores the compute threads need both: a decoding worker only preempts them
+            # (lite0 training on hymenoptera: 15.8 images/s with one worker, 17.6 without).
+            workers = 0 if device == "cpu" and _cores() <= 2 else default_workers(device)
+        self.workers = workers
         self.paths = [str(images.abspath(s)) for s in images.samples]
         bs = cfg["batch_size"]
         self.train_ds = _TrainImages([self.paths[i] for i in splits.train],
@@ -926,13 +925,13 @@ class _Run:
         self.sampler = _epoch_sampler(len(self.train_ds), cfg["seed"])
         self.train_loader = _make_loader(self.train_ds, batch_size=bs, sampler=self.sampler,
                                          seed=cfg["seed"], device=device,
-                                         workers=min(train_workers, max(1, len(self.train_ds) // bs)))
+                                         workers=min(workers, max(1, len(self.train_ds) // bs)))
         self.val_loader = self.eval_loader(splits.val, persistent=True) if splits.val is not None else None
 
     def eval_loader(self, rows: np.ndarray, *, persistent: bool = False):
         return _make_loader(ImageDataset([self.paths[i] for i in rows], self.pre),
                             batch_size=self.cfg["batch_size"] * 2, device=self.device,
-                            workers=self.eval_workers, persistent=persistent)
+                            workers=self.workers, persistent=persistent)
 
     def train_epoch(self, trainer: _Trainer, state: dict[str, Any], run_dir: Path, *,
                     on_step: Callable[[dict[str, Any]], None] | None) -> None:
@@ -1019,7 +1018,7 @@ class _Run:
         else:  # epochs == 0: the initial model is the result
             _torch_save(trainer.net.state_dict(), model_file)
         rows, errors = self.splits.report, state["errors"]
-        # Reporting on the selection split: its loader's workers are already running.
+        # Reporting on the selection split: reuse its loader (its workers are running already).
         loader = self.val_loader if rows is self.splits.val else self.eval_loader(rows)
         ev = self.evaluate(trainer, rows, loader, errors)
         good = ev["preds"] >= 0
