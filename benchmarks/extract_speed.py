@@ -139,13 +139,13 @@ def main() -> None:
     from fxtl.runtime import resolve_precision
 
     prec = resolve_precision("auto", "cpu")
-    bs = default_batch_size("cpu")
+    bs = default_batch_size("cpu", prec)
     out: dict = {"machine": {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
                              "torch": torch.__version__, "threads": torch.get_num_threads()},
                  "auto_precision": prec, "batch_size": bs}
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
-        out["model_only"] = {p: model_only(p, bs) for p in ("bf16", "fp32")}
+        out["model_only"] = {p: model_only(p, default_batch_size("cpu", p)) for p in ("bf16", "fp32")}
         out["fxtl"] = {p: fxtl_extract(args.data, p, tmp / "c") for p in ("bf16", "fp32")}
         out["tutorial"] = tutorial_loop(args.data)
         out["logreg_val_accuracy"] = {p: logreg_val_accuracy(out["fxtl"][p]["cache"]) for p in ("bf16", "fp32")}
@@ -156,7 +156,7 @@ def main() -> None:
     f, t, m = out["fxtl"][prec], out["tutorial"], out["model_only"][prec]
     out["speedup_vs_tutorial_end_to_end"] = f["end_to_end_images_per_second"] / t["end_to_end_images_per_second"]
     out["fraction_of_model_only"] = f["compute_images_per_second"] / m
-    print(f"model-only        bf16 {out['model_only']['bf16']:7.1f} img/s   fp32 {out['model_only']['fp32']:7.1f} img/s (batch {bs})")
+    print(f"model-only        bf16 {out['model_only']['bf16']:7.1f} img/s   fp32 {out['model_only']['fp32']:7.1f} img/s (batch {default_batch_size('cpu', 'bf16')} / {default_batch_size('cpu', 'fp32')})")
     for p in ("bf16", "fp32"):
         d = out["fxtl"][p]
         print(f"fxtl extract {p}  {d['compute_images_per_second']:7.1f} img/s in loop, "
