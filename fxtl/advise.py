@@ -290,5 +290,5 @@ def run_plan(advice: Advice, *, cache_dir: str | Path | None = None, device: str
                             "macro_f1": ft.macro_f1, "split": ft.split, "run_dir": str(ft.run_dir)})
         out["summary"].append(f"finetune {trainable}: {ft.split} accuracy {ft.accuracy:.3f} ({ft.run_dir})")
     comp = compare(cache_dir=cache_dir, runs=[r["run_dir"] for r in out["runs"]])
-    out["compare"] = comp
+    out["compare"] = comp.to_dict()
     return out

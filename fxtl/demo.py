@@ -50,7 +50,7 @@ def run_demo(*, cache_dir: str | Path | None = None, per_class: int = 60, epochs
                     epochs=epochs, image_size=image_size, log=log)
     emb = plot_embedding(plan["cache"], output=demo / "embedding.png", seed=seed)
     report = {"data": str(data), "advice": advice.to_dict(), "plan": plan,
-              "embedding_png": str(emb.path), "seconds": round(time.perf_counter() - t0, 1)}
+              "embedding_png": str(emb.plot), "seconds": round(time.perf_counter() - t0, 1)}
     atomic_write_json(demo / "report.json", report)
     atomic_write_bytes(demo / "report.md", _markdown(report).encode())
     report["report"] = str(demo / "report.md")

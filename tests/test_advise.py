@@ -52,3 +52,21 @@ def test_cli_json(digits_dir):
 def test_cli_rejects_tiny_sample(digits_dir):
     r = CliRunner().invoke(cli, ["advise", str(digits_dir), "--sample", "3"])
     assert r.exit_code == 2
+
+
+def test_demo_runs_the_whole_job(tmp_path):
+    """`fxtl demo` end to end on a small digits set: advise, extract, heads, fine-tune, compare."""
+    r = CliRunner().invoke(cli, ["demo", "--per-class", "8", "--epochs", "1", "--image-size", "64",
+                                 "--cache-dir", str(tmp_path), "--json"])
+    assert r.exit_code == 0, r.output
+    d = json.loads(r.stdout)
+    kinds = [run["kind"] for run in d["plan"]["runs"]]
+    assert kinds.count("head") >= 1 and d["advice"]["scenario"] in (1, 2, 3, 4)
+    if d["advice"]["scenario"] != 1:
+        assert "finetune" in kinds
+    for run in d["plan"]["runs"]:
+        assert 0.0 <= run["accuracy"] <= 1.0
+        assert (tmp_path / "runs") in __import__("pathlib").Path(run["run_dir"]).parents
+    assert len(d["plan"]["compare"]["rows"]) == len(d["plan"]["runs"])
+    for key in ("report", "embedding_png"):
+        assert __import__("pathlib").Path(d[key]).is_file()
