@@ -9,7 +9,8 @@ What it must show: a full fine-tune of at most 5 epochs reaches val accuracy >= 
 1. ``fxtl extract DATA``                          (the cache the heads use)
 2. ``fxtl fit-head CACHE --model all``            (every registered head)
 3. ``fxtl finetune DATA --epochs 5 [--trainable ...]``
-4. ``fxtl compare --dataset <name> --json``
+4. ``fxtl finetune DATA --epochs 5 --init-head <logreg run>``  (LP-FT; skip with --no-lp-ft)
+5. ``fxtl compare RUNS... --dataset <name> --json``
 
 Writes benchmarks/results/finetune_accuracy.json (the commands, each one's JSON and the verdict).
 """
@@ -49,6 +50,8 @@ def main() -> None:
     ap.add_argument("--epochs", type=int, default=5)
     ap.add_argument("--trainable", action="append", default=None,
                     help="What the fine-tune trains (repeat for several); default: all.")
+    ap.add_argument("--no-lp-ft", action="store_true",
+                    help="Skip the fine-tune whose classifier starts from the logreg head.")
     ap.add_argument("--output", type=Path, default=HERE / "results" / "finetune_accuracy.json")
     args = ap.parse_args()
     trainables = args.trainable or ["all"]
@@ -57,10 +60,15 @@ def main() -> None:
     steps["fit_head"] = fxtl("fit-head", steps["extract"]["result"]["cache"], "--model", "all", *cache)
     steps["finetune"] = [fxtl("finetune", str(args.data), "--epochs", str(args.epochs),
                               "--trainable", t, *cache) for t in trainables]
+    if not args.no_lp_ft:
+        logreg = next(r["run_dir"] for r in steps["fit_head"]["result"]["runs"] if r["model"] == "logreg")
+        steps["finetune_lp_ft"] = fxtl("finetune", str(args.data), "--epochs", str(args.epochs),
+                                       "--init-head", logreg, *cache)
     dataset = Path(steps["finetune"][0]["result"]["dataset"]).name
     # Only this session's runs: the heads just fitted and the fine-tunes just trained.
     runs = [r["run_dir"] for r in steps["fit_head"]["result"]["runs"]] + \
-           [f["result"]["run_dir"] for f in steps["finetune"]]
+           [f["result"]["run_dir"] for f in steps["finetune"]] + \
+           ([steps["finetune_lp_ft"]["result"]["run_dir"]] if "finetune_lp_ft" in steps else [])
     steps["compare"] = fxtl("compare", *runs, "--dataset", dataset, *cache)
 
     full = next(f["result"] for f, t in zip(steps["finetune"], trainables) if t == "all") \

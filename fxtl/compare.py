@@ -5,7 +5,8 @@ Every run folder under ``<cache-dir>/runs/`` holds a ``metrics.json`` in the sch
 one row per run and draws a bar chart. The columns:
 
 =======================  ====================================================================
-``method``               ``head:<model>`` or ``finetune:<trainable>``
+``method``               ``head:<model>`` or ``finetune:<trainable>`` (``(LP-FT)`` when the
+                         classifier started from a fitted head, ``--init-head``)
 ``trainable_params``     numbers the method learned (head coefficients; network weights)
 ``accuracy``, ``macro_f1``  on the run's reported split (``split``)
 ``train_seconds``        wall-clock training: for a head, the feature extraction (counted once,
@@ -114,6 +115,8 @@ def comparison_rows(runs: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
         kind = m["kind"]
         model = str(m.get("model", "?"))
         method = model if kind == "finetune" or model.startswith("head:") else f"head:{model}"
+        if kind == "finetune" and (m.get("config") or {}).get("init_head"):
+            method += " (LP-FT)"  # the classifier started from a fitted logistic head
         fit = float(m.get("fit_seconds") or 0.0)
         extract = float(m.get("extract_seconds") or 0.0) if kind == "head" else None
         infer = m.get("inference_images_per_second")
@@ -144,7 +147,7 @@ def _fmt_int(v: Any) -> str:
 def format_table(rows: Sequence[dict[str, Any]]) -> str:
     """The comparison as a text table (one line per run)."""
     several = len({(r["dataset"], r["split"]) for r in rows}) > 1
-    head = (f"{'method':<18} {'backbone':<12} {'split':<8} {'params':>8} {'accuracy':>8} "
+    head = (f"{'method':<22} {'backbone':<12} {'split':<8} {'params':>8} {'accuracy':>8} "
             f"{'macro-F1':>8} {'train s':>9} {'infer img/s':>11}")
     if several:
         head = f"{'dataset':<14} " + head
@@ -153,7 +156,7 @@ def format_table(rows: Sequence[dict[str, Any]]) -> str:
         infer = "-" if r["inference_images_per_second"] is None else \
             f"{r['inference_images_per_second']:.1f}{'~' if r['inference_estimated'] else ''}"
         backbone = Path(str(r["backbone"])).name[:12]
-        line = (f"{r['method'][:18]:<18} {backbone:<12} {str(r['split']):<8} "
+        line = (f"{r['method'][:22]:<22} {backbone:<12} {str(r['split']):<8} "
                 f"{_fmt_int(r['trainable_params']):>8} {r['accuracy']:>8.4f} {r['macro_f1']:>8.4f} "
                 f"{r['train_seconds']:>9.1f} {infer:>11}")
         lines.append((f"{str(r['dataset'])[:14]:<14} " if several else "") + line)

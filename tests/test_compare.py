@@ -32,6 +32,8 @@ def runs(tmp_path) -> Path:
     _write_run(cache, "ft", kind="finetune", model="finetune:all", accuracy=0.95, macro_f1=0.94,
                fit_seconds=120.0, epochs=5, trainable_params=3_373_570,
                inference_images_per_second=60.0)
+    _write_run(cache, "lpft", kind="finetune", model="finetune:all", accuracy=0.85, fit_seconds=100.0,
+               config={"init_head": "/somewhere/runs/logreg"})
     _write_run(cache, "knn", kind="head", model="knn", accuracy=0.80, fit_seconds=0.1,
                extract_seconds=10.0, trainable_params=0)
     _write_run(cache, "elsewhere", kind="head", model="logreg", accuracy=0.5, fit_seconds=1.0,
@@ -44,9 +46,9 @@ def runs(tmp_path) -> Path:
 
 
 def test_collect_filters_by_dataset_name_or_fingerprint(runs):
-    assert len(collect_runs(cache_dir=runs)) == 4  # junk and non-run metrics are skipped
-    assert {m["model"] for m in collect_runs(cache_dir=runs, dataset="ds")} == \
-        {"logreg", "finetune:all", "knn"}
+    assert len(collect_runs(cache_dir=runs)) == 5  # junk and non-run metrics are skipped
+    assert sorted(m["model"] for m in collect_runs(cache_dir=runs, dataset="ds")) == \
+        ["finetune:all", "finetune:all", "knn", "logreg"]
     assert [m["dataset"] for m in collect_runs(cache_dir=runs, dataset="cdcd")] == ["other"]
     explicit = collect_runs(runs=[runs / "runs" / "ft", runs / "runs" / "knn" / "metrics.json"])
     assert [m["model"] for m in explicit] == ["finetune:all", "knn"]
@@ -56,7 +58,8 @@ def test_collect_filters_by_dataset_name_or_fingerprint(runs):
 
 def test_rows_count_extraction_once_per_head(runs):
     rows = comparison_rows(collect_runs(cache_dir=runs, dataset="ds"))
-    assert [r["method"] for r in rows] == ["finetune:all", "head:logreg", "head:knn"]
+    assert [r["method"] for r in rows] == ["finetune:all", "head:logreg", "finetune:all (LP-FT)",
+                                           "head:knn"]
     by = {r["method"]: r for r in rows}
     assert by["head:logreg"]["train_seconds"] == pytest.approx(10.5)
     assert by["head:knn"]["train_seconds"] == pytest.approx(10.1)
@@ -65,7 +68,7 @@ def test_rows_count_extraction_once_per_head(runs):
     assert by["head:knn"]["inference_images_per_second"] is None  # no cache to estimate from
     table = format_table(rows)
     assert "finetune:all" in table and "3.37M" in table and "0.9500" in table
-    assert len(table.splitlines()) == 2 + 3 + 1
+    assert "finetune:all (LP-FT)" in table and len(table.splitlines()) == 2 + 4 + 1
 
 
 def test_compare_chart_and_notes(runs, tmp_path):
@@ -73,7 +76,7 @@ def test_compare_chart_and_notes(runs, tmp_path):
     assert res.chart == runs / "comparison-ds.png" and res.chart.read_bytes()[:8] == PNG
     assert res.notes == []
     everything = compare(cache_dir=runs, output=tmp_path / "all.png")
-    assert everything.chart.read_bytes()[:8] == PNG and len(everything.rows) == 4
+    assert everything.chart.read_bytes()[:8] == PNG and len(everything.rows) == 5
     assert any("2 datasets" in n for n in everything.notes)
     _write_run(runs, "holdout", kind="head", model="svm", accuracy=0.7, fit_seconds=1.0,
                split="holdout")
@@ -88,7 +91,8 @@ def test_cli_compare(runs):
     r = runner.invoke(cli, ["compare", "--cache-dir", str(runs), "--dataset", "ds", "--json"])
     assert r.exit_code == 0, r.output
     d = json.loads(r.stdout)
-    assert [row["method"] for row in d["rows"]] == ["finetune:all", "head:logreg", "head:knn"]
+    assert [row["method"] for row in d["rows"]] == ["finetune:all", "head:logreg",
+                                                    "finetune:all (LP-FT)", "head:knn"]
     assert Path(d["chart"]).is_file()
     human = runner.invoke(cli, ["compare", str(runs / "runs" / "ft"), str(runs / "runs" / "logreg"),
                                 "--cache-dir", str(runs)])
