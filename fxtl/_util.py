@@ -16,7 +16,7 @@ from .errors import FxtlError
 
 __all__ = [
     "atomic_write_bytes", "atomic_write_json", "atomic_path", "sha256_file", "default_cache_dir",
-    "file_lock", "versions", "now_iso", "json_default", "say",
+    "file_lock", "versions", "now_iso", "json_default", "save_figure", "unique_dir", "say",
 ]
 
 
@@ -168,6 +168,31 @@ def say(msg: str) -> None:
     from tqdm.auto import tqdm
 
     tqdm.write(msg, file=sys.stderr)
+
+
+def save_figure(fig, path: Path, *, title: str = "") -> Path:
+    """Title, tighten, write ``fig`` as a PNG atomically, close it; returns ``path``."""
+    import matplotlib.pyplot as plt
+
+    if title:
+        fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    with atomic_path(Path(path), suffix=".png") as tmp:
+        fig.savefig(tmp, dpi=100, format="png")
+    plt.close(fig)
+    return Path(path)
+
+
+def unique_dir(parent: Path, name: str) -> Path:
+    """Create and return ``parent/name``, or ``name-2``, ``name-3``... if taken (race-free)."""
+    for i in range(1, 1000):
+        candidate = Path(parent) / (name if i == 1 else f"{name}-{i}")
+        try:
+            candidate.mkdir(parents=True)
+            return candidate
+        except FileExistsError:
+            continue
+    raise FxtlError(f"too many runs named {name} under {parent}; pass --run-name")
 
 
 def versions() -> dict[str, str]:

@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
-from ._util import atomic_path, default_cache_dir
+from ._util import default_cache_dir, save_figure
 from .errors import FxtlError
 
 __all__ = ["collect_runs", "comparison_rows", "format_table", "plot_comparison", "compare",
@@ -199,13 +199,7 @@ def plot_comparison(rows: Sequence[dict[str, Any]], path: str | Path, *, title: 
     axes[0].invert_yaxis()
     for ax in axes:
         ax.grid(axis="x", alpha=0.3)
-    if title:
-        fig.suptitle(title, fontsize=10)
-    fig.tight_layout()
-    with atomic_path(Path(path), suffix=".png") as tmp:
-        fig.savefig(tmp, dpi=100, format="png")
-    plt.close(fig)
-    return Path(path)
+    return save_figure(fig, path, title=title)
 
 
 @dataclass

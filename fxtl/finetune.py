@@ -77,6 +77,7 @@ import numpy as np
 
 from . import __version__
 from ._util import (atomic_path, atomic_write_json, default_cache_dir, ensure_dir, file_lock,
+                    save_figure, unique_dir,
                     now_iso, sha256_file, versions)
 from .backbones import DEFAULT_BACKBONE, MODEL_MANIFEST, _replace_linear, load_backbone
 from .data import ImageDataset, ImageSet, discover, fingerprint
@@ -501,14 +502,7 @@ def _run_dir(runs: Path, base: str, *, run_name: str | None, resume: bool) -> Pa
                  and (d / "checkpoint-last.pt").is_file()]
         if found:
             return max(found, key=lambda d: (d / "checkpoint-last.pt").stat().st_mtime)
-    for i in range(1, 1000):
-        candidate = runs / (base if i == 1 else f"{base}-{i}")
-        try:
-            candidate.mkdir()
-            return candidate
-        except FileExistsError:
-            continue
-    raise FxtlError(f"too many runs named {base} under {runs}; pass --run-name")
+    return unique_dir(runs, base)
 
 
 # ----------------------------------------------------------------------------- the loop
@@ -1100,10 +1094,4 @@ def plot_learning_curves(history: Sequence[dict[str, Any]], path: Path, *, best_
         ax.set_ylabel(label)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
-    if title:
-        fig.suptitle(title, fontsize=10)
-    fig.tight_layout()
-    with atomic_path(Path(path), suffix=".png") as tmp:
-        fig.savefig(tmp, dpi=100, format="png")
-    plt.close(fig)
-    return Path(path)
+    return save_figure(fig, path, title=title)

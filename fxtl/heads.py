@@ -49,7 +49,7 @@ from typing import Any, Callable, Iterator, Mapping, Sequence
 import numpy as np
 
 from ._util import (atomic_path, atomic_write_bytes, atomic_write_json, default_cache_dir,
-                    ensure_dir, now_iso, sha256_file, versions)
+                    ensure_dir, now_iso, sha256_file, unique_dir, versions)
 from .errors import CacheError, FxtlError, ProvenanceError
 from .store import FeatureCache, load_features, read_attrs
 
@@ -673,14 +673,7 @@ def _new_run_dir(runs: Path, name: str, *, exact: bool) -> Path:
                             "delete it")
         candidate.mkdir()
         return candidate
-    for i in range(1, 1000):
-        candidate = runs / (name if i == 1 else f"{name}-{i}")
-        try:
-            candidate.mkdir()
-            return candidate
-        except FileExistsError:
-            continue
-    raise FxtlError(f"too many runs named {name} under {runs}; pass --run-name")
+    return unique_dir(runs, name)
 
 
 def fit_heads(cache: str | Path | FeatureCache, *, models: Sequence[str] = ("logreg",),
