@@ -579,7 +579,7 @@ class _Trainable(click.ParamType):
 @click.option("--label-smoothing", type=click.FloatRange(0, 1, max_open=True), default=0.1, show_default=True)
 @click.option("--warmup-epochs", type=click.FloatRange(min=0), default=1.0, show_default=True,
               help="Linear warm-up, then cosine decay (per step).")
-@click.option("--lr-decay", type=click.FloatRange(0, 1, min_open=True), default=0.7, show_default=True,
+@click.option("--lr-decay", type=click.FloatRange(0, 1, min_open=True), default=0.5, show_default=True,
               help="Discriminative learning rates: each block down from the classifier trains at "
                    "this factor of the one above (1: the same rate everywhere).")
 @click.option("--bn", type=click.Choice(BN_MODES), default="auto", show_default=True,

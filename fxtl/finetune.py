@@ -105,7 +105,9 @@ MODEL_FORMAT_VERSION = 1
 OPTIMIZERS = ("adamw", "sgd")
 BN_MODES = ("auto", "train", "frozen")
 MONITORS = ("accuracy", "loss")
-# Default peak learning rate (the classifier's) per optimizer.
+# Default peak learning rate (the classifier's) per optimizer. With lr_decay 0.5 and a zero
+# classifier, 5 epochs of lite0 on hymenoptera kept val accuracy 0.935-0.941 over seeds 0-2
+# (0.922-0.948 with lr_decay 0.7; 0.928 at lr 1e-3 without decay).
 DEFAULT_LR = {"adamw": 5e-4, "sgd": 1e-2}
 # A val loss must drop by more than this to count as an improvement.
 _MIN_DELTA = 1e-4
@@ -697,7 +699,7 @@ def finetune(data: str | Path, *, backbone: str = DEFAULT_BACKBONE, trainable: s
              epochs: int = 10, lr: float | None = None, batch_size: int = 32,
              image_size: int | None = None, optimizer: str = "adamw", weight_decay: float = 0.05,
              momentum: float = 0.9, label_smoothing: float = 0.1, warmup_epochs: float = 1.0,
-             lr_decay: float = 0.7, bn: str = "auto", patience: int | None = 3,
+             lr_decay: float = 0.5, bn: str = "auto", patience: int | None = 3,
              monitor: str = "accuracy", crop_scale: tuple[float, float] = (0.25, 1.0),
              init_head: str | Path | None = None, seed: int = 0, test_size: float = 0.2,
              device: str = "auto", precision: str = "auto", workers: int | None = None,
@@ -726,8 +728,8 @@ def finetune(data: str | Path, *, backbone: str = DEFAULT_BACKBONE, trainable: s
         Linear warm-up length before the cosine decay (per step).
     lr_decay : float
         Discriminative learning rates: block at depth d (the classifier is 0) trains at
-        ``lr * lr_decay**d``; the default 0.7 trains lite0's stem at 4% of the classifier's
-        rate. 1.0 gives every block the same rate.
+        ``lr * lr_decay**d``; with the default 0.5 lite0's last block trains at half the
+        classifier's rate and its stem hardly moves. 1.0 gives every block the same rate.
     bn : {"auto", "train", "frozen"}
         BatchNorm statistics; ``auto`` freezes them when the smallest class has fewer than
         :data:`BN_FROZEN_BELOW` training images.
@@ -860,18 +862,25 @@ def _check_options(*, optimizer: str, bn: str, monitor: str, lr: float | None, e
 
 
 def _new_classifier(bb: Backbone, class_names: Sequence[str], init_head: str | Path | None) -> None:
-    """Replace the ImageNet classifier by a seeded new one, or one folded from a logistic head."""
+    """Replace the ImageNet classifier by a zero one, or one folded from a logistic head.
+
+    A zero classifier (as in BiT, Kolesnikov et al. 2020) sends no gradient into the pretrained
+    features until it has learned something, so the first steps do not scramble them with a
+    random head's errors (and a run does not depend on a random init).
+    """
     import torch
 
     feature_dim = bb.feature_dim
     _replace_linear(bb.model, bb.classifier_name, len(class_names))
+    W = np.zeros((len(class_names), feature_dim), dtype=np.float32)
+    b = np.zeros(len(class_names), dtype=np.float32)
     if init_head:
         pipeline, head_classes = _load_linear_head(init_head, bb)
         W, b = linear_head_weights(pipeline, head_classes, class_names, feature_dim=feature_dim)
-        classifier = bb.model.get_submodule(bb.classifier_name)
-        with torch.no_grad():
-            classifier.weight.copy_(torch.from_numpy(W))
-            classifier.bias.copy_(torch.from_numpy(b))
+    classifier = bb.model.get_submodule(bb.classifier_name)
+    with torch.no_grad():
+        classifier.weight.copy_(torch.from_numpy(W))
+        classifier.bias.copy_(torch.from_numpy(b))
 
 
 def _initial_state(trainer: _Trainer, ckpt_path: Path, cfg: dict[str, Any], *,

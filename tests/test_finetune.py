@@ -229,9 +229,9 @@ def test_bad_images_are_skipped(shapes_dir, tmp_path, tiny):
 
 
 def test_early_stopping_keeps_best_epoch(shapes_dir, tmp_path, tiny):
-    # A learning rate too small to change anything: no improvement after epoch 1.
+    # A learning rate too small to change anything: no val loss improvement after epoch 1.
     res = finetune(shapes_dir, backbone=tiny, trainable="head", epochs=4, lr=1e-12, patience=1,
-                   cache_dir=tmp_path, **TINY)
+                   monitor="loss", cache_dir=tmp_path, **TINY)
     assert res.stopped_early and res.epochs == 2 and res.best_epoch == 1
 
 
