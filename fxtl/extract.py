@@ -114,9 +114,10 @@ def default_workers(device: str) -> int:
     vs 105 model-only). Instead each batch is decoded by a thread pool on all cores, then
     computed on all cores: the two phases take turns and nothing contends.
     """
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
     if device.startswith("cuda"):
-        return max(1, min(8, cores - 1))
+        from .distributed import available_cores
+
+        return max(1, min(8, available_cores() - 1))
     return 0
 
 
@@ -542,7 +543,14 @@ def _extract_locked(job: _Job) -> ExtractResult:
                         f"(first: {images.samples[0].path}: {errors.get(0)})")
     samples = _write_rows(job, path, comp, errors)
     shutil.rmtree(comp.parts, ignore_errors=True)
-    return ExtractResult(cache=path, n=len(samples), dim=job.bb.feature_dim,
+    return _computed_result(job, comp, samples, errors, cache=path)
+
+
+def _computed_result(job: _Job, comp, samples, errors: dict[int, str], *, cache: Path,
+                     **extra: Any) -> ExtractResult:
+    """The result of rows just computed (a whole cache, or one shard with ``extra`` fields)."""
+    images = job.images
+    return ExtractResult(cache=cache, n=len(samples), dim=job.bb.feature_dim,
                          splits=_count_splits([s.split for s in samples]),
                          errors=[{"path": images.samples[i].path, "reason": r}
                                  for i, r in sorted(errors.items())],
@@ -550,7 +558,7 @@ def _extract_locked(job: _Job) -> ExtractResult:
                          images_per_second=_rate(comp.computed, comp.compute_seconds),
                          cache_hit=False, resumed_rows=comp.resumed_rows, backbone=job.bb.spec.name,
                          layer=job.bb.layer, precision=job.precision, device=job.device_kind,
-                         fingerprint=job.fp, class_names=images.class_names)
+                         fingerprint=job.fp, class_names=images.class_names, **extra)
 
 
 def _rate(images: int, seconds: float) -> float:
@@ -582,21 +590,12 @@ def _extract_shard(job: _Job, index: int, count: int, *, force: bool) -> Extract
             samples = _write_rows(job, tmp, comp, errors, extra)
             _mark_shard(tmp)
         shutil.rmtree(comp.parts, ignore_errors=True)
-    images = job.images
-    return ExtractResult(cache=job.path, n=len(samples), dim=job.bb.feature_dim,
-                         splits=_count_splits([s.split for s in samples]),
-                         errors=[{"path": images.samples[i].path, "reason": r}
-                                 for i, r in sorted(errors.items())],
-                         seconds=time.perf_counter() - job.t0,
-                         images_per_second=_rate(comp.computed, comp.compute_seconds),
-                         cache_hit=False, resumed_rows=comp.resumed_rows, backbone=job.bb.spec.name,
-                         layer=job.bb.layer, precision=job.precision, device=job.device_kind,
-                         fingerprint=job.fp, class_names=images.class_names, shards=count,
-                         shard_index=index, shard_file=spath,
-                         shard_runs=[{"index": index, "rows": [lo, hi], "n": len(samples),
-                                      "images_computed": comp.computed,
-                                      "compute_seconds": round(comp.compute_seconds, 3),
-                                      "reused": False}])
+    return _computed_result(job, comp, samples, errors, cache=job.path, shards=count,
+                            shard_index=index, shard_file=spath,
+                            shard_runs=[{"index": index, "rows": [lo, hi], "n": len(samples),
+                                         "images_computed": comp.computed,
+                                         "compute_seconds": round(comp.compute_seconds, 3),
+                                         "reused": False}])
 
 
 def _mark_shard(path: Path) -> None:

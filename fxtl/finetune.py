@@ -64,7 +64,6 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import os
 import random
 import re
 import sys
@@ -77,10 +76,10 @@ import numpy as np
 
 from . import __version__
 from ._util import (atomic_path, atomic_write_json, default_cache_dir, ensure_dir, file_lock,
-                    save_figure, unique_dir,
-                    now_iso, sha256_file, versions)
+                    now_iso, save_figure, sha256_file, unique_dir, versions)
 from .backbones import DEFAULT_BACKBONE, MODEL_MANIFEST, _replace_linear, load_backbone
 from .data import ImageDataset, ImageSet, discover, fingerprint
+from .distributed import available_cores
 from .errors import DataError, FxtlError, ProvenanceError
 from .extract import _slug, default_workers
 from .preprocess import _INTERP, ImageDecodeError, Preprocessing, open_image
@@ -508,10 +507,6 @@ def _run_dir(runs: Path, base: str, *, run_name: str | None, resume: bool) -> Pa
 
 
 # ----------------------------------------------------------------------------- the loop
-def _cores() -> int:
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-
-
 def _make_loader(dataset, *, batch_size: int, workers: int, device: str, sampler=None,
                  seed: int = 0, persistent: bool = True):
     import torch
@@ -919,7 +914,7 @@ class _Run:
         if workers is None:
             # On two cores the compute threads need both: a decoding worker only preempts them
             # (lite0 training on hymenoptera: 15.8 images/s with one worker, 17.6 without).
-            workers = 0 if device == "cpu" and _cores() <= 2 else default_workers(device)
+            workers = 0 if device == "cpu" and available_cores() <= 2 else default_workers(device)
         self.workers = workers
         self.paths = [str(images.abspath(s)) for s in images.samples]
         bs = cfg["batch_size"]
