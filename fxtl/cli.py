@@ -368,7 +368,7 @@ def demo(per_class, epochs, image_size, seed, device, precision, cache_dir, as_j
 
 
 # ============================================================================ heads stage
-from .heads import HEADS, LARGE_ROWS  # noqa: E402 - the registry gives --model its choices
+from .heads import BACKENDS, HEADS, LARGE_ROWS  # noqa: E402 - the registry gives --model its choices
 from .plots import METHODS as EMBEDDING_METHODS  # noqa: E402
 
 
@@ -419,11 +419,17 @@ def _fmt_params(p: dict) -> str:
 @click.option("--large-threshold", type=click.IntRange(min=1), default=LARGE_ROWS, show_default=True,
               help="Above this many rows, fit scalable streaming estimators (SGD, partial_fit).")
 @click.option("--run-name", default=None, help="Run folder name [default: <dataset>-<backbone>-<model>-<time>].")
+@click.option("--backend", type=click.Choice(BACKENDS), default="loky", show_default=True,
+              help="Where the search's fits run: worker processes (small data: threads), threads, "
+                   "or a Dask cluster (pip install \"fxtl[dask]\"; docs/scaling.md).")
+@click.option("--scheduler", default=None, metavar="ADDRESS",
+              help="Dask scheduler for --backend dask, e.g. tcp://host:8786 [default: "
+                   "$DASK_SCHEDULER_ADDRESS, else a local cluster].")
 @cache_dir_option
 @json_option
 @handle_errors
 def fit_head(cache, models, params, no_search, seed, jobs, test_size, cv_folds, l2_normalize, pca,
-             large_threshold, run_name, cache_dir, as_json):
+             large_threshold, run_name, backend, scheduler, cache_dir, as_json):
     """Fit scikit-learn heads on a feature CACHE and report honest scores.
 
     Hyper-parameters are selected on val when a test split exists, else by stratified k-fold
@@ -438,10 +444,12 @@ def fit_head(cache, models, params, no_search, seed, jobs, test_size, cv_folds, 
         check_params(names, parsed)
     except FxtlError as exc:
         raise click.BadParameter(str(exc), param_hint="--param") from None
+    if scheduler and backend != "dask":
+        raise click.BadParameter("needs --backend dask", param_hint="--scheduler")
     results = fit_heads(cache, models=names, params=parsed, search=not no_search, seed=seed,
                         jobs=jobs, test_size=test_size, cv_folds=cv_folds, l2_normalize=l2_normalize,
                         pca=pca, large_threshold=large_threshold, cache_dir=resolve_cache_dir(cache_dir),
-                        run_name=run_name, log=log)
+                        run_name=run_name, backend=backend, scheduler=scheduler, log=log)
     runs = [r.to_dict() for r in results]
     for r in runs:
         for note in r["notes"] or []:

@@ -19,6 +19,12 @@ train only               k-fold CV on the rest   train minus a stratified hold-o
 
 The reported split is never seen by the search nor the final fit.
 
+The search's candidate fits run through joblib (``backend``): its default process pool
+(``"loky"``; small matrices run in threads instead, see ``_SMALL_VALUES``), threads
+(``"threading"``), or the workers of a Dask cluster (``"dask"``, needs ``pip install "fxtl[dask]"``;
+``scheduler`` is an address such as ``tcp://host:8786``, else ``$DASK_SCHEDULER_ADDRESS``, else a
+``LocalCluster`` started for the call and closed after it).
+
 Caches above ``large_threshold`` rows (default 100,000) are fitted with estimators that scale
 (``SGDClassifier`` for the linear heads and the SVMs, ``MLPClassifier.partial_fit``), fed from
 the HDF5 file block by block, and the result says so. Saved heads are a joblib file plus a JSON
@@ -38,7 +44,10 @@ import ast
 import contextlib
 import importlib
 import json
+import logging
+import os
 import re
+import socket
 import sys
 import time
 import warnings
@@ -56,7 +65,7 @@ from .store import FeatureCache, load_features, read_attrs
 __all__ = ["HeadSpec", "StreamSpec", "HEADS", "register_head", "get_head", "list_heads",
            "build_pipeline", "parse_params", "check_params", "SplitPlan", "plan_splits",
            "Head", "FitResult", "fit_head", "fit_heads", "save_head", "load_head",
-           "LARGE_ROWS", "HEAD_FORMAT", "HEAD_FORMAT_VERSION"]
+           "LARGE_ROWS", "HEAD_FORMAT", "HEAD_FORMAT_VERSION", "BACKENDS"]
 
 # Above this many rows heads are fitted with streaming, scalable estimators.
 LARGE_ROWS = 100_000
@@ -68,6 +77,10 @@ HEAD_FORMAT_VERSION = 1
 # search runs in threads rather than processes: the fits are milliseconds, while starting loky
 # workers (each importing scikit-learn) costs seconds. libsvm, liblinear and BLAS release the GIL.
 _SMALL_VALUES = 5_000_000
+# Where the search's candidate fits run (`fxtl fit-head --backend`); the first is the default.
+BACKENDS = ("loky", "threading", "dask")
+# Seconds to wait for a Dask scheduler: a wrong address should fail fast, not hang.
+DASK_CONNECT_TIMEOUT = 10.0
 # Provenance keys a head must share with the features it is applied to.
 _MATCH_KEYS = ("backbone", "weights_sha256", "layer", "preprocessing")
 
@@ -508,7 +521,8 @@ class FitResult:
         """One entry of ``fxtl fit-head --json``'s ``runs``."""
         keys = ("model", "split", "accuracy", "balanced_accuracy", "macro_f1", "n", "fit_seconds",
                 "search_seconds", "predict_seconds", "selection", "selection_score", "best_params",
-                "n_candidates", "trainable_params", "n_fit", "scalable", "estimator", "notes")
+                "n_candidates", "trainable_params", "n_fit", "scalable", "estimator", "backend",
+                "search_backend", "notes")
         d = {k: self.metrics.get(k) for k in keys}
         d["head"] = str(self.head_path) if self.head_path else None
         d["run_dir"] = str(self.run_dir) if self.run_dir else None
@@ -676,17 +690,134 @@ def _new_run_dir(runs: Path, name: str, *, exact: bool) -> Path:
     return unique_dir(runs, name)
 
 
+_DASK_MISSING = ('--backend dask needs dask.distributed, which is not installed; '
+                 'pip install "fxtl[dask]"')
+
+
+def _import_distributed():
+    """The ``distributed`` package, or a one-line FxtlError naming the install command."""
+    try:
+        import dask  # noqa: F401
+        import distributed
+    except ImportError:
+        raise FxtlError(_DASK_MISSING) from None
+    return distributed
+
+
+class _SearchBackend:
+    """Where GridSearchCV's candidate fits run; one per :func:`fit_heads` call.
+
+    ``"dask"`` connects (or starts a ``LocalCluster``) on the first search and keeps the client
+    for the next heads; :meth:`close` shuts down what it started. A ``distributed.Client``
+    passed as ``scheduler`` is used as it is and left open.
+    """
+
+    def __init__(self, name: str, scheduler: Any = None, *, log: Callable[[str], None]):
+        if name not in BACKENDS:
+            raise FxtlError(f"unknown backend {name!r}; choose one of {', '.join(BACKENDS)}")
+        if scheduler is not None and name != "dask":
+            raise FxtlError(f"a scheduler ({scheduler}) is only used with backend dask, "
+                            f"not {name}; pass --backend dask")
+        if name == "dask":
+            _import_distributed()  # fail before any work when it is missing
+        self.name, self.scheduler, self.log = name, scheduler, log
+        self.client = None
+        self.info: dict[str, Any] = {}
+        self._stack = contextlib.ExitStack()
+
+    def parallel(self, small: bool) -> tuple[contextlib.AbstractContextManager, str]:
+        """``(joblib context for the search, the backend that runs it)``."""
+        from joblib import parallel_config
+
+        if self.name == "dask":
+            self._connect()
+            return parallel_config(backend="dask", client=self.client), "dask"
+        if self.name == "threading" or small:
+            return parallel_config(backend="threading"), "threading"
+        return contextlib.nullcontext(), "loky"
+
+    def _connect(self) -> None:
+        if self.client is not None:
+            return
+        distributed = _import_distributed()
+        sched = self.scheduler or os.environ.get("DASK_SCHEDULER_ADDRESS") or None
+        if isinstance(sched, distributed.Client):
+            self.client = sched
+            origin = "client given"
+        elif sched is None:
+            from .distributed import available_cores
+
+            cores = available_cores()
+            self.log(f"fxtl: starting a Dask LocalCluster ({cores} workers x 1 thread)")
+            cluster = self._stack.enter_context(distributed.LocalCluster(
+                n_workers=cores, threads_per_worker=1, dashboard_address=None,
+                silence_logs=logging.ERROR))
+            self.client = self._stack.enter_context(distributed.Client(cluster, set_as_default=False))
+            origin = "LocalCluster started by fxtl"
+        else:
+            address = str(sched)
+            _probe_scheduler(address)
+            try:
+                client = distributed.Client(address, timeout=DASK_CONNECT_TIMEOUT, set_as_default=False)
+            except (OSError, ValueError) as exc:
+                first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+                raise FxtlError(f"cannot connect to the Dask scheduler {address}: {first}; check "
+                                "--scheduler (or DASK_SCHEDULER_ADDRESS)") from None
+            self.client = self._stack.enter_context(client)
+            origin = "scheduler given" if self.scheduler else "DASK_SCHEDULER_ADDRESS"
+        threads = dict(self.client.nthreads())
+        if not threads:
+            self.log(f"fxtl: the Dask scheduler {self.client.scheduler.address} has no workers "
+                     "yet; the search waits for them")
+        self.info = {"scheduler": self.client.scheduler.address, "origin": origin,
+                     "workers": len(threads), "threads": int(sum(threads.values()))}
+        self.log(f"fxtl: search on Dask: {self.info['scheduler']} ({self.info['workers']} workers, "
+                 f"{self.info['threads']} threads)")
+
+    def close(self) -> None:
+        self._stack.close()
+        self.client = None
+
+
+def _probe_scheduler(address: str) -> None:
+    """One line naming ``address`` when nothing listens there (before a Client, whose failed
+    start would wait out its timeout and print a traceback at exit)."""
+    from distributed.comm import parse_address
+    from distributed.comm.addressing import get_address_host_port
+
+    try:
+        scheme, _ = parse_address(address)
+    except (ValueError, TypeError) as exc:
+        raise FxtlError(f"{address!r} is not a Dask scheduler address ({exc}); use e.g. "
+                        "tcp://host:8786") from None
+    if scheme not in ("tcp", "tls"):
+        return
+    try:
+        host, port = get_address_host_port(address)
+    except ValueError as exc:
+        raise FxtlError(f"{address!r} is not a Dask scheduler address ({exc}); use e.g. "
+                        "tcp://host:8786") from None
+    try:
+        socket.create_connection((host, port), timeout=DASK_CONNECT_TIMEOUT).close()
+    except OSError as exc:
+        why = exc.strerror or str(exc) or type(exc).__name__
+        raise FxtlError(f"cannot reach the Dask scheduler at {address} ({why}, within "
+                        f"{DASK_CONNECT_TIMEOUT:g} s); start `dask scheduler` there or fix "
+                        "--scheduler (or DASK_SCHEDULER_ADDRESS)") from None
+
+
 def fit_heads(cache: str | Path | FeatureCache, *, models: Sequence[str] = ("logreg",),
               params: Mapping[str, Any] | None = None, search: bool = True, seed: int = 0,
               jobs: int | None = 1, test_size: float = 0.2, cv_folds: int = 5,
               l2_normalize: bool = False, pca: int | float | None = None,
               large_threshold: int = LARGE_ROWS, cache_dir: str | Path | None = None,
-              run_name: str | None = None, save: bool = True,
-              log: Callable[[str], None] | None = None) -> list[FitResult]:
+              run_name: str | None = None, save: bool = True, backend: str = "loky",
+              scheduler: Any = None, log: Callable[[str], None] | None = None) -> list[FitResult]:
     """Fit several heads on one cache (loaded once); see :func:`fit_head` for the parameters.
 
     ``models`` may contain ``"all"`` (every registered head). For caches above
     ``large_threshold`` rows, heads without a scalable form (kNN) are skipped with a note.
+    With ``backend="dask"`` one cluster connection serves every head's search.
     """
     names: list[str] = []
     for m in models:
@@ -700,6 +831,7 @@ def fit_heads(cache: str | Path | FeatureCache, *, models: Sequence[str] = ("log
     if params:
         check_params(names, params)
     log = log or (lambda msg: None)
+    runner = _SearchBackend(backend, scheduler, log=log)
     source = _open_source(cache, large_threshold=large_threshold)
     if source.large:
         skipped = [n for n in names if HEADS[n].stream is None]
@@ -715,6 +847,15 @@ def fit_heads(cache: str | Path | FeatureCache, *, models: Sequence[str] = ("log
     stamp = time.strftime("%Y%m%d-%H%M%S")
     plan = plan_splits(source.labels, source.split, seed=seed, test_size=test_size,
                        cv_folds=cv_folds, search=search)
+    with contextlib.closing(runner):
+        return _fit_all(source, names, plan=plan, params=params, search=search, seed=seed,
+                        jobs=jobs, l2_normalize=l2_normalize, pca=pca, cache_dir=cache_dir,
+                        run_name=run_name, save=save, stamp=stamp, runner=runner, log=log)
+
+
+def _fit_all(source: "_Source", names: list[str], *, plan: SplitPlan, params: dict, search: bool,
+             seed: int, jobs: int | None, l2_normalize: bool, pca, cache_dir, run_name, save: bool,
+             stamp: str, runner: _SearchBackend, log: Callable[[str], None]) -> list[FitResult]:
     results = []
     for name in names:
         own = {k: v for k, v in params.items() if k in _accepted_params(name)}
@@ -723,7 +864,7 @@ def fit_heads(cache: str | Path | FeatureCache, *, models: Sequence[str] = ("log
         log(f"fxtl: fitting {name} on {len(plan.fit_rows)} rows "
             f"(selection: {selection}, report: {plan.eval_split})")
         res = _fit_one(source, name, plan=plan, params=own, search=search, seed=seed, jobs=jobs,
-                       l2_normalize=l2_normalize, pca=pca)
+                       l2_normalize=l2_normalize, pca=pca, runner=runner)
         if save:
             runs = Path(cache_dir) if cache_dir else default_cache_dir()
             base = (f"{run_name}-{name}" if len(names) > 1 else run_name) if run_name else \
@@ -738,7 +879,8 @@ def fit_head(cache: str | Path | FeatureCache, *, model: str = "logreg",
              jobs: int | None = 1, test_size: float = 0.2, cv_folds: int = 5,
              l2_normalize: bool = False, pca: int | float | None = None,
              large_threshold: int = LARGE_ROWS, cache_dir: str | Path | None = None,
-             run_name: str | None = None, save: bool = True) -> FitResult:
+             run_name: str | None = None, save: bool = True, backend: str = "loky",
+             scheduler: Any = None) -> FitResult:
     """Fit one head on a feature cache, evaluate it honestly and (by default) save a run folder.
 
     Parameters
@@ -755,7 +897,8 @@ def fit_head(cache: str | Path | FeatureCache, *, model: str = "logreg",
     seed : int
         Seeds the folds, the hold-out, PCA and the estimators.
     jobs : int, optional
-        Parallel search jobs (joblib; -1 = all cores).
+        Parallel search jobs (joblib; -1 = all cores). Ignored by ``backend="dask"``, which
+        uses every thread of the cluster's workers.
     test_size : float
         Hold-out fraction when the cache has only a train split.
     cv_folds : int
@@ -772,6 +915,18 @@ def fit_head(cache: str | Path | FeatureCache, *, model: str = "logreg",
         Run folder name (default ``<dataset>-<backbone>-<model>-<time>``).
     save : bool
         Write the run folder (metrics.json, confusion.png, predictions.csv, head.joblib/.json).
+    backend : {"loky", "threading", "dask"}
+        Where the search's candidate fits run (joblib backend). ``"loky"`` (default): worker
+        processes, except that searches on small matrices (< 5M feature values) run in threads,
+        which start faster. ``"threading"``: threads. ``"dask"``: the workers of a Dask cluster
+        (``pip install "fxtl[dask]"``); the final refit and the evaluation stay in this process.
+        Caches above ``large_threshold`` rows are streamed in this process whatever the backend.
+        ``metrics["backend"]`` records the request, ``metrics["search_backend"]`` what ran.
+    scheduler : str or distributed.Client, optional
+        With ``backend="dask"``: the scheduler address (``tcp://host:8786``) or a connected
+        ``Client`` (left open). Default: ``$DASK_SCHEDULER_ADDRESS``, else a ``LocalCluster`` of
+        one single-threaded worker process per core, started for this call and closed after it
+        (scripts that start one need the usual ``if __name__ == "__main__":`` guard).
 
     Returns
     -------
@@ -790,11 +945,13 @@ def fit_head(cache: str | Path | FeatureCache, *, model: str = "logreg",
     return fit_heads(cache, models=[model], params=params, search=search, seed=seed, jobs=jobs,
                      test_size=test_size, cv_folds=cv_folds, l2_normalize=l2_normalize, pca=pca,
                      large_threshold=large_threshold, cache_dir=cache_dir, run_name=run_name,
-                     save=save)[0]
+                     save=save, backend=backend, scheduler=scheduler)[0]
 
 
 def _fit_one(source: "_Source", name: str, *, plan: SplitPlan, params: dict, search: bool,
-             seed: int, jobs: int | None, l2_normalize: bool, pca) -> FitResult:
+             seed: int, jobs: int | None, l2_normalize: bool, pca,
+             runner: _SearchBackend | None = None) -> FitResult:
+    runner = runner or _SearchBackend("loky", log=lambda msg: None)
     spec = get_head(name)
     class_names = list(source.class_names)
     notes = list(plan.notes)
@@ -803,9 +960,14 @@ def _fit_one(source: "_Source", name: str, *, plan: SplitPlan, params: dict, sea
                      f"{spec.estimator.split(':')[1]}")
         fitted = _fit_streaming(source, spec, plan=plan, params=params, search=search, seed=seed,
                                 l2_normalize=l2_normalize, notes=notes)
+        fitted[1]["search_backend"] = "streamed in this process"
+        if runner.name != "loky":
+            notes.append(f"--backend {runner.name} does not apply to a streamed fit (one pass over "
+                         "the file updates every candidate); fitted in this process")
     else:
         fitted = _fit_in_memory(source, spec, plan=plan, params=params, search=search, seed=seed,
-                                jobs=jobs, l2_normalize=l2_normalize, pca=pca, notes=notes)
+                                jobs=jobs, l2_normalize=l2_normalize, pca=pca, notes=notes,
+                                runner=runner)
     pipeline, info = fitted
     provenance = {"backbone": source.attrs.get("backbone"),
                   "architecture": source.attrs.get("architecture"),
@@ -838,7 +1000,10 @@ def _fit_one(source: "_Source", name: str, *, plan: SplitPlan, params: dict, sea
         "selection_score": info.get("selection_score"), "n_candidates": info["n_candidates"],
         "search": info.get("search", []),
         "n_fit": int(len(plan.fit_rows)), "seed": int(seed), "scalable": source.large,
-        "l2_normalize": bool(l2_normalize), "pca": pca, "notes": notes,
+        "l2_normalize": bool(l2_normalize), "pca": pca,
+        "backend": runner.name, "search_backend": info.get("search_backend", "none"),
+        "dask": dict(runner.info) if info.get("search_backend") == "dask" else None,
+        "notes": notes,
         "scores": "probability" if head.calibrated else "softmax of decision margins",
         "created": now_iso(), "versions": versions(),
     }
@@ -848,7 +1013,8 @@ def _fit_one(source: "_Source", name: str, *, plan: SplitPlan, params: dict, sea
 
 
 def _fit_in_memory(source: "_Source", spec: HeadSpec, *, plan: SplitPlan, params: dict,
-                   search: bool, seed: int, jobs: int | None, l2_normalize: bool, pca, notes: list[str]):
+                   search: bool, seed: int, jobs: int | None, l2_normalize: bool, pca, notes: list[str],
+                   runner: _SearchBackend):
     X_fit, y_fit = source.features[plan.fit_rows], source.labels[plan.fit_rows]
     n_classes = len(np.unique(y_fit))
     if plan.selection.startswith("cv"):
@@ -876,22 +1042,30 @@ def _fit_in_memory(source: "_Source", spec: HeadSpec, *, plan: SplitPlan, params
                             "search_seconds": 0.0, "selection_score": None}
     if plan.selection != "none" and params and not grid:
         notes.append("every searched parameter was fixed by --param: no search")
+    small = X_fit.size < _SMALL_VALUES
     blas, backend = contextlib.nullcontext(), contextlib.nullcontext()
-    if X_fit.size < _SMALL_VALUES:
-        from joblib import parallel_config
+    if small:
         from threadpoolctl import threadpool_limits
 
-        blas, backend = threadpool_limits(limits=1), parallel_config(backend="threading")
-    with blas, backend:
+        blas = threadpool_limits(limits=1)
+    if grid and candidates > 1:  # a search: it runs where the backend says
+        backend, info["search_backend"] = runner.parallel(small)
+        if info["search_backend"] == "dask":
+            jobs = -1  # every worker thread of the cluster
+    with blas:
         final, info = _search_and_refit(source, spec, plan=plan, params=params, fixed=fixed,
                                         grid=grid, info=info, seed=seed, jobs=jobs,
-                                        l2_normalize=l2_normalize, pca=pca, notes=notes)
+                                        l2_normalize=l2_normalize, pca=pca, notes=notes,
+                                        parallel=backend)
     return final, info
 
 
 def _search_and_refit(source: "_Source", spec: HeadSpec, *, plan: SplitPlan, params: dict,
                       fixed: dict, grid: dict, info: dict, seed: int, jobs: int | None,
-                      l2_normalize: bool, pca, notes: list[str]):
+                      l2_normalize: bool, pca, notes: list[str],
+                      parallel: contextlib.AbstractContextManager | None = None):
+    """The grid search (its candidate fits inside ``parallel``, a joblib backend context),
+    then the final fit in this process."""
     from sklearn.model_selection import GridSearchCV, PredefinedSplit, StratifiedKFold
 
     X_fit, y_fit = source.features[plan.fit_rows], source.labels[plan.fit_rows]
@@ -909,7 +1083,7 @@ def _search_and_refit(source: "_Source", spec: HeadSpec, *, plan: SplitPlan, par
             cv = StratifiedKFold(n_splits=plan.cv_folds, shuffle=True, random_state=seed)
         gs = GridSearchCV(pipe, {f"est__{k}": v for k, v in grid.items()}, cv=cv, n_jobs=jobs,
                           refit=False, scoring="accuracy", error_score="raise")
-        with _quiet_convergence() as conv:
+        with parallel or contextlib.nullcontext(), _quiet_convergence() as conv:
             gs.fit(X_s, y_s)
         best = {k.removeprefix("est__"): v for k, v in gs.best_params_.items()}
         info["selection_score"] = round(float(gs.best_score_), 6)
