@@ -135,7 +135,7 @@ def measure_similarity(images: ImageSet, *, backbone: str = DEFAULT_BACKBONE, sa
     from .extract import embed_paths
     from .preprocess import ImageDecodeError, open_image
 
-    bb = load_backbone(backbone)
+    bb = load_backbone(backbone, inference=True)
     idx = _stratified_sample(images, sample, seed)
     paths = [str(images.abspath(images.samples[i])) for i in idx]
     feats, logits, keep = [], [], []

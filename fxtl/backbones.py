@@ -32,7 +32,7 @@ from .preprocess import Preprocessing
 
 __all__ = ["BackboneSpec", "Backbone", "BACKBONES", "register_backbone", "get_backbone",
            "list_backbones", "load_backbone", "parse_backbone_name", "DEFAULT_BACKBONE",
-           "MODEL_MANIFEST"]
+           "MODEL_MANIFEST", "fold_batchnorm"]
 
 DEFAULT_BACKBONE = "lite0"
 # File that marks a directory as a model fine-tuned by fxtl (usable as a backbone).
@@ -398,6 +398,123 @@ def _last_linear(model) -> tuple[str, Any]:
     return last
 
 
+# ----------------------------------------------------------------------------- inference graph
+def _conv_bn_pairs(model, example) -> list[tuple[str, str]]:
+    """``(conv, batchnorm)`` module names where the BN's input *is* the conv's output tensor.
+
+    Found by running ``example`` through the network with hooks, so the pairing follows the real
+    data flow rather than the order modules were registered in (DenseNet registers ``norm1``
+    after the previous layer's ``conv2`` but feeds it a concatenation).
+    """
+    import torch
+    import torch.nn as nn
+
+    produced: dict[int, tuple[str, Any]] = {}
+    pairs: list[tuple[str, str]] = []
+    hooks = []
+
+    def conv_hook(name):
+        def hook(module, args, out):
+            produced[id(out)] = (name, out)  # the tensor is kept so its id cannot be reused
+        return hook
+
+    def bn_hook(name):
+        def hook(module, args):
+            src = produced.get(id(args[0]))
+            if src is not None and src[1] is args[0]:
+                pairs.append((src[0], name))
+        return hook
+
+    for name, m in model.named_modules():
+        if type(m) is nn.Conv2d or (isinstance(m, nn.Conv2d) and type(m).__name__ == "Conv2dSame"):
+            hooks.append(m.register_forward_hook(conv_hook(name)))
+        elif _foldable_bn(m):
+            hooks.append(m.register_forward_pre_hook(bn_hook(name)))
+    try:
+        with torch.inference_mode():
+            model(example)
+    finally:
+        for h in hooks:
+            h.remove()
+    seen: set[str] = set()
+    unique = []
+    for conv, bn in pairs:  # a module called twice (shared weights) is left alone
+        if conv in seen or bn in seen:
+            unique = [p for p in unique if conv not in p and bn not in p]
+            continue
+        seen.update((conv, bn))
+        unique.append((conv, bn))
+    return unique
+
+
+def _foldable_bn(m) -> bool:
+    import torch.nn as nn
+
+    if type(m) is nn.BatchNorm2d:
+        return m.running_mean is not None
+    # timm's BatchNorm + activation in one module (EfficientNet, RegNet...)
+    return type(m).__name__ == "BatchNormAct2d" and isinstance(m, nn.BatchNorm2d) and \
+        m.running_mean is not None and hasattr(m, "act") and hasattr(m, "drop")
+
+
+def _fold_pair(model, conv_name: str, bn_name: str) -> None:
+    import torch
+    import torch.nn as nn
+
+    conv, bn = model.get_submodule(conv_name), model.get_submodule(bn_name)
+    with torch.no_grad():
+        scale = (bn.weight if bn.affine else torch.ones_like(bn.running_var)) / torch.sqrt(bn.running_var + bn.eps)
+        shift = bn.bias if bn.affine else torch.zeros_like(bn.running_mean)
+        bias = conv.bias if conv.bias is not None else torch.zeros_like(bn.running_mean)
+        conv.weight = nn.Parameter((conv.weight * scale.reshape(-1, 1, 1, 1)).detach(), requires_grad=False)
+        conv.bias = nn.Parameter(((bias - bn.running_mean) * scale + shift).detach(), requires_grad=False)
+    replacement = nn.Identity() if type(bn) is nn.BatchNorm2d else nn.Sequential(bn.drop, bn.act)
+    parent_name, _, child = bn_name.rpartition(".")
+    setattr(model.get_submodule(parent_name) if parent_name else model, child, replacement)
+
+
+def fold_batchnorm(model, *, size: int = 224, keep: tuple[str, ...] = ()) -> int:
+    """Fold every eval-mode BatchNorm into the convolution that feeds it; returns how many.
+
+    ``y = bn(conv(x))`` becomes ``y = conv'(x)`` with ``W' = W * g / sqrt(var + eps)`` and
+    ``b' = (b - mean) * g / sqrt(var + eps) + beta``: the same function with one pass over the
+    activations instead of two (TensorRT, ONNX Runtime and ``torch.fx`` do the same). On a
+    2-core CPU this made lite0 1.5x faster in bf16 (the BN ran in fp32 under autocast) and fp32.
+    Only for inference: the network can no longer be trained as before. Convolutions named in
+    ``keep`` (a hooked feature layer) keep their own output. The folded network is checked
+    against the original on a random batch (fp32); if they differ, nothing is folded
+    (``model`` is left as it was) and 0 is returned.
+    """
+    import torch
+
+    gen = torch.Generator().manual_seed(0)
+    example = torch.randn(2, 3, size, size, generator=gen)
+    model.eval()
+    pairs = [p for p in _conv_bn_pairs(model, example) if p[0] not in keep]
+    if not pairs:
+        return 0
+    with torch.inference_mode():
+        ref = model(example)
+    saved = {}
+    for conv_name, bn_name in pairs:
+        conv = model.get_submodule(conv_name)
+        saved[conv_name] = (conv.weight, conv.bias)
+        saved[bn_name] = model.get_submodule(bn_name)
+        _fold_pair(model, conv_name, bn_name)
+    with torch.inference_mode():
+        out = model(example)
+    tol = 1e-3 * max(1.0, float(ref.abs().max()))
+    if out.shape == ref.shape and float((out - ref).abs().max()) <= tol:
+        return len(pairs)
+    for conv_name, bn_name in pairs:  # undo: a conv output feeds something else too
+        conv = model.get_submodule(conv_name)
+        conv.weight, conv.bias = saved[conv_name]
+        parent_name, _, child = bn_name.rpartition(".")
+        setattr(model.get_submodule(parent_name) if parent_name else model, child, saved[bn_name])
+    return 0
+
+
+
 class _StopForward(Exception):
     """Raised by a hook to end the forward pass once the wanted layer has run."""
 
@@ -470,7 +587,7 @@ def _backbone_class():
         def provenance(self) -> dict[str, Any]:
             return {"backbone": self.spec.name, "architecture": self.spec.arch,
                     "weights_sha256": self.weights_sha256, "preprocessing": self.preprocessing.to_dict(),
-                    "layer": self.layer, "feature_dim": self.feature_dim}
+                    "layer": self.layer, "feature_dim": self.feature_dim, "graph": self.graph}
 
         def _capture_pooled(self, module, args):
             self._captured["features"] = args[0]
@@ -499,6 +616,8 @@ def _backbone_class():
             return (x.float() - self._mean) * self._inv_std
 
         _stop_early = True
+        # "as-trained", or "bn-folded:N" for the inference graph (see load_backbone)
+        graph = "as-trained"
 
         def forward(self, x):
             self._captured.clear()
@@ -537,7 +656,8 @@ def __getattr__(name: str):
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
-def load_backbone(name: str = DEFAULT_BACKBONE, *, layer: str | None = None) -> Backbone:
+def load_backbone(name: str = DEFAULT_BACKBONE, *, layer: str | None = None,
+                  inference: bool = False) -> Backbone:
     """Build the pretrained network ``name`` in eval mode, on CPU.
 
     Parameters
@@ -548,6 +668,11 @@ def load_backbone(name: str = DEFAULT_BACKBONE, *, layer: str | None = None) -> 
     layer : str, optional
         Module name whose (globally average-pooled) output is the feature; default: the pooled
         input of the final classifier.
+    inference : bool
+        Build the inference graph: BatchNorm folded into the convolutions
+        (:func:`fold_batchnorm`), same outputs, ~1.5x faster on CPU; the network cannot be
+        trained any more. ``extract``, ``predict`` and ``advise`` use it; ``finetune`` does not.
+        ``.graph`` says which graph was built (it is part of a cache's fingerprint).
 
     Raises
     ------
@@ -568,4 +693,10 @@ def load_backbone(name: str = DEFAULT_BACKBONE, *, layer: str | None = None) -> 
     if spec.source == "timm" or spec.meta.get("base_source") == "timm":
         if getattr(model, "num_classes", 0) == 1000:
             meta = {**meta, "imagenet": True}
-    return _backbone_class()(spec, model, pre, sha, layer=layer, meta=meta).eval()
+    graph = "as-trained"
+    if inference:
+        folded = fold_batchnorm(model, size=pre.crop, keep=(layer,) if layer else ())
+        graph = f"bn-folded:{folded}" if folded else graph
+    bb = _backbone_class()(spec, model, pre, sha, layer=layer, meta=meta).eval()
+    bb.graph = graph
+    return bb

@@ -281,10 +281,10 @@ def extract(data: str | Path, *, backbone: str = DEFAULT_BACKBONE, layer: str | 
     if env is not None:
         device, rank_workers = _place_rank(env, device)
     precision = resolve_precision(precision, device)
-    bb = load_backbone(backbone, layer=layer)
+    bb = load_backbone(backbone, layer=layer, inference=True)
     pre = bb.preprocessing.to_dict()
     fp = fingerprint(images, backbone=bb.spec.name, weights_sha256=bb.weights_sha256,
-                     preprocessing=pre, layer=bb.layer, precision=precision,
+                     preprocessing=pre, layer=bb.layer, precision=precision, graph=bb.graph,
                      format_version=FORMAT_VERSION)
     cache_dir = Path(cache_dir) if cache_dir else default_cache_dir()
     path = Path(output) if output else cache_path_for(images, bb.spec.name, fp, cache_dir)
@@ -503,7 +503,7 @@ def _attrs_for(job: _Job, timings: dict[str, Any]) -> dict[str, Any]:
     return {
         "backbone": bb.spec.name, "architecture": bb.spec.arch, "weights_sha256": bb.weights_sha256,
         "preprocessing": bb.preprocessing.to_dict(), "precision": job.precision, "layer": bb.layer,
-        "fingerprint": job.fp, "created": now_iso(), "fxtl_version": __version__,
+        "graph": bb.graph, "fingerprint": job.fp, "created": now_iso(), "fxtl_version": __version__,
         "versions": versions(), "device": job.device_kind, "dataset_root": str(images.root),
         "dataset_name": images.name, "dataset_layout": images.layout, "timings": timings,
     }

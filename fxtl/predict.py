@@ -240,7 +240,8 @@ def _predict_images_with_head(head, images: list[Path], res: PredictResult, *, t
         raise ProvenanceError(f"{head.path} has no backbone in its sidecar, so its features cannot "
                               "be recomputed; refit the head with `fxtl fit-head`")
     layer = prov.get("layer")
-    bb = load_backbone(prov["backbone"], layer=None if layer in (None, "pooled") else layer)
+    bb = load_backbone(prov["backbone"], layer=None if layer in (None, "pooled") else layer,
+                       inference=True)
     head.check_features(bb.provenance, bb.feature_dim, source=f"backbone {prov['backbone']} here")
     prec = _resolve_precision(_recorded(precision, prov.get("precision")), device, res.notes)
     res.device, res.precision = device, prec
@@ -279,7 +280,7 @@ def _predict_finetuned(run: Path, images: list[Path], *, top_k: int, device: str
         manifest = json.loads((run / MODEL_MANIFEST).read_text())
     except (OSError, ValueError) as exc:
         raise FxtlError(f"{run / MODEL_MANIFEST} is unreadable ({exc}); re-run the fine-tune") from None
-    bb = load_backbone(str(run))
+    bb = load_backbone(str(run), inference=True)
     names = list(bb.categories)
     n_out = int(getattr(bb.model.get_submodule(bb.classifier_name), "out_features", 0))
     if len(names) != n_out:

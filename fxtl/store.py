@@ -288,7 +288,7 @@ class FeatureCache:
 
     @property
     def provenance(self) -> dict[str, Any]:
-        keys = ("backbone", "weights_sha256", "preprocessing", "precision", "layer",
+        keys = ("backbone", "weights_sha256", "preprocessing", "precision", "layer", "graph",
                 "fingerprint", "fxtl_version", "versions", "dataset_root", "created")
         return {k: self.attrs.get(k) for k in keys if k in self.attrs}
 
