@@ -576,7 +576,9 @@ class _Trainable(click.ParamType):
               help="Epochs (0: only evaluate the initial model, e.g. an --init-head probe).")
 @click.option("--lr", type=click.FloatRange(min=0, min_open=True), default=None,
               help="Peak learning rate of the classifier [default: 5e-4 adamw, 1e-2 sgd].")
-@click.option("--batch-size", type=click.IntRange(min=1), default=32, show_default=True)
+@click.option("--batch-size", type=click.IntRange(min=1), default=32, show_default=True,
+              help="Images per optimizer step; under torchrun, of all processes together "
+                   "(each takes batch-size / world-size).")
 @click.option("--image-size", type=click.IntRange(min=16), default=None,
               help="Input side in pixels [default: the backbone's, 224 for lite0].")
 @click.option("--optimizer", type=click.Choice(OPTIMIZERS), default="adamw", show_default=True,
@@ -624,6 +626,14 @@ def finetune(data_dir, backbone, trainable, epochs, lr, batch_size, image_size, 
     Trains on train, keeps the best epoch on val, reports on test (else val; a stratified
     hold-out when there is only train). The run folder <cache-dir>/runs/<run>/ holds the model
     (usable as --backbone and by predict), metrics.json, learning curves and confusion matrix.
+
+    \b
+    Distributed (DistributedDataParallel; gloo on CPU, NCCL on CUDA):
+      torchrun --nproc-per-node 2 -m fxtl finetune DATA_DIR    one node
+      torchrun --nnodes 2 --node-rank R --rdzv-endpoint HOST:29500 --nproc-per-node 4 \\
+               -m fxtl finetune DATA_DIR                        several (shared file system)
+    --batch-size stays the batch of one optimizer step, so results match a single process and
+    --resume works with another number of processes.
     """
     from .finetune import finetune as run_finetune
 
@@ -635,6 +645,8 @@ def finetune(data_dir, backbone, trainable, epochs, lr, batch_size, image_size, 
                        init_head=init_head, seed=seed, test_size=test_size, device=device,
                        precision=precision, workers=workers, cache_dir=resolve_cache_dir(cache_dir),
                        run_name=run_name, resume=resume, progress=True)
+    if res.rank != 0:  # under torchrun only rank 0 reports, so stdout holds one result
+        return
     for note in res.metrics.get("notes", []):
         log(f"fxtl: {note}")
 

@@ -23,8 +23,9 @@ from typing import Any
 
 from .errors import FxtlError
 
-__all__ = ["TorchrunEnv", "torchrun_env", "Coordinator", "parse_shard", "shard_rows",
-           "shards_dir", "shard_path", "SHARD_NAME", "rank_budget", "available_cores"]
+__all__ = ["TorchrunEnv", "torchrun_env", "Coordinator", "TrainingGroup", "parse_shard",
+           "shard_rows", "shards_dir", "shard_path", "SHARD_NAME", "rank_budget", "place_rank",
+           "available_cores"]
 
 # File name of shard I of N inside ``<cache>.shards/`` (zero-padded so names sort in order).
 SHARD_NAME = "shard-{index:05d}-of-{count:05d}.h5"
@@ -134,6 +135,23 @@ def rank_budget(env: TorchrunEnv, *, cuda: bool, cores: int | None = None) -> tu
     return max(1, share - workers), workers
 
 
+def place_rank(env: TorchrunEnv, device: str) -> tuple[str, int]:
+    """This torchrun rank's device (``cuda:LOCAL_RANK``) and decode workers; sets CPU threads."""
+    import torch
+
+    if device.startswith("cuda"):
+        gpus = torch.cuda.device_count()
+        if env.local_rank >= gpus:
+            raise FxtlError(f"LOCAL_RANK {env.local_rank} has no GPU (this node has {gpus}); "
+                            f"start at most {gpus} processes per node (--nproc-per-node {gpus})")
+        torch.cuda.set_device(env.local_rank)
+        _, workers = rank_budget(env, cuda=True)
+        return f"cuda:{env.local_rank}", workers
+    threads, workers = rank_budget(env, cuda=False)
+    torch.set_num_threads(threads)
+    return device, workers
+
+
 def _timeout() -> timedelta:
     raw = os.environ.get("FXTL_DIST_TIMEOUT", "")
     try:
@@ -200,3 +218,93 @@ class Coordinator:
         out: list[Any] = [None] * self.env.world_size
         dist.all_gather_object(out, obj, group=self._group)
         return out
+
+
+class TrainingGroup:
+    """The torch.distributed side of a DistributedDataParallel fine-tune.
+
+    ``TrainingGroup(None, device)`` is a world of one: every collective is the identity, so the
+    training loop has one code path. Under torchrun the default process group is NCCL on CUDA and
+    gloo on CPU (the gradients' all-reduce); small Python objects (metrics, skipped images, the
+    run folder's name) travel over a :class:`Coordinator` (gloo). A process group that exists
+    already (fxtl called from a training script) is reused and left open.
+    """
+
+    def __init__(self, env: TorchrunEnv | None, device: str):
+        self.env, self.device = env, device
+        self.rank = env.rank if env else 0
+        self.world_size = env.world_size if env else 1
+        self._owned = False
+        self._coord: Coordinator | None = None
+
+    @property
+    def is_primary(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def distributed(self) -> bool:
+        return self.env is not None
+
+    def __enter__(self) -> "TrainingGroup":
+        if self.env is None:
+            return self
+        import torch.distributed as dist
+
+        if not dist.is_available():
+            raise FxtlError("this torch build has no torch.distributed; run without torchrun")
+        if not dist.is_initialized():
+            missing = [k for k in ("MASTER_ADDR", "MASTER_PORT") if k not in os.environ]
+            if missing:
+                raise FxtlError(f"WORLD_SIZE={self.env.world_size} is set but {', '.join(missing)} "
+                                "is not; launch with torchrun, or unset WORLD_SIZE and RANK")
+            backend = "nccl" if self.device.startswith("cuda") else "gloo"
+            kwargs: dict[str, Any] = {}
+            if backend == "nccl":
+                import torch
+
+                kwargs["device_id"] = torch.device(self.device)
+            dist.init_process_group(backend, **kwargs)
+            self._owned = True
+        self._coord = Coordinator(self.env).__enter__()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.env is None:
+            return
+        import torch.distributed as dist
+
+        if self._owned and dist.is_initialized():
+            dist.destroy_process_group()
+
+    def wrap(self, module):
+        """``module`` in DistributedDataParallel (itself in a world of one)."""
+        if self.env is None:
+            return module
+        from torch.nn.parallel import DistributedDataParallel
+
+        ids = [self.env.local_rank] if self.device.startswith("cuda") else None
+        return DistributedDataParallel(module, device_ids=ids)
+
+    def gather(self, obj: Any) -> list[Any]:
+        """Every rank's ``obj``, by rank (``[obj]`` in a world of one)."""
+        return [obj] if self._coord is None else self._coord.all_gather(obj)
+
+    def counts(self, n: int) -> list[int]:
+        """Every rank's ``n`` (one small all-gather per training step)."""
+        if self.env is None:
+            return [n]
+        import torch
+        import torch.distributed as dist
+
+        dev = self.device if self.device.startswith("cuda") else "cpu"
+        mine = torch.tensor([n], dtype=torch.int64, device=dev)
+        out = [torch.zeros_like(mine) for _ in range(self.world_size)]
+        dist.all_gather(out, mine)
+        return [int(t.item()) for t in out]
+
+    def broadcast(self, obj: Any) -> Any:
+        return obj if self._coord is None else self._coord.broadcast(obj)
+
+    def barrier(self) -> None:
+        if self._coord is not None:
+            self._coord.barrier()

@@ -259,7 +259,7 @@ def extract(data: str | Path, *, backbone: str = DEFAULT_BACKBONE, layer: str | 
     PosixPath('cache/hymenoptera-lite0-1e2b80d0e2303460.h5.shards/shard-00001-of-00004.h5')
     """
     from ._util import default_cache_dir
-    from .distributed import torchrun_env
+    from .distributed import place_rank, torchrun_env
 
     t0 = time.perf_counter()
     if batch_size is not None and batch_size < 1:
@@ -279,7 +279,7 @@ def extract(data: str | Path, *, backbone: str = DEFAULT_BACKBONE, layer: str | 
     device = resolve_device(device)
     rank_workers = None
     if env is not None:
-        device, rank_workers = _place_rank(env, device)
+        device, rank_workers = place_rank(env, device)
     precision = resolve_precision(precision, device)
     bb = load_backbone(backbone, layer=layer, inference=True)
     pre = bb.preprocessing.to_dict()
@@ -349,25 +349,6 @@ class _Job:
     @property
     def device_kind(self) -> str:
         return "cuda" if self.device.startswith("cuda") else self.device
-
-
-def _place_rank(env, device: str) -> tuple[str, int]:
-    """This torchrun rank's device (``cuda:LOCAL_RANK``) and its share of the node's cores."""
-    import torch
-
-    from .distributed import rank_budget
-
-    if device.startswith("cuda"):
-        gpus = torch.cuda.device_count()
-        if env.local_rank >= gpus:
-            raise FxtlError(f"LOCAL_RANK {env.local_rank} has no GPU (this node has {gpus}); "
-                            f"start at most {gpus} processes per node (--nproc-per-node {gpus})")
-        torch.cuda.set_device(env.local_rank)
-        _, workers = rank_budget(env, cuda=True)
-        return f"cuda:{env.local_rank}", workers
-    threads, workers = rank_budget(env, cuda=False)
-    torch.set_num_threads(threads)
-    return device, workers
 
 
 def _hit_result(job: _Job) -> ExtractResult | None:

@@ -50,6 +50,21 @@ epoch, RNG states, best metric, history) is written atomically; ``resume=True`` 
 run from its last finished epoch and ends with the same weights as an uninterrupted run (on the
 same machine, device and thread count). The best weights are kept in ``model.pt``.
 
+Distributed (``torchrun --nproc-per-node N -m fxtl finetune DATA_DIR``): DistributedDataParallel
+over the default process group, gloo on CPU and NCCL on CUDA (``cuda:LOCAL_RANK``), with a
+DistributedSampler (:func:`_epoch_sampler`). ``batch_size`` stays the *effective* batch of one
+optimizer step: each of the W processes takes ``batch_size / W`` images (it must divide), and the
+loss is summed and divided by the whole step's image count, so the averaged gradient is the
+single-process one. No learning-rate scaling is needed or done: the effective batch, hence the
+recipe, is what the user set (to train with a larger effective batch, raise ``--batch-size`` and
+scale ``--lr`` with it, the linear rule of Goyal et al. 2017). With fp32 and frozen BatchNorm a
+2-process run ends within 1e-5 of the single-process weights (tests/test_finetune_ddp.py); with
+``bn=train`` each process normalises with its own half-batch statistics (as DDP does without
+SyncBatchNorm). Validation and test are split over the ranks and gathered. Only rank 0 writes
+the run folder (checkpoints, model, metrics, plots) and prints; every rank reads the checkpoint,
+so the run folder must be on a file system all nodes share. A checkpoint holds nothing
+world-size specific, so ``resume`` continues with any number of processes.
+
 Run folder ``<cache-dir>/runs/<run-name>/``:
 
 ``fxtl-model.json``     manifest (makes the folder a backbone: ``load_backbone(run_dir)``)
@@ -61,6 +76,7 @@ Run folder ``<cache-dir>/runs/<run-name>/``:
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import math
@@ -79,7 +95,7 @@ from ._util import (atomic_path, atomic_write_json, default_cache_dir, ensure_di
                     now_iso, save_figure, sha256_file, unique_dir, versions)
 from .backbones import DEFAULT_BACKBONE, MODEL_MANIFEST, _replace_linear, load_backbone
 from .data import ImageDataset, ImageSet, discover, fingerprint
-from .distributed import available_cores
+from .distributed import TrainingGroup, available_cores, place_rank, torchrun_env
 from .errors import DataError, FxtlError, ProvenanceError
 from .extract import _slug, default_workers
 from .preprocess import _INTERP, ImageDecodeError, Preprocessing, open_image
@@ -196,23 +212,31 @@ class _TrainImages:
             return torch.zeros(3, s, s, dtype=torch.uint8), i, str(exc)
 
 
-def _epoch_sampler(n: int, seed: int):
+def _epoch_sampler(n: int, seed: int, *, rank: int = 0, world_size: int = 1):
     import torch
+    from torch.utils.data.distributed import DistributedSampler
 
-    class EpochSampler(torch.utils.data.Sampler):
-        """Yields ``(index, augmentation seed)``; order and seeds depend on (seed, epoch) only."""
+    class EpochSampler(DistributedSampler):
+        """Yields ``(index, augmentation seed)``; order and seeds depend on (seed, epoch) only.
+
+        A DistributedSampler: one permutation of the whole training set per epoch, padded like
+        torch's (repeating its start) to a multiple of the world size, and rank ``r`` takes every
+        ``world_size``-th item from ``r``. With per-rank batches of ``batch_size / world_size``
+        the ranks' k-th batches together are exactly the single-process run's k-th batch.
+        """
 
         def __init__(self):
-            self.epoch = 0
-
-        def __len__(self) -> int:
-            return n
+            super().__init__(range(n), num_replicas=world_size, rank=rank, shuffle=True,
+                             seed=seed, drop_last=False)
 
         def __iter__(self):
             g = torch.Generator().manual_seed(int(seed) * 1_000_003 + self.epoch)
             order = torch.randperm(n, generator=g).tolist()
             seeds = torch.randint(0, 2**62, (n,), generator=g).tolist()
-            return iter(zip(order, seeds))
+            pairs = list(zip(order, seeds))
+            pad = self.total_size - n
+            pairs += (pairs * math.ceil(pad / n))[:pad] if pad else []
+            return iter(pairs[self.rank:self.total_size:self.num_replicas])
 
     return EpochSampler()
 
@@ -369,10 +393,13 @@ class FinetuneResult:
     resumed_from_epoch: int
     errors: list[dict[str, str]]
     metrics: dict[str, Any] = field(repr=False, default_factory=dict)
+    rank: int = 0  # this process's torchrun rank (every rank returns the same metrics)
+    world_size: int = 1
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
         d.pop("metrics")
+        d.pop("rank")
         d["run_dir"] = str(self.run_dir)
         d.update({k: self.metrics.get(k) for k in ("balanced_accuracy", "n", "backbone", "dataset",
                                                     "precision", "device", "bn")})
@@ -532,7 +559,7 @@ class _Trainer:
     """Holds the network, optimizer and schedule of one run (internal to :func:`finetune`)."""
 
     def __init__(self, bb: Backbone, *, groups, n_train_blocks: int, bn_frozen: bool, cfg: dict,
-                 device: str, precision: str, steps_per_epoch: int):
+                 device: str, precision: str, steps_per_epoch: int, group: TrainingGroup):
         import torch
 
         self.bb, self.device, self.precision = bb, device, precision
@@ -574,7 +601,12 @@ class _Trainer:
         self.scaler = torch.amp.GradScaler("cuda") if precision == "fp16" else None
         if device == "cpu" and precision == "bf16":
             _depthwise_fp32_when_training(self.net)
-        self.criterion = torch.nn.CrossEntropyLoss(label_smoothing=cfg["label_smoothing"])
+        # Summed, then divided by the images of the whole (all-rank) batch: DDP averages the
+        # ranks' gradients, so each rank scales its sum by world_size / global count.
+        self.criterion = torch.nn.CrossEntropyLoss(label_smoothing=cfg["label_smoothing"],
+                                                   reduction="sum")
+        self.world_size = group.world_size
+        self.train_net = group.wrap(self.net)  # DistributedDataParallel under torchrun
 
     def logits(self, x):
         return self.net(self.bb.normalize(x))
@@ -590,12 +622,17 @@ class _Trainer:
                 if isinstance(m, nn.modules.batchnorm._BatchNorm):
                     m.eval()
 
-    def step(self, x, y) -> tuple[float, int]:
+    def step(self, x, y, n_batch: int) -> tuple[float, int]:
+        """One optimizer step on this rank's ``x``; ``n_batch`` images in the all-rank batch.
+
+        Returns this rank's mean loss and its correct count.
+        """
         import torch
 
         with autocast(self.device, self.precision):
-            out = self.logits(x)
-            loss = self.criterion(out.float(), y)
+            out = self.train_net(self.bb.normalize(x))
+            loss_sum = self.criterion(out.float(), y)
+            loss = loss_sum * (self.world_size / n_batch)
         self.opt.zero_grad(set_to_none=True)
         if self.scaler is not None:
             self.scaler.scale(loss).backward()
@@ -606,7 +643,7 @@ class _Trainer:
             self.opt.step()
         with torch.no_grad():
             correct = int((out.argmax(1) == y).sum())
-        return float(loss.detach()), correct
+        return float(loss_sum.detach()) / max(1, len(y)), correct
 
     def state(self) -> dict[str, Any]:
         return {"model": self.net.state_dict(), "optimizer": self.opt.state_dict(),
@@ -647,7 +684,7 @@ def _depthwise_fp32_when_training(model) -> None:
 
 def _evaluate(trainer: _Trainer, loader, labels: np.ndarray, errors: dict[str, str],
               paths: Sequence[str]) -> dict[str, Any]:
-    """Cross-entropy, predictions and speed over a loader of ``ImageDataset`` items."""
+    """Summed cross-entropy, predictions and time over a loader of ``ImageDataset`` items."""
     import torch
 
     trainer.net.eval()
@@ -666,11 +703,7 @@ def _evaluate(trainer: _Trainer, loader, labels: np.ndarray, errors: dict[str, s
             loss_sum += float(torch.nn.functional.cross_entropy(out, y, reduction="sum"))
             preds[idx.numpy()] = out.argmax(1).cpu().numpy()
             n += len(idx)
-    seconds = time.perf_counter() - t0
-    good = preds >= 0
-    return {"loss": loss_sum / max(n, 1), "accuracy": float((preds[good] == labels[good]).mean()) if n else 0.0,
-            "preds": preds, "n": n, "seconds": seconds,
-            "images_per_second": len(labels) / seconds if seconds > 0 else 0.0}
+    return {"loss_sum": loss_sum, "preds": preds, "n": n, "seconds": time.perf_counter() - t0}
 
 
 def _note_errors(idx, errs, errors: dict[str, str], paths: Sequence[str]) -> np.ndarray:
@@ -777,13 +810,42 @@ def finetune(data: str | Path, *, backbone: str = DEFAULT_BACKBONE, trainable: s
                         weight_decay=weight_decay, warmup_epochs=warmup_epochs,
                         image_size=image_size, crop_scale=crop_scale, patience=patience)
     images = discover(data)
+    env = torchrun_env()
     device = resolve_device(device)
+    if env is not None:  # torchrun: this rank's device and share of the cores
+        if batch_size % env.world_size:
+            raise FxtlError(f"--batch-size {batch_size} is the batch of all {env.world_size} "
+                            f"processes together and must be a multiple of {env.world_size}; "
+                            f"use e.g. --batch-size {batch_size // env.world_size * env.world_size or env.world_size}")
+        device, rank_workers = place_rank(env, device)
+        workers = rank_workers if workers is None else workers
     precision = resolve_precision(precision, device)
     splits = _plan_splits(images, seed=seed, test_size=test_size)
     labels = np.array([s.label for s in images.samples], dtype=np.int64)
     counts = np.bincount(labels[splits.train], minlength=len(images.class_names))
-    bn_mode = bn if bn != "auto" else ("frozen" if counts.min() < BN_FROZEN_BELOW else "train")
 
+    with TrainingGroup(env, device) as group:
+        return _finetune(images, splits, labels, counts, group, backbone=backbone, bn=bn,
+                         trainable=trainable, epochs=epochs, lr=lr, batch_size=batch_size,
+                         image_size=image_size, optimizer=optimizer, weight_decay=weight_decay,
+                         momentum=momentum, label_smoothing=label_smoothing,
+                         warmup_epochs=warmup_epochs, lr_decay=lr_decay, patience=patience,
+                         monitor=monitor, crop_scale=crop_scale, init_head=init_head, seed=seed,
+                         test_size=test_size, device=device, precision=precision,
+                         workers=workers, cache_dir=cache_dir, run_name=run_name, resume=resume,
+                         progress=progress, on_step=on_step, t_start=t_start)
+
+
+def _finetune(images: ImageSet, splits: _Splits, labels: np.ndarray, counts: np.ndarray,
+              group: TrainingGroup, *, backbone: str, bn: str, trainable: str, epochs: int,
+              lr: float, batch_size: int, image_size: int | None, optimizer: str,
+              weight_decay: float, momentum: float, label_smoothing: float, warmup_epochs: float,
+              lr_decay: float, patience: int | None, monitor: str, crop_scale, init_head,
+              seed: int, test_size: float, device: str, precision: str, workers: int | None,
+              cache_dir, run_name: str | None, resume: bool, progress: bool, on_step,
+              t_start: float) -> FinetuneResult:
+    """The body of :func:`finetune`, once the options, data, splits and ranks are settled."""
+    bn_mode = bn if bn != "auto" else ("frozen" if counts.min() < BN_FROZEN_BELOW else "train")
     _seed_everything(seed)  # the new classifier's init draws from it
     bb = load_backbone(backbone)
     pre = bb.preprocessing.with_crop(image_size) if image_size else bb.preprocessing
@@ -803,21 +865,30 @@ def finetune(data: str | Path, *, backbone: str = DEFAULT_BACKBONE, trainable: s
     _new_classifier(bb, images.class_names, init_head)
 
     run = _Run(images, splits, labels, pre=pre, cfg=cfg, device=device, workers=workers,
-               progress=progress)
+               progress=progress, group=group)
     trainer = _Trainer(bb, groups=groups, n_train_blocks=n_train_blocks,
                        bn_frozen=bn_mode == "frozen", cfg=cfg, device=device, precision=precision,
-                       steps_per_epoch=len(run.train_loader))
+                       steps_per_epoch=len(run.train_loader), group=group)
     cfg_hash = hashlib.sha256(json.dumps(cfg, sort_keys=True).encode()).hexdigest()[:8]
     base = f"{_slug(images.name)}-{_slug(Path(backbone).name)}-ft-{trainable_name.replace(':', '')}-{cfg_hash}"
     runs = Path(cache_dir) if cache_dir else default_cache_dir()
-    run_dir = ensure_dir(_run_dir(runs / "runs", base, run_name=run_name, resume=resume))
-    with file_lock(run_dir / ".lock", what=f"the run {run_dir.name}"):
-        state = _initial_state(trainer, run_dir / "checkpoint-last.pt", cfg, resume=resume)
+    # Rank 0 picks (and creates) the run folder; every rank reads and rank 0 writes it.
+    run_dir = None
+    if group.is_primary:
+        run_dir = ensure_dir(_run_dir(runs / "runs", base, run_name=run_name, resume=resume))
+    run_dir = Path(group.broadcast(str(run_dir)))
+    lock = file_lock(run_dir / ".lock", what=f"the run {run_dir.name}") if group.is_primary \
+        else contextlib.nullcontext()
+    with lock:
+        state = _initial_state(trainer, run_dir / "checkpoint-last.pt", cfg, resume=resume,
+                               quiet=not group.is_primary)
         resumed_from = int(state["epoch"])
         while not state["done"] and state["epoch"] < epochs:
             run.train_epoch(trainer, state, run_dir, on_step=on_step)
         metrics = run.report(trainer, state, run_dir)
-        _write_outputs(run_dir, metrics, bb, pre=pre, images=images)
+        if group.is_primary:
+            _write_outputs(run_dir, metrics, bb, pre=pre, images=images)
+    group.barrier()  # the run folder is complete before any rank returns
     return FinetuneResult(
         run_dir=run_dir, model=metrics["model"], split=metrics["split"],
         accuracy=metrics["accuracy"], macro_f1=metrics["macro_f1"], epochs=metrics["epochs"],
@@ -826,7 +897,7 @@ def finetune(data: str | Path, *, backbone: str = DEFAULT_BACKBONE, trainable: s
         train_images_per_second=metrics["train_images_per_second"],
         inference_images_per_second=metrics["inference_images_per_second"],
         stopped_early=metrics["stopped_early"], resumed_from_epoch=resumed_from,
-        errors=metrics["errors"], metrics=metrics)
+        errors=metrics["errors"], metrics=metrics, rank=group.rank, world_size=group.world_size)
 
 
 def _check_options(*, optimizer: str, bn: str, monitor: str, lr: float | None, epochs: int,
@@ -879,14 +950,15 @@ def _new_classifier(bb: Backbone, class_names: Sequence[str], init_head: str | P
 
 
 def _initial_state(trainer: _Trainer, ckpt_path: Path, cfg: dict[str, Any], *,
-                   resume: bool) -> dict[str, Any]:
+                   resume: bool, quiet: bool = False) -> dict[str, Any]:
     """A fresh training state, or the checkpoint's (loading the trainer and RNG states)."""
     state: dict[str, Any] = {"epoch": 0, "history": [], "best": None, "bad_epochs": 0,
                              "fit_seconds": 0.0, "errors": {}, "stopped_early": False, "done": False}
     if not resume:
         return state
     if not ckpt_path.is_file():
-        print(f"fxtl: no checkpoint in {ckpt_path.parent}; starting the run", file=sys.stderr)
+        if not quiet:
+            print(f"fxtl: no checkpoint in {ckpt_path.parent}; starting the run", file=sys.stderr)
         return state
     ckpt = _load_checkpoint(ckpt_path)
     old = ckpt.get("config", {})
@@ -898,7 +970,8 @@ def _initial_state(trainer: _Trainer, ckpt_path: Path, cfg: dict[str, Any], *,
     trainer.load_state(ckpt)
     _set_rng_state(ckpt["rng"])
     state = {k: ckpt[k] for k in state}
-    print(f"fxtl: resuming {ckpt_path.parent.name} after epoch {state['epoch']}/{cfg['epochs']}",
+    if not quiet:
+        print(f"fxtl: resuming {ckpt_path.parent.name} after epoch {state['epoch']}/{cfg['epochs']}",
           file=sys.stderr)
     return state
 
@@ -908,27 +981,33 @@ class _Run:
 
     def __init__(self, images: ImageSet, splits: _Splits, labels: np.ndarray, *,
                  pre: Preprocessing, cfg: dict[str, Any], device: str, workers: int | None,
-                 progress: bool):
+                 progress: bool, group: TrainingGroup):
         self.images, self.splits, self.labels, self.cfg = images, splits, labels, cfg
-        self.pre, self.device, self.progress = pre, device, progress
+        self.pre, self.device, self.group = pre, device, group
+        self.progress = progress and group.is_primary
         if workers is None:
             # On two cores the compute threads need both: a decoding worker only preempts them
             # (lite0 training on hymenoptera: 15.8 images/s with one worker, 17.6 without).
             workers = 0 if device == "cpu" and available_cores() <= 2 else default_workers(device)
         self.workers = workers
         self.paths = [str(images.abspath(s)) for s in images.samples]
-        bs = cfg["batch_size"]
+        bs = self.batch_size = cfg["batch_size"] // group.world_size  # per process
         self.train_ds = _TrainImages([self.paths[i] for i in splits.train],
                                      TrainTransform(pre, scale=tuple(cfg["crop_scale"])))
-        self.sampler = _epoch_sampler(len(self.train_ds), cfg["seed"])
+        self.sampler = _epoch_sampler(len(self.train_ds), cfg["seed"], rank=group.rank,
+                                      world_size=group.world_size)
         self.train_loader = _make_loader(self.train_ds, batch_size=bs, sampler=self.sampler,
                                          seed=cfg["seed"], device=device,
                                          workers=min(workers, max(1, len(self.train_ds) // bs)))
         self.val_loader = self.eval_loader(splits.val, persistent=True) if splits.val is not None else None
 
+    def _my_rows(self, rows: np.ndarray) -> np.ndarray:
+        """This rank's share of an evaluation split (every world_size-th row)."""
+        return rows[self.group.rank::self.group.world_size]
+
     def eval_loader(self, rows: np.ndarray, *, persistent: bool = False):
-        return _make_loader(ImageDataset([self.paths[i] for i in rows], self.pre),
-                            batch_size=self.cfg["batch_size"] * 2, device=self.device,
+        return _make_loader(ImageDataset([self.paths[i] for i in self._my_rows(rows)], self.pre),
+                            batch_size=self.batch_size * 2, device=self.device,
                             workers=self.workers, persistent=persistent)
 
     def train_epoch(self, trainer: _Trainer, state: dict[str, Any], run_dir: Path, *,
@@ -937,8 +1016,9 @@ class _Run:
         import torch
 
         cfg, errors = self.cfg, state["errors"]
+        group = self.group
         epoch = state["epoch"] + 1
-        self.sampler.epoch = epoch
+        self.sampler.set_epoch(epoch)
         trainer.train_mode()
         train_labels = self.labels[self.splits.train]
         t0 = time.perf_counter()
@@ -947,28 +1027,35 @@ class _Run:
         for step, (x, idx, errs) in enumerate(self.train_loader, start=1):
             keep = _note_errors(idx, errs, errors, self.train_ds.paths)
             n_keep = int(keep.sum())
-            bar.update(len(idx))
-            # Every batch advances the schedule; one with no usable image (or a single one
-            # while BatchNorm learns batch statistics) cannot train and is skipped.
-            if n_keep == 0 or (n_keep == 1 and cfg["bn"] == "train"):
+            bar.update(min(len(idx) * group.world_size, bar.total - bar.n))
+            # Every batch advances the schedule. One that cannot train is skipped by every rank
+            # together: a rank with no usable image (or a single one while BatchNorm learns batch
+            # statistics: it cannot normalise one image).
+            counts = group.counts(n_keep)
+            if min(counts) == 0 or (min(counts) == 1 and cfg["bn"] == "train"):
                 trainer.sched.step()
                 continue
             x = x[keep].to(self.device, non_blocking=True).contiguous(memory_format=torch.channels_last)
             y = torch.as_tensor(train_labels[idx[keep].numpy()], device=self.device)
-            loss, ok = trainer.step(x, y)
+            loss, ok = trainer.step(x, y, sum(counts))
             trainer.sched.step()
             loss_sum, correct, seen = loss_sum + loss * n_keep, correct + ok, seen + n_keep
             bar.set_postfix(loss=f"{loss_sum / seen:.3f}", acc=f"{correct / seen:.3f}",
-                            img_s=f"{seen / (time.perf_counter() - t0):.1f}")
+                            img_s=f"{seen * group.world_size / (time.perf_counter() - t0):.1f}")
             if on_step is not None:
                 on_step({"epoch": epoch, "step": step, "loss": loss, "images": n_keep})
         bar.close()
         train_seconds = time.perf_counter() - t0
+        # The whole batch's numbers, from every rank (and the images any rank skipped).
+        everyone = group.gather((loss_sum, correct, seen, errors))
+        loss_sum, correct, seen = (sum(e[i] for e in everyone) for i in range(3))
+        for e in everyone:
+            errors.update({k: v for k, v in e[3].items() if k not in errors})
         if seen == 0:
             raise DataError(f"no training image under {self.images.root} could be decoded "
                             f"(first: {next(iter(errors.items()), ('?', '?'))}); fix the files")
         row = {"epoch": epoch, "train_loss": loss_sum / seen, "train_accuracy": correct / seen,
-               "train_seconds": round(train_seconds, 3), "train_images": seen,
+               "train_seconds": round(train_seconds, 3), "train_images": int(seen),
                "train_images_per_second": seen / train_seconds,
                "lr": trainer.opt.param_groups[-1]["lr"]}
         improved = True  # without a val split the last epoch is kept
@@ -987,21 +1074,44 @@ class _Run:
             state["best"] = {"epoch": epoch, "accuracy": row.get("val_accuracy"),
                              "loss": row.get("val_loss")}
             state["bad_epochs"] = 0
-            _torch_save(trainer.net.state_dict(), run_dir / "model.pt")
+            if group.is_primary:
+                _torch_save(trainer.net.state_dict(), run_dir / "model.pt")
         else:
             state["bad_epochs"] += 1
             patience = cfg["patience"]
             if patience is not None and state["bad_epochs"] >= patience and epoch < cfg["epochs"]:
                 state["stopped_early"] = True
-                print(f"fxtl: early stop after epoch {epoch}: no val improvement in {patience} "
-                      f"epoch(s); keeping epoch {state['best']['epoch']}", file=sys.stderr)
+                if group.is_primary:
+                    print(f"fxtl: early stop after epoch {epoch}: no val improvement in {patience} "
+                          f"epoch(s); keeping epoch {state['best']['epoch']}", file=sys.stderr)
         state["done"] = state["stopped_early"] or epoch == cfg["epochs"]
-        _torch_save({"format": CHECKPOINT_FORMAT, "format_version": CHECKPOINT_VERSION,
-                     "config": cfg, **trainer.state(), "rng": _rng_state(), **state},
-                    run_dir / "checkpoint-last.pt")
+        if group.is_primary:  # one writer; every rank holds the same state
+            _torch_save({"format": CHECKPOINT_FORMAT, "format_version": CHECKPOINT_VERSION,
+                         "config": cfg, **trainer.state(), "rng": _rng_state(), **state},
+                        run_dir / "checkpoint-last.pt")
 
     def evaluate(self, trainer: _Trainer, rows: np.ndarray, loader, errors: dict[str, str]) -> dict[str, Any]:
-        return _evaluate(trainer, loader, self.labels[rows], errors, [self.paths[i] for i in rows])
+        """Loss, accuracy, predictions (in ``rows`` order) and speed over ``rows``.
+
+        Each rank evaluates its share (:meth:`_my_rows`); the pieces are gathered, so every
+        rank returns the numbers of the whole split.
+        """
+        mine = self._my_rows(rows)
+        ev = _evaluate(trainer, loader, self.labels[mine], errors, [self.paths[i] for i in mine])
+        everyone = self.group.gather((ev["preds"], ev["loss_sum"], ev["n"], ev["seconds"], errors))
+        preds = np.full(len(rows), -1, dtype=np.int64)
+        for r, (p, *_rest) in enumerate(everyone):
+            preds[r::self.group.world_size] = p
+        for e in everyone:
+            errors.update({k: v for k, v in e[4].items() if k not in errors})
+        n = sum(e[2] for e in everyone)
+        seconds = max(e[3] for e in everyone)
+        good = preds >= 0
+        labels = self.labels[rows]
+        return {"loss": sum(e[1] for e in everyone) / max(n, 1),
+                "accuracy": float((preds[good] == labels[good]).mean()) if n else 0.0,
+                "preds": preds, "n": n, "seconds": seconds,
+                "images_per_second": len(rows) / seconds if seconds > 0 else 0.0}
 
     def report(self, trainer: _Trainer, state: dict[str, Any], run_dir: Path) -> dict[str, Any]:
         """Metrics of the kept weights on the reported split (the ``metrics.json`` content)."""
@@ -1010,10 +1120,11 @@ class _Run:
         from .evaluate import classification_metrics
 
         model_file = run_dir / "model.pt"
+        self.group.barrier()  # rank 0 has written model.pt
         if state["best"] is not None:
             trainer.net.load_state_dict(torch.load(model_file, map_location=self.device,
                                                    weights_only=True))
-        else:  # epochs == 0: the initial model is the result
+        elif self.group.is_primary:  # epochs == 0: the initial model is the result
             _torch_save(trainer.net.state_dict(), model_file)
         rows, errors = self.splits.report, state["errors"]
         # Reporting on the selection split: reuse its loader (its workers are running already).
@@ -1045,7 +1156,9 @@ class _Run:
             "history": history, "n_train": int(len(self.splits.train)),
             "errors": [{"path": p, "reason": r} for p, r in sorted(errors.items())],
             "notes": list(self.splits.notes), "bn": cfg["bn"], "precision": trainer.precision,
-            "device": self.device, "config": cfg, "run_dir": str(run_dir), "created": now_iso(),
+            "device": self.device, "world_size": self.group.world_size,
+            "batch_size_per_process": self.batch_size, "config": cfg, "run_dir": str(run_dir),
+            "created": now_iso(),
             "versions": versions(),
         }
 
