@@ -35,6 +35,7 @@ from . import __version__
 from ._util import atomic_path, atomic_write_json, ensure_dir, file_lock, now_iso, say, versions
 from .backbones import DEFAULT_BACKBONE, load_backbone
 from .data import ImageDataset, ImageSet, discover, fingerprint
+from .preprocess import collate_images
 from .errors import CacheError, DataError, FxtlError
 from .runtime import autocast, resolve_device, resolve_precision
 from .store import FORMAT_VERSION, read_attrs, write_cache
@@ -137,6 +138,7 @@ def _make_loader(dataset, *, batch_size: int, workers: int, device: str):
     if workers == 0:
         return _ThreadedBatches(dataset, batch_size=batch_size, threads=torch.get_num_threads())
     return torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=False,
+                                       collate_fn=collate_images,
                                        num_workers=workers, pin_memory=device.startswith("cuda"),
                                        prefetch_factor=4, persistent_workers=False)
 
@@ -152,16 +154,13 @@ class _ThreadedBatches:
         return (len(self.dataset) + self.batch_size - 1) // self.batch_size
 
     def __iter__(self):
-        import torch
         from concurrent.futures import ThreadPoolExecutor
 
         n = len(self.dataset)
         with ThreadPoolExecutor(self.threads, thread_name_prefix="fxtl-decode") as pool:
             for lo in range(0, n, self.batch_size):
-                items = list(pool.map(self.dataset.__getitem__, range(lo, min(n, lo + self.batch_size))))
-                yield (torch.stack([x for x, _, _ in items]),
-                       torch.tensor([i for _, i, _ in items], dtype=torch.int64),
-                       [e for _, _, e in items])
+                yield collate_images(list(pool.map(self.dataset.__getitem__,
+                                                   range(lo, min(n, lo + self.batch_size)))))
 
 
 def embed_paths(backbone: Backbone, paths: Sequence[str | Path], *, device: str = "auto",

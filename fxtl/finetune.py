@@ -98,7 +98,7 @@ from .data import ImageDataset, ImageSet, discover, fingerprint
 from .distributed import TrainingGroup, available_cores, place_rank, torchrun_env
 from .errors import DataError, FxtlError, ProvenanceError
 from .extract import _slug, default_workers
-from .preprocess import _INTERP, ImageDecodeError, Preprocessing, open_image
+from .preprocess import _INTERP, ImageDecodeError, Preprocessing, collate_images, open_image, to_chw
 from .runtime import autocast, resolve_device, resolve_precision
 
 if TYPE_CHECKING:  # the class is built lazily (importing it imports torch)
@@ -176,15 +176,13 @@ class TrainTransform:
         return left, top, left + w, top + h
 
     def __call__(self, im, rng: np.random.Generator):
-        import torch
         from PIL import Image
 
         box = self.crop_box(*im.size, rng)
         im = im.resize((self.size, self.size), self._interp, box=box, reducing_gap=None)
         if self.flip and rng.random() < 0.5:
             im = im.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
-        arr = np.asarray(im, dtype=np.uint8)
-        return torch.from_numpy(arr.copy()).permute(2, 0, 1).contiguous()
+        return to_chw(im)
 
     def load(self, path: str | Path, rng: np.random.Generator):
         """Decode ``path`` robustly (:func:`~fxtl.preprocess.open_image`) and augment it."""
@@ -544,6 +542,7 @@ def _make_loader(dataset, *, batch_size: int, workers: int, device: str, sampler
     # An explicit generator: creating an iterator must not draw from the global RNG, or a
     # resumed run would see another dropout stream than an uninterrupted one.
     return torch.utils.data.DataLoader(dataset, batch_size=batch_size, sampler=sampler, shuffle=False,
+                                       collate_fn=collate_images,
                                        num_workers=workers, pin_memory=device.startswith("cuda"),
                                        generator=torch.Generator().manual_seed(seed), **kwargs)
 
@@ -697,7 +696,8 @@ def _evaluate(trainer: _Trainer, loader, labels: np.ndarray, errors: dict[str, s
             if not keep.any():
                 continue
             idx = idx[keep]
-            x = x[keep].to(trainer.device, non_blocking=True).contiguous(memory_format=torch.channels_last)
+            x = x if keep.all() else x[keep]
+            x = x.to(trainer.device, non_blocking=True).contiguous(memory_format=torch.channels_last)
             y = torch.as_tensor(labels[idx.numpy()], device=trainer.device)
             out = trainer.logits(x).float()
             loss_sum += float(torch.nn.functional.cross_entropy(out, y, reduction="sum"))
@@ -1035,7 +1035,8 @@ class _Run:
             if min(counts) == 0 or (min(counts) == 1 and cfg["bn"] == "train"):
                 trainer.sched.step()
                 continue
-            x = x[keep].to(self.device, non_blocking=True).contiguous(memory_format=torch.channels_last)
+            x = x if keep.all() else x[keep]
+            x = x.to(self.device, non_blocking=True).contiguous(memory_format=torch.channels_last)
             y = torch.as_tensor(train_labels[idx[keep].numpy()], device=self.device)
             loss, ok = trainer.step(x, y, sum(counts))
             trainer.sched.step()
