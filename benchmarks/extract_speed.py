@@ -3,7 +3,9 @@
     .venv/bin/python benchmarks/extract_speed.py [--data ../shared/datasets/hymenoptera]
 
 Compares, on the same 398 images and the same lite0 weights:
-  1. model-only forward pass on random uint8 tensors (the ceiling) at bf16 and fp32;
+  1. model-only forward pass on random uint8 tensors (the ceiling) at bf16 and fp32, for the
+     network fxtl runs (BatchNorm folded: ``load_backbone(..., inference=True)``) and for the
+     network as trained (what the tutorial runs);
   2. ``fxtl.extract`` end to end (decode workers, draft JPEG, channels_last, autocast);
   3. the PyTorch transfer-learning tutorial's loop: one process, torchvision PIL transforms,
      fp32, DataLoader without workers, batch size 4.
@@ -31,11 +33,11 @@ HERE = Path(__file__).resolve().parent
 DEFAULT_DATA = HERE.parent.parent / "shared" / "datasets" / "hymenoptera"
 
 
-def model_only(precision: str, batch: int, seconds: float = 6.0) -> float:
+def model_only(precision: str, batch: int, seconds: float = 6.0, inference: bool = True) -> float:
     from fxtl.backbones import load_backbone
     from fxtl.runtime import autocast
 
-    bb = load_backbone("lite0").to(memory_format=torch.channels_last)
+    bb = load_backbone("lite0", inference=inference).to(memory_format=torch.channels_last)
     x = torch.randint(0, 256, (batch, 3, 224, 224), dtype=torch.uint8).contiguous(
         memory_format=torch.channels_last)
     with torch.inference_mode(), autocast("cpu", precision):
@@ -146,6 +148,8 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         out["model_only"] = {p: model_only(p, default_batch_size("cpu", p)) for p in ("bf16", "fp32")}
+        out["model_only_as_trained"] = {p: model_only(p, default_batch_size("cpu", p), inference=False)
+                                        for p in ("bf16", "fp32")}
         out["fxtl"] = {p: fxtl_extract(args.data, p, tmp / "c") for p in ("bf16", "fp32")}
         out["tutorial"] = tutorial_loop(args.data)
         out["logreg_val_accuracy"] = {p: logreg_val_accuracy(out["fxtl"][p]["cache"]) for p in ("bf16", "fp32")}
@@ -156,7 +160,9 @@ def main() -> None:
     f, t, m = out["fxtl"][prec], out["tutorial"], out["model_only"][prec]
     out["speedup_vs_tutorial_end_to_end"] = f["end_to_end_images_per_second"] / t["end_to_end_images_per_second"]
     out["fraction_of_model_only"] = f["compute_images_per_second"] / m
-    print(f"model-only        bf16 {out['model_only']['bf16']:7.1f} img/s   fp32 {out['model_only']['fp32']:7.1f} img/s (batch {default_batch_size('cpu', 'bf16')} / {default_batch_size('cpu', 'fp32')})")
+    print(f"model-only        bf16 {out['model_only']['bf16']:7.1f} img/s   fp32 {out['model_only']['fp32']:7.1f} img/s (batch {default_batch_size('cpu', 'bf16')} / {default_batch_size('cpu', 'fp32')}; BN folded, as fxtl runs it)")
+    mt = out["model_only_as_trained"]
+    print(f"  as trained      bf16 {mt['bf16']:7.1f} img/s   fp32 {mt['fp32']:7.1f} img/s (BN separate, as the tutorial runs it)")
     for p in ("bf16", "fp32"):
         d = out["fxtl"][p]
         print(f"fxtl extract {p}  {d['compute_images_per_second']:7.1f} img/s in loop, "

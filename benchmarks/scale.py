@@ -1,7 +1,8 @@
-"""Extraction at scale: images/s with 1 and 2 processes, and peak RSS against the number of images.
+"""Scale: extraction and fine-tuning images/s with 1 and 2 processes, and peak RSS against N.
 
     .venv/bin/python benchmarks/scale.py [--data ../shared/datasets/hymenoptera] [--repeats 2]
                                          [--rss-sizes 2000,20000] [--skip-speed] [--skip-memory]
+                                         [--skip-finetune]
 
 1. Speed, on the dataset (hymenoptera: 398 images), each configuration ``--repeats`` times,
    alternating so that load from other users of the machine hits all alike:
@@ -16,6 +17,9 @@
 2. Memory: peak RSS of the ``fxtl extract`` process (ru_maxrss; decode workers aside) on CSV
    manifests of exactly 2,000 and 20,000 rows that repeat the dataset through symlinked folders.
    Features of 20,000 images are 20,000 x 1280 x 4 B = 98 MiB: holding them would show.
+
+3. Fine-tuning (DDP): one epoch of a full fine-tune, 1 process against torchrun with 2
+   (``--batch-size 32`` is the effective batch either way), training images/s from metrics.json.
 
 Writes benchmarks/results/scale.json and prints a table. The numbers are whatever this machine
 gave at the time, loadavg included: other jobs share its cores.
@@ -98,6 +102,28 @@ def speed(data: Path, tmp: Path, repeats: int) -> dict:
             "summary": summary, "one_vs_two_processes": same}
 
 
+def finetune_speed(data: Path, tmp: Path, repeats: int) -> dict:
+    opts = ["finetune", str(data), "--epochs", "1", "--batch-size", "32", "--json"]
+    single = [PY, "-m", "fxtl", *opts]
+    double = [PY, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "-m", "fxtl", *opts]
+    runs = []
+    for r in range(repeats):
+        for procs, cmd in (("1", single), ("2", double)):
+            load = os.getloadavg()[0]
+            d, wall, _ = run(cmd + ["--cache-dir", str(tmp / f"ft{procs}-{r}")])
+            m = json.loads((Path(d["run_dir"]) / "metrics.json").read_text())
+            runs.append({"processes": procs, "repeat": r, "world_size": m["world_size"],
+                         "train_images_per_second": m["train_images_per_second"],
+                         "val_accuracy": d["accuracy"], "wall_seconds": wall, "loadavg_1min_before": load})
+            print(f"  finetune {procs} process(es), run {r}: {m['train_images_per_second']:.1f} train img/s, "
+                  f"val {d['accuracy']:.3f} ({wall:.1f} s, load {load:.1f})", file=sys.stderr)
+    summary = {p: {"train_images_per_second_median": statistics.median(
+                       x["train_images_per_second"] for x in runs if x["processes"] == p),
+                   "wall_seconds_median": statistics.median(x["wall_seconds"] for x in runs if x["processes"] == p)}
+               for p in ("1", "2")}
+    return {"commands": {"1": " ".join(single), "2": " ".join(double)}, "runs": runs, "summary": summary}
+
+
 def manifest(data: Path, rows: int, folder: Path) -> Path:
     """A CSV manifest of exactly ``rows`` rows cycling through the dataset via symlinked copies.
 
@@ -154,6 +180,7 @@ def main() -> None:
     ap.add_argument("--rss-sizes", default="2000,20000")
     ap.add_argument("--skip-speed", action="store_true")
     ap.add_argument("--skip-memory", action="store_true")
+    ap.add_argument("--skip-finetune", action="store_true")
     ap.add_argument("--output", type=Path, default=HERE / "results" / "scale.json")
     args = ap.parse_args()
     import torch
@@ -167,15 +194,18 @@ def main() -> None:
     previous = json.loads(args.output.read_text()) if args.output.exists() else {}
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
-        for part, skip in (("speed", args.skip_speed), ("memory", args.skip_memory)):
+        parts = {"speed": (args.skip_speed, lambda: speed(args.data, tmp, args.repeats)),
+                 "memory": (args.skip_memory,
+                            lambda: memory(args.data, tmp, [int(s) for s in args.rss_sizes.split(",")])),
+                 "finetune": (args.skip_finetune, lambda: finetune_speed(args.data, tmp, args.repeats))}
+        for part, (skip, measure) in parts.items():
             if skip:
                 if part in previous:
                     out[part] = previous[part]
                 continue
             print(f"{part}:", file=sys.stderr)
             out[part] = {"measured": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "command": out["command"],
-                         "results": speed(args.data, tmp, args.repeats) if part == "speed" else
-                         memory(args.data, tmp, [int(s) for s in args.rss_sizes.split(",")])}
+                         "results": measure()}
     if "memory" in out and len(out["memory"]["results"]) >= 2:
         lo, hi = out["memory"]["results"][0], out["memory"]["results"][-1]
         out["memory"]["rss_growth"] = {"images_ratio": hi["images"] / lo["images"],
@@ -209,6 +239,12 @@ def main() -> None:
             g = out["memory"]["rss_growth"]
             print(f"{g['images_ratio']:.0f}x the images: main RSS x{g['main_ratio']:.3f} "
                   f"({g['main_delta_mb']:+.0f} MB; holding the features would add {g['feature_matrix_delta_mb']:.0f} MB)")
+    if "finetune" in out:
+        s = out["finetune"]["results"]["summary"]
+        print(f"\nFine-tuning, 1 epoch, effective batch 32 (measured {out['finetune']['measured']}):")
+        for p in s:
+            print(f"{p:>10} process(es) {s[p]['train_images_per_second_median']:>8.1f} train img/s "
+                  f"{s[p]['wall_seconds_median']:>8.1f} s wall")
     print(f"\nwrote {args.output}")
 
 

@@ -33,3 +33,15 @@ def shapes_cache(shapes_dir, tmp_path_factory) -> Path:
 
     res = fxtl.extract(shapes_dir, cache_dir=tmp_path_factory.mktemp("cache"), progress=False)
     return res.cache
+
+
+@pytest.fixture(scope="session")
+def tiny(tmp_path_factory) -> str:
+    """``timm:test_efficientnet=<file>``: seeded random weights, offline, a fraction of lite0's cost."""
+    import timm
+    import torch
+
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("weights") / "test_efficientnet.pth"
+    torch.save(timm.create_model("test_efficientnet").state_dict(), path)
+    return f"timm:test_efficientnet={path}"

@@ -31,16 +31,6 @@ TINY = dict(image_size=32, batch_size=4, workers=0, progress=False, precision="f
 PNG = b"\x89PNG\r\n\x1a\n"
 
 
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory) -> str:
-    """``timm:test_efficientnet=<file>``: seeded random weights, offline, a fraction of lite0's cost."""
-    import timm
-
-    torch.manual_seed(0)
-    path = tmp_path_factory.mktemp("weights") / "test_efficientnet.pth"
-    torch.save(timm.create_model("test_efficientnet").state_dict(), path)
-    return f"timm:test_efficientnet={path}"
-
 
 @pytest.fixture(scope="module")
 def run2(shapes_dir, tmp_path_factory):

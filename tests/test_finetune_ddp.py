@@ -20,15 +20,6 @@ TINY = dict(image_size=32, batch_size=4, workers=0, progress=False, precision="f
 CLI_TINY = ["--image-size", "32", "--batch-size", "4", "--precision", "fp32", "--bn", "frozen"]
 
 
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory) -> str:
-    import timm
-
-    torch.manual_seed(0)
-    path = tmp_path_factory.mktemp("weights") / "test_efficientnet.pth"
-    torch.save(timm.create_model("test_efficientnet").state_dict(), path)
-    return f"timm:test_efficientnet={path}"
-
 
 def torchrun(*args: str) -> subprocess.CompletedProcess:
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
