@@ -616,7 +616,7 @@ def load_head(path: str | Path, *, trust: bool = False) -> Head:
         print(f"fxtl: warning: {path.name} was saved with scikit-learn {sidecar['sklearn_version']}, "
               f"this is {sklearn.__version__}; predictions may differ slightly", file=sys.stderr)
     provenance = {k: sidecar[k] for k in ("backbone", "architecture", "weights_sha256",
-                                           "preprocessing", "layer", "precision", "feature_dim",
+                                           "preprocessing", "layer", "precision", "graph", "feature_dim",
                                            "cache_fingerprint", "dataset", "cache") if k in sidecar}
     return Head(model=str(payload.get("model", sidecar.get("model", "?"))),
                 pipeline=payload["pipeline"], class_names=list(payload["class_names"]),
@@ -988,6 +988,7 @@ def _fit_one(source: "_Source", name: str, *, plan: SplitPlan, params: dict, sea
                   "weights_sha256": source.attrs.get("weights_sha256"),
                   "preprocessing": source.attrs.get("preprocessing"),
                   "layer": source.attrs.get("layer"), "precision": source.attrs.get("precision"),
+                  "graph": source.attrs.get("graph"),
                   "feature_dim": source.dim, "cache_fingerprint": source.attrs.get("fingerprint"),
                   "dataset": source.dataset, "cache": str(source.path) if source.path else None}
     head = Head(model=name, pipeline=pipeline, class_names=class_names, provenance=provenance)
