@@ -4,6 +4,8 @@ Builds a small real dataset without network (scikit-learn's bundled handwritten 
 as PNG class folders with train/val/test splits), then runs advise -> extract -> every head ->
 a short fine-tune of what advise recommends -> compare, and writes a report that points at
 every artifact (metrics, confusion matrices, learning curves, embedding map, comparison chart).
+Digits are scenario 3 (small, different), whose fine-tune starts from the fitted
+logistic-regression head (LP-FT, see :func:`fxtl.advise.run_plan`).
 """
 from __future__ import annotations
 
@@ -25,8 +27,12 @@ def run_demo(*, cache_dir: str | Path | None = None, per_class: int = 60, epochs
     ----------
     per_class : int
         Digits per class (10 classes); half train, a quarter val, a quarter test.
-    epochs, image_size : int
-        Length and input size of the short fine-tune (kept small so the demo takes minutes).
+    epochs : int
+        Length of the short fine-tune (kept small so the demo takes minutes).
+    image_size : int
+        Input size of a fine-tune from a zero classifier. Scenario 3's LP-FT fine-tune runs
+        at the size the head's features were extracted at (224 for lite0) instead: the
+        head is only valid there.
     """
     from .advise import advise, run_plan
     from .datasets import write_digits

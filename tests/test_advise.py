@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
@@ -40,6 +41,17 @@ def test_every_scenario_has_commands_and_text():
     assert "--trainable all" in " ".join(_commands(2, "data", "lite0"))
 
 
+def test_scenario_3_fine_tunes_from_the_fitted_head():
+    """Small + different: heads first, then LP-FT of the last two blocks from the logreg head."""
+    cmds = _commands(3, "data", "lite0")
+    fit = next(i for i, c in enumerate(cmds) if c.startswith("fxtl fit-head"))
+    ft = next(i for i, c in enumerate(cmds) if c.startswith("fxtl finetune"))
+    assert fit < ft
+    assert "--trainable last:2" in cmds[ft] and "--init-head LOGREG_RUN" in cmds[ft]
+    assert "--crop-scale 0.8 1.0" in cmds[ft] and "--image-size" not in cmds[ft]
+    assert "LOGREG_RUN" in SCENARIOS[3][2]
+
+
 def test_cli_json(digits_dir):
     r = CliRunner().invoke(cli, ["advise", str(digits_dir), "--sample", "30", "--json"])
     assert r.exit_code == 0, r.output
@@ -64,6 +76,12 @@ def test_demo_runs_the_whole_job(tmp_path):
     assert kinds.count("head") >= 1 and d["advice"]["scenario"] in (1, 2, 3, 4)
     if d["advice"]["scenario"] != 1:
         assert "finetune" in kinds
+    if d["advice"]["scenario"] == 3:  # LP-FT from the logreg head, at the head's input size
+        ft = next(run for run in d["plan"]["runs"] if run["kind"] == "finetune")
+        cfg = json.loads((Path(ft["run_dir"]) / "metrics.json").read_text())["config"]
+        logreg = next(run for run in d["plan"]["runs"] if run["model"] == "logreg")
+        assert cfg["init_head"] and Path(cfg["init_head"]).resolve() == Path(logreg["run_dir"]).resolve()
+        assert cfg["image_size"] == 224 and cfg["crop_scale"] == [0.8, 1.0]
     for run in d["plan"]["runs"]:
         assert 0.0 <= run["accuracy"] <= 1.0
         assert (tmp_path / "runs") in __import__("pathlib").Path(run["run_dir"]).parents
