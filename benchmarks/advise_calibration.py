@@ -49,6 +49,9 @@ VARIANTS = {
     "lp-ft@224": {"init_head": "LOGREG_RUN", "image_size": None},
     "probe@128": {"init_head": "LOGREG_RUN", "epochs": 0},
     "probe@224": {"init_head": "LOGREG_RUN", "epochs": 0, "image_size": None},
+    # What `fxtl advise` now runs for scenario 3 (fxtl.advise.LP_FT_CROP_SCALE): LP-FT at the
+    # head's input size with a milder random crop, since the head was fitted on centre crops.
+    "lp-ft@224-crop0.8": {"init_head": "LOGREG_RUN", "image_size": None, "crop_scale": (0.8, 1.0)},
 }
 
 
@@ -129,6 +132,9 @@ def main() -> None:
                     help="also fine-tune the last two blocks with this recipe (repeatable)")
     ap.add_argument("--no-baseline", action="store_true",
                     help="skip the default-recipe fine-tunes (only the variants)")
+    ap.add_argument("--seed", type=int, default=0,
+                    help="seed of the fine-tunes (shuffling, augmentation); other than 0 it is "
+                         "recorded as '@seedN' in the result keys, beside the seed-0 runs")
     ap.add_argument("--output", type=Path, default=RESULTS)
     args = ap.parse_args()
     import fxtl
@@ -163,15 +169,19 @@ def main() -> None:
         jobs += [("last:2", v, VARIANTS[v]) for v in args.variant]
         row["runs"] = {}
         for trainable, variant, extra in jobs:
-            kw = {"epochs": args.epochs, **ft_kw, **extra}
+            kw = {"epochs": args.epochs, **ft_kw, **extra, "seed": args.seed}
             if kw.get("init_head") == "LOGREG_RUN":
                 kw["init_head"] = head.run_dir
             ft = finetune(data, trainable=trainable, cache_dir=cache, progress=False, **kw)
-            key = f"finetune_{trainable}" + (f"+{variant}" if variant else "")
+            key = f"finetune_{trainable}" + (f"+{variant}" if variant else "") + \
+                (f"@seed{args.seed}" if args.seed else "")
             row[key] = ft.accuracy
             row["runs"][key] = {"accuracy": ft.accuracy, "split": ft.split, "epochs": ft.epochs,
                                 "best_epoch": ft.best_epoch, "stopped_early": ft.stopped_early,
                                 "seconds": round(ft.seconds, 1), "bn": ft.metrics.get("bn"),
+                                "image_size": (ft.metrics.get("config") or {}).get("image_size"),
+                                "commit": env["commit"], "dirty_finetune_py": env["dirty_finetune_py"],
+                                "argv": env["argv"],
                                 "settings": {k: v for k, v in kw.items() if k != "init_head"}}
             if "init_head" in kw:
                 row["runs"][key]["settings"]["init_head"] = "the logreg head of this row"
