@@ -56,7 +56,7 @@ SCENARIOS = {
         "pretrained features are a good start."),
     3: ("small", "different", "Train as few layers as possible: fit heads on the frozen features, "
         "then fine-tune only the last blocks starting from the logistic-regression head "
-        "(LP-FT; LOGREG_RUN is its run folder), and keep whichever wins on held-out data."),
+        "(LP-FT: --init-head with the logreg run folder), and keep whichever wins on held-out data."),
     4: ("large", "different", "Fine-tune everything from the pretrained weights: training from "
         "scratch is possible with this much data, but pretrained initialisation is usually better."),
 }

@@ -49,7 +49,7 @@ def test_scenario_3_fine_tunes_from_the_fitted_head():
     assert fit < ft
     assert "--trainable last:2" in cmds[ft] and "--init-head LOGREG_RUN" in cmds[ft]
     assert "--crop-scale 0.8 1.0" in cmds[ft] and "--image-size" not in cmds[ft]
-    assert "LOGREG_RUN" in SCENARIOS[3][2]
+    assert "LP-FT" in SCENARIOS[3][2] and "--init-head" in SCENARIOS[3][2]
 
 
 def test_cli_json(digits_dir):
