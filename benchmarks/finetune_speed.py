@@ -92,10 +92,10 @@ def fxtl_epochs(data: Path, epochs: int, batch_size: int, seed: int, cache_dir: 
 
 
 def _fxtl_workers() -> int:
+    from fxtl.distributed import available_cores
     from fxtl.extract import default_workers
-    from fxtl.finetune import _cores
 
-    return 0 if _cores() <= 2 else default_workers("cpu")
+    return 0 if available_cores() <= 2 else default_workers("cpu")
 
 
 def summary(rows: list[dict]) -> dict:

@@ -37,7 +37,7 @@ from .backbones import DEFAULT_BACKBONE, load_backbone
 from .data import ImageDataset, ImageSet, discover, fingerprint
 from .preprocess import collate_images
 from .errors import CacheError, DataError, FxtlError
-from .runtime import autocast, resolve_device, resolve_precision
+from .runtime import autocast, keep_freed_memory, resolve_device, resolve_precision
 from .store import FORMAT_VERSION, read_attrs, write_cache
 
 if TYPE_CHECKING:  # the class is built lazily (importing it imports torch)
@@ -180,6 +180,8 @@ def embed_paths(backbone: Backbone, paths: Sequence[str | Path], *, device: str 
     precision = resolve_precision(precision, device)
     batch_size = batch_size or default_batch_size(device, precision)
     workers = default_workers(device) if workers is None else workers
+    if device == "cpu":
+        keep_freed_memory()
     backbone = backbone.to(device=device, memory_format=torch.channels_last).eval()
     loader = _make_loader(ImageDataset(paths, backbone.preprocessing), batch_size=batch_size,
                           workers=min(workers, max(0, (len(paths) + batch_size - 1) // batch_size)),

@@ -99,7 +99,7 @@ from .distributed import TrainingGroup, available_cores, place_rank, torchrun_en
 from .errors import DataError, FxtlError, ProvenanceError
 from .extract import _slug, default_workers
 from .preprocess import _INTERP, ImageDecodeError, Preprocessing, collate_images, open_image, to_chw
-from .runtime import autocast, resolve_device, resolve_precision
+from .runtime import autocast, keep_freed_memory, resolve_device, resolve_precision
 
 if TYPE_CHECKING:  # the class is built lazily (importing it imports torch)
     from .backbones import Backbone
@@ -563,6 +563,8 @@ class _Trainer:
 
         self.bb, self.device, self.precision = bb, device, precision
         self.net = bb.model
+        if device == "cpu":
+            keep_freed_memory()
         bb.to(device=device, memory_format=torch.channels_last)
         head_top = bb.classifier_name.split(".")[0]
         n_blocks = len(groups)

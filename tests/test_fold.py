@@ -98,3 +98,16 @@ def test_graph_is_part_of_the_cache_provenance(shapes_cache):
 
     attrs = read_attrs(shapes_cache)
     assert str(attrs["graph"]).startswith("bn-folded:")
+
+
+def test_malloc_tuning_is_glibc_only_and_can_be_turned_off(monkeypatch):
+    from fxtl import runtime
+
+    runtime.keep_freed_memory.cache_clear()
+    monkeypatch.setenv("FXTL_MALLOC_TUNING", "0")
+    assert runtime.keep_freed_memory() is False
+    runtime.keep_freed_memory.cache_clear()
+    monkeypatch.delenv("FXTL_MALLOC_TUNING")
+    import platform
+
+    assert runtime.keep_freed_memory() is (platform.libc_ver()[0] == "glibc")
