@@ -9,7 +9,8 @@ Compares, on the same 398 images and the same lite0 weights:
   2. ``fxtl.extract`` end to end (decode workers, draft JPEG, channels_last, autocast);
   3. the PyTorch transfer-learning tutorial's loop: one process, torchvision PIL transforms,
      fp32, DataLoader without workers, batch size 4.
-Also: logistic-regression val accuracy on fp32 vs bf16 caches, and peak RSS of extraction for
+All three run in one process with fxtl's malloc setting (runtime.keep_freed_memory), which helps
+the tutorial loop and the model-only ceiling as much as fxtl. Also: logistic-regression val accuracy on fp32 vs bf16 caches, and peak RSS of extraction for
 1x and 5x the images (a manifest repeating the dataset) to show memory does not grow with N.
 Writes benchmarks/results/extract_speed.json.
 """
@@ -138,7 +139,11 @@ def main() -> None:
     ap.add_argument("--skip-memory", action="store_true")
     args = ap.parse_args()
     from fxtl.extract import default_batch_size
-    from fxtl.runtime import resolve_precision
+    from fxtl.runtime import keep_freed_memory, resolve_precision
+
+    # fxtl extract tunes malloc for the process (runtime.keep_freed_memory); do it first so the
+    # model-only ceiling and the tutorial loop run with the same allocator as fxtl does.
+    keep_freed_memory()
 
     prec = resolve_precision("auto", "cpu")
     bs = default_batch_size("cpu", prec)
