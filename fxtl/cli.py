@@ -352,9 +352,11 @@ def demo(per_class, epochs, image_size, seed, device, precision, cache_dir, as_j
         lines = ["", f"fxtl demo: scenario {r['advice']['scenario']} "
                      f"({r['advice']['size']['category']}, {r['advice']['similarity']['category']}) "
                      f"in {r['seconds']} s", ""]
-        lines.append(f"  {'method':<22} {'split':<6} {'accuracy':>8} {'macro-F1':>8}")
-        for run in r["plan"]["runs"]:
-            lines.append(f"  {run['kind'] + ' ' + run['model']:<22} {run['split']:<6} "
+        names = [("head " if run["kind"] == "head" else "") + run["model"] for run in r["plan"]["runs"]]
+        w = max([22, *map(len, names)])
+        lines.append(f"  {'method':<{w}} {'split':<6} {'accuracy':>8} {'macro-F1':>8}")
+        for name, run in zip(names, r["plan"]["runs"]):
+            lines.append(f"  {name:<{w}} {run['split']:<6} "
                          f"{run['accuracy']:>8.3f} {run['macro_f1']:>8.3f}")
         lines += ["", f"Report: {r['report']}", f"Embedding map: {r['embedding_png']}"]
         chart = r["plan"].get("compare", {}).get("chart")
