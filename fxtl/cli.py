@@ -603,6 +603,8 @@ class _Trainable(click.ParamType):
               help="Val metric for early stopping and for the kept epoch (ties: lower loss).")
 @click.option("--crop-scale", type=click.FloatRange(0, 1, min_open=True), nargs=2, default=(0.25, 1.0),
               show_default=True, help="Area fraction range of the random resized crop.")
+@click.option("--no-flip", "no_flip", is_flag=True,
+              help="No random horizontal flips (for data where a mirror image is another class: digits, text).")
 @click.option("--init-head", type=click.Path(exists=True, path_type=Path), default=None,
               help="Start the classifier from a fit-head logreg run (LP-FT, Kumar et al. 2022).")
 @click.option("--seed", type=int, default=0, show_default=True,
@@ -621,7 +623,7 @@ class _Trainable(click.ParamType):
 @handle_errors
 def finetune(data_dir, backbone, trainable, epochs, lr, batch_size, image_size, optimizer,
              weight_decay, momentum, label_smoothing, warmup_epochs, lr_decay, bn, patience, monitor,
-             crop_scale, init_head, seed, test_size, device, precision, workers, run_name, resume,
+             crop_scale, no_flip, init_head, seed, test_size, device, precision, workers, run_name, resume,
              cache_dir, as_json):
     """Fine-tune the backbone on DATA_DIR (same splits and metrics as fit-head).
 
@@ -644,6 +646,7 @@ def finetune(data_dir, backbone, trainable, epochs, lr, batch_size, image_size, 
                        weight_decay=weight_decay, momentum=momentum, label_smoothing=label_smoothing,
                        warmup_epochs=warmup_epochs, lr_decay=lr_decay, bn=bn,
                        patience=patience or None, monitor=monitor, crop_scale=crop_scale,
+                       flip=not no_flip,
                        init_head=init_head, seed=seed, test_size=test_size, device=device,
                        precision=precision, workers=workers, cache_dir=resolve_cache_dir(cache_dir),
                        run_name=run_name, resume=resume, progress=True)

@@ -129,7 +129,7 @@ _MIN_DELTA = 1e-4
 # Hyper-parameters that must match for `resume` (anything else may change between sessions).
 _RESUME_KEYS = ("backbone", "trainable", "epochs", "lr", "batch_size", "image_size", "optimizer",
                 "weight_decay", "momentum", "label_smoothing", "warmup_epochs", "lr_decay", "bn",
-                "patience", "monitor", "crop_scale", "init_head", "seed", "test_size", "precision",
+                "patience", "monitor", "crop_scale", "flip", "init_head", "seed", "test_size", "precision",
                 "data_fingerprint")
 
 
@@ -367,6 +367,15 @@ def _load_linear_head(run: str | Path, bb: Backbone) -> tuple[Any, list[str]]:
             raise ProvenanceError(f"--init-head {run}: the head was fitted on features with {key} "
                                   f"{prov.get(key)!r}, this fine-tune uses {mine!r}; fit the head "
                                   "on a cache of the same backbone")
+    head_pre = prov.get("preprocessing")
+    if isinstance(head_pre, str):
+        head_pre = json.loads(head_pre)
+    crop = (head_pre or {}).get("crop")
+    if crop and int(crop) != bb.preprocessing.crop:
+        print(f"fxtl: warning: --init-head {run} was fitted on {crop}-px features but this fine-tune "
+              f"runs at {bb.preprocessing.crop} px, where it starts far below its own accuracy "
+              f"(digits: 0.885 at 224 px, 0.109 at 128; docs/advise.md); use --image-size {crop}",
+              file=sys.stderr)
     return head.pipeline, list(head.class_names)
 
 
@@ -731,6 +740,7 @@ def finetune(data: str | Path, *, backbone: str = DEFAULT_BACKBONE, trainable: s
              momentum: float = 0.9, label_smoothing: float = 0.1, warmup_epochs: float = 1.0,
              lr_decay: float = 0.5, bn: str = "auto", patience: int | None = 3,
              monitor: str = "accuracy", crop_scale: tuple[float, float] = (0.25, 1.0),
+             flip: bool = True,
              init_head: str | Path | None = None, seed: int = 0, test_size: float = 0.2,
              device: str = "auto", precision: str = "auto", workers: int | None = None,
              cache_dir: str | Path | None = None, run_name: str | None = None,
@@ -769,6 +779,9 @@ def finetune(data: str | Path, *, backbone: str = DEFAULT_BACKBONE, trainable: s
         What "improvement" means (accuracy ties are broken by lower val loss).
     crop_scale : (float, float)
         Area fraction range of the random resized crop.
+    flip : bool
+        Random horizontal flips (turn off where a mirror image is another class or none:
+        digits, text, road signs).
     init_head : path, optional
         A ``fit-head`` run (or its ``head.joblib``) of a logistic regression on this backbone's
         features: the new classifier starts from it (LP-FT).
@@ -832,7 +845,8 @@ def finetune(data: str | Path, *, backbone: str = DEFAULT_BACKBONE, trainable: s
                          image_size=image_size, optimizer=optimizer, weight_decay=weight_decay,
                          momentum=momentum, label_smoothing=label_smoothing,
                          warmup_epochs=warmup_epochs, lr_decay=lr_decay, patience=patience,
-                         monitor=monitor, crop_scale=crop_scale, init_head=init_head, seed=seed,
+                         monitor=monitor, crop_scale=crop_scale, flip=flip, init_head=init_head,
+                         seed=seed,
                          test_size=test_size, device=device, precision=precision,
                          workers=workers, cache_dir=cache_dir, run_name=run_name, resume=resume,
                          progress=progress, on_step=on_step, t_start=t_start)
@@ -842,7 +856,7 @@ def _finetune(images: ImageSet, splits: _Splits, labels: np.ndarray, counts: np.
               group: TrainingGroup, *, backbone: str, bn: str, trainable: str, epochs: int,
               lr: float, batch_size: int, image_size: int | None, optimizer: str,
               weight_decay: float, momentum: float, label_smoothing: float, warmup_epochs: float,
-              lr_decay: float, patience: int | None, monitor: str, crop_scale, init_head,
+              lr_decay: float, patience: int | None, monitor: str, crop_scale, flip: bool, init_head,
               seed: int, test_size: float, device: str, precision: str, workers: int | None,
               cache_dir, run_name: str | None, resume: bool, progress: bool, on_step,
               t_start: float) -> FinetuneResult:
@@ -864,6 +878,8 @@ def _finetune(images: ImageSet, splits: _Splits, labels: np.ndarray, counts: np.
            "init_head": str(Path(init_head).resolve()) if init_head else None, "seed": int(seed),
            "test_size": float(test_size), "precision": precision,
            "data_fingerprint": fingerprint(images)}
+    if not flip:  # only when off, so runs and checkpoints made before the option keep their names
+        cfg["flip"] = False
     _new_classifier(bb, images.class_names, init_head)
 
     run = _Run(images, splits, labels, pre=pre, cfg=cfg, device=device, workers=workers,
@@ -964,7 +980,8 @@ def _initial_state(trainer: _Trainer, ckpt_path: Path, cfg: dict[str, Any], *,
         return state
     ckpt = _load_checkpoint(ckpt_path)
     old = ckpt.get("config", {})
-    diff = [k for k in _RESUME_KEYS if old.get(k) != cfg.get(k)]
+    defaults = {"flip": True}  # keys a checkpoint holds only when they differ from these
+    diff = [k for k in _RESUME_KEYS if old.get(k, defaults.get(k)) != cfg.get(k, defaults.get(k))]
     if diff:
         raise ProvenanceError(f"{ckpt_path} was made with other settings ({diff[0]}: "
                               f"{old.get(diff[0])!r}, now {cfg.get(diff[0])!r}); resume with the "
@@ -995,7 +1012,8 @@ class _Run:
         self.paths = [str(images.abspath(s)) for s in images.samples]
         bs = self.batch_size = cfg["batch_size"] // group.world_size  # per process
         self.train_ds = _TrainImages([self.paths[i] for i in splits.train],
-                                     TrainTransform(pre, scale=tuple(cfg["crop_scale"])))
+                                     TrainTransform(pre, scale=tuple(cfg["crop_scale"]),
+                                                    flip=cfg.get("flip", True)))
         self.sampler = _epoch_sampler(len(self.train_ds), cfg["seed"], rank=group.rank,
                                       world_size=group.world_size)
         self.train_loader = _make_loader(self.train_ds, batch_size=bs, sampler=self.sampler,

@@ -253,6 +253,12 @@ def test_train_transform_is_seeded_and_sized():
     c = t(im, np.random.default_rng(8))
     assert a.dtype == torch.uint8 and tuple(a.shape) == (3, 64, 64)
     assert torch.equal(a, b) and not torch.equal(a, c)
+    # flip=False never mirrors: with the whole image as the crop, every seed gives one image
+    whole = dict(scale=(1.0, 1.0), ratio=(120 / 90, 120 / 90))
+    plain = {TrainTransform(pre, flip=False, **whole)(im, np.random.default_rng(s)).numpy().tobytes()
+             for s in range(20)}
+    flipped = {TrainTransform(pre, **whole)(im, np.random.default_rng(s)).numpy().tobytes() for s in range(20)}
+    assert len(plain) == 1 and len(flipped) == 2
     for seed in range(50):
         left, top, right, bottom = t.crop_box(120, 90, np.random.default_rng(seed))
         assert 0 <= left < right <= 120 and 0 <= top < bottom <= 90
@@ -312,6 +318,17 @@ def test_init_head_from_fit_head_run(shapes_dir, shapes_cache, tmp_path):
     assert len(head_pred) == res.metrics["n"]
 
 
+def test_init_head_at_another_input_size_warns(shapes_dir, shapes_cache, tmp_path, capsys):
+    heads = pytest.importorskip("fxtl.heads")
+
+    fitted = heads.fit_head(shapes_cache, model="logreg", cache_dir=tmp_path, search=False)
+    finetune(shapes_dir, init_head=fitted.run_dir, epochs=0, cache_dir=tmp_path, image_size=64,
+             workers=0, progress=False)
+    err = capsys.readouterr().err
+    assert "fitted on 224-px features but this fine-tune runs at 64 px" in err
+    assert "--image-size 224" in err
+
+
 def test_cli_json_and_errors(shapes_dir, tmp_path, tiny):
     runner = CliRunner()
     args = ["finetune", str(shapes_dir), "--backbone", tiny, "--cache-dir", str(tmp_path), "--epochs", "1",
@@ -322,6 +339,11 @@ def test_cli_json_and_errors(shapes_dir, tmp_path, tiny):
     d = json.loads(result.stdout)
     assert {"run_dir", "model", "split", "accuracy", "macro_f1", "epochs", "seconds"} <= set(d)
     assert d["model"] == "finetune:head" and Path(d["run_dir"]).parent == tmp_path / "runs"
+    assert "flip" not in json.loads((Path(d["run_dir"]) / "metrics.json").read_text())["config"]
+    no_flip = runner.invoke(cli, args + ["--no-flip", "--json"])
+    assert no_flip.exit_code == 0, no_flip.output
+    cfg = json.loads((Path(json.loads(no_flip.stdout)["run_dir"]) / "metrics.json").read_text())["config"]
+    assert cfg["flip"] is False
     bad = runner.invoke(cli, args[:-2] + ["--trainable", "last:99"])
     assert bad.exit_code == 1 and "has 7 blocks" in bad.stderr and "Traceback" not in bad.output
     usage = runner.invoke(cli, args[:-2] + ["--trainable", "middle"])
