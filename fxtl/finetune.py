@@ -829,9 +829,10 @@ def finetune(data: str | Path, *, backbone: str = DEFAULT_BACKBONE, trainable: s
     device = resolve_device(device)
     if env is not None:  # torchrun: this rank's device and share of the cores
         if batch_size % env.world_size:
+            suggest = max(env.world_size, batch_size // env.world_size * env.world_size)
             raise FxtlError(f"--batch-size {batch_size} is the batch of all {env.world_size} "
                             f"processes together and must be a multiple of {env.world_size}; "
-                            f"use e.g. --batch-size {batch_size // env.world_size * env.world_size or env.world_size}")
+                            f"use e.g. --batch-size {suggest}")
         device, rank_workers = place_rank(env, device)
         workers = rank_workers if workers is None else workers
     precision = resolve_precision(precision, device)
@@ -840,82 +841,62 @@ def finetune(data: str | Path, *, backbone: str = DEFAULT_BACKBONE, trainable: s
     counts = np.bincount(labels[splits.train], minlength=len(images.class_names))
 
     with TrainingGroup(env, device) as group:
-        return _finetune(images, splits, labels, counts, group, backbone=backbone, bn=bn,
-                         trainable=trainable, epochs=epochs, lr=lr, batch_size=batch_size,
-                         image_size=image_size, optimizer=optimizer, weight_decay=weight_decay,
-                         momentum=momentum, label_smoothing=label_smoothing,
-                         warmup_epochs=warmup_epochs, lr_decay=lr_decay, patience=patience,
-                         monitor=monitor, crop_scale=crop_scale, flip=flip, init_head=init_head,
-                         seed=seed,
-                         test_size=test_size, device=device, precision=precision,
-                         workers=workers, cache_dir=cache_dir, run_name=run_name, resume=resume,
-                         progress=progress, on_step=on_step, t_start=t_start)
+        bn_mode = bn if bn != "auto" else ("frozen" if counts.min() < BN_FROZEN_BELOW else "train")
+        _seed_everything(seed)  # the new classifier's init draws from it
+        bb = load_backbone(backbone)
+        pre = bb.preprocessing.with_crop(image_size) if image_size else bb.preprocessing
+        bb.preprocessing = pre
+        groups = block_groups(bb.model, bb.classifier_name)
+        n_train_blocks = parse_trainable(trainable, len(groups))
+        trainable_name = {0: "head", len(groups): "all"}.get(n_train_blocks, f"last:{n_train_blocks}")
+        cfg = {"backbone": bb.spec.name, "trainable": trainable_name, "epochs": int(epochs), "lr": lr,
+               "batch_size": int(batch_size), "image_size": int(pre.crop), "optimizer": optimizer,
+               "weight_decay": float(weight_decay), "momentum": float(momentum),
+               "label_smoothing": float(label_smoothing), "warmup_epochs": float(warmup_epochs),
+               "lr_decay": float(lr_decay), "bn": bn_mode, "patience": patience, "monitor": monitor,
+               "crop_scale": [float(crop_scale[0]), float(crop_scale[1])],
+               "init_head": str(Path(init_head).resolve()) if init_head else None, "seed": int(seed),
+               "test_size": float(test_size), "precision": precision,
+               "data_fingerprint": fingerprint(images)}
+        if not flip:  # only when off, so runs and checkpoints made before the option keep their names
+            cfg["flip"] = False
+        _new_classifier(bb, images.class_names, init_head)
 
-
-def _finetune(images: ImageSet, splits: _Splits, labels: np.ndarray, counts: np.ndarray,
-              group: TrainingGroup, *, backbone: str, bn: str, trainable: str, epochs: int,
-              lr: float, batch_size: int, image_size: int | None, optimizer: str,
-              weight_decay: float, momentum: float, label_smoothing: float, warmup_epochs: float,
-              lr_decay: float, patience: int | None, monitor: str, crop_scale, flip: bool, init_head,
-              seed: int, test_size: float, device: str, precision: str, workers: int | None,
-              cache_dir, run_name: str | None, resume: bool, progress: bool, on_step,
-              t_start: float) -> FinetuneResult:
-    """The body of :func:`finetune`, once the options, data, splits and ranks are settled."""
-    bn_mode = bn if bn != "auto" else ("frozen" if counts.min() < BN_FROZEN_BELOW else "train")
-    _seed_everything(seed)  # the new classifier's init draws from it
-    bb = load_backbone(backbone)
-    pre = bb.preprocessing.with_crop(image_size) if image_size else bb.preprocessing
-    bb.preprocessing = pre
-    groups = block_groups(bb.model, bb.classifier_name)
-    n_train_blocks = parse_trainable(trainable, len(groups))
-    trainable_name = {0: "head", len(groups): "all"}.get(n_train_blocks, f"last:{n_train_blocks}")
-    cfg = {"backbone": bb.spec.name, "trainable": trainable_name, "epochs": int(epochs), "lr": lr,
-           "batch_size": int(batch_size), "image_size": int(pre.crop), "optimizer": optimizer,
-           "weight_decay": float(weight_decay), "momentum": float(momentum),
-           "label_smoothing": float(label_smoothing), "warmup_epochs": float(warmup_epochs),
-           "lr_decay": float(lr_decay), "bn": bn_mode, "patience": patience, "monitor": monitor,
-           "crop_scale": [float(crop_scale[0]), float(crop_scale[1])],
-           "init_head": str(Path(init_head).resolve()) if init_head else None, "seed": int(seed),
-           "test_size": float(test_size), "precision": precision,
-           "data_fingerprint": fingerprint(images)}
-    if not flip:  # only when off, so runs and checkpoints made before the option keep their names
-        cfg["flip"] = False
-    _new_classifier(bb, images.class_names, init_head)
-
-    run = _Run(images, splits, labels, pre=pre, cfg=cfg, device=device, workers=workers,
-               progress=progress, group=group)
-    trainer = _Trainer(bb, groups=groups, n_train_blocks=n_train_blocks,
-                       bn_frozen=bn_mode == "frozen", cfg=cfg, device=device, precision=precision,
-                       steps_per_epoch=len(run.train_loader), group=group)
-    cfg_hash = hashlib.sha256(json.dumps(cfg, sort_keys=True).encode()).hexdigest()[:8]
-    base = f"{_slug(images.name)}-{_slug(Path(backbone).name)}-ft-{trainable_name.replace(':', '')}-{cfg_hash}"
-    runs = Path(cache_dir) if cache_dir else default_cache_dir()
-    # Rank 0 picks (and creates) the run folder; every rank reads and rank 0 writes it.
-    run_dir = None
-    if group.is_primary:
-        run_dir = ensure_dir(_run_dir(runs / "runs", base, run_name=run_name, resume=resume))
-    run_dir = Path(group.broadcast(str(run_dir)))
-    lock = file_lock(run_dir / ".lock", what=f"the run {run_dir.name}") if group.is_primary \
-        else contextlib.nullcontext()
-    with lock:
-        state = _initial_state(trainer, run_dir / "checkpoint-last.pt", cfg, resume=resume,
-                               quiet=not group.is_primary)
-        resumed_from = int(state["epoch"])
-        while not state["done"] and state["epoch"] < epochs:
-            run.train_epoch(trainer, state, run_dir, on_step=on_step)
-        metrics = run.report(trainer, state, run_dir)
+        run = _Run(images, splits, labels, pre=pre, cfg=cfg, device=device, workers=workers,
+                   progress=progress, group=group)
+        trainer = _Trainer(bb, groups=groups, n_train_blocks=n_train_blocks,
+                           bn_frozen=bn_mode == "frozen", cfg=cfg, device=device, precision=precision,
+                           steps_per_epoch=len(run.train_loader), group=group)
+        cfg_hash = hashlib.sha256(json.dumps(cfg, sort_keys=True).encode()).hexdigest()[:8]
+        base = (f"{_slug(images.name)}-{_slug(Path(backbone).name)}-ft-"
+                f"{trainable_name.replace(':', '')}-{cfg_hash}")
+        runs = Path(cache_dir) if cache_dir else default_cache_dir()
+        # Rank 0 picks (and creates) the run folder; every rank reads and rank 0 writes it.
+        run_dir = None
         if group.is_primary:
-            _write_outputs(run_dir, metrics, bb, pre=pre, images=images)
-    group.barrier()  # the run folder is complete before any rank returns
-    return FinetuneResult(
-        run_dir=run_dir, model=metrics["model"], split=metrics["split"],
-        accuracy=metrics["accuracy"], macro_f1=metrics["macro_f1"], epochs=metrics["epochs"],
-        seconds=time.perf_counter() - t_start, best_epoch=metrics["best_epoch"],
-        fit_seconds=metrics["fit_seconds"], trainable_params=metrics["trainable_params"],
-        train_images_per_second=metrics["train_images_per_second"],
-        inference_images_per_second=metrics["inference_images_per_second"],
-        stopped_early=metrics["stopped_early"], resumed_from_epoch=resumed_from,
-        errors=metrics["errors"], metrics=metrics, rank=group.rank, world_size=group.world_size)
+            run_dir = ensure_dir(_run_dir(runs / "runs", base, run_name=run_name, resume=resume))
+        run_dir = Path(group.broadcast(str(run_dir)))
+        lock = file_lock(run_dir / ".lock", what=f"the run {run_dir.name}") if group.is_primary \
+            else contextlib.nullcontext()
+        with lock:
+            state = _initial_state(trainer, run_dir / "checkpoint-last.pt", cfg, resume=resume,
+                                   quiet=not group.is_primary)
+            resumed_from = int(state["epoch"])
+            while not state["done"] and state["epoch"] < epochs:
+                run.train_epoch(trainer, state, run_dir, on_step=on_step)
+            metrics = run.report(trainer, state, run_dir)
+            if group.is_primary:
+                _write_outputs(run_dir, metrics, bb, pre=pre, images=images)
+        group.barrier()  # the run folder is complete before any rank returns
+        return FinetuneResult(
+            run_dir=run_dir, model=metrics["model"], split=metrics["split"],
+            accuracy=metrics["accuracy"], macro_f1=metrics["macro_f1"], epochs=metrics["epochs"],
+            seconds=time.perf_counter() - t_start, best_epoch=metrics["best_epoch"],
+            fit_seconds=metrics["fit_seconds"], trainable_params=metrics["trainable_params"],
+            train_images_per_second=metrics["train_images_per_second"],
+            inference_images_per_second=metrics["inference_images_per_second"],
+            stopped_early=metrics["stopped_early"], resumed_from_epoch=resumed_from,
+            errors=metrics["errors"], metrics=metrics, rank=group.rank, world_size=group.world_size)
 
 
 def _check_options(*, optimizer: str, bn: str, monitor: str, lr: float | None, epochs: int,
