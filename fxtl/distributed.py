@@ -161,6 +161,20 @@ def _timeout() -> timedelta:
     return timedelta(seconds=seconds)
 
 
+def _start_process_group(env: TorchrunEnv, backend: str, **kwargs: Any) -> None:
+    """``init_process_group`` from torchrun's environment, or a one-line error saying what is missing."""
+    import torch.distributed as dist
+
+    if not dist.is_available():
+        raise FxtlError("this torch build has no torch.distributed; run without torchrun (for "
+                        "extraction: `fxtl extract --shard I/N` and `fxtl merge`)")
+    missing = [k for k in ("MASTER_ADDR", "MASTER_PORT") if k not in os.environ]
+    if missing:
+        raise FxtlError(f"WORLD_SIZE={env.world_size} is set but {', '.join(missing)} "
+                        "is not; launch with torchrun, or unset WORLD_SIZE and RANK")
+    dist.init_process_group(backend, **kwargs)
+
+
 class Coordinator:
     """Barriers and broadcasts of small Python objects between torchrun ranks.
 
@@ -177,18 +191,11 @@ class Coordinator:
     def __enter__(self) -> "Coordinator":
         import torch.distributed as dist
 
-        if not dist.is_available():
-            raise FxtlError("this torch build has no torch.distributed; run without torchrun, or "
-                            "use `fxtl extract --shard I/N` and `fxtl merge`")
-        if dist.is_initialized():
+        if dist.is_available() and dist.is_initialized():
             if dist.get_backend() != "gloo":
                 self._group = dist.new_group(backend="gloo", timeout=_timeout())
         else:
-            missing = [k for k in ("MASTER_ADDR", "MASTER_PORT") if k not in os.environ]
-            if missing:
-                raise FxtlError(f"WORLD_SIZE={self.env.world_size} is set but {', '.join(missing)} "
-                                "is not; launch with torchrun, or unset WORLD_SIZE and RANK")
-            dist.init_process_group("gloo", timeout=_timeout())
+            _start_process_group(self.env, "gloo", timeout=_timeout())
             self._owned = True
         return self
 
@@ -241,29 +248,17 @@ class TrainingGroup:
     def is_primary(self) -> bool:
         return self.rank == 0
 
-    @property
-    def distributed(self) -> bool:
-        return self.env is not None
-
     def __enter__(self) -> "TrainingGroup":
         if self.env is None:
             return self
+        import torch
         import torch.distributed as dist
 
-        if not dist.is_available():
-            raise FxtlError("this torch build has no torch.distributed; run without torchrun")
-        if not dist.is_initialized():
-            missing = [k for k in ("MASTER_ADDR", "MASTER_PORT") if k not in os.environ]
-            if missing:
-                raise FxtlError(f"WORLD_SIZE={self.env.world_size} is set but {', '.join(missing)} "
-                                "is not; launch with torchrun, or unset WORLD_SIZE and RANK")
-            backend = "nccl" if self.device.startswith("cuda") else "gloo"
-            kwargs: dict[str, Any] = {}
-            if backend == "nccl":
-                import torch
-
-                kwargs["device_id"] = torch.device(self.device)
-            dist.init_process_group(backend, **kwargs)
+        if not (dist.is_available() and dist.is_initialized()):
+            if self.device.startswith("cuda"):
+                _start_process_group(self.env, "nccl", device_id=torch.device(self.device))
+            else:
+                _start_process_group(self.env, "gloo")
             self._owned = True
         self._coord = Coordinator(self.env).__enter__()
         return self

@@ -57,6 +57,15 @@ def test_global_batch_must_split_over_the_ranks(shapes_dir, tmp_path, monkeypatc
         monkeypatch.setenv(k, v)
     with pytest.raises(fxtl.FxtlError, match="multiple of 3"):
         finetune(shapes_dir, epochs=1, cache_dir=tmp_path, **TINY)
+    # WORLD_SIZE without torchrun's rendezvous variables: one line saying so, no hang
+    for k in ("MASTER_ADDR", "MASTER_PORT"):
+        monkeypatch.delenv(k, raising=False)
+    threads = torch.get_num_threads()  # placing the rank gives it its share of the cores
+    try:
+        with pytest.raises(fxtl.FxtlError, match="MASTER_ADDR, MASTER_PORT is not; launch with torchrun"):
+            finetune(shapes_dir, epochs=1, cache_dir=tmp_path, **{**TINY, "batch_size": 3})
+    finally:
+        torch.set_num_threads(threads)
 
 
 def test_two_processes_equal_one_and_resume_across_world_sizes(shapes_dir, tmp_path, tiny):
