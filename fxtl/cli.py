@@ -331,7 +331,8 @@ def advise(data_dir, backbone, sample, large_per_class, seed, run_plan, device, 
 @click.option("--epochs", type=click.IntRange(min=1), default=2, show_default=True,
               help="Epochs of the short fine-tune.")
 @click.option("--image-size", type=click.IntRange(min=32), default=128, show_default=True,
-              help="Input side for the fine-tune (small keeps the demo quick on a CPU).")
+              help="Input side of a fine-tune from a zero classifier (small keeps it quick on a CPU); "
+                   "the digits land in scenario 3, whose LP-FT fine-tune runs at the head's input size.")
 @click.option("--seed", type=int, default=0, show_default=True)
 @device_options
 @cache_dir_option
