@@ -49,7 +49,7 @@ VARIANTS = {
     "lp-ft@224": {"init_head": "LOGREG_RUN", "image_size": None},
     "probe@128": {"init_head": "LOGREG_RUN", "epochs": 0},
     "probe@224": {"init_head": "LOGREG_RUN", "epochs": 0, "image_size": None},
-    # What `fxtl advise` now runs for scenario 3 (fxtl.advise.LP_FT_CROP_SCALE): LP-FT at the
+    # What `fxtl advise` now runs for scenario 3 (fxtl.advice.LP_FT_CROP_SCALE): LP-FT at the
     # head's input size with a milder random crop, since the head was fitted on centre crops.
     "lp-ft@224-crop0.8": {"init_head": "LOGREG_RUN", "image_size": None, "crop_scale": (0.8, 1.0)},
 }
@@ -59,7 +59,7 @@ def subsample_manifest(root: Path, per_class: int, out: Path, seed: int = 0) -> 
     """A CSV manifest with ``per_class`` training images per class and every val image."""
     import numpy as np
 
-    from fxtl.data import discover
+    from fxtl.data.discovery import discover
 
     images = discover(root)
     rng = np.random.default_rng(seed)
@@ -82,7 +82,7 @@ def subsample_manifest(root: Path, per_class: int, out: Path, seed: int = 0) -> 
 
 def _datasets(tmp: Path):
     """name -> (builder returning the data path, fine-tune keyword arguments)."""
-    from fxtl.datasets import write_digits
+    from fxtl.data.samples import write_digits
 
     return {
         "hymenoptera (all, 245 train)": (lambda: HYMENOPTERA, {}),
@@ -138,9 +138,9 @@ def main() -> None:
     ap.add_argument("--output", type=Path, default=RESULTS)
     args = ap.parse_args()
     import fxtl
-    from fxtl.advise import advise
-    from fxtl.finetune import finetune
-    from fxtl.heads import fit_heads
+    from fxtl.advice import advise
+    from fxtl.training.loop import finetune
+    from fxtl.heads.fitting import fit_heads
 
     tmp = Path(tempfile.mkdtemp(prefix="fxtl-calib-"))
     cache = tmp / "cache"

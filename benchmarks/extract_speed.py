@@ -35,7 +35,7 @@ DEFAULT_DATA = HERE.parent.parent / "shared" / "datasets" / "hymenoptera"
 
 
 def model_only(precision: str, batch: int, seconds: float = 6.0, inference: bool = True) -> float:
-    from fxtl.backbones import load_backbone
+    from fxtl.backbones.registry import load_backbone
     from fxtl.runtime import autocast
 
     bb = load_backbone("lite0", inference=inference).to(memory_format=torch.channels_last)
@@ -65,7 +65,7 @@ def tutorial_loop(data: Path) -> dict:
     import timm
     from torchvision import datasets, transforms
 
-    from fxtl.backbones import _lite0_file, _map_by_order, _torch_load
+    from fxtl.backbones.registry import _lite0_file, _map_by_order, _torch_load
 
     t0 = time.perf_counter()
     model = timm.create_model("tf_efficientnet_lite0", pretrained=False)
@@ -97,7 +97,7 @@ def logreg_val_accuracy(cache: str) -> float:
     from sklearn.pipeline import make_pipeline
     from sklearn.preprocessing import StandardScaler
 
-    from fxtl.store import load_features
+    from fxtl.features.store import load_features
 
     fc = load_features(cache)
     X, y = fc.subset("train")
@@ -119,7 +119,7 @@ def peak_rss_mb(data_arg: str, cache_dir: Path) -> float:
 
 def repeated_manifest(data: Path, times: int, folder: Path) -> Path:
     """A CSV manifest listing the dataset ``times`` over (via symlinked copies of the folder)."""
-    from fxtl.data import discover
+    from fxtl.data.discovery import discover
 
     images = discover(data)
     rows = ["path,label,split"]
@@ -138,7 +138,7 @@ def main() -> None:
     ap.add_argument("--data", type=Path, default=DEFAULT_DATA)
     ap.add_argument("--skip-memory", action="store_true")
     args = ap.parse_args()
-    from fxtl.extract import default_batch_size
+    from fxtl.features.extraction import default_batch_size
     from fxtl.runtime import keep_freed_memory, resolve_precision
 
     # fxtl extract tunes malloc for the process (runtime.keep_freed_memory); do it first so the

@@ -84,7 +84,7 @@ def main() -> None:
     out = {"machine": {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
                        "loadavg_at_end": os.getloadavg()},
            "data": str(args.data), "verdict": verdict, "compare_rows": rows, "steps": steps}
-    from fxtl.compare import format_table
+    from fxtl.report.comparison import format_table
 
     print(format_table(rows))
     print(f"chart: {steps['compare']['result']['chart']}")

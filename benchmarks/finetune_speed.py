@@ -46,7 +46,7 @@ def tutorial_epochs(data: Path, epochs: int, batch_size: int, seed: int) -> list
     import torch.nn as nn
     from torchvision import datasets, transforms
 
-    from fxtl.backbones import _lite0_file, _map_by_order, _torch_load
+    from fxtl.backbones.registry import _lite0_file, _map_by_order, _torch_load
 
     torch.manual_seed(seed)
     model = timm.create_model("tf_efficientnet_lite0", pretrained=False)
@@ -79,7 +79,7 @@ def tutorial_epochs(data: Path, epochs: int, batch_size: int, seed: int) -> list
 
 
 def fxtl_epochs(data: Path, epochs: int, batch_size: int, seed: int, cache_dir: Path) -> tuple[list[dict], dict]:
-    from fxtl.finetune import finetune
+    from fxtl.training.loop import finetune
 
     res = finetune(data, trainable="all", epochs=epochs, batch_size=batch_size, seed=seed,
                    patience=None, cache_dir=cache_dir, progress=False)
@@ -93,7 +93,7 @@ def fxtl_epochs(data: Path, epochs: int, batch_size: int, seed: int, cache_dir: 
 
 def _fxtl_workers() -> int:
     from fxtl.distributed import available_cores
-    from fxtl.extract import default_workers
+    from fxtl.features.extraction import default_workers
 
     return 0 if available_cores() <= 2 else default_workers("cpu")
 

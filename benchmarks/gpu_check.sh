@@ -18,7 +18,7 @@ export PYTHONPATH="/tmp/site:$PWD"
 D=/tmp/fxtl-gpu-digits C=/tmp/fxtl-gpu-cache
 nvidia-smi --query-gpu=name,memory.total --format=csv | tee "$OUT/gpu.txt"
 python3 -c "import torch; print('torch', torch.__version__, torch.cuda.is_available())" | tee -a "$OUT/gpu.txt"
-python3 -c "from fxtl.datasets import write_digits; write_digits('$D')" || exit 1
+python3 -c "from fxtl.data.samples import write_digits; write_digits('$D')" || exit 1
 step() { local name=$1; shift; echo "== $name: $*"; local t0=$SECONDS
          "$@" >"$OUT/$name.json" 2>"$OUT/$name.err"; echo "rc=$? $((SECONDS - t0)) s"
          tail -c 600 "$OUT/$name.json"; echo; }

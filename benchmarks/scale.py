@@ -90,7 +90,7 @@ def speed(data: Path, tmp: Path, repeats: int) -> dict:
             "loop_images_per_second_median": statistics.median(x["loop_images_per_second"] for x in mine),
             "end_to_end_images_per_second_median": statistics.median(x["end_to_end_images_per_second"] for x in mine),
             "wall_seconds_median": statistics.median(x["wall_seconds"] for x in mine)}
-    from fxtl.store import load_features
+    from fxtl.features.store import load_features
 
     a = load_features(runs[0]["cache"])
     b = load_features(next(x for x in runs if x["processes"] == "2")["cache"])
@@ -132,7 +132,7 @@ def manifest(data: Path, rows: int, folder: Path) -> Path:
     """
     import shutil
 
-    from fxtl.data import discover
+    from fxtl.data.discovery import discover
 
     base = folder / "base"
     if not base.exists():

@@ -17,64 +17,45 @@ pay for torch and scikit-learn until a stage needs them.
 from __future__ import annotations
 
 import importlib
-import sys
-import types
 
 __version__ = "0.1.0"
 
-from .errors import BackboneError, CacheError, DataError, FxtlError, ProvenanceError
+from .errors import (BackboneError, CacheError, DataError, FxtlError, ParameterError,
+                     ProvenanceError)
 
-# public name -> module that defines it (imported lazily by __getattr__)
+# public name -> module that defines it (imported lazily by __getattr__). No module is named
+# like a function it exports, so ``fxtl.extract`` is always the function.
 _API = {
-    "FeatureCache": "store", "load_features": "store",
-    "get_backbone": "backbones", "list_backbones": "backbones", "load_backbone": "backbones",
-    "discover": "data",
-    "extract": "extract",
-    "fit_head": "heads", "fit_heads": "heads", "load_head": "heads",
-    "predict": "predict",
-    "plot_embedding": "plots",
-    "finetune": "finetune",
-    "compare": "compare",
-    "advise": "advise",
-    "export_cache": "export",
-    "datasets": None,
+    "FeatureCache": "features.store", "load_features": "features.store",
+    "get_backbone": "backbones.registry", "list_backbones": "backbones.registry",
+    "load_backbone": "backbones.registry",
+    "discover": "data.discovery",
+    "extract": "features.extraction",
+    "fit_head": "heads.fitting", "fit_heads": "heads.fitting", "load_head": "heads.fitting",
+    "predict": "prediction",
+    "plot_embedding": "report.plots",
+    "finetune": "training.loop",
+    "compare": "report.comparison",
+    "advise": "advice",
+    "export_cache": "features.export",
 }
+# public module -> where it lives
+_MODULES = {"datasets": "data.samples"}
 
 __all__ = ["__version__", "FxtlError", "DataError", "CacheError", "BackboneError",
-           "ProvenanceError", *_API]
+           "ProvenanceError", "ParameterError", *_API, *_MODULES]
 
 
 def __getattr__(name: str):
-    if name not in _API:
+    if name in _MODULES:
+        value = importlib.import_module(f".{_MODULES[name]}", __name__)
+    elif name in _API:
+        value = getattr(importlib.import_module(f".{_API[name]}", __name__), name)
+    else:
         raise AttributeError(f"module 'fxtl' has no attribute {name!r}")
-    module = importlib.import_module(f".{_API[name] or name}", __name__)
-    value = module if _API[name] is None else getattr(module, name)
-    # Several stages share their module's name (fxtl.extract, fxtl.finetune...): bind the
-    # function over the submodule attribute that the import just set.
     globals()[name] = value
     return value
 
 
 def __dir__():
-    return sorted(set(globals()) | set(_API))
-
-
-# Stage modules that share their function's name.
-_SAME_NAME = frozenset({"extract", "finetune", "compare", "advise", "predict"})
-
-
-class _Package(types.ModuleType):
-    """``fxtl.extract`` is the function even after ``fxtl.extract`` the module was imported.
-
-    Importing a submodule binds it as an attribute of the package; this keeps the public
-    function in front (the modules stay reachable through ``sys.modules``).
-    """
-
-    def __getattribute__(self, name: str):
-        value = super().__getattribute__(name)
-        if name in _SAME_NAME and isinstance(value, types.ModuleType):
-            value = getattr(value, name)
-        return value
-
-
-sys.modules[__name__].__class__ = _Package
+    return sorted(set(globals()) | set(_API) | set(_MODULES))

@@ -45,7 +45,7 @@ def _backbone_value(ctx, param, value):
     """An unknown backbone name is a usage error (exit 2); the weights are loaded later."""
     if value is None:
         return None
-    from .backbones import parse_backbone_name
+    from .backbones.registry import parse_backbone_name
 
     try:
         parse_backbone_name(value)
@@ -142,7 +142,7 @@ def extract(data_dir, backbone, layer, device, precision, batch_size, workers, o
       fxtl extract DATA_DIR --shard I/N ; fxtl merge ...     array jobs without torchrun
     Either way the cache equals a single-process one (rows, order, fingerprint).
     """
-    from .extract import extract as run_extract
+    from .features.extraction import extract as run_extract
 
     res = run_extract(data_dir, backbone=backbone, layer=layer, precision=precision, device=device,
                       batch_size=batch_size, workers=workers, cache_dir=resolve_cache_dir(cache_dir),
@@ -190,7 +190,7 @@ def merge(shards, output, keep_shards, force, as_json):
       sbatch --array=0-3 --wrap 'fxtl extract DATA --shard $SLURM_ARRAY_TASK_ID/4'
       fxtl merge cache/<dataset>-<backbone>-<fingerprint>.h5.shards
     """
-    from .extract import merge_shards
+    from .features.extraction import merge_shards
 
     res = merge_shards(list(shards), output=output, force=force, keep_shards=keep_shards)
 
@@ -209,7 +209,7 @@ def merge(shards, output, keep_shards, force, as_json):
 @handle_errors
 def info(cache, as_json):
     """Print a cache's provenance, shape, splits and skipped images."""
-    from .store import load_features
+    from .features.store import load_features
 
     fc = load_features(cache)
     d = {"cache": str(cache), "n": fc.n, "dim": fc.dim, "splits": fc.splits,
@@ -248,7 +248,7 @@ def info(cache, as_json):
 @handle_errors
 def export(cache, fmt, output, as_json):
     """Write a cache's features, labels, paths and split as npz, csv or parquet."""
-    from .export import export_cache
+    from .features.export import export_cache
 
     out = export_cache(cache, fmt=fmt, output=output)
     emit({"output": str(out), "format": fmt}, as_json, lambda d: d["output"])
@@ -261,7 +261,7 @@ def export(cache, fmt, output, as_json):
 @handle_errors
 def backbones(layers_of, as_json):
     """List the registered backbones and whether their weights are available offline."""
-    from .backbones import list_backbones, load_backbone
+    from .backbones.registry import list_backbones, load_backbone
 
     if layers_of:
         bb = load_backbone(layers_of)
@@ -293,13 +293,13 @@ def backbones(layers_of, as_json):
 def advise(data_dir, backbone, sample, large_per_class, seed, run_plan, device, precision, cache_dir,
            as_json):
     """Say which of the four transfer-learning scenarios DATA_DIR is in, and what to run."""
-    from .advise import advise as run_advise
+    from .advice import advise as run_advise
 
     a = run_advise(data_dir, backbone=backbone, sample=sample, large_per_class=large_per_class,
                    seed=seed, device=device, precision=precision, progress=not as_json)
     d = a.to_dict()
     if run_plan:
-        from .advise import run_plan as execute
+        from .advice import run_plan as execute
 
         d["plan"] = execute(a, cache_dir=resolve_cache_dir(cache_dir), device=device,
                             precision=precision, seed=seed, log=log)
@@ -371,8 +371,8 @@ def demo(per_class, epochs, image_size, seed, device, precision, cache_dir, as_j
 
 
 # ============================================================================ heads stage
-from .heads import BACKENDS, HEADS, LARGE_ROWS  # noqa: E402 - the registry gives --model its choices
-from .plots import METHODS as EMBEDDING_METHODS  # noqa: E402
+from .heads.fitting import BACKENDS, HEADS, LARGE_ROWS  # noqa: E402 - the registry gives --model its choices
+from .report.plots import METHODS as EMBEDDING_METHODS  # noqa: E402
 
 
 def _pca_value(ctx, param, value):
@@ -439,7 +439,7 @@ def fit_head(cache, models, params, no_search, seed, jobs, test_size, cv_folds, 
     CV on train; scores are reported on test, else val, else a stratified hold-out. Each head
     is saved in <cache-dir>/runs/<run>/ with metrics.json, confusion.png and head.joblib.
     """
-    from .heads import check_params, fit_heads, parse_params
+    from .heads.fitting import check_params, fit_heads, parse_params
 
     names = list(HEADS) if "all" in models else list(dict.fromkeys(models))
     try:
@@ -469,7 +469,7 @@ def fit_head(cache, models, params, no_search, seed, jobs, test_size, cv_folds, 
                          f"{r['balanced_accuracy']:>8.4f} {r['macro_f1']:>8.4f} {r['fit_seconds']:>7.2f} "
                          f"{r['predict_seconds']:>7.3f}  {r['selection']:<10} {_fmt_params(r['best_params'])}")
         if len(results) == 1:
-            from .evaluate import format_metrics
+            from .report.metrics import format_metrics
 
             lines += ["", format_metrics(results[0].metrics)]
         b = next(r for r in d["runs"] if r["model"] == d["best"])
@@ -503,7 +503,7 @@ def predict(model, inputs, top_k, trust, device, precision, batch_size, workers,
     The head's backbone runs with the same weights, preprocessing, layer and precision (auto =
     the precision of the head's cache). Unreadable images are reported and skipped.
     """
-    from .predict import predict as run_predict
+    from .prediction import predict as run_predict
 
     res = run_predict(model, inputs, top_k=top_k, trust=trust, device=device, precision=precision,
                       batch_size=batch_size, workers=workers, cache_dir=resolve_cache_dir(cache_dir),
@@ -542,7 +542,7 @@ def predict(model, inputs, top_k, trust, device, precision, batch_size, workers,
 @handle_errors
 def plot_embedding(cache, method, split, output, seed, max_points, perplexity, cache_dir, as_json):
     """Draw a 2-D map (PCA or t-SNE) of a CACHE's features, coloured by class, as a PNG."""
-    from .plots import plot_embedding as run_plot
+    from .report.plots import plot_embedding as run_plot
 
     res = run_plot(cache, method=method, split=split, output=output, seed=seed,
                    max_points=max_points, perplexity=perplexity, cache_dir=resolve_cache_dir(cache_dir))
@@ -552,7 +552,7 @@ def plot_embedding(cache, method, split, output, seed, max_points, perplexity, c
 
 
 # ============================================================================ finetune stage
-from .finetune import BN_FROZEN_BELOW, BN_MODES, MONITORS, OPTIMIZERS  # noqa: E402
+from .training.loop import BN_FROZEN_BELOW, BN_MODES, MONITORS, OPTIMIZERS  # noqa: E402
 
 
 class _Trainable(click.ParamType):
@@ -640,7 +640,7 @@ def finetune(data_dir, backbone, trainable, epochs, lr, batch_size, image_size, 
     --batch-size stays the batch of one optimizer step, so results match a single process and
     --resume works with another number of processes.
     """
-    from .finetune import finetune as run_finetune
+    from .training.loop import finetune as run_finetune
 
     res = run_finetune(data_dir, backbone=backbone, trainable=trainable, epochs=epochs, lr=lr,
                        batch_size=batch_size, image_size=image_size, optimizer=optimizer,
@@ -657,7 +657,7 @@ def finetune(data_dir, backbone, trainable, epochs, lr, batch_size, image_size, 
         log(f"fxtl: {note}")
 
     def human(d):
-        from .evaluate import format_metrics
+        from .report.metrics import format_metrics
 
         return "\n".join([
             f"{d['run_dir']}",
@@ -685,8 +685,8 @@ def compare(runs, dataset, output, cache_dir, as_json):
 
     RUNS are run folders; default: every run under <cache-dir>/runs.
     """
-    from .compare import compare as run_compare
-    from .compare import format_table
+    from .report.comparison import compare as run_compare
+    from .report.comparison import format_table
 
     res = run_compare(cache_dir=resolve_cache_dir(cache_dir), runs=runs, dataset=dataset,
                       output=output)

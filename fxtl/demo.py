@@ -34,9 +34,9 @@ def run_demo(*, cache_dir: str | Path | None = None, per_class: int = 60, epochs
         at the size the head's features were extracted at (224 for lite0) instead: the
         head is only valid there.
     """
-    from .advise import advise, run_plan
-    from .datasets import write_digits
-    from .plots import plot_embedding
+    from .advice import advise, run_plan
+    from .data.samples import write_digits
+    from .report.plots import plot_embedding
 
     log = log or (lambda msg: None)
     t0 = time.perf_counter()

@@ -6,7 +6,8 @@ anything else is a bug and keeps its traceback.
 """
 from __future__ import annotations
 
-__all__ = ["FxtlError", "DataError", "CacheError", "BackboneError", "ProvenanceError"]
+__all__ = ["FxtlError", "DataError", "CacheError", "BackboneError", "ProvenanceError",
+           "ParameterError"]
 
 
 class FxtlError(Exception):
@@ -27,3 +28,16 @@ class BackboneError(FxtlError):
 
 class ProvenanceError(FxtlError):
     """An artifact does not match what it is used with (other backbone, tampered file...)."""
+
+
+class ParameterError(FxtlError, ValueError):
+    """A keyword argument of a library call has a value it cannot take.
+
+    ``param`` is the Python parameter's name (``lr``, ``test_size``); the message speaks of that
+    name, never of a command-line option. The CLI maps ``param`` to its option and reports a usage
+    error (exit status 2).
+    """
+
+    def __init__(self, param: str, message: str) -> None:
+        super().__init__(message)
+        self.param = param

@@ -13,7 +13,7 @@ os.environ.setdefault("OMP_NUM_THREADS", "2")
 @pytest.fixture(scope="session")
 def shapes_dir(tmp_path_factory) -> Path:
     """train/val split folders, 2 classes (circle, square), 6 images each per split."""
-    from fxtl.datasets import write_shapes
+    from fxtl.data.samples import write_shapes
 
     return write_shapes(tmp_path_factory.mktemp("shapes"), per_class=6)
 
@@ -21,7 +21,7 @@ def shapes_dir(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def digits_dir(tmp_path_factory) -> Path:
     """scikit-learn digits 0-2 as PNG folders: 12 per class, train/val."""
-    from fxtl.datasets import write_digits
+    from fxtl.data.samples import write_digits
 
     return write_digits(tmp_path_factory.mktemp("digits"), classes=3, per_class=12, val_fraction=0.34)
 

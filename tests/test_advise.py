@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
-from fxtl.advise import SCENARIOS, _commands, advise
+from fxtl.advice import SCENARIOS, _commands, advise
 from fxtl.cli import cli
 
 

@@ -7,10 +7,10 @@ import numpy as np
 import pytest
 import torch
 
-from fxtl.backbones import (BACKBONES, BackboneSpec, get_backbone, list_backbones, load_backbone,
+from fxtl.backbones.registry import (BACKBONES, BackboneSpec, get_backbone, list_backbones, load_backbone,
                             parse_backbone_name, register_backbone)
 from fxtl.errors import BackboneError
-from fxtl.preprocess import EvalTransform
+from fxtl.data.images import EvalTransform
 
 
 @pytest.fixture(scope="module")
@@ -84,7 +84,7 @@ def test_intermediate_layer_is_pooled():
 
 
 def test_offline_download_fails_with_one_line(monkeypatch, tmp_path):
-    import fxtl.backbones as B
+    import fxtl.backbones.registry as B
 
     monkeypatch.setattr(B, "_online", lambda *a, **k: False)
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
@@ -96,7 +96,7 @@ def test_offline_download_fails_with_one_line(monkeypatch, tmp_path):
 
 
 def test_offline_timm_fails_with_one_line(monkeypatch):
-    import fxtl.backbones as B
+    import fxtl.backbones.registry as B
 
     monkeypatch.setattr(B, "_online", lambda *a, **k: False)
     monkeypatch.setattr(B, "_timm_cached_file", lambda spec: None)

@@ -9,7 +9,7 @@ from click.testing import CliRunner
 
 import fxtl
 from fxtl.cli import cli
-from fxtl.compare import collect_runs, compare, comparison_rows, format_table
+from fxtl.report.comparison import collect_runs, compare, comparison_rows, format_table
 
 PNG = b"\x89PNG\r\n\x1a\n"
 
@@ -103,8 +103,8 @@ def test_cli_compare(runs):
 
 def test_compare_real_head_and_finetune(shapes_dir, shapes_cache, tmp_path):
     """A fit-head run and a fine-tune of the same data line up on the same split."""
-    heads = pytest.importorskip("fxtl.heads")
-    from fxtl.finetune import finetune
+    heads = pytest.importorskip("fxtl.heads.fitting")
+    from fxtl.training.loop import finetune
 
     heads.fit_head(shapes_cache, model="logreg", cache_dir=tmp_path, search=False)
     ft = finetune(shapes_dir, trainable="head", epochs=1, image_size=64, batch_size=4, workers=0,

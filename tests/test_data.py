@@ -7,9 +7,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from fxtl.data import discover, fingerprint
+from fxtl.data.discovery import discover, fingerprint
 from fxtl.errors import DataError
-from fxtl.preprocess import EvalTransform, ImageDecodeError, Preprocessing, open_image
+from fxtl.data.images import EvalTransform, ImageDecodeError, Preprocessing, open_image
 
 from . import _images as img
 

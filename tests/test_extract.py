@@ -16,7 +16,7 @@ from click.testing import CliRunner
 
 import fxtl
 from fxtl.cli import cli
-from fxtl.store import load_features
+from fxtl.features.store import load_features
 
 from . import _images as img
 
@@ -47,7 +47,7 @@ def test_features_separate_classes(shapes_cache):
 
 
 def test_reuse_and_invalidation(tmp_path):
-    from fxtl.datasets import write_shapes
+    from fxtl.data.samples import write_shapes
 
     data = write_shapes(tmp_path / "d", per_class=3)
     cache = tmp_path / "cache"
@@ -97,7 +97,7 @@ def test_bad_images_recorded_and_skipped(tmp_path, capfd):
 
 def test_uninterruptible_equivalence_after_sigkill(tmp_path):
     """Kill (SIGKILL) after the first chunk, run again: it resumes, features are identical."""
-    from fxtl.datasets import write_shapes
+    from fxtl.data.samples import write_shapes
 
     data = write_shapes(tmp_path / "d", per_class=5)  # 20 images -> 3 chunks of 8 rows
     kw = dict(batch_size=4, chunk_batches=2, workers=0, progress=False)
@@ -200,7 +200,7 @@ def test_output_never_overwrites_a_foreign_file(shapes_dir, tmp_path):
 
 
 def test_stale_temporaries_are_removed(shapes_dir, tmp_path):
-    from fxtl.datasets import write_shapes
+    from fxtl.data.samples import write_shapes
 
     data = write_shapes(tmp_path / "d", per_class=2)
     out = tmp_path / "c.h5"

@@ -22,9 +22,9 @@ from click.testing import CliRunner
 
 import fxtl
 from fxtl.cli import cli
-from fxtl.finetune import (TrainTransform, block_groups, finetune, linear_head_weights,
+from fxtl.training.loop import (TrainTransform, block_groups, finetune, linear_head_weights,
                            parse_trainable)
-from fxtl.preprocess import Preprocessing
+from fxtl.data.images import Preprocessing
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = dict(image_size=32, batch_size=4, workers=0, progress=False, precision="fp32")
@@ -73,8 +73,8 @@ def test_run_folder_and_metrics(run2, shapes_dir):
 
 def test_run_folder_is_a_backbone(run2, shapes_dir):
     """load_backbone(run) rebuilds the fine-tuned network: it reproduces the reported accuracy."""
-    from fxtl.data import discover
-    from fxtl.extract import embed_paths
+    from fxtl.data.discovery import discover
+    from fxtl.features.extraction import embed_paths
 
     bb = fxtl.load_backbone(str(run2.run_dir))
     assert bb.categories == ["circle", "square"] and bb.preprocessing.crop == 32
@@ -148,7 +148,7 @@ def test_head_only_keeps_backbone(shapes_dir, tmp_path, tiny):
 
 _KILL_SCRIPT = textwrap.dedent("""
     import os, signal, sys
-    from fxtl.finetune import finetune
+    from fxtl.training.loop import finetune
 
     def kill(info):
         if info["epoch"] == 2 and info["step"] == 2:
@@ -228,8 +228,8 @@ def test_early_stopping_keeps_best_epoch(shapes_dir, tmp_path, tiny):
 def test_holdout_when_only_train(tmp_path, tiny):
     from sklearn.model_selection import train_test_split
 
-    from fxtl.data import discover
-    from fxtl.datasets import write_shapes
+    from fxtl.data.discovery import discover
+    from fxtl.data.samples import write_shapes
 
     data = write_shapes(tmp_path / "d", per_class=5, splits=("train",))
     res = finetune(data / "train", backbone=tiny, epochs=1, cache_dir=tmp_path / "c", seed=3, **TINY)
@@ -304,8 +304,8 @@ def test_linear_head_refuses_nonlinear_steps():
 
 def test_init_head_from_fit_head_run(shapes_dir, shapes_cache, tmp_path):
     """LP-FT: with 0 epochs the network is the logistic head on top of the backbone."""
-    heads = pytest.importorskip("fxtl.heads")
-    from fxtl.store import load_features
+    heads = pytest.importorskip("fxtl.heads.fitting")
+    from fxtl.features.store import load_features
 
     fc = load_features(shapes_cache)
     fitted = heads.fit_head(shapes_cache, model="logreg", cache_dir=tmp_path, search=False)
@@ -319,7 +319,7 @@ def test_init_head_from_fit_head_run(shapes_dir, shapes_cache, tmp_path):
 
 
 def test_init_head_at_another_input_size_warns(shapes_dir, shapes_cache, tmp_path, capsys):
-    heads = pytest.importorskip("fxtl.heads")
+    heads = pytest.importorskip("fxtl.heads.fitting")
 
     fitted = heads.fit_head(shapes_cache, model="logreg", cache_dir=tmp_path, search=False)
     finetune(shapes_dir, init_head=fitted.run_dir, epochs=0, cache_dir=tmp_path, image_size=64,
@@ -353,7 +353,7 @@ def test_cli_json_and_errors(shapes_dir, tmp_path, tiny):
 def test_depthwise_convs_train_in_fp32_and_infer_in_bf16():
     import torch.nn as nn
 
-    from fxtl.finetune import _depthwise_fp32_when_training
+    from fxtl.training.loop import _depthwise_fp32_when_training
 
     net = nn.Sequential(nn.Conv2d(3, 8, 1), nn.Conv2d(8, 8, 3, groups=8), nn.Conv2d(8, 4, 1))
     _depthwise_fp32_when_training(net)

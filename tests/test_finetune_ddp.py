@@ -12,7 +12,7 @@ import pytest
 import torch
 
 import fxtl
-from fxtl.finetune import _epoch_sampler, finetune
+from fxtl.training.loop import _epoch_sampler, finetune
 
 ROOT = Path(__file__).resolve().parents[1]
 # fp32 and frozen BatchNorm: a 2-process step computes the single-process step's gradient.

@@ -5,7 +5,7 @@ import pytest
 import torch
 import torch.nn as nn
 
-from fxtl.backbones import fold_batchnorm, load_backbone
+from fxtl.backbones.registry import fold_batchnorm, load_backbone
 
 
 def _randomise_bn(model: nn.Module) -> None:
@@ -94,7 +94,7 @@ def test_a_conv_output_used_twice_is_not_folded():
 
 
 def test_graph_is_part_of_the_cache_provenance(shapes_cache):
-    from fxtl.store import read_attrs
+    from fxtl.features.store import read_attrs
 
     attrs = read_attrs(shapes_cache)
     assert str(attrs["graph"]).startswith("bn-folded:")

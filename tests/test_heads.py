@@ -10,9 +10,9 @@ from click.testing import CliRunner
 
 from fxtl.cli import cli
 from fxtl.errors import CacheError, FxtlError, ProvenanceError
-from fxtl.heads import (HEADS, build_pipeline, check_params, fit_head, fit_heads, get_head,
+from fxtl.heads.fitting import (HEADS, build_pipeline, check_params, fit_head, fit_heads, get_head,
                         load_head, parse_params, plan_splits, register_head)
-from fxtl.store import load_features, write_cache
+from fxtl.features.store import load_features, write_cache
 
 PRE = {"resize": 256, "crop": 224, "interpolation": "bicubic", "mean": [0.5] * 3, "std": [0.5] * 3}
 

@@ -13,10 +13,10 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
-from fxtl import heads
+from fxtl.heads import fitting as heads
 from fxtl.cli import cli
 from fxtl.errors import FxtlError
-from fxtl.heads import fit_heads
+from fxtl.heads.fitting import fit_heads
 
 MODELS = ["logreg", "knn"]
 

@@ -12,9 +12,9 @@ from click.testing import CliRunner
 
 from fxtl.cli import cli
 from fxtl.errors import FxtlError, ProvenanceError
-from fxtl.heads import fit_head
-from fxtl.predict import collect_images, predict
-from fxtl.store import load_features
+from fxtl.heads.fitting import fit_head
+from fxtl.prediction import collect_images, predict
+from fxtl.features.store import load_features
 
 from .test_heads import write_synthetic_cache
 
@@ -109,7 +109,7 @@ def test_predict_with_a_finetuned_run_folder(tmp_path, shapes_dir):
     """A folder with fxtl-model.json predicts with its own classifier (softmax of its logits)."""
     import torch
 
-    from fxtl.backbones import _replace_linear, load_backbone
+    from fxtl.backbones.registry import _replace_linear, load_backbone
 
     bb = load_backbone("lite0")
     _replace_linear(bb.model, bb.classifier_name, 2)

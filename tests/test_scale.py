@@ -18,9 +18,9 @@ import fxtl
 from fxtl.cli import cli
 from fxtl.distributed import TorchrunEnv, parse_shard, rank_budget, shard_rows, torchrun_env
 from fxtl.errors import FxtlError
-from fxtl.store import load_features
+from fxtl.features.store import load_features
 
-fx = importlib.import_module("fxtl.extract")  # the module (``fxtl.extract`` is also the function)
+fx = importlib.import_module("fxtl.features.extraction")  # the module (``fxtl.extract`` is also the function)
 ROOT = Path(__file__).resolve().parents[1]
 # fp32 and a batch of 4 over 12 images: 3 batches, so shard 0/2 holds 1 batch and shard 1/2 two.
 OPTS = ["--precision", "fp32", "--batch-size", "4", "--workers", "0"]
@@ -29,7 +29,7 @@ KW = dict(precision="fp32", batch_size=4, workers=0, progress=False)
 
 @pytest.fixture(scope="module")
 def data(tmp_path_factory) -> Path:
-    from fxtl.datasets import write_shapes
+    from fxtl.data.samples import write_shapes
 
     return write_shapes(tmp_path_factory.mktemp("scale") / "d", per_class=3)
 

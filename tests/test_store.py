@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from fxtl.errors import CacheError
-from fxtl.store import FORMAT_VERSION, load_features, write_cache
+from fxtl.features.store import FORMAT_VERSION, load_features, write_cache
 
 
 def _write(path, n=5, dim=4, **over):

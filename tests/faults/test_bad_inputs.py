@@ -19,8 +19,8 @@ from click.testing import CliRunner
 from PIL import Image
 
 from fxtl.cli import cli
-from fxtl.heads import fit_head
-from fxtl.store import load_features
+from fxtl.heads.fitting import fit_head
+from fxtl.features.store import load_features
 
 from .. import _images as img
 from ..test_heads import PRE, write_synthetic_cache
@@ -199,7 +199,7 @@ def test_unreadable_folder_is_named_not_silently_dropped(locked_subfolder, tmp_p
     assert_one_line_error(proc.returncode, proc.stderr, str(root / "a" / "more"), "Permission denied")
     assert not (tmp_path / "cache").exists()
     # predict walks folders too: there the folder is one reported input error, the rest goes on
-    code = ("import json, sys; from fxtl.predict import collect_images; "
+    code = ("import json, sys; from fxtl.prediction import collect_images; "
             "imgs, _, errs = collect_images([sys.argv[1]]); "
             "print(json.dumps({'images': [str(p) for p in imgs], 'errors': errs}))")
     proc = run_fxtl(root, code=code, unprivileged=True, timeout=120)
@@ -282,7 +282,7 @@ _FUZZ = r"""
 import json, sys
 from pathlib import Path
 from fxtl.errors import CacheError
-from fxtl.store import load_features
+from fxtl.features.store import load_features
 src = Path(sys.argv[1]); data = src.read_bytes(); stop = int(sys.argv[2])
 outcomes = {}
 for off in range(0, stop, 16):

@@ -14,8 +14,8 @@ from click.testing import CliRunner
 
 import fxtl
 from fxtl.cli import cli
-from fxtl.datasets import write_shapes
-from fxtl.store import load_features
+from fxtl.data.samples import write_shapes
+from fxtl.features.store import load_features
 
 
 @contextlib.contextmanager

@@ -20,14 +20,14 @@ import torch
 from click.testing import CliRunner
 
 from fxtl.cli import cli
-from fxtl.datasets import write_shapes
+from fxtl.data.samples import write_shapes
 
 from ._cli import ROOT, assert_one_line_error, run_fxtl
 
 # The real CLI, with one test hook: at step 2 of epoch 2 it says so and waits to be killed.
 _PAUSE_IN_EPOCH_2 = r"""
 import importlib, sys, time
-ft = importlib.import_module("fxtl.finetune")
+ft = importlib.import_module("fxtl.training.loop")
 real = ft.finetune
 
 def pause(info):

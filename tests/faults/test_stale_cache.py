@@ -16,8 +16,8 @@ from click.testing import CliRunner
 from PIL import Image
 
 from fxtl.cli import cli
-from fxtl.datasets import write_shapes
-from fxtl.store import load_features
+from fxtl.data.samples import write_shapes
+from fxtl.features.store import load_features
 
 
 def _extract(data: Path, home: Path, *more: str) -> dict:

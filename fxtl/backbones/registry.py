@@ -27,8 +27,8 @@ from pathlib import Path
 from typing import Any, Callable
 from urllib.parse import urlparse
 
-from .errors import BackboneError
-from .preprocess import Preprocessing
+from ..errors import BackboneError
+from ..data.images import Preprocessing
 
 __all__ = ["BackboneSpec", "Backbone", "BACKBONES", "register_backbone", "get_backbone",
            "list_backbones", "load_backbone", "parse_backbone_name", "DEFAULT_BACKBONE",
@@ -275,7 +275,7 @@ def _state_dict_sha256(model) -> str:
 # ----------------------------------------------------------------------------- building
 def _build(spec: BackboneSpec) -> tuple[Any, Preprocessing, str, dict[str, Any]]:
     """Instantiate the pretrained network: (model, preprocessing, weights_sha256, meta)."""
-    from ._util import sha256_file
+    from .._util import sha256_file
 
     source = spec.meta.get("base_source", spec.source) if spec.source in ("file", "run") else spec.source
     if source == "package":
@@ -335,7 +335,7 @@ def _build(spec: BackboneSpec) -> tuple[Any, Preprocessing, str, dict[str, Any]]
 
 def _with_local(spec: BackboneSpec, model, pre: Preprocessing, meta: dict | None = None):
     """Load a local weights file (``ARCH=PATH``) or a fine-tuned run into ``model``."""
-    from ._util import sha256_file
+    from .._util import sha256_file
 
     file = Path(spec.file)
     sd = _load_any_weights(file)

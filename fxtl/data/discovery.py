@@ -21,8 +21,8 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from .errors import DataError
-from .preprocess import IMAGE_EXTENSIONS, EvalTransform, ImageDecodeError, Preprocessing
+from ..errors import DataError
+from .images import IMAGE_EXTENSIONS, EvalTransform, ImageDecodeError, Preprocessing
 
 __all__ = ["Sample", "ImageSet", "discover", "SPLIT_ALIASES", "ImageDataset", "fingerprint",
            "walk_images"]

@@ -64,7 +64,7 @@ def plot_confusion(cm: Sequence[Sequence[int]], class_names: Sequence[str], path
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from ._util import atomic_path
+    from .._util import atomic_path
 
     cm = np.asarray(cm)
     k = len(class_names)

@@ -11,9 +11,9 @@ from typing import Any
 
 import numpy as np
 
-from ._util import atomic_path, default_cache_dir
-from .errors import FxtlError
-from .store import FeatureCache, load_features
+from .._util import atomic_path, default_cache_dir
+from ..errors import FxtlError
+from ..features.store import FeatureCache, load_features
 
 __all__ = ["plot_embedding", "EmbeddingPlot", "METHODS"]
 

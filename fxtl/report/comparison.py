@@ -28,8 +28,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
-from ._util import default_cache_dir, save_figure
-from .errors import FxtlError
+from .._util import default_cache_dir, save_figure
+from ..errors import FxtlError
 
 __all__ = ["collect_runs", "comparison_rows", "format_table", "plot_comparison", "compare",
            "CompareResult"]
@@ -92,7 +92,7 @@ def collect_runs(*, cache_dir: str | Path | None = None, runs: Sequence[str | Pa
 
 def _head_inference_estimate(m: dict[str, Any]) -> float | None:
     """Images/s of backbone (the cache's extraction speed) + head (its predict time)."""
-    from .store import read_attrs
+    from ..features.store import read_attrs
 
     cache = m.get("cache")
     if not cache or not Path(cache).is_file() or not m.get("n") or m.get("predict_seconds") is None:

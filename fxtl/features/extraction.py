@@ -31,17 +31,17 @@ from typing import TYPE_CHECKING, Any, Iterator, Sequence
 
 import numpy as np
 
-from . import __version__
-from ._util import atomic_path, atomic_write_json, ensure_dir, file_lock, now_iso, say, versions
-from .backbones import DEFAULT_BACKBONE, load_backbone
-from .data import ImageDataset, ImageSet, discover, fingerprint
-from .preprocess import collate_images
-from .errors import CacheError, DataError, FxtlError
-from .runtime import autocast, keep_freed_memory, resolve_device, resolve_precision
+from .. import __version__
+from .._util import atomic_path, atomic_write_json, ensure_dir, file_lock, now_iso, say, versions
+from ..backbones.registry import DEFAULT_BACKBONE, load_backbone
+from ..data.discovery import ImageDataset, ImageSet, discover, fingerprint
+from ..data.images import collate_images
+from ..errors import CacheError, DataError, FxtlError
+from ..runtime import autocast, keep_freed_memory, resolve_device, resolve_precision
 from .store import FORMAT_VERSION, read_attrs, write_cache
 
 if TYPE_CHECKING:  # the class is built lazily (importing it imports torch)
-    from .backbones import Backbone
+    from ..backbones.registry import Backbone
 
 __all__ = ["extract", "merge_shards", "ExtractResult", "embed_paths", "cache_path_for",
            "default_batch_size", "default_workers", "SHARD_FORMAT"]
@@ -116,7 +116,7 @@ def default_workers(device: str) -> int:
     computed on all cores: the two phases take turns and nothing contends.
     """
     if device.startswith("cuda"):
-        from .distributed import available_cores
+        from ..distributed import available_cores
 
         return max(1, min(8, available_cores() - 1))
     return 0
@@ -259,8 +259,8 @@ def extract(data: str | Path, *, backbone: str = DEFAULT_BACKBONE, layer: str | 
     >>> extract("data/hymenoptera", shard=(1, 4)).shard_file   # doctest: +SKIP
     PosixPath('cache/hymenoptera-lite0-1e2b80d0e2303460.h5.shards/shard-00001-of-00004.h5')
     """
-    from ._util import default_cache_dir
-    from .distributed import place_rank, torchrun_env
+    from .._util import default_cache_dir
+    from ..distributed import place_rank, torchrun_env
 
     t0 = time.perf_counter()
     if batch_size is not None and batch_size < 1:
@@ -550,7 +550,7 @@ def _rate(images: int, seconds: float) -> float:
 # ----------------------------------------------------------------------------- shards
 def _extract_shard(job: _Job, index: int, count: int, *, force: bool) -> ExtractResult:
     """Shard ``index`` of ``count`` into its shard file (reused when complete, else resumed)."""
-    from .distributed import shard_path, shard_rows
+    from ..distributed import shard_path, shard_rows
 
     lo, hi = shard_rows(len(job.images), count, job.batch_size)[index]
     spath = shard_path(job.path, index, count)
@@ -678,7 +678,7 @@ def _shard_hit(job: _Job, spath: Path, index: int, count: int, lo: int, hi: int)
 def _resolve_sources(sources: Sequence[str | Path]) -> tuple[list[Path], Path | None]:
     """Shard files named by ``sources`` (files, ``.shards`` folders, or cache paths), and the
     cache path the sources imply, if any."""
-    from .distributed import SHARD_RE, shards_dir
+    from ..distributed import SHARD_RE, shards_dir
 
     files: list[Path] = []
     implied: Path | None = None
@@ -731,7 +731,7 @@ def _check_shards(infos: list[_ShardInfo]) -> list[_ShardInfo]:
         by_index[s.index] = s
     missing = [i for i in range(ref.count) if i not in by_index]
     if missing:
-        from .distributed import SHARD_NAME
+        from ..distributed import SHARD_NAME
 
         folder = ref.path.parent
         names = ", ".join(str(folder / SHARD_NAME.format(index=i, count=ref.count)) for i in missing)
@@ -786,7 +786,7 @@ def merge_shards(sources: Sequence[str | Path], *, output: str | Path | None = N
     >>> merge_shards(["cache/hymenoptera-lite0-1e2b80d0e2303460.h5.shards"]).n   # doctest: +SKIP
     398
     """
-    from .distributed import shards_dir
+    from ..distributed import shards_dir
 
     t0 = time.perf_counter()
     if not sources:
@@ -929,7 +929,7 @@ def _extract_torchrun(job: _Job, env, *, force: bool) -> ExtractResult:
     """
     from dataclasses import replace
 
-    from .distributed import Coordinator, shard_path
+    from ..distributed import Coordinator, shard_path
 
     with Coordinator(env) as co:
         mine = {"fingerprint": job.fp, "n": len(job.images), "batch_size": job.batch_size,

@@ -14,8 +14,8 @@ from typing import Any, Iterable, Iterator, Sequence
 
 import numpy as np
 
-from ._util import atomic_path
-from .errors import CacheError
+from .._util import atomic_path
+from ..errors import CacheError
 
 __all__ = ["FORMAT", "FORMAT_VERSION", "FeatureCache", "load_features", "write_cache",
            "read_attrs", "iter_feature_chunks", "summarize"]
@@ -110,7 +110,7 @@ def _check_space(path: Path, payload: int) -> None:
     """
     import shutil
 
-    from ._util import ensure_dir
+    from .._util import ensure_dir
 
     ensure_dir(path.parent)
     need = int(payload * 1.05) + (256 << 10)

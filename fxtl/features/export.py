@@ -6,8 +6,8 @@ from pathlib import Path
 
 import numpy as np
 
-from ._util import atomic_path
-from .errors import FxtlError
+from .._util import atomic_path
+from ..errors import FxtlError
 from .store import load_features
 
 __all__ = ["export_cache", "EXPORT_FORMATS"]

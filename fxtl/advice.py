@@ -43,8 +43,8 @@ from typing import Any
 
 import numpy as np
 
-from .backbones import DEFAULT_BACKBONE, load_backbone
-from .data import ImageSet, discover
+from .backbones.registry import DEFAULT_BACKBONE, load_backbone
+from .data.discovery import ImageSet, discover
 from .errors import FxtlError
 
 __all__ = ["advise", "Advice", "measure_similarity", "SCENARIOS"]
@@ -140,8 +140,8 @@ def measure_similarity(images: ImageSet, *, backbone: str = DEFAULT_BACKBONE, sa
     import torch
     from PIL import Image
 
-    from .extract import embed_paths
-    from .preprocess import ImageDecodeError, open_image
+    from .features.extraction import embed_paths
+    from .data.images import ImageDecodeError, open_image
 
     bb = load_backbone(backbone, inference=True)
     idx = _stratified_sample(images, sample, seed)
@@ -272,10 +272,10 @@ def run_plan(advice: Advice, *, cache_dir: str | Path | None = None, device: str
     head was fitted at, so ``image_size`` does not apply to it). The same splits are used
     throughout, so ``compare`` lines the results up.
     """
-    from .compare import compare
-    from .extract import extract
-    from .finetune import finetune
-    from .heads import fit_heads
+    from .report.comparison import compare
+    from .features.extraction import extract
+    from .training.loop import finetune
+    from .heads.fitting import fit_heads
 
     log = log or (lambda msg: None)
     data = advice.data

@@ -90,19 +90,19 @@ from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 import numpy as np
 
-from . import __version__
-from ._util import (atomic_path, atomic_write_json, default_cache_dir, ensure_dir, file_lock,
+from .. import __version__
+from .._util import (atomic_path, atomic_write_json, default_cache_dir, ensure_dir, file_lock,
                     now_iso, save_figure, sha256_file, unique_dir, versions)
-from .backbones import DEFAULT_BACKBONE, MODEL_MANIFEST, _replace_linear, load_backbone
-from .data import ImageDataset, ImageSet, discover, fingerprint
-from .distributed import TrainingGroup, available_cores, place_rank, torchrun_env
-from .errors import DataError, FxtlError, ProvenanceError
-from .extract import _slug, default_workers
-from .preprocess import _INTERP, ImageDecodeError, Preprocessing, collate_images, open_image, to_chw
-from .runtime import autocast, keep_freed_memory, resolve_device, resolve_precision
+from ..backbones.registry import DEFAULT_BACKBONE, MODEL_MANIFEST, _replace_linear, load_backbone
+from ..data.discovery import ImageDataset, ImageSet, discover, fingerprint
+from ..distributed import TrainingGroup, available_cores, place_rank, torchrun_env
+from ..errors import DataError, FxtlError, ProvenanceError
+from ..features.extraction import _slug, default_workers
+from ..data.images import _INTERP, ImageDecodeError, Preprocessing, collate_images, open_image, to_chw
+from ..runtime import autocast, keep_freed_memory, resolve_device, resolve_precision
 
 if TYPE_CHECKING:  # the class is built lazily (importing it imports torch)
-    from .backbones import Backbone
+    from ..backbones.registry import Backbone
 
 __all__ = ["finetune", "FinetuneResult", "TrainTransform", "block_groups", "parse_trainable",
            "linear_head_weights", "BN_FROZEN_BELOW", "CHECKPOINT_FORMAT", "CHECKPOINT_VERSION",
@@ -357,7 +357,7 @@ def linear_head_weights(pipeline, head_classes: Sequence[str], class_names: Sequ
 
 def _load_linear_head(run: str | Path, bb: Backbone) -> tuple[Any, list[str]]:
     """``(pipeline, class_names)`` of a ``fit-head`` run, checked against the backbone."""
-    from .heads import load_head
+    from ..heads.fitting import load_head
 
     head = load_head(run)
     prov = head.provenance
@@ -1119,7 +1119,7 @@ class _Run:
         """Metrics of the kept weights on the reported split (the ``metrics.json`` content)."""
         import torch
 
-        from .evaluate import classification_metrics
+        from ..report.metrics import classification_metrics
 
         model_file = run_dir / "model.pt"
         self.group.barrier()  # rank 0 has written model.pt
@@ -1168,7 +1168,7 @@ class _Run:
 def _write_outputs(run_dir: Path, metrics: dict[str, Any], bb: Backbone, *, pre: Preprocessing,
                    images: ImageSet) -> None:
     """metrics.json, the plots, and the manifest that makes the folder a backbone (last)."""
-    from .evaluate import plot_confusion
+    from ..report.metrics import plot_confusion
 
     # A run trained from a run names the original base, so loading rebuilds the right network.
     base_name = bb.spec.meta.get("base", bb.spec.name) if bb.spec.source == "run" else bb.spec.name

@@ -30,8 +30,8 @@ from typing import Any, Sequence
 import numpy as np
 
 from ._util import say
-from .backbones import MODEL_MANIFEST
-from .data import walk_images
+from .backbones.registry import MODEL_MANIFEST
+from .data.discovery import walk_images
 from .errors import FxtlError, ProvenanceError
 
 __all__ = ["predict", "PredictResult", "collect_images", "resolve_model"]
@@ -193,7 +193,7 @@ def predict(model: str | Path, inputs: Sequence[str | Path], *, top_k: int = 1,
                                  precision=precision, batch_size=batch_size, workers=workers,
                                  progress=progress, notes=notes)
     else:
-        from .heads import load_head
+        from .heads.fitting import load_head
 
         head = load_head(model, trust=trust)
         res = PredictResult(model=str(head.path), kind="head", class_names=list(head.class_names),
@@ -216,7 +216,7 @@ def predict(model: str | Path, inputs: Sequence[str | Path], *, top_k: int = 1,
 
 
 def _predict_cache(head, cache_path: Path, res: PredictResult, *, top_k: int) -> None:
-    from .store import load_features
+    from .features.store import load_features
 
     cache = load_features(cache_path)
     head.check_features(cache.attrs, cache.dim, source=str(cache_path))
@@ -233,7 +233,7 @@ def _predict_cache(head, cache_path: Path, res: PredictResult, *, top_k: int) ->
 def _predict_images_with_head(head, images: list[Path], res: PredictResult, *, top_k: int,
                               device: str, precision: str | None, batch_size: int | None,
                               workers: int | None, progress: bool) -> None:
-    from .backbones import load_backbone
+    from .backbones.registry import load_backbone
 
     prov = head.provenance
     if not prov.get("backbone"):
@@ -253,7 +253,7 @@ def _predict_images_with_head(head, images: list[Path], res: PredictResult, *, t
 def _embed_and_score(bb, images: list[Path], res: PredictResult, *, top_k: int, device: str,
                      precision: str, batch_size: int | None, workers: int | None, progress: bool,
                      score, with_logits: bool) -> None:
-    from .extract import embed_paths
+    from .features.extraction import embed_paths
 
     for idx, feats, logits, bad in embed_paths(bb, images, device=device, precision=precision,
                                                batch_size=batch_size, workers=workers,
@@ -274,7 +274,7 @@ def _embed_and_score(bb, images: list[Path], res: PredictResult, *, top_k: int, 
 def _predict_finetuned(run: Path, images: list[Path], *, top_k: int, device: str,
                        precision: str | None, batch_size: int | None, workers: int | None,
                        progress: bool, notes: list[str]) -> PredictResult:
-    from .backbones import load_backbone
+    from .backbones.registry import load_backbone
 
     try:
         manifest = json.loads((run / MODEL_MANIFEST).read_text())

@@ -57,10 +57,10 @@ from typing import Any, Callable, Iterator, Mapping, Sequence
 
 import numpy as np
 
-from ._util import (atomic_path, atomic_write_bytes, atomic_write_json, default_cache_dir,
+from .._util import (atomic_path, atomic_write_bytes, atomic_write_json, default_cache_dir,
                     ensure_dir, now_iso, sha256_file, unique_dir, versions)
-from .errors import CacheError, FxtlError, ProvenanceError
-from .store import FeatureCache, load_features, read_attrs
+from ..errors import CacheError, FxtlError, ProvenanceError
+from ..features.store import FeatureCache, load_features, read_attrs
 
 __all__ = ["HeadSpec", "StreamSpec", "HEADS", "register_head", "get_head", "list_heads",
            "build_pipeline", "parse_params", "check_params", "SplitPlan", "plan_splits",
@@ -745,7 +745,7 @@ class _SearchBackend:
             self.client = sched
             origin = "client given"
         elif sched is None:
-            from .distributed import available_cores
+            from ..distributed import available_cores
 
             cores = available_cores()
             self.log(f"fxtl: starting a Dask LocalCluster ({cores} workers x 1 thread)")
@@ -996,7 +996,7 @@ def _fit_one(source: "_Source", name: str, *, plan: SplitPlan, params: dict, sea
     y_true, scores = source.scores_on(head, plan.eval_rows)
     predict_seconds = time.perf_counter() - t0
     y_pred = scores.argmax(axis=1)
-    from .evaluate import classification_metrics
+    from ..report.metrics import classification_metrics
 
     m = classification_metrics(y_true, y_pred, class_names)
     timings = source.attrs.get("timings") or {}
@@ -1165,7 +1165,7 @@ class _Source:
                 r = rows[s:s + block_rows]
                 yield r, self.features[r], self.labels[r]
             return
-        from .store import iter_feature_chunks
+        from ..features.store import iter_feature_chunks
 
         wanted = np.zeros(self.n, dtype=bool)
         wanted[rows] = True
@@ -1340,7 +1340,7 @@ def _fit_streaming(source: _Source, spec: HeadSpec, *, plan: SplitPlan, params: 
 
 # ----------------------------------------------------------------------------- run folder
 def _write_run(res: FitResult, run_dir: Path, source: _Source, plan: SplitPlan) -> None:
-    from .evaluate import plot_confusion
+    from ..report.metrics import plot_confusion
 
     head_path = save_head(res.head, run_dir / "head.joblib")
     res.run_dir, res.head_path = run_dir, head_path
