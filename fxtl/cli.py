@@ -15,7 +15,7 @@ from typing import Any, Callable
 import click
 
 from ._util import default_cache_dir, json_default
-from .errors import FxtlError
+from .errors import FxtlError, ParameterError
 from .runtime import DEVICES, PRECISIONS
 
 __all__ = ["main", "cli"]
@@ -70,12 +70,30 @@ def log(msg: str) -> None:
     click.echo(msg, err=True)
 
 
+def _option_for(param: str) -> click.Parameter | None:
+    """The current command's option whose Python name is ``param`` (``test_size`` -> --test-size)."""
+    ctx = click.get_current_context(silent=True)
+    if ctx is None:
+        return None
+    return next((p for p in ctx.command.params if p.name == param), None)
+
+
 def handle_errors(f: Callable) -> Callable:
-    """FxtlError -> one line on stderr, exit 1 (never a traceback for a user's mistake)."""
+    """FxtlError -> one line on stderr, exit 1 (never a traceback for a user's mistake).
+
+    A :class:`ParameterError` about a parameter that is one of the command's options is a usage
+    error: click reports it against that option (exit 2).
+    """
     @functools.wraps(f)
     def wrapper(*args, **kwargs):
         try:
             return f(*args, **kwargs)
+        except ParameterError as exc:
+            option = _option_for(exc.param)
+            if option is not None:
+                raise click.BadParameter(str(exc), param=option) from None
+            click.echo(f"fxtl: error: {exc}", err=True)
+            sys.exit(1)
         except FxtlError as exc:
             click.echo(f"fxtl: error: {exc}", err=True)
             sys.exit(1)

@@ -57,6 +57,7 @@ from typing import Any, Callable, Iterator, Mapping, Sequence
 
 import numpy as np
 
+from ..data.splits import stratified_holdout
 from .._util import (atomic_path, atomic_write_bytes, atomic_write_json, default_cache_dir,
                     ensure_dir, now_iso, sha256_file, unique_dir, versions)
 from ..errors import CacheError, FxtlError, ProvenanceError
@@ -394,21 +395,8 @@ def plan_splits(labels: np.ndarray, split: np.ndarray, *, seed: int = 0, test_si
     elif len(rows["val"]):
         eval_rows, eval_split, fit_rows = rows["val"], "val", rows["train"]
     else:
-        from sklearn.model_selection import train_test_split
-
-        counts = np.bincount(labels[rows["train"]])
-        counts = counts[counts > 0]
-        if counts.min() < 2:
-            raise CacheError("the cache has only a train split and a class with a single image, "
-                             "so no stratified hold-out is possible; add images or a val split")
-        if not 0.0 < test_size < 1.0:
-            raise FxtlError(f"--test-size must be a fraction in (0, 1), got {test_size}")
-        try:
-            fit_rows, eval_rows = train_test_split(rows["train"], test_size=test_size,
-                                                   random_state=seed, stratify=labels[rows["train"]])
-        except ValueError as exc:
-            raise FxtlError(f"cannot hold out --test-size {test_size} stratified: {exc}") from None
-        fit_rows, eval_rows = np.sort(fit_rows), np.sort(eval_rows)
+        fit_rows, eval_rows = stratified_holdout(rows["train"], labels, test_size=test_size,
+                                                 seed=seed, source="the cache")
         eval_split = "holdout"
         notes.append(f"no val/test split: reporting on a stratified {test_size:.0%} hold-out of "
                      f"train (seed {int(seed)})")

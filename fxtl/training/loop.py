@@ -94,6 +94,7 @@ from .. import __version__
 from .._util import (atomic_path, atomic_write_json, default_cache_dir, ensure_dir, file_lock,
                     now_iso, save_figure, sha256_file, unique_dir, versions)
 from ..backbones.registry import DEFAULT_BACKBONE, MODEL_MANIFEST, _replace_linear, load_backbone
+from ..data.splits import stratified_holdout
 from ..data.discovery import ImageDataset, ImageSet, discover, fingerprint
 from ..distributed import TrainingGroup, available_cores, place_rank, torchrun_env
 from ..errors import DataError, FxtlError, ProvenanceError
@@ -439,24 +440,11 @@ def _plan_splits(images: ImageSet, *, seed: int, test_size: float) -> _Splits:
     if len(rows["test"]):
         return _Splits(rows["train"], None, "", rows["test"], "test",
                        ("no val split: no early stopping, the last epoch is kept",))
-    from sklearn.model_selection import train_test_split
-
-    if not 0.0 < test_size < 1.0:
-        raise FxtlError(f"--test-size must be a fraction in (0, 1), got {test_size}")
-    counts = np.bincount(labels[rows["train"]], minlength=len(images.class_names))
-    if counts.min() < 2:
-        raise DataError(f"{images.root} has only a train split and class "
-                        f"{images.class_names[int(counts.argmin())]!r} has under 2 images, so no "
-                        "stratified hold-out is possible; add images or a val split")
-    try:
-        fit, held = train_test_split(rows["train"], test_size=test_size, random_state=seed,
-                                     stratify=labels[rows["train"]])
-    except ValueError as exc:
-        raise FxtlError(f"cannot hold out --test-size {test_size} stratified: {exc}") from None
-    held = np.sort(held)
+    fit, held = stratified_holdout(rows["train"], labels, test_size=test_size, seed=seed,
+                                   source=str(images.root), class_names=images.class_names)
     note = (f"no val/test split: selecting on and reporting a stratified {test_size:.0%} hold-out "
             f"of train (seed {seed})")
-    return _Splits(np.sort(fit), held, "holdout", held, "holdout", (note,))
+    return _Splits(fit, held, "holdout", held, "holdout", (note,))
 
 
 # ----------------------------------------------------------------------------- checkpoints
