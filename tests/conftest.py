@@ -6,8 +6,19 @@ from pathlib import Path
 
 import pytest
 
-os.environ.setdefault("FXTL_CACHE", str(Path(__file__).parent / ".." / "cache" / "_pytest"))
 os.environ.setdefault("OMP_NUM_THREADS", "2")
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _cache_outside_the_checkout(tmp_path_factory):
+    """Every default cache (``./cache``, ``$FXTL_CACHE``) of a test lands in pytest's tmp dir."""
+    old = os.environ.get("FXTL_CACHE")
+    os.environ["FXTL_CACHE"] = str(tmp_path_factory.mktemp("fxtl-cache"))
+    yield
+    if old is None:
+        os.environ.pop("FXTL_CACHE", None)
+    else:
+        os.environ["FXTL_CACHE"] = old
 
 
 @pytest.fixture(scope="session")
