@@ -7,6 +7,7 @@ import fcntl
 import hashlib
 import json
 import os
+import re
 import tempfile
 import time
 from pathlib import Path
@@ -17,6 +18,7 @@ from .errors import FxtlError
 __all__ = [
     "atomic_write_bytes", "atomic_write_json", "atomic_path", "sha256_file", "default_cache_dir",
     "file_lock", "versions", "now_iso", "json_default", "save_figure", "unique_dir", "say",
+    "slug",
 ]
 
 
@@ -211,3 +213,8 @@ def versions() -> dict[str, str]:
 
 def now_iso() -> str:
     return time.strftime("%Y-%m-%dT%H:%M:%S%z")
+
+
+def slug(text: str) -> str:
+    """``text`` as a short file-name-safe token (run and cache names)."""
+    return re.sub(r"[^A-Za-z0-9._-]+", "_", str(text)).strip("_")[:40] or "x"

@@ -109,10 +109,10 @@ def test_predict_with_a_finetuned_run_folder(tmp_path, shapes_dir):
     """A folder with fxtl-model.json predicts with its own classifier (softmax of its logits)."""
     import torch
 
-    from fxtl.backbones.registry import _replace_linear, load_backbone
+    from fxtl.backbones.registry import replace_linear, load_backbone
 
     bb = load_backbone("lite0")
-    _replace_linear(bb.model, bb.classifier_name, 2)
+    replace_linear(bb.model, bb.classifier_name, 2)
     fc = bb.model.get_submodule(bb.classifier_name)
     with torch.no_grad():  # logits (0, 3) for every image: "square", p = 1 / (1 + e^-3)
         fc.weight.zero_()

@@ -343,7 +343,7 @@ def _with_local(spec: BackboneSpec, model, pre: Preprocessing, meta: dict | None
         classifier = spec.meta.get("classifier")
         num_classes = spec.meta.get("num_classes")
         if classifier and num_classes:
-            _replace_linear(model, classifier, int(num_classes))
+            replace_linear(model, classifier, int(num_classes))
         model.load_state_dict(sd)
         meta = {**(meta or {}), "categories": spec.meta.get("class_names") or []}
     else:
@@ -354,7 +354,7 @@ def _with_local(spec: BackboneSpec, model, pre: Preprocessing, meta: dict | None
     return model, pre, sha256_file(file), {**(meta or {}), "weights_file": str(file)}
 
 
-def _replace_linear(model, dotted: str, num_classes: int) -> None:
+def replace_linear(model, dotted: str, num_classes: int) -> None:
     import torch.nn as nn
 
     parent_name, _, child = dotted.rpartition(".")

@@ -276,7 +276,8 @@ def fingerprint(images: ImageSet, **parts: Any) -> str:
             size, mtime = st.st_size, st.st_mtime_ns
         except OSError:
             size, mtime = -1, -1
-        h.update(f"\0{s.path}\0{size}\0{mtime}\0{s.label}\0{s.split}".encode())
+        # surrogateescape: a file name that is not valid UTF-8 still hashes, byte for byte
+        h.update(f"\0{s.path}\0{size}\0{mtime}\0{s.label}\0{s.split}".encode("utf-8", "surrogateescape"))
     return h.hexdigest()
 
 

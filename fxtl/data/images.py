@@ -25,7 +25,7 @@ IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".
 # Larger images are refused as decompression bombs (Pillow's own default warns at ~89 Mpx).
 MAX_PIXELS = 100_000_000
 
-_INTERP = {"bicubic": Image.Resampling.BICUBIC, "bilinear": Image.Resampling.BILINEAR,
+INTERPOLATION = {"bicubic": Image.Resampling.BICUBIC, "bilinear": Image.Resampling.BILINEAR,
            "nearest": Image.Resampling.NEAREST, "lanczos": Image.Resampling.LANCZOS}
 
 
@@ -185,7 +185,7 @@ class EvalTransform:
 
     def __init__(self, pre: Preprocessing):
         self.pre = pre
-        self._interp = _INTERP[pre.interpolation]
+        self._interp = INTERPOLATION[pre.interpolation]
 
     def __call__(self, im: Image.Image):
         pre = self.pre

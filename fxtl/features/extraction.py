@@ -32,7 +32,7 @@ from typing import TYPE_CHECKING, Any, Iterator, Sequence
 import numpy as np
 
 from .. import __version__
-from .._util import atomic_path, atomic_write_json, ensure_dir, file_lock, now_iso, say, versions
+from .._util import slug, atomic_path, atomic_write_json, ensure_dir, file_lock, now_iso, say, versions
 from ..backbones.registry import DEFAULT_BACKBONE, load_backbone
 from ..data.discovery import ImageDataset, ImageSet, discover, fingerprint
 from ..data.images import collate_images
@@ -122,13 +122,10 @@ def default_workers(device: str) -> int:
     return 0
 
 
-def _slug(text: str) -> str:
-    return re.sub(r"[^A-Za-z0-9._-]+", "_", text).strip("_")[:40] or "x"
-
 
 def cache_path_for(images: ImageSet, backbone: str, fp: str, cache_dir: Path) -> Path:
     """``<cache-dir>/<dataset>-<backbone>-<fingerprint[:16]>.h5``."""
-    return Path(cache_dir) / f"{_slug(images.name)}-{_slug(Path(backbone).name)}-{fp[:16]}.h5"
+    return Path(cache_dir) / f"{slug(images.name)}-{slug(Path(backbone).name)}-{fp[:16]}.h5"
 
 
 def _make_loader(dataset, *, batch_size: int, workers: int, device: str):
@@ -615,7 +612,7 @@ def _read_shard(path: Path) -> _ShardInfo:
     """Read and check a shard file's header; a one-line CacheError for anything else."""
     import h5py
 
-    from .store import _attrs_of
+    from .store import cache_attrs
 
     path = Path(path)
     try:
@@ -623,7 +620,7 @@ def _read_shard(path: Path) -> _ShardInfo:
             raise CacheError(f"{path} is not an HDF5 file; pass shard files written by "
                              "`fxtl extract --shard I/N`")
         with h5py.File(path, "r") as f:
-            attrs = _attrs_of(f)
+            attrs = cache_attrs(f)
             fmt = attrs.get("format")
             if fmt != SHARD_FORMAT:
                 what = "a finished cache, not a shard" if fmt == "fxtl-features" else f"not a shard file (format={fmt!r})"
@@ -661,11 +658,11 @@ def _shard_hit(job: _Job, spath: Path, index: int, count: int, lo: int, hi: int)
         return None
     import h5py
 
-    from .store import _decode
+    from .store import decode_attr
 
     with h5py.File(spath, "r") as f:
-        split = [_decode(s) for s in f["split"][...]]
-        errors = [{"path": _decode(p), "reason": _decode(r)}
+        split = [decode_attr(s) for s in f["split"][...]]
+        errors = [{"path": decode_attr(p), "reason": decode_attr(r)}
                   for p, r in zip(f["errors/path"][...], f["errors/reason"][...])]
     return ExtractResult(cache=job.path, n=info.n, dim=info.dim, splits=_count_splits(split),
                          errors=errors, seconds=time.perf_counter() - job.t0, images_per_second=0.0,
@@ -853,7 +850,7 @@ _MERGE_BLOCK_ROWS = 4096
 def _merge_locked(ordered: list[_ShardInfo], out: Path, t0: float) -> ExtractResult:
     import h5py
 
-    from .store import _decode
+    from .store import decode_attr
 
     first = ordered[0]
     dims = {s.dim for s in ordered if s.n}
@@ -868,9 +865,9 @@ def _merge_locked(ordered: list[_ShardInfo], out: Path, t0: float) -> ExtractRes
     for s in ordered:  # per-image metadata only; features are streamed below
         with h5py.File(s.path, "r") as f:
             labels += f["labels"][...].tolist()
-            paths += [_decode(p) for p in f["paths"][...]]
-            split += [_decode(p) for p in f["split"][...]]
-            errors += [(_decode(p), _decode(r)) for p, r in zip(f["errors/path"][...],
+            paths += [decode_attr(p) for p in f["paths"][...]]
+            split += [decode_attr(p) for p in f["split"][...]]
+            errors += [(decode_attr(p), decode_attr(r)) for p, r in zip(f["errors/path"][...],
                                                                  f["errors/reason"][...])]
     if not paths:
         raise DataError(f"none of the {first.n_total} images under {first.attrs.get('dataset_root')} "

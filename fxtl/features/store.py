@@ -129,17 +129,17 @@ def _encode_attr(key: str, value: Any) -> Any:
     return value
 
 
-def _decode(value: Any) -> Any:
+def decode_attr(value: Any) -> Any:
     if isinstance(value, bytes):
         return value.decode()
     if isinstance(value, np.ndarray):
-        return [_decode(v) for v in value.tolist()]
+        return [decode_attr(v) for v in value.tolist()]
     if isinstance(value, np.generic):
         return value.item()
     return value
 
 
-def _open(path: Path):
+def open_cache(path: Path):
     h5py = _h5()
     path = Path(path)
     if not path.exists():
@@ -152,17 +152,17 @@ def _open(path: Path):
         f = h5py.File(path, "r")
     except OSError as exc:
         raise CacheError(f"{path} cannot be read as HDF5 ({exc}); re-create it with `fxtl extract`") from None
-    fmt = _decode(f.attrs.get("format"))
+    fmt = decode_attr(f.attrs.get("format"))
     if fmt != FORMAT:
         f.close()
         raise CacheError(f"{path} is an HDF5 file but not an fxtl feature cache (format={fmt!r}); "
                          "pass a cache written by `fxtl extract`")
-    version = _decode(f.attrs.get("format_version"))
+    version = decode_attr(f.attrs.get("format_version"))
     if not isinstance(version, int) or version > FORMAT_VERSION or version < 1:
         f.close()
         raise CacheError(f"{path} has format_version {version}, this fxtl reads up to "
                          f"{FORMAT_VERSION}; upgrade fxtl (pip install -U fxtl)")
-    if not _decode(f.attrs.get("complete", False)):
+    if not decode_attr(f.attrs.get("complete", False)):
         f.close()
         raise CacheError(f"{path} is incomplete; run `fxtl extract` again to finish it")
     missing = [k for k in REQUIRED_ATTRS if k not in f.attrs]
@@ -201,14 +201,14 @@ def _reading(path: Path) -> Iterator[None]:
 
 def read_attrs(path: Path) -> dict[str, Any]:
     """Root attributes of a cache, decoded (JSON attributes become dicts)."""
-    with _reading(path), _open(path) as f:
-        return _attrs_of(f)
+    with _reading(path), open_cache(path) as f:
+        return cache_attrs(f)
 
 
-def _attrs_of(f) -> dict[str, Any]:
+def cache_attrs(f) -> dict[str, Any]:
     out = {}
     for key, value in f.attrs.items():
-        value = _decode(value)
+        value = decode_attr(value)
         if key in _JSON_ATTRS and isinstance(value, str) and value:
             value = json.loads(value)
         out[key] = value
@@ -217,13 +217,13 @@ def _attrs_of(f) -> dict[str, Any]:
 
 def summarize(path: Path) -> dict[str, Any]:
     """Shape, splits, classes and errors of a cache without reading the features."""
-    with _reading(path), _open(Path(path)) as f:
-        attrs = _attrs_of(f)
-        split = [_decode(s) for s in f["split"][...]]
+    with _reading(path), open_cache(Path(path)) as f:
+        attrs = cache_attrs(f)
+        split = [decode_attr(s) for s in f["split"][...]]
         errors = []
         if "errors" in f:
             g = f["errors"]
-            errors = [{"path": _decode(p), "reason": _decode(r)}
+            errors = [{"path": decode_attr(p), "reason": decode_attr(r)}
                       for p, r in zip(g["path"][...], g["reason"][...])]
         n, dim = f["features"].shape
     names, counts = np.unique(np.array(split, dtype=str), return_counts=True)
@@ -316,16 +316,16 @@ def load_features(path: str | Path) -> FeatureCache:
         If the file is missing, not HDF5, of another format, of a newer version, or incomplete.
     """
     path = Path(path)
-    with _reading(path), _open(path) as f:
-        attrs = _attrs_of(f)
+    with _reading(path), open_cache(path) as f:
+        attrs = cache_attrs(f)
         features = f["features"][...].astype(np.float32, copy=False)
         labels = f["labels"][...].astype(np.int64, copy=False)
-        paths = [_decode(p) for p in f["paths"][...]]
-        split = np.array([_decode(s) for s in f["split"][...]], dtype=object).astype(str)
+        paths = [decode_attr(p) for p in f["paths"][...]]
+        split = np.array([decode_attr(s) for s in f["split"][...]], dtype=object).astype(str)
         errors: list[tuple[str, str]] = []
         if "errors" in f:
             g = f["errors"]
-            errors = [(_decode(p), _decode(r)) for p, r in zip(g["path"][...], g["reason"][...])]
+            errors = [(decode_attr(p), decode_attr(r)) for p, r in zip(g["path"][...], g["reason"][...])]
     class_names = [str(c) for c in attrs.get("class_names", [])]
     return FeatureCache(path=path, features=features, labels=labels, paths=paths, split=split,
                         class_names=class_names, attrs=attrs, errors=errors)
@@ -337,9 +337,9 @@ def iter_feature_chunks(path: str | Path, *, rows: int = 8192,
 
     For caches larger than memory (heads fitted with ``partial_fit``).
     """
-    with _reading(path), _open(Path(path)) as f:
+    with _reading(path), open_cache(Path(path)) as f:
         n = f["features"].shape[0]
-        sp = None if split is None else np.array([_decode(s) for s in f["split"][...]])
+        sp = None if split is None else np.array([decode_attr(s) for s in f["split"][...]])
         for start in range(0, n, rows):
             X = f["features"][start:start + rows]
             y = f["labels"][start:start + rows]

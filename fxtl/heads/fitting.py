@@ -58,7 +58,7 @@ from typing import Any, Callable, Iterator, Mapping, Sequence
 import numpy as np
 
 from ..data.splits import stratified_holdout
-from .._util import (atomic_path, atomic_write_bytes, atomic_write_json, default_cache_dir,
+from .._util import (slug, atomic_path, atomic_write_bytes, atomic_write_json, default_cache_dir,
                     ensure_dir, now_iso, sha256_file, unique_dir, versions)
 from ..errors import CacheError, FxtlError, ProvenanceError
 from ..features.store import FeatureCache, load_features, read_attrs
@@ -662,9 +662,6 @@ def _jsonable(params: Mapping[str, Any]) -> dict[str, Any]:
     return out
 
 
-def _slug(text: str) -> str:
-    return re.sub(r"[^A-Za-z0-9._-]+", "_", str(text)).strip("_")[:40] or "x"
-
 
 def _new_run_dir(runs: Path, name: str, *, exact: bool) -> Path:
     ensure_dir(runs)
@@ -870,7 +867,7 @@ def _fit_all(source: "_Source", names: list[str], *, plan: SplitPlan, params: di
         if save:
             runs = Path(cache_dir) if cache_dir else default_cache_dir()
             base = (f"{run_name}-{name}" if len(names) > 1 else run_name) if run_name else \
-                f"{_slug(source.dataset)}-{_slug(Path(str(source.attrs.get('backbone', 'x'))).name)}-{name}-{stamp}"
+                f"{slug(source.dataset)}-{slug(Path(str(source.attrs.get('backbone', 'x'))).name)}-{name}-{stamp}"
             _write_run(res, _new_run_dir(runs / "runs", base, exact=bool(run_name)), source, plan)
         results.append(res)
     return results

@@ -91,15 +91,15 @@ from typing import TYPE_CHECKING, Any, Callable, Sequence
 import numpy as np
 
 from .. import __version__
-from .._util import (atomic_path, atomic_write_json, default_cache_dir, ensure_dir, file_lock,
+from .._util import (slug, atomic_path, atomic_write_json, default_cache_dir, ensure_dir, file_lock,
                     now_iso, save_figure, sha256_file, unique_dir, versions)
-from ..backbones.registry import DEFAULT_BACKBONE, MODEL_MANIFEST, _replace_linear, load_backbone
+from ..backbones.registry import DEFAULT_BACKBONE, MODEL_MANIFEST, replace_linear, load_backbone
 from ..data.splits import stratified_holdout
 from ..data.discovery import ImageDataset, ImageSet, discover, fingerprint
 from ..distributed import TrainingGroup, available_cores, place_rank, torchrun_env
 from ..errors import DataError, FxtlError, ProvenanceError
-from ..features.extraction import _slug, default_workers
-from ..data.images import _INTERP, ImageDecodeError, Preprocessing, collate_images, open_image, to_chw
+from ..features.extraction import default_workers
+from ..data.images import INTERPOLATION, ImageDecodeError, Preprocessing, collate_images, open_image, to_chw
 from ..runtime import autocast, keep_freed_memory, resolve_device, resolve_precision
 
 if TYPE_CHECKING:  # the class is built lazily (importing it imports torch)
@@ -151,7 +151,7 @@ class TrainTransform:
         self.scale = (float(scale[0]), float(scale[1]))
         self.log_ratio = (math.log(ratio[0]), math.log(ratio[1]))
         self.flip = flip
-        self._interp = _INTERP[pre.interpolation]
+        self._interp = INTERPOLATION[pre.interpolation]
 
     def crop_box(self, width: int, height: int, rng: np.random.Generator) -> tuple[int, int, int, int]:
         """``(left, top, right, bottom)`` of the random crop of a ``width x height`` image."""
@@ -856,7 +856,7 @@ def finetune(data: str | Path, *, backbone: str = DEFAULT_BACKBONE, trainable: s
                            bn_frozen=bn_mode == "frozen", cfg=cfg, device=device, precision=precision,
                            steps_per_epoch=len(run.train_loader), group=group)
         cfg_hash = hashlib.sha256(json.dumps(cfg, sort_keys=True).encode()).hexdigest()[:8]
-        base = (f"{_slug(images.name)}-{_slug(Path(backbone).name)}-ft-"
+        base = (f"{slug(images.name)}-{slug(Path(backbone).name)}-ft-"
                 f"{trainable_name.replace(':', '')}-{cfg_hash}")
         runs = Path(cache_dir) if cache_dir else default_cache_dir()
         # Rank 0 picks (and creates) the run folder; every rank reads and rank 0 writes it.
@@ -924,7 +924,7 @@ def _new_classifier(bb: Backbone, class_names: Sequence[str], init_head: str | P
     import torch
 
     feature_dim = bb.feature_dim
-    _replace_linear(bb.model, bb.classifier_name, len(class_names))
+    replace_linear(bb.model, bb.classifier_name, len(class_names))
     W = np.zeros((len(class_names), feature_dim), dtype=np.float32)
     b = np.zeros(len(class_names), dtype=np.float32)
     if init_head:
