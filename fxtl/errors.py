@@ -7,7 +7,7 @@ anything else is a bug and keeps its traceback.
 from __future__ import annotations
 
 __all__ = ["FxtlError", "DataError", "CacheError", "BackboneError", "ProvenanceError",
-           "ParameterError"]
+           "ParameterError", "FxtlWarning"]
 
 
 class FxtlError(Exception):
@@ -41,3 +41,8 @@ class ParameterError(FxtlError, ValueError):
     def __init__(self, param: str, message: str) -> None:
         super().__init__(message)
         self.param = param
+
+
+class FxtlWarning(UserWarning):
+    """Something fxtl did on the user's behalf that they should know of (a skipped folder, a
+    dropped duplicate row). The CLI prints it as one ``fxtl: warning: ...`` line on stderr."""

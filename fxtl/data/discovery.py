@@ -8,6 +8,9 @@ A DATA_DIR is one of:
 
 Hidden files and folders (``.ipynb_checkpoints``, dotfiles) and ``Thumbs.db`` are ignored, files
 whose ending is not an image ending are ignored, and symlink loops are not followed twice.
+fxtl's own output is never data: a folder holding an fxtl artifact (a feature cache, its lock or
+``.parts`` chunks, ``head.json``, ``fxtl-model.json``, ``metrics.json``, ``rows.json``) is skipped
+with everything below it, as is the cache folder itself, and one warning names what was skipped.
 """
 from __future__ import annotations
 
@@ -15,23 +18,28 @@ import csv
 import hashlib
 import json
 import os
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
 import numpy as np
 
-from ..errors import DataError
+from .._util import default_cache_dir
+from ..errors import DataError, FxtlWarning
 from .images import IMAGE_EXTENSIONS, EvalTransform, ImageDecodeError, Preprocessing
 
 __all__ = ["Sample", "ImageSet", "discover", "SPLIT_ALIASES", "ImageDataset", "fingerprint",
-           "walk_images"]
+           "walk_images", "ARTIFACT_NAMES", "is_artifact_folder"]
 
 # Folder name (lower case) -> canonical split name.
 SPLIT_ALIASES = {"train": "train", "training": "train", "val": "val", "valid": "val",
                  "validation": "val", "test": "test", "testing": "test"}
 SPLITS = ("train", "val", "test")
 _IGNORED_FILES = {"thumbs.db", "desktop.ini"}
+# Files only fxtl writes: a folder holding one is fxtl's output (a run, a cache dir), never data.
+ARTIFACT_NAMES = frozenset({"head.json", "fxtl-model.json", "metrics.json", "rows.json"})
+_HDF5_SIGNATURE = b"\x89HDF\r\n\x1a\n"
 
 
 @dataclass(frozen=True)
@@ -88,13 +96,58 @@ def _is_image(name: str) -> bool:
     return name.lower().endswith(IMAGE_EXTENSIONS)
 
 
-def walk_images(folder: Path, *, unreadable: list[tuple[str, str]] | None = None) -> list[Path]:
+def _is_fxtl_hdf5(path: str) -> bool:
+    """True for an HDF5 file that fxtl wrote (a cache or a shard): its ``format`` says so."""
+    try:
+        with open(path, "rb") as fh:
+            if fh.read(8) != _HDF5_SIGNATURE:
+                return False
+        import h5py
+
+        with h5py.File(path, "r") as f:
+            fmt = f.attrs.get("format", "")
+        fmt = fmt.decode("utf-8", "replace") if isinstance(fmt, bytes) else str(fmt)
+        return fmt.startswith("fxtl")
+    except Exception:  # unreadable or damaged: not provably ours, and not an image either
+        return False
+
+
+def is_artifact_folder(dirpath: str | Path, filenames: Sequence[str] = (),
+                       dirnames: Sequence[str] = ()) -> bool:
+    """True if the folder directly holds an fxtl artifact (given its listing, or listed here).
+
+    Artifacts: ``head.json``, ``fxtl-model.json``, ``metrics.json``, ``rows.json``, a feature
+    cache or shard (HDF5 whose ``format`` starts with ``fxtl``), a cache's ``.lock``,
+    ``.partial`` or ``.parts`` companion.
+    """
+    if not filenames and not dirnames:
+        try:
+            entries = list(os.scandir(dirpath))
+        except OSError:
+            return False
+        filenames = [e.name for e in entries if not e.is_dir()]
+        dirnames = [e.name for e in entries if e.is_dir()]
+    for name in filenames:
+        low = name.lower()
+        if name in ARTIFACT_NAMES or low.endswith(".h5.lock") or \
+                (low.endswith(".partial") and ".h5." in low):
+            return True
+        if low.endswith((".h5", ".hdf5")) and _is_fxtl_hdf5(os.path.join(dirpath, name)):
+            return True
+    return any(d.lower().endswith(".h5.parts") for d in dirnames)
+
+
+def walk_images(folder: Path, *, unreadable: list[tuple[str, str]] | None = None,
+                artifacts: list[Path] | None = None) -> list[Path]:
     """Image files under ``folder`` (recursively), sorted, following symlinks without loops.
 
     A folder that cannot be listed (permissions) raises :class:`DataError` naming it, so its
     images are never dropped silently; with an ``unreadable`` list the folder is appended to it
-    as ``(path, reason)`` and skipped instead.
+    as ``(path, reason)`` and skipped instead. A folder holding fxtl artifacts
+    (:func:`is_artifact_folder`) is skipped with everything below it: it is appended to
+    ``artifacts`` when given, else an :class:`~fxtl.errors.FxtlWarning` names it.
     """
+    skipped: list[Path] = []
     found: list[Path] = []
     seen: set[str] = set()
 
@@ -111,11 +164,48 @@ def walk_images(folder: Path, *, unreadable: list[tuple[str, str]] | None = None
             dirnames[:] = []
             continue
         seen.add(real)
+        if is_artifact_folder(dirpath, filenames, dirnames):
+            skipped.append(Path(dirpath))
+            dirnames[:] = []
+            continue
         dirnames[:] = sorted(d for d in dirnames if not _is_hidden(d))
         for fn in sorted(filenames):
             if not _is_hidden(fn) and _is_image(fn):
                 found.append(Path(dirpath) / fn)
+    if artifacts is not None:
+        artifacts.extend(skipped)
+    elif skipped:
+        _warn_skipped(skipped)
     return sorted(found)
+
+
+def _warn_skipped(folders: Sequence[Path]) -> None:
+    names = ", ".join(str(f) for f in folders[:3]) + (f" and {len(folders) - 3} more"
+                                                        if len(folders) > 3 else "")
+    warnings.warn(f"skipped {len(folders)} folder(s) holding fxtl output ({names}): fxtl never "
+                  "reads its own caches, heads or runs as images", FxtlWarning, stacklevel=3)
+
+
+def _data_folders(folders: Sequence[Path], artifacts: list[Path]) -> dict[Path, list[Path]]:
+    """``folders`` that are data -> their images; fxtl output folders are left out.
+
+    A folder is fxtl output when it directly holds an artifact, or holds no image and either an
+    artifact folder below it or is the default cache folder (``./cache``, ``$FXTL_CACHE``).
+    """
+    try:
+        cache_home = default_cache_dir().resolve()
+    except OSError:
+        cache_home = None
+    out: dict[Path, list[Path]] = {}
+    for folder in folders:
+        below: list[Path] = []
+        files = walk_images(folder, artifacts=below)
+        if not files and (below or folder.resolve() == cache_home):
+            artifacts.append(folder)
+            continue
+        artifacts.extend(below)
+        out[folder] = files
+    return out
 
 
 def _subdirs(folder: Path) -> list[Path]:
@@ -151,10 +241,12 @@ def discover(data: str | Path) -> ImageSet:
             raise DataError(f"{data} is a file; pass a folder of class folders or a .csv manifest")
         return _from_manifest(data)
     root = data.resolve()
+    artifacts: list[Path] = []
     subdirs = _subdirs(root)
     split_dirs = [d for d in subdirs if d.name.lower() in SPLIT_ALIASES]
     if split_dirs:
-        others = [d.name for d in subdirs if d.name.lower() not in SPLIT_ALIASES]
+        others = [d.name for d in _data_folders(
+            [d for d in subdirs if d.name.lower() not in SPLIT_ALIASES], artifacts)]
         if others:
             raise DataError(f"{root} mixes split folders ({', '.join(d.name for d in split_dirs)}) "
                             f"with other folders ({', '.join(others[:3])}); move those into a split")
@@ -163,7 +255,8 @@ def discover(data: str | Path) -> ImageSet:
             split = SPLIT_ALIASES[d.name.lower()]
             if split in per_split:
                 raise DataError(f"{root} has two folders for the {split} split; keep one")
-            per_split[split] = {c.name: _nonempty_class(c) for c in _subdirs(d)}
+            per_split[split] = {c.name: _nonempty_class(c, files) for c, files in
+                                _data_folders(_subdirs(d), artifacts).items()}
             if not per_split[split]:
                 raise DataError(f"{d} holds no class folders; put images in {d}/<class>/")
         class_names = sorted({c for classes in per_split.values() for c in classes})
@@ -178,22 +271,24 @@ def discover(data: str | Path) -> ImageSet:
                                 f"{root}/train; add training images or remove the class")
         layout = "splits"
     else:
-        if not subdirs:
-            if walk_images(root):
+        classes = _data_folders(subdirs, artifacts)
+        if not classes:
+            if walk_images(root, artifacts=[]):
                 raise DataError(f"{root} holds images but no class folders; put them in "
                                 f"{root}/<class>/ (one folder per label)")
             raise DataError(f"{root} holds no images; expected {root}/<class>/<image>.jpg")
-        class_names = [d.name for d in subdirs]
+        class_names = [d.name for d in classes]
         samples = [Sample(_rel(p, root), i, "train")
-                   for i, d in enumerate(subdirs) for p in _nonempty_class(d)]
+                   for i, (d, files) in enumerate(classes.items()) for p in _nonempty_class(d, files)]
         layout = "classes"
+    if artifacts:
+        _warn_skipped(artifacts)
     if len(class_names) < 2:
         raise DataError(f"{root} has {len(class_names)} class; a classifier needs at least 2 class folders")
     return ImageSet(root=root, class_names=class_names, samples=samples, layout=layout)
 
 
-def _nonempty_class(folder: Path) -> list[Path]:
-    files = walk_images(folder)
+def _nonempty_class(folder: Path, files: list[Path]) -> list[Path]:
     if not files:
         raise DataError(f"class folder {folder} holds no images; add images or remove the folder")
     return files

@@ -1,0 +1,82 @@
+"""Issue 14, second fault round (the items of fxtl.data, the CLI contract and atomic writes).
+
+Each test fails on 22fc32f and passes now; docs/reliability.md cites each by name.
+"""
+from __future__ import annotations
+
+import json
+import os
+import warnings
+from pathlib import Path
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+from PIL import Image
+
+from fxtl.cli import cli
+from fxtl.data.discovery import discover
+from fxtl.errors import DataError, FxtlWarning
+
+from .. import _images as img
+
+
+def _tree(root: Path, files: list[str]) -> Path:
+    for i, rel in enumerate(files):
+        p = root / rel
+        p.parent.mkdir(parents=True, exist_ok=True)
+        img.photo(seed=i, size=(40, 32)).save(p)
+    return root
+
+
+# ------------------------------------------------------------------ 4: fxtl's output is not data
+def test_extract_fit_head_extract_inside_the_data_folder_keeps_two_classes(tmp_path, tiny,
+                                                                           monkeypatch):
+    data = _tree(tmp_path / "data", [f"{c}/{i}.png" for c in ("ants", "bees") for i in range(4)])
+    monkeypatch.chdir(data)
+    monkeypatch.delenv("FXTL_CACHE")  # the default ./cache, inside the data folder
+    runner = CliRunner()
+    first = runner.invoke(cli, ["extract", ".", "-b", tiny, "--workers", "0", "--json"])
+    assert first.exit_code == 0, first.output
+    cache = json.loads(first.stdout)["cache"]
+    assert Path(cache).resolve().parent == (data / "cache").resolve()
+    fit = runner.invoke(cli, ["fit-head", cache, "--model", "logreg", "--json"])
+    assert fit.exit_code == 0, fit.output
+    assert list((data / "cache").rglob("*.png")), "fit-head wrote no PNG: the case is not tested"
+    again = runner.invoke(cli, ["extract", ".", "-b", tiny, "--workers", "0", "--json"])
+    assert again.exit_code == 0, again.output
+    out = json.loads(again.stdout)
+    assert out["n"] == 8 and out["cache_hit"] is True
+    assert again.stderr.count("fxtl output") == 1, again.stderr
+
+
+@pytest.mark.parametrize("artifact", ["head.json", "fxtl-model.json", "metrics.json", "rows.json",
+                                      "x.h5.lock", "cache.h5"])
+def test_a_folder_holding_an_fxtl_artifact_is_skipped_and_named_once(tmp_path, artifact):
+    root = _tree(tmp_path, ["train/a/1.png", "train/b/2.png", "val/a/3.png", "val/b/4.png",
+                            "out/run/confusion.png", "train/a/run/x.png"])
+    for folder in (root / "out" / "run", root / "train" / "a" / "run"):
+        if artifact == "cache.h5":
+            import h5py
+
+            with h5py.File(folder / artifact, "w") as f:
+                f.attrs["format"] = "fxtl-features"
+        else:
+            (folder / artifact).write_text("{}")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        s = discover(root)
+    assert s.class_names == ["a", "b"] and len(s) == 4
+    assert sorted(x.path for x in s.samples) == ["train/a/1.png", "train/b/2.png",
+                                                 "val/a/3.png", "val/b/4.png"]
+    mine = [w for w in caught if issubclass(w.category, FxtlWarning)]
+    assert len(mine) == 1 and "2 folder(s)" in str(mine[0].message)
+
+
+def test_an_hdf5_file_that_is_not_fxtl_does_not_hide_a_class(tmp_path):
+    import h5py
+
+    root = _tree(tmp_path, ["a/1.png", "b/2.png"])
+    with h5py.File(root / "a" / "annotations.h5", "w") as f:
+        f["boxes"] = np.zeros(3)
+    assert discover(root).class_names == ["a", "b"]
