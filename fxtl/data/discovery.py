@@ -4,7 +4,10 @@ A DATA_DIR is one of:
 
 * class folders directly (``root/ants/*.jpg``, ``root/bees/*.jpg``): every image is ``train``;
 * split folders (``train``, ``val``/``valid``/``validation``, ``test``) each holding class folders;
-* a CSV manifest ``path,label[,split]`` (header optional), paths relative to the CSV's folder.
+* a CSV manifest ``path,label[,split]`` (header optional; a header row containing ``path`` maps
+  the columns by name, in any order), paths relative to the CSV's folder. One image listed twice
+  (also via another spelling or a link) is refused when the rows disagree on label or split, and
+  dropped with a warning when they agree.
 
 Hidden files and folders (``.ipynb_checkpoints``, dotfiles) and ``Thumbs.db`` are ignored, files
 whose ending is not an image ending are ignored, and symlink loops are not followed twice.
@@ -298,25 +301,48 @@ def _rel(path: Path, root: Path) -> str:
     return Path(os.path.relpath(path, root)).as_posix()
 
 
+_MANIFEST_COLUMNS = ("path", "label", "split")
+
+
+def _manifest_rows(csv_path: Path) -> list[tuple[int, str, str, str]]:
+    """``(line, path, label, split)`` per row; a header row maps columns by their names."""
+    rows: list[tuple[int, str, str, str]] = []
+    columns = {name: i for i, name in enumerate(_MANIFEST_COLUMNS)}  # no header: positional
+    header_seen = False
+    with open(csv_path, newline="", encoding="utf-8-sig") as fh:
+        for lineno, row in enumerate(csv.reader(fh), start=1):
+            if not row or all(not c.strip() for c in row) or row[0].lstrip().startswith("#"):
+                continue
+            cells = [c.strip() for c in row]
+            names = [c.lower() for c in cells]
+            if not header_seen and not rows and "path" in names:
+                header_seen = True
+                if "label" not in names:
+                    raise DataError(f"{csv_path} line {lineno}: the header names no `label` "
+                                    "column; name the columns path,label[,split]")
+                columns = {name: names.index(name) for name in _MANIFEST_COLUMNS if name in names}
+                continue
+
+            def cell(name: str) -> str:
+                i = columns.get(name)
+                return cells[i] if i is not None and i < len(cells) else ""
+
+            for needed in ("path", "label"):
+                if not cell(needed):
+                    raise DataError(f"{csv_path} line {lineno}: expected `path,label[,split]`, "
+                                    f"got {','.join(row)!r}; every row needs a {needed}")
+            split = cell("split").lower() or "train"
+            if split not in SPLIT_ALIASES:
+                raise DataError(f"{csv_path} line {lineno}: unknown split {cell('split')!r}; "
+                                "use train, val or test")
+            rows.append((lineno, cell("path"), cell("label"), SPLIT_ALIASES[split]))
+    return rows
+
+
 def _from_manifest(csv_path: Path) -> ImageSet:
     root = csv_path.resolve().parent
-    rows: list[tuple[int, str, str, str]] = []
     try:
-        with open(csv_path, newline="", encoding="utf-8-sig") as fh:
-            for lineno, row in enumerate(csv.reader(fh), start=1):
-                if not row or all(not c.strip() for c in row) or row[0].lstrip().startswith("#"):
-                    continue
-                cells = [c.strip() for c in row]
-                if lineno == 1 and cells[0].lower() == "path":
-                    continue
-                if len(cells) < 2 or not cells[1]:
-                    raise DataError(f"{csv_path} line {lineno}: expected `path,label[,split]`, "
-                                    f"got {','.join(row)!r}; every row needs a label")
-                split = cells[2].lower() if len(cells) > 2 and cells[2] else "train"
-                if split not in SPLIT_ALIASES:
-                    raise DataError(f"{csv_path} line {lineno}: unknown split {cells[2]!r}; "
-                                    "use train, val or test")
-                rows.append((lineno, cells[0], cells[1], SPLIT_ALIASES[split]))
+        rows = _manifest_rows(csv_path)
     except UnicodeDecodeError:
         raise DataError(f"{csv_path} is not UTF-8 text; save the manifest as UTF-8 CSV") from None
     except csv.Error as exc:
@@ -330,6 +356,10 @@ def _from_manifest(csv_path: Path) -> ImageSet:
     class_names = sorted(train_labels) if train_labels else sorted({r[2] for r in rows})
     index = {c: i for i, c in enumerate(class_names)}
     samples = []
+    # The same file twice (another spelling, a link) would put one image in two splits or
+    # under two labels: a conflict is refused, an exact repeat is dropped with a warning.
+    first: dict[tuple[int, int], tuple[int, str, str, str]] = {}
+    repeats: list[tuple[int, int]] = []
     for lineno, rel, label, split in rows:
         # The check is on the text: absolute paths and `..` that climbs above the manifest's
         # folder are refused; a symlink that the user placed inside the folder is followed,
@@ -342,19 +372,38 @@ def _from_manifest(csv_path: Path) -> ImageSet:
             raise DataError(f"{csv_path} line {lineno}: path {rel!r} escapes the manifest's folder "
                             f"{root}; use paths relative to it")
         full = root / norm
-        if not full.is_file():
+        try:
+            st = full.stat()
+        except OSError:
+            st = None
+        if st is None or not full.is_file():
             raise DataError(f"{csv_path} line {lineno}: file {rel!r} not found under {root}; "
                             "fix the path or remove the line")
+        key, posix = (st.st_dev, st.st_ino), Path(norm).as_posix()
+        if key in first:
+            line0, path0, label0, split0 = first[key]
+            if (label0, split0) != (label, split):
+                same = repr(posix) if posix == path0 else f"({path0!r} and {posix!r})"
+                raise DataError(f"{csv_path} lines {line0} and {lineno} list the same image {same} "
+                                f"as {label0}/{split0} and {label}/{split}; keep one row per image "
+                                "(an image in two splits leaks)")
+            repeats.append((lineno, line0))
+            continue
+        first[key] = (lineno, posix, label, split)
         if label not in index:
             raise DataError(f"{csv_path} line {lineno}: label {label!r} does not occur in the "
                             "train split; fix the label or add training images for it")
-        samples.append(Sample(Path(norm).as_posix(), index[label], split))
+        samples.append(Sample(posix, index[label], split))
+    if repeats:
+        listed = ", ".join(f"line {a} repeats line {b}" for a, b in repeats[:3])
+        warnings.warn(f"{csv_path}: dropped {len(repeats)} duplicate row(s) ({listed}"
+                      f"{', ...' if len(repeats) > 3 else ''})", FxtlWarning, stacklevel=3)
     if len(class_names) < 2:
         raise DataError(f"{csv_path} has {len(class_names)} label; a classifier needs at least 2")
     order = {s: i for i, s in enumerate(SPLITS)}
     samples.sort(key=lambda s: (order[s.split], s.label, s.path))
     return ImageSet(root=root, class_names=class_names, samples=samples, layout="manifest",
-                    manifest=csv_path.resolve())
+                    manifest=csv_path.resolve(), stats={"duplicate_rows_dropped": len(repeats)})
 
 
 def fingerprint(images: ImageSet, **parts: Any) -> str:

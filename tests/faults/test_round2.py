@@ -80,3 +80,50 @@ def test_an_hdf5_file_that_is_not_fxtl_does_not_hide_a_class(tmp_path):
     with h5py.File(root / "a" / "annotations.h5", "w") as f:
         f["boxes"] = np.zeros(3)
     assert discover(root).class_names == ["a", "b"]
+
+
+# ------------------------------------------------------- 5: one image twice in a CSV manifest
+def _manifest(root: Path, body: str) -> Path:
+    _tree(root, ["imgs/a.jpg", "imgs/b.jpg", "imgs/c.jpg", "imgs/d.jpg"])
+    m = root / "set.csv"
+    m.write_text(body)
+    return m
+
+
+@pytest.mark.parametrize("second", [
+    "imgs/a.jpg,cat,val",             # the same image in train and val: val would leak
+    "imgs/./../imgs/a.jpg,cat,val",   # the same, spelled another way
+    "imgs/a.jpg,dog,train",           # the same image under two labels
+    "alias.jpg,cat,test",             # the same file through a link
+])
+def test_manifest_conflicting_duplicate_is_refused_with_both_row_numbers(tmp_path, second):
+    m = _manifest(tmp_path, f"path,label,split\nimgs/a.jpg,cat,train\nimgs/b.jpg,dog,train\n"
+                            f"imgs/c.jpg,cat,val\n{second}\n")
+    os.symlink(tmp_path / "imgs" / "a.jpg", tmp_path / "alias.jpg")
+    with pytest.raises(DataError, match=r"lines 2 and 5 list the same image \(?'imgs/a.jpg'") as exc:
+        discover(m)
+    assert str(m) in str(exc.value) and "\n" not in str(exc.value)
+
+
+def test_manifest_exact_duplicate_is_dropped_with_one_warning(tmp_path):
+    m = _manifest(tmp_path, "imgs/a.jpg,cat\nimgs/b.jpg,dog\nimgs/./a.jpg,cat,train\n"
+                            "imgs/b.jpg,dog\nimgs/c.jpg,cat,val\n")
+    with pytest.warns(FxtlWarning, match=r"dropped 2 duplicate row\(s\) \(line 3 repeats line 1, "
+                                         r"line 4 repeats line 2\)"):
+        s = discover(m)
+    assert [(x.path, x.split) for x in s.samples] == [("imgs/a.jpg", "train"),
+                                                     ("imgs/b.jpg", "train"), ("imgs/c.jpg", "val")]
+
+
+# ------------------------------------------------------------- 18: manifest columns by name
+def test_manifest_header_in_another_order_is_read_by_column_names(tmp_path):
+    m = _manifest(tmp_path, "label,path,split\ncat,imgs/a.jpg,train\ndog,imgs/b.jpg,train\n"
+                            "cat,imgs/c.jpg,val\ndog,imgs/d.jpg,test\n")
+    s = discover(m)
+    assert s.class_names == ["cat", "dog"]
+    assert [(x.path, s.class_names[x.label], x.split) for x in s.samples] == [
+        ("imgs/a.jpg", "cat", "train"), ("imgs/b.jpg", "dog", "train"),
+        ("imgs/c.jpg", "cat", "val"), ("imgs/d.jpg", "dog", "test")]
+    m.write_text("split,path\ntrain,imgs/a.jpg\n")
+    with pytest.raises(DataError, match="line 1: the header names no `label` column"):
+        discover(m)
