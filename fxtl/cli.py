@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 import click
+from PIL import Image
 
 from ._util import default_cache_dir, json_default
 from .errors import FxtlError, FxtlWarning, ParameterError
@@ -151,6 +152,9 @@ class FxtlGroup(click.Group):
 
         with warnings.catch_warnings():
             warnings.simplefilter("default", FxtlWarning)  # each distinct warning once
+            # fxtl refuses images over its own pixel limit by name (data.images.MAX_PIXELS);
+            # Pillow's lower warning threshold would add a second, anonymous line.
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
             warnings.showwarning = _show_warning
             try:
                 rv = super().main(args, prog_name, complete_var, False, **extra)

@@ -127,3 +127,43 @@ def test_manifest_header_in_another_order_is_read_by_column_names(tmp_path):
     m.write_text("split,path\ntrain,imgs/a.jpg\n")
     with pytest.raises(DataError, match="line 1: the header names no `label` column"):
         discover(m)
+
+
+# ----------------------------------------------------- 7: 16-bit images scale by their depth
+@pytest.mark.parametrize("brightest", [200, 300, 65535])
+def test_16bit_png_is_scaled_by_its_bit_depth_not_by_its_content(tmp_path, brightest):
+    from fxtl.data.images import open_image
+
+    arr = np.zeros((8, 8), dtype=np.uint16)
+    arr[:, :4] = brightest
+    path = tmp_path / "deep.png"
+    Image.fromarray(arr).save(path)
+    assert Image.open(path).mode.startswith("I")  # really a 16-bit file
+    rgb = np.asarray(open_image(path))
+    assert rgb.shape == (8, 8, 3)
+    assert rgb[0, 0, 0] == round(brightest / 257) and rgb[0, 7, 0] == 0
+
+
+def test_32bit_tiff_is_scaled_by_its_bit_depth(tmp_path):
+    from fxtl.data.images import open_image
+
+    path = tmp_path / "deep.tif"
+    Image.fromarray(np.full((4, 4), 2 ** 30, dtype=np.int32)).save(path)
+    assert np.asarray(open_image(path))[0, 0, 0] == 128  # half of the signed 31-bit range
+
+
+# ---------------------------------------- #11 item 5: no process-wide Pillow setting per call
+def test_decoding_leaves_pillows_pixel_limit_to_the_caller(tmp_path, monkeypatch):
+    from fxtl.data.images import ImageDecodeError, open_image
+
+    path = tmp_path / "p.png"
+    img.photo(size=(64, 48)).save(path)
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)  # the caller's stricter policy
+    with pytest.raises(ImageDecodeError, match="decompression bomb"):
+        open_image(path)
+    assert Image.MAX_IMAGE_PIXELS == 1000
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", None)  # the caller's "no limit": ours holds
+    with pytest.raises(ImageDecodeError, match=r"64x48 pixels exceeds 1000 \(refused\)"):
+        open_image(path, max_pixels=1000)
+    assert Image.MAX_IMAGE_PIXELS is None
+    assert np.asarray(open_image(path)).shape == (48, 64, 3)
