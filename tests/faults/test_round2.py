@@ -167,3 +167,39 @@ def test_decoding_leaves_pillows_pixel_limit_to_the_caller(tmp_path, monkeypatch
         open_image(path, max_pixels=1000)
     assert Image.MAX_IMAGE_PIXELS is None
     assert np.asarray(open_image(path)).shape == (48, 64, 3)
+
+
+# ------------------------------------------------ 15: under --json every failure is one object
+@pytest.mark.parametrize("args, code, fragment", [
+    (["extract", "{empty}", "--json"], 1, "holds no images"),                  # FxtlError
+    (["info", "{notcache}", "--json"], 1, "notcache.h5"),                       # a bad file
+    (["extract", "{empty}", "--batch-size", "-1", "--json"], 2, "--batch-size"),  # click's range
+    (["info", "--json"], 2, "Missing argument 'CACHE'"),                      # click's parser
+    (["info", "{notcache}", "--json", "--bogus"], 2, "--bogus"),
+    (["no-such-command", "--json"], 2, "no-such-command"),
+])
+def test_json_failure_prints_exactly_one_error_object(tmp_path, args, code, fragment):
+    (tmp_path / "empty" / "a").mkdir(parents=True)
+    (tmp_path / "notcache.h5").write_text("not hdf5")
+    args = [a.format(empty=tmp_path / "empty", notcache=tmp_path / "notcache.h5") for a in args]
+    r = CliRunner().invoke(cli, args)
+    assert r.exit_code == code, r.output
+    out = json.loads(r.stdout)  # the whole of stdout is one JSON object
+    assert set(out) == {"error", "exit_code"} and out["exit_code"] == code
+    assert fragment in out["error"], out
+    assert "Traceback" not in r.output and fragment in r.stderr  # the human line stays on stderr
+
+
+def test_json_failure_contract_holds_from_the_command_line(tmp_path):
+    from ._cli import run_fxtl
+
+    for args, code in [(["info", str(tmp_path / "gone.h5"), "--json"], 2),
+                       (["fit-head", str(tmp_path), "--model", "forest", "--json"], 2)]:
+        r = run_fxtl(*args)
+        assert r.returncode == code, r.stderr
+        assert json.loads(r.stdout)["exit_code"] == code
+    (tmp_path / "bad.h5").write_text("x")
+    r = run_fxtl("info", tmp_path / "bad.h5", "--json")
+    assert r.returncode == 1 and json.loads(r.stdout) == {
+        "error": json.loads(r.stdout)["error"], "exit_code": 1}
+    assert r.stderr.strip().startswith("fxtl: error:") and str(tmp_path / "bad.h5") in r.stderr
