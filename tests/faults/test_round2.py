@@ -30,8 +30,15 @@ def _tree(root: Path, files: list[str]) -> Path:
 
 
 # ------------------------------------------------------------------ 4: fxtl's output is not data
+@pytest.fixture
+def umask_022():
+    old = os.umask(0o022)
+    yield
+    os.umask(old)
+
+
 def test_extract_fit_head_extract_inside_the_data_folder_keeps_two_classes(tmp_path, tiny,
-                                                                           monkeypatch):
+                                                                           monkeypatch, umask_022):
     data = _tree(tmp_path / "data", [f"{c}/{i}.png" for c in ("ants", "bees") for i in range(4)])
     monkeypatch.chdir(data)
     monkeypatch.delenv("FXTL_CACHE")  # the default ./cache, inside the data folder
@@ -43,6 +50,9 @@ def test_extract_fit_head_extract_inside_the_data_folder_keeps_two_classes(tmp_p
     fit = runner.invoke(cli, ["fit-head", cache, "--model", "logreg", "--json"])
     assert fit.exit_code == 0, fit.output
     assert list((data / "cache").rglob("*.png")), "fit-head wrote no PNG: the case is not tested"
+    # 17: the cache and every file of the run get 0o666 less the umask, as any new file would
+    written = [p for p in (data / "cache").rglob("*") if p.is_file() and p.suffix != ".lock"]
+    assert {p.stat().st_mode & 0o777 for p in written} == {0o644}, written
     again = runner.invoke(cli, ["extract", ".", "-b", tiny, "--workers", "0", "--json"])
     assert again.exit_code == 0, again.output
     out = json.loads(again.stdout)
@@ -203,3 +213,20 @@ def test_json_failure_contract_holds_from_the_command_line(tmp_path):
     assert r.returncode == 1 and json.loads(r.stdout) == {
         "error": json.loads(r.stdout)["error"], "exit_code": 1}
     assert r.stderr.strip().startswith("fxtl: error:") and str(tmp_path / "bad.h5") in r.stderr
+
+
+# ------------------------------------------------------- 17: artifacts respect the umask
+@pytest.mark.parametrize("umask, mode", [(0o022, 0o644), (0o002, 0o664), (0o077, 0o600)])
+def test_atomic_writes_respect_the_umask(tmp_path, umask, mode):
+    from fxtl._util import atomic_path, atomic_write_json, current_umask
+
+    old = os.umask(umask)
+    try:
+        assert current_umask() == umask
+        atomic_write_json(tmp_path / "metrics.json", {"a": 1})
+        with atomic_path(tmp_path / "x.h5") as tmp:
+            tmp.write_bytes(b"data")
+    finally:
+        os.umask(old)
+    for name in ("metrics.json", "x.h5"):
+        assert (tmp_path / name).stat().st_mode & 0o777 == mode, name
