@@ -14,6 +14,9 @@ whose ending is not an image ending are ignored, and symlink loops are not follo
 fxtl's own output is never data: a folder holding an fxtl artifact (a feature cache, its lock or
 ``.parts`` chunks, ``head.json``, ``fxtl-model.json``, ``metrics.json``, ``rows.json``) is skipped
 with everything below it, as is the cache folder itself, and one warning names what was skipped.
+Nothing else is dropped without a word either: images lying directly in the root or in a split
+folder (outside any class folder) and files with an image ending this Pillow cannot decode
+(``.heic``...) are named in a warning.
 """
 from __future__ import annotations
 
@@ -30,7 +33,7 @@ import numpy as np
 
 from .._util import default_cache_dir
 from ..errors import DataError, FxtlWarning
-from .images import IMAGE_EXTENSIONS, EvalTransform, ImageDecodeError, Preprocessing
+from .images import IMAGE_EXTENSIONS, UNDECODABLE_EXTENSIONS, EvalTransform, ImageDecodeError, Preprocessing
 
 __all__ = ["Sample", "ImageSet", "discover", "SPLIT_ALIASES", "ImageDataset", "fingerprint",
            "walk_images", "ARTIFACT_NAMES", "is_artifact_folder"]
@@ -99,6 +102,30 @@ def _is_image(name: str) -> bool:
     return name.lower().endswith(IMAGE_EXTENSIONS)
 
 
+def _loose_images(folder: Path) -> list[str]:
+    """Image files directly in ``folder`` (not in a class folder below it)."""
+    try:
+        return sorted(e.name for e in os.scandir(folder)
+                      if _is_image(e.name) and not _is_hidden(e.name) and e.is_file())
+    except OSError:
+        return []
+
+
+def _warn_loose(folder: Path, names: list[str]) -> None:
+    if names:
+        warnings.warn(f"{folder}: ignored {len(names)} image(s) outside any class folder "
+                      f"({', '.join(names[:3])}{', ...' if len(names) > 3 else ''}); move them "
+                      f"into {folder}/<class>/ to use them", FxtlWarning, stacklevel=3)
+
+
+def _warn_undecodable(files: list[Path]) -> None:
+    if files:
+        kinds = sorted({f.suffix.lower() for f in files})
+        warnings.warn(f"ignored {len(files)} {'/'.join(kinds)} file(s) this Pillow cannot decode "
+                      f"({', '.join(str(f) for f in files[:3])}{', ...' if len(files) > 3 else ''}"
+                      "); convert them to JPEG or PNG", FxtlWarning, stacklevel=3)
+
+
 def _is_fxtl_hdf5(path: str) -> bool:
     """True for an HDF5 file that fxtl wrote (a cache or a shard): its ``format`` says so."""
     try:
@@ -141,15 +168,19 @@ def is_artifact_folder(dirpath: str | Path, filenames: Sequence[str] = (),
 
 
 def walk_images(folder: Path, *, unreadable: list[tuple[str, str]] | None = None,
-                artifacts: list[Path] | None = None) -> list[Path]:
+                artifacts: list[Path] | None = None,
+                undecodable: list[Path] | None = None) -> list[Path]:
     """Image files under ``folder`` (recursively), sorted, following symlinks without loops.
 
     A folder that cannot be listed (permissions) raises :class:`DataError` naming it, so its
     images are never dropped silently; with an ``unreadable`` list the folder is appended to it
     as ``(path, reason)`` and skipped instead. A folder holding fxtl artifacts
     (:func:`is_artifact_folder`) is skipped with everything below it: it is appended to
-    ``artifacts`` when given, else an :class:`~fxtl.errors.FxtlWarning` names it.
+    ``artifacts`` when given, else an :class:`~fxtl.errors.FxtlWarning` names it. Files with
+    an image ending this Pillow cannot decode (``UNDECODABLE_EXTENSIONS``) go to
+    ``undecodable`` when given, else a warning names them.
     """
+    odd: list[Path] = []
     skipped: list[Path] = []
     found: list[Path] = []
     seen: set[str] = set()
@@ -175,6 +206,12 @@ def walk_images(folder: Path, *, unreadable: list[tuple[str, str]] | None = None
         for fn in sorted(filenames):
             if not _is_hidden(fn) and _is_image(fn):
                 found.append(Path(dirpath) / fn)
+            elif fn.lower().endswith(UNDECODABLE_EXTENSIONS) and not _is_hidden(fn):
+                odd.append(Path(dirpath) / fn)
+    if undecodable is not None:
+        undecodable.extend(odd)
+    else:
+        _warn_undecodable(odd)
     if artifacts is not None:
         artifacts.extend(skipped)
     elif skipped:
@@ -189,7 +226,8 @@ def _warn_skipped(folders: Sequence[Path]) -> None:
                   "reads its own caches, heads or runs as images", FxtlWarning, stacklevel=3)
 
 
-def _data_folders(folders: Sequence[Path], artifacts: list[Path]) -> dict[Path, list[Path]]:
+def _data_folders(folders: Sequence[Path], artifacts: list[Path],
+                  undecodable: list[Path]) -> dict[Path, list[Path]]:
     """``folders`` that are data -> their images; fxtl output folders are left out.
 
     A folder is fxtl output when it directly holds an artifact, or holds no image and either an
@@ -202,7 +240,7 @@ def _data_folders(folders: Sequence[Path], artifacts: list[Path]) -> dict[Path, 
     out: dict[Path, list[Path]] = {}
     for folder in folders:
         below: list[Path] = []
-        files = walk_images(folder, artifacts=below)
+        files = walk_images(folder, artifacts=below, undecodable=undecodable)
         if not files and (below or folder.resolve() == cache_home):
             artifacts.append(folder)
             continue
@@ -245,11 +283,12 @@ def discover(data: str | Path) -> ImageSet:
         return _from_manifest(data)
     root = data.resolve()
     artifacts: list[Path] = []
+    undecodable: list[Path] = []
     subdirs = _subdirs(root)
     split_dirs = [d for d in subdirs if d.name.lower() in SPLIT_ALIASES]
     if split_dirs:
         others = [d.name for d in _data_folders(
-            [d for d in subdirs if d.name.lower() not in SPLIT_ALIASES], artifacts)]
+            [d for d in subdirs if d.name.lower() not in SPLIT_ALIASES], artifacts, [])]
         if others:
             raise DataError(f"{root} mixes split folders ({', '.join(d.name for d in split_dirs)}) "
                             f"with other folders ({', '.join(others[:3])}); move those into a split")
@@ -259,7 +298,8 @@ def discover(data: str | Path) -> ImageSet:
             if split in per_split:
                 raise DataError(f"{root} has two folders for the {split} split; keep one")
             per_split[split] = {c.name: _nonempty_class(c, files) for c, files in
-                                _data_folders(_subdirs(d), artifacts).items()}
+                                _data_folders(_subdirs(d), artifacts, undecodable).items()}
+            _warn_loose(d, _loose_images(d))
             if not per_split[split]:
                 raise DataError(f"{d} holds no class folders; put images in {d}/<class>/")
         class_names = sorted({c for classes in per_split.values() for c in classes})
@@ -274,7 +314,7 @@ def discover(data: str | Path) -> ImageSet:
                                 f"{root}/train; add training images or remove the class")
         layout = "splits"
     else:
-        classes = _data_folders(subdirs, artifacts)
+        classes = _data_folders(subdirs, artifacts, undecodable)
         if not classes:
             if walk_images(root, artifacts=[]):
                 raise DataError(f"{root} holds images but no class folders; put them in "
@@ -284,8 +324,10 @@ def discover(data: str | Path) -> ImageSet:
         samples = [Sample(_rel(p, root), i, "train")
                    for i, (d, files) in enumerate(classes.items()) for p in _nonempty_class(d, files)]
         layout = "classes"
+    _warn_loose(root, _loose_images(root))
     if artifacts:
         _warn_skipped(artifacts)
+    _warn_undecodable(undecodable)
     if len(class_names) < 2:
         raise DataError(f"{root} has {len(class_names)} class; a classifier needs at least 2 class folders")
     return ImageSet(root=root, class_names=class_names, samples=samples, layout=layout)

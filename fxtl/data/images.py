@@ -16,11 +16,26 @@ import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 __all__ = ["Preprocessing", "open_image", "EvalTransform", "ImageDecodeError", "MAX_PIXELS",
-           "IMAGE_EXTENSIONS", "to_chw", "stack_images", "collate_images"]
+           "IMAGE_EXTENSIONS", "UNDECODABLE_EXTENSIONS", "to_chw", "stack_images", "collate_images"]
+
+
+
+def _avif_decodable() -> bool:
+    try:
+        from PIL import features
+
+        return bool(features.check_module("avif"))
+    except (ImportError, ValueError):  # a Pillow without the AVIF plugin
+        return False
+
 
 # Files with these endings are images to fxtl (case-insensitive); others in a DATA_DIR are ignored.
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm",
-                    ".pgm", ".pbm")
+# AVIF counts only where this Pillow decodes it; elsewhere it joins UNDECODABLE_EXTENSIONS.
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".jpe", ".jfif", ".png", ".bmp", ".gif", ".tif", ".tiff",
+                    ".webp", ".ppm", ".pgm", ".pbm") + ((".avif",) if _avif_decodable() else ())
+# Image endings this Pillow cannot decode: such files are named in a warning, never dropped silently.
+UNDECODABLE_EXTENSIONS = (".heic", ".heif", ".jxl") + (() if ".avif" in IMAGE_EXTENSIONS
+                                                       else (".avif",))
 # Larger images are refused as decompression bombs (Pillow's own default warns at ~89 Mpx).
 MAX_PIXELS = 100_000_000
 

@@ -230,3 +230,34 @@ def test_atomic_writes_respect_the_umask(tmp_path, umask, mode):
         os.umask(old)
     for name in ("metrics.json", "x.h5"):
         assert (tmp_path / name).stat().st_mode & 0o777 == mode, name
+
+
+# ------------------------------------------------------------------- 18: no quiet drops
+def test_images_outside_any_class_folder_are_named_not_dropped_silently(tmp_path):
+    root = _tree(tmp_path, ["train/a/1.png", "train/b/2.png", "train/stray.png", "train/x.jpg",
+                            "val/a/3.png", "val/b/4.png"])
+    with pytest.warns(FxtlWarning, match=r"train: ignored 2 image\(s\) outside any class folder "
+                                         r"\(stray.png, x.jpg\); move them into .*train/<class>/"):
+        s = discover(root)
+    assert len(s) == 4
+    flat = _tree(tmp_path / "flat", ["a/1.png", "b/2.png", "loose.png"])
+    with pytest.warns(FxtlWarning, match=r"ignored 1 image\(s\) outside any class folder"):
+        assert len(discover(flat)) == 2
+
+
+def test_jfif_and_avif_are_images_and_undecodable_endings_are_named(tmp_path):
+    from fxtl.data.images import IMAGE_EXTENSIONS, open_image
+
+    root = _tree(tmp_path, ["a/1.png", "b/2.png"])
+    img.photo(seed=5).save(root / "a" / "3.jfif", "JPEG")
+    expected = ["a/1.png", "a/3.jfif", "b/2.png"]
+    if ".avif" in IMAGE_EXTENSIONS:  # this Pillow decodes AVIF
+        img.photo(seed=6).save(root / "b" / "4.avif", "AVIF")
+        expected.append("b/4.avif")
+    (root / "b" / "5.heic").write_bytes(b"\x00\x00\x00\x18ftypheic")
+    with pytest.warns(FxtlWarning, match=r"ignored 1 \.heic file\(s\) this Pillow cannot decode "
+                                         r"\(.*5\.heic\); convert them"):
+        s = discover(root)
+    assert sorted(x.path for x in s.samples) == expected
+    for p in expected:  # and they decode
+        assert open_image(root / p).size == Image.open(root / p).size
