@@ -32,10 +32,11 @@ def ensure_dir(path: Path) -> Path:
     try:
         path.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
-        raise FxtlError(f"cannot create directory {path}: {exc.strerror}; "
-                        "choose a writable place with --cache-dir") from None
+        raise FxtlError(f"cannot create directory {path}: {exc.strerror}; choose a writable "
+                        "place with cache_dir", param="cache_dir") from None
     if not os.access(path, os.W_OK):
-        raise FxtlError(f"directory {path} is not writable; choose another with --cache-dir")
+        raise FxtlError(f"directory {path} is not writable; choose another with cache_dir",
+                        param="cache_dir")
     return path
 
 
@@ -63,7 +64,7 @@ def atomic_path(final: Path, suffix: str = ".partial") -> Iterator[Path]:
         reason = storage_failure(exc)
         if reason:
             raise FxtlError(f"cannot write {final}: {reason}; free space or choose another "
-                            "--cache-dir (nothing was overwritten)") from None
+                            "cache_dir (nothing was overwritten)", param="cache_dir") from None
         raise
 
 
@@ -211,7 +212,8 @@ def unique_dir(parent: Path, name: str) -> Path:
             return candidate
         except FileExistsError:
             continue
-    raise FxtlError(f"too many runs named {name} under {parent}; pass --run-name")
+    raise FxtlError(f"too many runs named {name} under {parent}; choose another run_name",
+                    param="run_name")
 
 
 def versions() -> dict[str, str]:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import functools
 import json
+import re
 import sys
 import warnings
 from pathlib import Path
@@ -93,6 +94,18 @@ class Failure(click.ClickException):
         click.echo(f"fxtl: error: {self.format_message()}", err=True)
 
 
+def _in_flags(exc: FxtlError) -> str:
+    """The library's message, with the parameter it names shown as this command's option."""
+    text = str(exc)
+    option = _option_for(exc.param) if exc.param else None
+    if option is None or not getattr(option, "opts", None):
+        return text
+    flag = max(option.opts, key=len)  # --cache-dir rather than -c
+    # the last mention: messages end with the fix; a path holding the same word is left alone
+    spots = list(re.finditer(rf"(?<![\w/.-]){re.escape(exc.param)}(?![\w/.-])", text))
+    return text if not spots else text[:spots[-1].start()] + flag + text[spots[-1].end():]
+
+
 def handle_errors(f: Callable) -> Callable:
     """FxtlError -> one line on stderr, exit 1 (never a traceback for a user's mistake).
 
@@ -108,9 +121,9 @@ def handle_errors(f: Callable) -> Callable:
             option = _option_for(exc.param)
             if option is not None:
                 raise click.BadParameter(str(exc), param=option) from None
-            raise Failure(str(exc)) from None
+            raise Failure(_in_flags(exc)) from None
         except FxtlError as exc:
-            raise Failure(str(exc)) from None
+            raise Failure(_in_flags(exc)) from None
         except KeyboardInterrupt:
             raise Failure("interrupted (work done so far is kept; run again to resume)",
                           exit_code=130) from None

@@ -11,7 +11,19 @@ __all__ = ["FxtlError", "DataError", "CacheError", "BackboneError", "ProvenanceE
 
 
 class FxtlError(Exception):
-    """Base class: a one-line, actionable failure (exit status 1 in the CLI)."""
+    """Base class: a one-line, actionable failure (exit status 1 in the CLI).
+
+    ``param``, when given, is the Python parameter (``cache_dir``) whose value the message asks
+    the user to change; the message names that parameter, and the CLI shows the matching option
+    (``--cache-dir``) in its place.
+    """
+
+    param: str | None = None
+
+    def __init__(self, *args: object, param: str | None = None) -> None:
+        super().__init__(*args)
+        if param is not None:
+            self.param = param
 
 
 class DataError(FxtlError):

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import warnings
 from pathlib import Path
 
@@ -261,3 +262,31 @@ def test_jfif_and_avif_are_images_and_undecodable_endings_are_named(tmp_path):
     assert sorted(x.path for x in s.samples) == expected
     for p in expected:  # and they decode
         assert open_image(root / p).size == Image.open(root / p).size
+
+
+# ---------------------------------------- #11 item 4: the library speaks Python, the CLI flags
+def test_data_and_util_messages_name_parameters_and_the_cli_shows_options(tmp_path, tiny):
+    import ast
+
+    from fxtl import _util, errors
+    from fxtl._util import ensure_dir
+    from fxtl.data import discovery, images, samples
+    from fxtl.errors import FxtlError
+
+    for module in (discovery, images, samples, _util, errors):
+        tree = ast.parse(Path(module.__file__).read_text())
+        docstrings = {id(n.value) for n in ast.walk(tree) if isinstance(n, ast.Expr)}
+        flags = [n.value for n in ast.walk(tree) if isinstance(n, ast.Constant)
+                 and isinstance(n.value, str) and id(n) not in docstrings
+                 and re.search(r"(?<![\w-])--[a-z]", n.value)]
+        assert flags == [], f"{module.__name__} speaks CLI: {flags}"
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(FxtlError, match=r"; choose a writable place with cache_dir$") as exc:
+        ensure_dir(tmp_path / "file" / "cache")
+    assert exc.value.param == "cache_dir"
+    data = _tree(tmp_path / "data", ["a/1.png", "b/2.png"])
+    r = CliRunner().invoke(cli, ["extract", str(data), "-b", tiny, "--workers", "0",
+                                 "--cache-dir", str(tmp_path / "file" / "cache")])
+    assert r.exit_code == 1, r.output
+    assert r.stderr.strip().endswith("choose a writable place with --cache-dir"), r.stderr
+    assert str(tmp_path / "file" / "cache") in r.stderr  # the path is left as it is
