@@ -18,7 +18,7 @@ from .errors import FxtlError
 __all__ = [
     "atomic_write_bytes", "atomic_write_json", "atomic_path", "sha256_file", "default_cache_dir",
     "file_lock", "versions", "now_iso", "json_default", "save_figure", "unique_dir", "say",
-    "slug",
+    "slug", "current_umask",
 ]
 
 
@@ -32,10 +32,11 @@ def ensure_dir(path: Path) -> Path:
     try:
         path.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
-        raise FxtlError(f"cannot create directory {path}: {exc.strerror}; "
-                        "choose a writable place with --cache-dir") from None
+        raise FxtlError(f"cannot create directory {path}: {exc.strerror}; choose a writable "
+                        "place with cache_dir", param="cache_dir") from None
     if not os.access(path, os.W_OK):
-        raise FxtlError(f"directory {path} is not writable; choose another with --cache-dir")
+        raise FxtlError(f"directory {path} is not writable; choose another with cache_dir",
+                        param="cache_dir")
     return path
 
 
@@ -44,6 +45,8 @@ def atomic_path(final: Path, suffix: str = ".partial") -> Iterator[Path]:
     """Yield a temporary sibling path; on success it replaces ``final`` in one rename.
 
     On failure the temporary file is removed and ``final`` (old content, if any) is untouched.
+    The file gets the mode any new file gets here (``0o666`` less the umask), not mkstemp's
+    private ``0o600``, so a cache folder shared by a team stays readable to it.
     """
     final = Path(final)
     ensure_dir(final.parent)
@@ -53,6 +56,7 @@ def atomic_path(final: Path, suffix: str = ".partial") -> Iterator[Path]:
     try:
         yield tmp_path
         _fsync_file(tmp_path)
+        os.chmod(tmp_path, 0o666 & ~current_umask())
         os.replace(tmp_path, final)
         _fsync_dir(final.parent)
     except BaseException as exc:
@@ -60,8 +64,22 @@ def atomic_path(final: Path, suffix: str = ".partial") -> Iterator[Path]:
         reason = storage_failure(exc)
         if reason:
             raise FxtlError(f"cannot write {final}: {reason}; free space or choose another "
-                            "--cache-dir (nothing was overwritten)") from None
+                            "cache_dir (nothing was overwritten)", param="cache_dir") from None
         raise
+
+
+def current_umask() -> int:
+    """The process's umask, read without changing it (Linux), else by setting it back at once."""
+    try:
+        with open("/proc/self/status") as fh:
+            for line in fh:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
 
 
 _STORAGE_ERRNOS = {errno.ENOSPC: "No space left on device", errno.EDQUOT: "Disk quota exceeded",
@@ -194,7 +212,8 @@ def unique_dir(parent: Path, name: str) -> Path:
             return candidate
         except FileExistsError:
             continue
-    raise FxtlError(f"too many runs named {name} under {parent}; pass --run-name")
+    raise FxtlError(f"too many runs named {name} under {parent}; choose another run_name",
+                    param="run_name")
 
 
 def versions() -> dict[str, str]:

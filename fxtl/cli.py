@@ -8,14 +8,17 @@ from __future__ import annotations
 
 import functools
 import json
+import re
 import sys
+import warnings
 from pathlib import Path
 from typing import Any, Callable
 
 import click
+from PIL import Image
 
 from ._util import default_cache_dir, json_default
-from .errors import FxtlError, ParameterError
+from .errors import FxtlError, FxtlWarning, ParameterError
 from .runtime import DEVICES, PRECISIONS
 
 __all__ = ["main", "cli"]
@@ -78,11 +81,37 @@ def _option_for(param: str) -> click.Parameter | None:
     return next((p for p in ctx.command.params if p.name == param), None)
 
 
+class Failure(click.ClickException):
+    """A user-facing failure: ``fxtl: error: <message>`` on stderr and ``exit_code`` (1)."""
+
+    exit_code = 1
+
+    def __init__(self, message: str, *, exit_code: int = 1) -> None:
+        super().__init__(message)
+        self.exit_code = exit_code
+
+    def show(self, file=None) -> None:
+        click.echo(f"fxtl: error: {self.format_message()}", err=True)
+
+
+def _in_flags(exc: FxtlError) -> str:
+    """The library's message, with the parameter it names shown as this command's option."""
+    text = str(exc)
+    option = _option_for(exc.param) if exc.param else None
+    if option is None or not getattr(option, "opts", None):
+        return text
+    flag = max(option.opts, key=len)  # --cache-dir rather than -c
+    # the last mention: messages end with the fix; a path holding the same word is left alone
+    spots = list(re.finditer(rf"(?<![\w/.-]){re.escape(exc.param)}(?![\w/.-])", text))
+    return text if not spots else text[:spots[-1].start()] + flag + text[spots[-1].end():]
+
+
 def handle_errors(f: Callable) -> Callable:
     """FxtlError -> one line on stderr, exit 1 (never a traceback for a user's mistake).
 
     A :class:`ParameterError` about a parameter that is one of the command's options is a usage
-    error: click reports it against that option (exit 2).
+    error: click reports it against that option (exit 2). Both reach :class:`FxtlGroup.main`,
+    which also prints them as one JSON object on stdout under ``--json``.
     """
     @functools.wraps(f)
     def wrapper(*args, **kwargs):
@@ -92,18 +121,72 @@ def handle_errors(f: Callable) -> Callable:
             option = _option_for(exc.param)
             if option is not None:
                 raise click.BadParameter(str(exc), param=option) from None
-            click.echo(f"fxtl: error: {exc}", err=True)
-            sys.exit(1)
+            raise Failure(_in_flags(exc)) from None
         except FxtlError as exc:
-            click.echo(f"fxtl: error: {exc}", err=True)
-            sys.exit(1)
+            raise Failure(_in_flags(exc)) from None
         except KeyboardInterrupt:
-            click.echo("fxtl: interrupted (work done so far is kept; run again to resume)", err=True)
-            sys.exit(130)
+            raise Failure("interrupted (work done so far is kept; run again to resume)",
+                          exit_code=130) from None
     return wrapper
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+def _wants_json(args: list[str]) -> bool:
+    """``--json`` among the options (not after a ``--`` that ends them)."""
+    return "--json" in (args[:args.index("--")] if "--" in args else args)
+
+
+def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    """fxtl's own warnings as one ``fxtl: warning:`` line; others as Python shows them."""
+    if issubclass(category, FxtlWarning):
+        click.echo(f"fxtl: warning: {message}", err=True)
+    else:
+        click.echo(warnings.formatwarning(message, category, filename, lineno, line).rstrip("\n"),
+                   err=True)
+
+
+class FxtlGroup(click.Group):
+    """The command group; its ``main`` keeps the exit-code and ``--json`` contract.
+
+    Every failure, click's own usage errors included, ends with ``exit_code`` (1 runtime, 2
+    usage, 130 interrupted) and, under ``--json``, with exactly one JSON object
+    ``{"error": ..., "exit_code": N}`` on stdout. fxtl's warnings print as one line each.
+    """
+
+    def main(self, args=None, prog_name=None, complete_var=None, standalone_mode=True, **extra):
+        if not standalone_mode:
+            return super().main(args, prog_name, complete_var, standalone_mode, **extra)
+        args = list(sys.argv[1:] if args is None else args)
+        as_json = _wants_json(args)
+
+        def fail(message: str, code: int) -> None:
+            if as_json:
+                click.echo(json.dumps({"error": message, "exit_code": code}))
+            sys.exit(code)
+
+        with warnings.catch_warnings():
+            warnings.simplefilter("default", FxtlWarning)  # each distinct warning once
+            # fxtl refuses images over its own pixel limit by name (data.images.MAX_PIXELS);
+            # Pillow's lower warning threshold would add a second, anonymous line.
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            warnings.showwarning = _show_warning
+            try:
+                rv = super().main(args, prog_name, complete_var, False, **extra)
+            except click.ClickException as exc:
+                exc.show()
+                fail(exc.format_message(), exc.exit_code)
+            except click.Abort:
+                click.echo("Aborted!", err=True)
+                fail("aborted", 1)
+            except Exception as exc:  # a bug: keep its traceback, but keep the JSON contract
+                if as_json:
+                    click.echo(json.dumps({"error": f"internal error: {type(exc).__name__}: {exc}",
+                                           "exit_code": 1}))
+                raise
+        sys.exit(rv if isinstance(rv, int) else 0)
+
+
+@click.group(cls=FxtlGroup,
+             context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
 @click.version_option(package_name="fxtl")
 def cli() -> None:
     """fxtl: transfer learning on images.
@@ -114,7 +197,7 @@ def cli() -> None:
 
 
 def main() -> None:
-    cli()
+    cli.main()
 
 
 # ============================================================================ extract stage

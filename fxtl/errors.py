@@ -7,11 +7,23 @@ anything else is a bug and keeps its traceback.
 from __future__ import annotations
 
 __all__ = ["FxtlError", "DataError", "CacheError", "BackboneError", "ProvenanceError",
-           "ParameterError"]
+           "ParameterError", "FxtlWarning"]
 
 
 class FxtlError(Exception):
-    """Base class: a one-line, actionable failure (exit status 1 in the CLI)."""
+    """Base class: a one-line, actionable failure (exit status 1 in the CLI).
+
+    ``param``, when given, is the Python parameter (``cache_dir``) whose value the message asks
+    the user to change; the message names that parameter, and the CLI shows the matching option
+    (``--cache-dir``) in its place.
+    """
+
+    param: str | None = None
+
+    def __init__(self, *args: object, param: str | None = None) -> None:
+        super().__init__(*args)
+        if param is not None:
+            self.param = param
 
 
 class DataError(FxtlError):
@@ -41,3 +53,8 @@ class ParameterError(FxtlError, ValueError):
     def __init__(self, param: str, message: str) -> None:
         super().__init__(message)
         self.param = param
+
+
+class FxtlWarning(UserWarning):
+    """Something fxtl did on the user's behalf that they should know of (a skipped folder, a
+    dropped duplicate row). The CLI prints it as one ``fxtl: warning: ...`` line on stderr."""

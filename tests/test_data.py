@@ -92,12 +92,12 @@ def test_manifest(tmp_path):
     ("imgs/1.jpg,cat\nimgs/missing.jpg,dog\n", "line 2: file 'imgs/missing.jpg' not found"),
     ("imgs/1.jpg,cat\n../escape.jpg,dog\n", "escapes"),
     ("imgs/1.jpg,cat\n/etc/passwd,dog\n", "escapes"),
-    ("imgs/1.jpg,cat\nimgs/2.jpg,dog\nimgs/1.jpg,bird,val\n", "label 'bird'"),
+    ("imgs/1.jpg,cat\nimgs/2.jpg,dog\nimgs/3.jpg,bird,val\n", "label 'bird'"),
     ("imgs/1.jpg,cat\nimgs/2.jpg,\n", "needs a label"),
     ("imgs/1.jpg,cat,holdout\n", "unknown split"),
 ])
 def test_bad_manifest(tmp_path, rows, message):
-    _tree(tmp_path, {"imgs/1.jpg": 0, "imgs/2.jpg": 1})
+    _tree(tmp_path, {"imgs/1.jpg": 0, "imgs/2.jpg": 1, "imgs/3.jpg": 2})
     (tmp_path.parent / "escape.jpg").write_bytes(b"x")
     m = tmp_path / "m.csv"
     m.write_text(rows)

@@ -4,10 +4,19 @@ A DATA_DIR is one of:
 
 * class folders directly (``root/ants/*.jpg``, ``root/bees/*.jpg``): every image is ``train``;
 * split folders (``train``, ``val``/``valid``/``validation``, ``test``) each holding class folders;
-* a CSV manifest ``path,label[,split]`` (header optional), paths relative to the CSV's folder.
+* a CSV manifest ``path,label[,split]`` (header optional; a header row containing ``path`` maps
+  the columns by name, in any order), paths relative to the CSV's folder. One image listed twice
+  (also via another spelling or a link) is refused when the rows disagree on label or split, and
+  dropped with a warning when they agree.
 
 Hidden files and folders (``.ipynb_checkpoints``, dotfiles) and ``Thumbs.db`` are ignored, files
 whose ending is not an image ending are ignored, and symlink loops are not followed twice.
+fxtl's own output is never data: a folder holding an fxtl artifact (a feature cache, its lock or
+``.parts`` chunks, ``head.json``, ``fxtl-model.json``, ``metrics.json``, ``rows.json``) is skipped
+with everything below it, as is the cache folder itself, and one warning names what was skipped.
+Nothing else is dropped without a word either: images lying directly in the root or in a split
+folder (outside any class folder) and files with an image ending this Pillow cannot decode
+(``.heic``...) are named in a warning.
 """
 from __future__ import annotations
 
@@ -15,23 +24,28 @@ import csv
 import hashlib
 import json
 import os
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
 import numpy as np
 
-from ..errors import DataError
-from .images import IMAGE_EXTENSIONS, EvalTransform, ImageDecodeError, Preprocessing
+from .._util import default_cache_dir
+from ..errors import DataError, FxtlWarning
+from .images import IMAGE_EXTENSIONS, UNDECODABLE_EXTENSIONS, EvalTransform, ImageDecodeError, Preprocessing
 
 __all__ = ["Sample", "ImageSet", "discover", "SPLIT_ALIASES", "ImageDataset", "fingerprint",
-           "walk_images"]
+           "walk_images", "ARTIFACT_NAMES", "is_artifact_folder"]
 
 # Folder name (lower case) -> canonical split name.
 SPLIT_ALIASES = {"train": "train", "training": "train", "val": "val", "valid": "val",
                  "validation": "val", "test": "test", "testing": "test"}
 SPLITS = ("train", "val", "test")
 _IGNORED_FILES = {"thumbs.db", "desktop.ini"}
+# Files only fxtl writes: a folder holding one is fxtl's output (a run, a cache dir), never data.
+ARTIFACT_NAMES = frozenset({"head.json", "fxtl-model.json", "metrics.json", "rows.json"})
+_HDF5_SIGNATURE = b"\x89HDF\r\n\x1a\n"
 
 
 @dataclass(frozen=True)
@@ -88,13 +102,86 @@ def _is_image(name: str) -> bool:
     return name.lower().endswith(IMAGE_EXTENSIONS)
 
 
-def walk_images(folder: Path, *, unreadable: list[tuple[str, str]] | None = None) -> list[Path]:
+def _loose_images(folder: Path) -> list[str]:
+    """Image files directly in ``folder`` (not in a class folder below it)."""
+    try:
+        return sorted(e.name for e in os.scandir(folder)
+                      if _is_image(e.name) and not _is_hidden(e.name) and e.is_file())
+    except OSError:
+        return []
+
+
+def _warn_loose(folder: Path, names: list[str]) -> None:
+    if names:
+        warnings.warn(f"{folder}: ignored {len(names)} image(s) outside any class folder "
+                      f"({', '.join(names[:3])}{', ...' if len(names) > 3 else ''}); move them "
+                      f"into {folder}/<class>/ to use them", FxtlWarning, stacklevel=3)
+
+
+def _warn_undecodable(files: list[Path]) -> None:
+    if files:
+        kinds = sorted({f.suffix.lower() for f in files})
+        warnings.warn(f"ignored {len(files)} {'/'.join(kinds)} file(s) this Pillow cannot decode "
+                      f"({', '.join(str(f) for f in files[:3])}{', ...' if len(files) > 3 else ''}"
+                      "); convert them to JPEG or PNG", FxtlWarning, stacklevel=3)
+
+
+def _is_fxtl_hdf5(path: str) -> bool:
+    """True for an HDF5 file that fxtl wrote (a cache or a shard): its ``format`` says so."""
+    try:
+        with open(path, "rb") as fh:
+            if fh.read(8) != _HDF5_SIGNATURE:
+                return False
+        import h5py
+
+        with h5py.File(path, "r") as f:
+            fmt = f.attrs.get("format", "")
+        fmt = fmt.decode("utf-8", "replace") if isinstance(fmt, bytes) else str(fmt)
+        return fmt.startswith("fxtl")
+    except Exception:  # unreadable or damaged: not provably ours, and not an image either
+        return False
+
+
+def is_artifact_folder(dirpath: str | Path, filenames: Sequence[str] = (),
+                       dirnames: Sequence[str] = ()) -> bool:
+    """True if the folder directly holds an fxtl artifact (given its listing, or listed here).
+
+    Artifacts: ``head.json``, ``fxtl-model.json``, ``metrics.json``, ``rows.json``, a feature
+    cache or shard (HDF5 whose ``format`` starts with ``fxtl``), a cache's ``.lock``,
+    ``.partial`` or ``.parts`` companion.
+    """
+    if not filenames and not dirnames:
+        try:
+            entries = list(os.scandir(dirpath))
+        except OSError:
+            return False
+        filenames = [e.name for e in entries if not e.is_dir()]
+        dirnames = [e.name for e in entries if e.is_dir()]
+    for name in filenames:
+        low = name.lower()
+        if name in ARTIFACT_NAMES or low.endswith(".h5.lock") or \
+                (low.endswith(".partial") and ".h5." in low):
+            return True
+        if low.endswith((".h5", ".hdf5")) and _is_fxtl_hdf5(os.path.join(dirpath, name)):
+            return True
+    return any(d.lower().endswith(".h5.parts") for d in dirnames)
+
+
+def walk_images(folder: Path, *, unreadable: list[tuple[str, str]] | None = None,
+                artifacts: list[Path] | None = None,
+                undecodable: list[Path] | None = None) -> list[Path]:
     """Image files under ``folder`` (recursively), sorted, following symlinks without loops.
 
     A folder that cannot be listed (permissions) raises :class:`DataError` naming it, so its
     images are never dropped silently; with an ``unreadable`` list the folder is appended to it
-    as ``(path, reason)`` and skipped instead.
+    as ``(path, reason)`` and skipped instead. A folder holding fxtl artifacts
+    (:func:`is_artifact_folder`) is skipped with everything below it: it is appended to
+    ``artifacts`` when given, else an :class:`~fxtl.errors.FxtlWarning` names it. Files with
+    an image ending this Pillow cannot decode (``UNDECODABLE_EXTENSIONS``) go to
+    ``undecodable`` when given, else a warning names them.
     """
+    odd: list[Path] = []
+    skipped: list[Path] = []
     found: list[Path] = []
     seen: set[str] = set()
 
@@ -111,11 +198,55 @@ def walk_images(folder: Path, *, unreadable: list[tuple[str, str]] | None = None
             dirnames[:] = []
             continue
         seen.add(real)
+        if is_artifact_folder(dirpath, filenames, dirnames):
+            skipped.append(Path(dirpath))
+            dirnames[:] = []
+            continue
         dirnames[:] = sorted(d for d in dirnames if not _is_hidden(d))
         for fn in sorted(filenames):
             if not _is_hidden(fn) and _is_image(fn):
                 found.append(Path(dirpath) / fn)
+            elif fn.lower().endswith(UNDECODABLE_EXTENSIONS) and not _is_hidden(fn):
+                odd.append(Path(dirpath) / fn)
+    if undecodable is not None:
+        undecodable.extend(odd)
+    else:
+        _warn_undecodable(odd)
+    if artifacts is not None:
+        artifacts.extend(skipped)
+    elif skipped:
+        _warn_skipped(skipped)
     return sorted(found)
+
+
+def _warn_skipped(folders: Sequence[Path]) -> None:
+    names = ", ".join(str(f) for f in folders[:3]) + (f" and {len(folders) - 3} more"
+                                                        if len(folders) > 3 else "")
+    warnings.warn(f"skipped {len(folders)} folder(s) holding fxtl output ({names}): fxtl never "
+                  "reads its own caches, heads or runs as images", FxtlWarning, stacklevel=3)
+
+
+def _data_folders(folders: Sequence[Path], artifacts: list[Path],
+                  undecodable: list[Path]) -> dict[Path, list[Path]]:
+    """``folders`` that are data -> their images; fxtl output folders are left out.
+
+    A folder is fxtl output when it directly holds an artifact, or holds no image and either an
+    artifact folder below it or is the default cache folder (``./cache``, ``$FXTL_CACHE``).
+    """
+    try:
+        cache_home = default_cache_dir().resolve()
+    except OSError:
+        cache_home = None
+    out: dict[Path, list[Path]] = {}
+    for folder in folders:
+        below: list[Path] = []
+        files = walk_images(folder, artifacts=below, undecodable=undecodable)
+        if not files and (below or folder.resolve() == cache_home):
+            artifacts.append(folder)
+            continue
+        artifacts.extend(below)
+        out[folder] = files
+    return out
 
 
 def _subdirs(folder: Path) -> list[Path]:
@@ -151,10 +282,13 @@ def discover(data: str | Path) -> ImageSet:
             raise DataError(f"{data} is a file; pass a folder of class folders or a .csv manifest")
         return _from_manifest(data)
     root = data.resolve()
+    artifacts: list[Path] = []
+    undecodable: list[Path] = []
     subdirs = _subdirs(root)
     split_dirs = [d for d in subdirs if d.name.lower() in SPLIT_ALIASES]
     if split_dirs:
-        others = [d.name for d in subdirs if d.name.lower() not in SPLIT_ALIASES]
+        others = [d.name for d in _data_folders(
+            [d for d in subdirs if d.name.lower() not in SPLIT_ALIASES], artifacts, [])]
         if others:
             raise DataError(f"{root} mixes split folders ({', '.join(d.name for d in split_dirs)}) "
                             f"with other folders ({', '.join(others[:3])}); move those into a split")
@@ -163,7 +297,9 @@ def discover(data: str | Path) -> ImageSet:
             split = SPLIT_ALIASES[d.name.lower()]
             if split in per_split:
                 raise DataError(f"{root} has two folders for the {split} split; keep one")
-            per_split[split] = {c.name: _nonempty_class(c) for c in _subdirs(d)}
+            per_split[split] = {c.name: _nonempty_class(c, files) for c, files in
+                                _data_folders(_subdirs(d), artifacts, undecodable).items()}
+            _warn_loose(d, _loose_images(d))
             if not per_split[split]:
                 raise DataError(f"{d} holds no class folders; put images in {d}/<class>/")
         class_names = sorted({c for classes in per_split.values() for c in classes})
@@ -178,22 +314,26 @@ def discover(data: str | Path) -> ImageSet:
                                 f"{root}/train; add training images or remove the class")
         layout = "splits"
     else:
-        if not subdirs:
-            if walk_images(root):
+        classes = _data_folders(subdirs, artifacts, undecodable)
+        if not classes:
+            if walk_images(root, artifacts=[]):
                 raise DataError(f"{root} holds images but no class folders; put them in "
                                 f"{root}/<class>/ (one folder per label)")
             raise DataError(f"{root} holds no images; expected {root}/<class>/<image>.jpg")
-        class_names = [d.name for d in subdirs]
+        class_names = [d.name for d in classes]
         samples = [Sample(_rel(p, root), i, "train")
-                   for i, d in enumerate(subdirs) for p in _nonempty_class(d)]
+                   for i, (d, files) in enumerate(classes.items()) for p in _nonempty_class(d, files)]
         layout = "classes"
+    _warn_loose(root, _loose_images(root))
+    if artifacts:
+        _warn_skipped(artifacts)
+    _warn_undecodable(undecodable)
     if len(class_names) < 2:
         raise DataError(f"{root} has {len(class_names)} class; a classifier needs at least 2 class folders")
     return ImageSet(root=root, class_names=class_names, samples=samples, layout=layout)
 
 
-def _nonempty_class(folder: Path) -> list[Path]:
-    files = walk_images(folder)
+def _nonempty_class(folder: Path, files: list[Path]) -> list[Path]:
     if not files:
         raise DataError(f"class folder {folder} holds no images; add images or remove the folder")
     return files
@@ -203,25 +343,48 @@ def _rel(path: Path, root: Path) -> str:
     return Path(os.path.relpath(path, root)).as_posix()
 
 
+_MANIFEST_COLUMNS = ("path", "label", "split")
+
+
+def _manifest_rows(csv_path: Path) -> list[tuple[int, str, str, str]]:
+    """``(line, path, label, split)`` per row; a header row maps columns by their names."""
+    rows: list[tuple[int, str, str, str]] = []
+    columns = {name: i for i, name in enumerate(_MANIFEST_COLUMNS)}  # no header: positional
+    header_seen = False
+    with open(csv_path, newline="", encoding="utf-8-sig") as fh:
+        for lineno, row in enumerate(csv.reader(fh), start=1):
+            if not row or all(not c.strip() for c in row) or row[0].lstrip().startswith("#"):
+                continue
+            cells = [c.strip() for c in row]
+            names = [c.lower() for c in cells]
+            if not header_seen and not rows and "path" in names:
+                header_seen = True
+                if "label" not in names:
+                    raise DataError(f"{csv_path} line {lineno}: the header names no `label` "
+                                    "column; name the columns path,label[,split]")
+                columns = {name: names.index(name) for name in _MANIFEST_COLUMNS if name in names}
+                continue
+
+            def cell(name: str) -> str:
+                i = columns.get(name)
+                return cells[i] if i is not None and i < len(cells) else ""
+
+            for needed in ("path", "label"):
+                if not cell(needed):
+                    raise DataError(f"{csv_path} line {lineno}: expected `path,label[,split]`, "
+                                    f"got {','.join(row)!r}; every row needs a {needed}")
+            split = cell("split").lower() or "train"
+            if split not in SPLIT_ALIASES:
+                raise DataError(f"{csv_path} line {lineno}: unknown split {cell('split')!r}; "
+                                "use train, val or test")
+            rows.append((lineno, cell("path"), cell("label"), SPLIT_ALIASES[split]))
+    return rows
+
+
 def _from_manifest(csv_path: Path) -> ImageSet:
     root = csv_path.resolve().parent
-    rows: list[tuple[int, str, str, str]] = []
     try:
-        with open(csv_path, newline="", encoding="utf-8-sig") as fh:
-            for lineno, row in enumerate(csv.reader(fh), start=1):
-                if not row or all(not c.strip() for c in row) or row[0].lstrip().startswith("#"):
-                    continue
-                cells = [c.strip() for c in row]
-                if lineno == 1 and cells[0].lower() == "path":
-                    continue
-                if len(cells) < 2 or not cells[1]:
-                    raise DataError(f"{csv_path} line {lineno}: expected `path,label[,split]`, "
-                                    f"got {','.join(row)!r}; every row needs a label")
-                split = cells[2].lower() if len(cells) > 2 and cells[2] else "train"
-                if split not in SPLIT_ALIASES:
-                    raise DataError(f"{csv_path} line {lineno}: unknown split {cells[2]!r}; "
-                                    "use train, val or test")
-                rows.append((lineno, cells[0], cells[1], SPLIT_ALIASES[split]))
+        rows = _manifest_rows(csv_path)
     except UnicodeDecodeError:
         raise DataError(f"{csv_path} is not UTF-8 text; save the manifest as UTF-8 CSV") from None
     except csv.Error as exc:
@@ -235,6 +398,10 @@ def _from_manifest(csv_path: Path) -> ImageSet:
     class_names = sorted(train_labels) if train_labels else sorted({r[2] for r in rows})
     index = {c: i for i, c in enumerate(class_names)}
     samples = []
+    # The same file twice (another spelling, a link) would put one image in two splits or
+    # under two labels: a conflict is refused, an exact repeat is dropped with a warning.
+    first: dict[tuple[int, int], tuple[int, str, str, str]] = {}
+    repeats: list[tuple[int, int]] = []
     for lineno, rel, label, split in rows:
         # The check is on the text: absolute paths and `..` that climbs above the manifest's
         # folder are refused; a symlink that the user placed inside the folder is followed,
@@ -247,19 +414,38 @@ def _from_manifest(csv_path: Path) -> ImageSet:
             raise DataError(f"{csv_path} line {lineno}: path {rel!r} escapes the manifest's folder "
                             f"{root}; use paths relative to it")
         full = root / norm
-        if not full.is_file():
+        try:
+            st = full.stat()
+        except OSError:
+            st = None
+        if st is None or not full.is_file():
             raise DataError(f"{csv_path} line {lineno}: file {rel!r} not found under {root}; "
                             "fix the path or remove the line")
+        key, posix = (st.st_dev, st.st_ino), Path(norm).as_posix()
+        if key in first:
+            line0, path0, label0, split0 = first[key]
+            if (label0, split0) != (label, split):
+                same = repr(posix) if posix == path0 else f"({path0!r} and {posix!r})"
+                raise DataError(f"{csv_path} lines {line0} and {lineno} list the same image {same} "
+                                f"as {label0}/{split0} and {label}/{split}; keep one row per image "
+                                "(an image in two splits leaks)")
+            repeats.append((lineno, line0))
+            continue
+        first[key] = (lineno, posix, label, split)
         if label not in index:
             raise DataError(f"{csv_path} line {lineno}: label {label!r} does not occur in the "
                             "train split; fix the label or add training images for it")
-        samples.append(Sample(Path(norm).as_posix(), index[label], split))
+        samples.append(Sample(posix, index[label], split))
+    if repeats:
+        listed = ", ".join(f"line {a} repeats line {b}" for a, b in repeats[:3])
+        warnings.warn(f"{csv_path}: dropped {len(repeats)} duplicate row(s) ({listed}"
+                      f"{', ...' if len(repeats) > 3 else ''})", FxtlWarning, stacklevel=3)
     if len(class_names) < 2:
         raise DataError(f"{csv_path} has {len(class_names)} label; a classifier needs at least 2")
     order = {s: i for i, s in enumerate(SPLITS)}
     samples.sort(key=lambda s: (order[s.split], s.label, s.path))
     return ImageSet(root=root, class_names=class_names, samples=samples, layout="manifest",
-                    manifest=csv_path.resolve())
+                    manifest=csv_path.resolve(), stats={"duplicate_rows_dropped": len(repeats)})
 
 
 def fingerprint(images: ImageSet, **parts: Any) -> str:

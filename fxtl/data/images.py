@@ -8,7 +8,6 @@ with a short reason instead of crashing the run.
 """
 from __future__ import annotations
 
-import warnings
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -17,11 +16,26 @@ import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 __all__ = ["Preprocessing", "open_image", "EvalTransform", "ImageDecodeError", "MAX_PIXELS",
-           "IMAGE_EXTENSIONS", "to_chw", "stack_images", "collate_images"]
+           "IMAGE_EXTENSIONS", "UNDECODABLE_EXTENSIONS", "to_chw", "stack_images", "collate_images"]
+
+
+
+def _avif_decodable() -> bool:
+    try:
+        from PIL import features
+
+        return bool(features.check_module("avif"))
+    except (ImportError, ValueError):  # a Pillow without the AVIF plugin
+        return False
+
 
 # Files with these endings are images to fxtl (case-insensitive); others in a DATA_DIR are ignored.
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm",
-                    ".pgm", ".pbm")
+# AVIF counts only where this Pillow decodes it; elsewhere it joins UNDECODABLE_EXTENSIONS.
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".jpe", ".jfif", ".png", ".bmp", ".gif", ".tif", ".tiff",
+                    ".webp", ".ppm", ".pgm", ".pbm") + ((".avif",) if _avif_decodable() else ())
+# Image endings this Pillow cannot decode: such files are named in a warning, never dropped silently.
+UNDECODABLE_EXTENSIONS = (".heic", ".heif", ".jxl") + (() if ".avif" in IMAGE_EXTENSIONS
+                                                       else (".avif",))
 # Larger images are refused as decompression bombs (Pillow's own default warns at ~89 Mpx).
 MAX_PIXELS = 100_000_000
 
@@ -90,23 +104,19 @@ def open_image(path: str | Path, *, draft_size: int | None = None,
     try:
         if path.stat().st_size == 0:
             raise ImageDecodeError("empty file (0 bytes)")
-        with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            old = Image.MAX_IMAGE_PIXELS
-            Image.MAX_IMAGE_PIXELS = max_pixels
-            try:
-                with Image.open(path) as im:
-                    w, h = im.size
-                    if w * h > max_pixels:
-                        raise ImageDecodeError(f"decompression bomb: {w}x{h} pixels exceeds "
-                                               f"{max_pixels} (refused)")
-                    if draft_size and im.format == "JPEG" and im.mode in ("RGB", "L", "CMYK"):
-                        im.draft(im.mode, (draft_size, draft_size))
-                    im.load()
-                    im = ImageOps.exif_transpose(im)
-                    return _to_rgb(im)
-            finally:
-                Image.MAX_IMAGE_PIXELS = old
+        # Pillow's own bomb check (Image.MAX_IMAGE_PIXELS) is the caller's process-wide policy:
+        # it is left as it is; ours reads the size from the header, before any pixel is decoded.
+        with Image.open(path) as im:
+            w, h = im.size
+            if w * h > max_pixels:
+                raise ImageDecodeError(f"decompression bomb: {w}x{h} pixels exceeds "
+                                       f"{max_pixels} (refused)")
+            if draft_size and im.format == "JPEG" and im.mode in ("RGB", "L", "CMYK"):
+                im.draft(im.mode, (draft_size, draft_size))
+            bits = _bit_depth(im)
+            im.load()
+            im = ImageOps.exif_transpose(im)
+            return _to_rgb(im, bits=bits)
     except ImageDecodeError:
         raise
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
@@ -124,7 +134,28 @@ def open_image(path: str | Path, *, draft_size: int | None = None,
         raise ImageDecodeError(f"cannot decode ({msg})") from None
 
 
-def _to_rgb(im: Image.Image) -> Image.Image:
+def _bit_depth(im: Image.Image) -> int:
+    """Bits per sample of an integer grayscale image, from its mode and header, never its pixels.
+
+    16-bit PNGs and TIFFs open as ``I;16*`` (or ``I`` in some Pillow versions); a 32-bit TIFF
+    says its depth in BitsPerSample. Signed samples count one bit less (the sign).
+    """
+    if im.mode.startswith("I;16"):
+        return 16
+    if im.mode != "I":
+        return 8
+    if im.format == "PNG":  # PNG samples are at most 16 bits
+        return 16
+    tags = getattr(im, "tag_v2", None)
+    try:
+        bits = int((tags or {}).get(258, (32,))[0])
+        signed = int((tags or {}).get(339, (1,))[0]) == 2
+    except (TypeError, ValueError, IndexError):
+        bits, signed = 32, True
+    return bits - 1 if signed else bits
+
+
+def _to_rgb(im: Image.Image, *, bits: int = 8) -> Image.Image:
     mode = im.mode
     if mode == "RGB":
         return im
@@ -134,8 +165,9 @@ def _to_rgb(im: Image.Image) -> Image.Image:
             lo, hi = float(np.nanmin(arr)), float(np.nanmax(arr))
             arr = (arr - lo) / (hi - lo or 1.0) * 255.0
         else:
-            # 16-bit data (Pillow opens 16-bit PNGs as I;16 or I): map 0..65535 to 0..255.
-            arr = arr.astype(np.float64) / 257.0 if arr.max(initial=0) > 255 else arr
+            # Full scale of the file's bit depth is white: 0..65535 -> 0..255 for 16 bits,
+            # whatever the brightest pixel happens to be.
+            arr = arr.astype(np.float64) * (255.0 / (2.0 ** bits - 1))
         return Image.fromarray(np.clip(np.rint(arr), 0, 255).astype(np.uint8), "L").convert("RGB")
     if mode == "P":
         im = im.convert("RGBA") if "transparency" in im.info else im.convert("RGB")

@@ -150,7 +150,7 @@ def _dataset_without_images(root: Path):
 
 
 def _manifest(root: Path, body: bytes | str):
-    _tiny_tree(root, ["imgs/1.png", "imgs/2.png"])
+    _tiny_tree(root, ["imgs/1.png", "imgs/2.png", "imgs/3.png"])
     (root.parent / "outside.png").write_bytes((root / "imgs" / "1.png").read_bytes())
     m = root / "set.csv"
     m.write_bytes(body if isinstance(body, bytes) else body.encode())
@@ -162,8 +162,11 @@ DATASETS = {
     "no images at all": _dataset_without_images,
     "manifest: missing file": lambda r: (m := _manifest(r, "imgs/1.png,cat\nimgs/gone.png,dog\n"),
                                          [str(m), "line 2", "'imgs/gone.png' not found"]),
-    "manifest: unknown label": lambda r: (m := _manifest(r, "imgs/1.png,cat\nimgs/2.png,dog\nimgs/1.png,bird,val\n"),
+    "manifest: unknown label": lambda r: (m := _manifest(r, "imgs/1.png,cat\nimgs/2.png,dog\nimgs/3.png,bird,val\n"),
                                           [str(m), "line 3", "label 'bird'"]),
+    "manifest: one image in two splits": lambda r: (
+        m := _manifest(r, "imgs/1.png,cat\nimgs/2.png,dog\nimgs/./../imgs/1.png,cat,val\n"),
+        [str(m), "lines 1 and 3", "'imgs/1.png'"]),
     "manifest: ../ escapes": lambda r: (m := _manifest(r, "imgs/1.png,cat\nimgs/../../outside.png,dog\n"),
                                         [str(m), "line 2", "escapes"]),
     "manifest: absolute path": lambda r: (m := _manifest(r, f"imgs/1.png,cat\n{r.parent / 'outside.png'},dog\n"),
