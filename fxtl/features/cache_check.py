@@ -23,11 +23,21 @@ def _damaged(path: Path, what: str) -> CacheError:
     return CacheError(f"{path} is damaged: {what}; {_FIX}")
 
 
+def _show(value) -> str:
+    """A stored value, shown on one short line (a forged one may be a big array)."""
+    value = _text(value)
+    if isinstance(value, np.ndarray):
+        return f"an array of {value.dtype} {list(value.shape)}"
+    return repr(value)[:80]
+
+
 def _text(value):
     if isinstance(value, bytes):
         return value.decode("utf-8", "replace")
     if isinstance(value, np.ndarray) and value.shape == ():
         return _text(value[()])
+    if isinstance(value, np.generic) and not isinstance(value, np.bytes_):
+        return value.item()
     return value
 
 
@@ -61,10 +71,10 @@ def check_cache(f, path: Path) -> None:
 
 def _check_version(path: Path, version, newest: int, readable: tuple[int, ...]) -> None:
     if isinstance(version, (str, bytes)) or (isinstance(version, np.ndarray) and version.dtype.kind in "SOU"):
-        raise _damaged(path, f"format_version is stored as text ({_text(version)!r}), the spec "
+        raise _damaged(path, f"format_version is stored as text ({_show(version)}), the spec "
                              "says an integer")
     if not isinstance(version, (int, np.integer)) or isinstance(version, (bool, np.bool_)):
-        raise _damaged(path, f"format_version is {version!r}, the spec says an integer")
+        raise _damaged(path, f"format_version is {_show(version)}, the spec says an integer")
     if int(version) > newest:
         raise CacheError(f"{path} has format_version {int(version)}, this fxtl reads up to "
                          f"{newest}; upgrade fxtl (pip install -U fxtl)")
@@ -78,7 +88,7 @@ def _check_complete(path: Path, complete) -> None:
     if isinstance(complete, (bool, np.bool_)) or (isinstance(complete, (int, np.integer))
                                                    and int(complete) == 1):
         return
-    raise _damaged(path, f"complete is {_text(complete)!r}, the spec says 1 (an integer)")
+    raise _damaged(path, f"complete is {_show(complete)}, the spec says 1 (an integer)")
 
 
 def _check_shapes(path: Path, f) -> int:
@@ -99,13 +109,13 @@ def _check_shapes(path: Path, f) -> int:
     for key, actual in (("n", n), ("dim", dim)):
         stored = f.attrs.get(key)
         if stored is not None and (not isinstance(stored, (int, np.integer)) or int(stored) != actual):
-            raise _damaged(path, f"attribute {key} is {_text(stored)!r} but /features has {actual}")
+            raise _damaged(path, f"attribute {key} is {_show(stored)} but /features has {actual}")
     return int(n)
 
 
 def _check_class_names(path: Path, value) -> list[str]:
     if isinstance(value, (str, bytes)):
-        raise _damaged(path, f"class_names is one string ({_text(value)!r}), the spec says an "
+        raise _damaged(path, f"class_names is one string ({_show(value)}), the spec says an "
                              "array of strings, one per class")
     arr = np.asarray(value)
     if arr.ndim != 1 or arr.dtype.kind not in "SOU":
@@ -158,7 +168,7 @@ def _check_attrs(path: Path, f) -> None:
                 raise _damaged(path, f"attribute {key} is not JSON text") from None
     for key in ("backbone", "weights_sha256", "precision", "layer", "fingerprint"):
         if not isinstance(_text(f.attrs[key]), str):
-            raise _damaged(path, f"attribute {key} is {_text(f.attrs[key])!r}, the spec says a string")
+            raise _damaged(path, f"attribute {key} is {_show(f.attrs[key])}, the spec says a string")
 
 
 def _check_errors(path: Path, f) -> None:
