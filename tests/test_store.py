@@ -102,3 +102,101 @@ def test_failed_write_leaves_old_file(tmp_path):
                     split=["train"] * 5, class_names=["a", "b"], errors=[], attrs={})
     np.testing.assert_array_equal(load_features(p).features, old)
     assert [x.name for x in tmp_path.iterdir()] == ["c.h5"]
+
+
+# ----------------------------------------------------------------------------- format version 1
+def write_v1_cache(path, *, n=5, dim=4):
+    """A cache written the way fxtl wrote version 1: variable-length strings, boolean complete."""
+    str_dt = h5py.string_dtype("utf-8")
+    feats = np.arange(n * dim, dtype=np.float32).reshape(n, dim)
+    with h5py.File(path, "w") as f:
+        f.create_dataset("features", data=feats, chunks=(n, dim))
+        f.create_dataset("labels", data=np.array([0, 1, 0, 1, -1][:n], dtype=np.int64))
+        f.create_dataset("paths", data=[f"é{i}.jpg" for i in range(n)], dtype=str_dt)
+        f.create_dataset("split", data=["train"] * 3 + ["val"] * (n - 3), dtype=str_dt)
+        g = f.create_group("errors")
+        g.create_dataset("path", data=["bad.jpg"], dtype=str_dt, shape=(1,))
+        g.create_dataset("reason", data=["truncated image"], dtype=str_dt, shape=(1,))
+        for obj in (f["features"], f["labels"], f["paths"], f["split"], g):
+            obj.attrs["encoding-type"] = "x"
+            obj.attrs["encoding-version"] = "1"
+        attrs = {"backbone": "lite0", "weights_sha256": "0" * 64,
+                 "preprocessing": json.dumps({"crop": 224}), "precision": "fp32", "layer": "pooled",
+                 "fingerprint": "f" * 64, "created": "now", "fxtl_version": "0.1.0",
+                 "versions": json.dumps({"h5py": "3"})}
+        for k, v in attrs.items():
+            f.attrs[k] = v
+        f.attrs["class_names"] = np.array(["ants", "bées"], dtype=object)
+        f.attrs["format"] = "fxtl-features"
+        f.attrs["format_version"] = 1
+        f.attrs["n"], f.attrs["dim"] = n, dim
+        f.attrs["complete"] = True
+    return feats
+
+
+def test_version_1_files_stay_readable(tmp_path):
+    from fxtl.features.store import iter_feature_chunks, read_errors, summarize
+
+    p = tmp_path / "v1.h5"
+    feats = write_v1_cache(p)
+    fc = load_features(p)
+    np.testing.assert_array_equal(fc.features, feats)
+    assert fc.paths == [f"é{i}.jpg" for i in range(5)]
+    assert fc.class_names == ["ants", "bées"]
+    assert list(fc.labels) == [0, 1, 0, 1, -1]
+    assert fc.attrs["format_version"] == 1 and fc.attrs["complete"] is True
+    assert fc.attrs["preprocessing"] == {"crop": 224}
+    assert read_errors(p) == [{"path": "bad.jpg", "reason": "truncated image"}]
+    assert summarize(p)["splits"] == {"train": 3, "val": 2}
+    assert sum(len(X) for X, _ in iter_feature_chunks(p, rows=2, split="train")) == 3
+
+
+def test_version_2_storage_types(tmp_path):
+    """Fixed-length UTF-8 strings, uint8 booleans, stamps: what PyTables needs (issue 16)."""
+    p = tmp_path / "c.h5"
+    _write(p, data_fingerprint="ab" * 32, flag=True)
+    with h5py.File(p, "r") as f:
+        for name in ("paths", "split", "errors/path", "errors/reason"):
+            ds = f[name]
+            tid = ds.id.get_type()
+            assert not tid.is_variable_str() and tid.get_cset() == h5py.h5t.CSET_UTF8, name
+            assert ds.attrs["encoding-type"] == "string-array" and ds.attrs["encoding-version"] == "2"
+            assert ds.attrs["_Encoding"] == "utf-8"
+        assert f["paths"].dtype.itemsize == len("img0.jpg")  # sized to the longest value
+        assert f.attrs["complete"].dtype == np.uint8 and f.attrs["flag"].dtype == np.uint8
+        assert f.attrs["format_version"] == 2
+        assert "escaped" not in f.attrs
+    assert load_features(p).attrs["data_fingerprint"] == "ab" * 32
+
+
+def test_names_that_are_not_utf8_round_trip(tmp_path):
+    import os
+
+    from fxtl.features.cache_text import escape, unescape
+    from fxtl.features.store import read_attrs, read_errors
+
+    bad = os.fsdecode(b"ants/bad\xff\xfe.jpg")
+    tricky = ["a\\b.jpg", "x\\xff.jpg", "é.jpg", bad, "\\\\", ""]
+    assert [unescape(escape(t)) for t in tricky] == tricky
+    p = tmp_path / "c.h5"
+    paths = [bad, "a\\b.jpg", "x\\xff.jpg", "é.jpg", "ok.jpg"]
+    root = os.fsdecode(b"/data/r\xe9union")
+    feats = np.ones((5, 2), np.float32)
+    write_cache(p, chunks=[feats], n=5, dim=2, labels=[0, 1, 0, 1, 0], paths=paths,
+                split=["train"] * 5, class_names=["a", os.fsdecode(b"caf\xe9")],
+                errors=[(bad, f"cannot identify image file {bad}")],
+                attrs={"dataset_root": root, "backbone": "b", "weights_sha256": "0",
+                       "preprocessing": {"note": bad}, "precision": "fp32", "layer": "pooled",
+                       "fingerprint": "f", "created": "now", "fxtl_version": "t"})
+    fc = load_features(p)
+    assert fc.paths == paths
+    assert fc.class_names == ["a", os.fsdecode(b"caf\xe9")]
+    assert fc.attrs["dataset_root"] == root and fc.attrs["preprocessing"] == {"note": bad}
+    assert read_errors(p) == [{"path": bad, "reason": f"cannot identify image file {bad}"}]
+    assert "escaped" not in read_attrs(p)
+    with h5py.File(p, "r") as f:  # what a reader without fxtl sees: valid UTF-8, escaped
+        assert set(f.attrs["escaped"]) == {"/paths", "/errors/path", "/errors/reason",
+                                           "@dataset_root", "@class_names"}
+        assert f["paths"].asstr()[0] == "ants/bad\\xff\\xfe.jpg"
+        assert f["paths"].asstr()[1] == "a\\\\b.jpg"
+        assert f["split"].asstr()[0] == "train"  # elements without such names stay plain

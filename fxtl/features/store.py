@@ -1,37 +1,53 @@
-"""The HDF5 feature cache: writer and reader of format ``fxtl-features`` version 1.
+"""The HDF5 feature cache: writer and reader of format ``fxtl-features`` (version 2; reads 1).
 
 The spec lives in ``docs/cache-format.md``; this module mirrors it. Writers stamp every element
-with ``encoding-type``/``encoding-version``; readers check ``format`` and ``format_version`` and
-refuse what they do not know, so a cache is never misread silently.
+with ``encoding-type``/``encoding-version``; :func:`open_cache` checks a file against the spec
+once, on open, and refuses what it does not know with one line, so a damaged or foreign cache
+never reaches numpy or scikit-learn.
 """
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Iterator, Sequence
 
 import numpy as np
 
-from .._util import atomic_path
-from ..errors import CacheError
+from .._util import atomic_path, storage_failure
+from ..errors import CacheError, ParameterError
+from .cache_text import (ESCAPED_ATTR, decode_text, encode_text, escaped_names, fixed_utf8,
+                         read_string_array)
 
-__all__ = ["FORMAT", "FORMAT_VERSION", "FeatureCache", "load_features", "write_cache",
-           "read_attrs", "iter_feature_chunks", "summarize"]
+__all__ = ["FORMAT", "FORMAT_VERSION", "READABLE_VERSIONS", "REQUIRED_ATTRS", "PROVENANCE_KEYS",
+           "FeatureCache", "load_features", "write_cache", "open_cache", "read_attrs",
+           "cache_attrs", "decode_attr", "iter_feature_chunks", "summarize", "read_errors",
+           "read_strings", "provenance"]
 
 FORMAT = "fxtl-features"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+# Every version this module reads (docs/cache-format.md, "Versioning").
+READABLE_VERSIONS = (1, 2)
 # Rows per HDF5 chunk of /features are chosen so that one chunk is about 1 MiB.
 _CHUNK_BYTES = 1 << 20
-_STR = None  # set lazily to h5py.string_dtype("utf-8")
+SPLITS = ("train", "val", "test")
 
-# Root attributes every version-1 cache carries (docs/cache-format.md, "Root attributes").
+# Root attributes every cache carries (docs/cache-format.md, "Root attributes").
 REQUIRED_ATTRS = ("format", "format_version", "class_names", "backbone", "weights_sha256",
                   "preprocessing", "precision", "layer", "fingerprint", "created",
                   "fxtl_version", "complete")
 # Attributes holding JSON text, decoded by the reader.
 _JSON_ATTRS = ("preprocessing", "versions", "timings")
+# What an artifact made from a cache records about where its features came from.
+PROVENANCE_KEYS = ("backbone", "weights_sha256", "preprocessing", "precision", "layer", "graph",
+                   "fingerprint", "data_fingerprint", "fxtl_version", "versions", "dataset_root",
+                   "created")
+# Errors a file system gives when it cannot take more bytes (full disk, quota, size limit).
+_NO_SPACE_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
+_NO_SPACE_TEXT = ("No space left on device", "Disk quota exceeded", "File too large")
 
 
 def _h5():
@@ -42,71 +58,136 @@ def _h5():
     return h5py
 
 
-def _str_dtype():
-    global _STR
-    if _STR is None:
-        _STR = _h5().string_dtype("utf-8")
-    return _STR
-
-
-def _stamp(obj, encoding_type: str) -> None:
+def _stamp(obj, encoding_type: str, version: str) -> None:
     obj.attrs["encoding-type"] = encoding_type
-    obj.attrs["encoding-version"] = "1"
+    obj.attrs["encoding-version"] = version
 
 
+# ----------------------------------------------------------------------------- writer
 def write_cache(path: Path, *, chunks: Iterable[np.ndarray], n: int, dim: int,
                 labels: Sequence[int], paths: Sequence[str], split: Sequence[str],
                 class_names: Sequence[str], errors: Sequence[tuple[str, str]],
                 attrs: dict[str, Any]) -> Path:
-    """Write a complete cache at ``path`` atomically.
+    """Write a complete cache (format version 2) at ``path`` atomically.
 
     ``chunks`` yields float32 arrays whose rows, concatenated, are the ``n`` feature rows in
     order; they are streamed to disk, so memory does not grow with ``n``. The file first exists
-    as a temporary sibling and replaces ``path`` in one rename when everything is written.
+    as a temporary sibling and replaces ``path`` in one rename when everything is written, so a
+    previous cache at ``path`` survives any failure. Strings (paths may hold surrogate escapes
+    from ``os.fsdecode``) are stored as the spec's "Text" section says.
+
+    Raises
+    ------
+    CacheError
+        When the disk is full or the file would exceed a size limit ("no space"), naming ``path``.
     """
-    h5py = _h5()
     path = Path(path)
     _check_space(path, n * dim * 4 + sum(len(p) + len(s) + 48 for p, s in zip(paths, split)))
-    rows_per_chunk = max(1, min(max(n, 1), _CHUNK_BYTES // (4 * max(dim, 1))))
     with atomic_path(path) as tmp:
-        with h5py.File(tmp, "w") as f:
-            feats = f.create_dataset("features", shape=(n, dim), dtype="float32",
-                                     chunks=(rows_per_chunk, dim) if n else None)
-            _stamp(feats, "dense-array")
-            row = 0
-            for block in chunks:
-                block = np.asarray(block, dtype=np.float32)
-                if block.ndim != 2 or block.shape[1] != dim:
-                    raise CacheError(f"internal: feature block of shape {block.shape}, expected (*, {dim})")
-                if len(block):
-                    feats[row:row + len(block)] = block
-                row += len(block)
-            if row != n:
-                raise CacheError(f"internal: wrote {row} feature rows, expected {n}")
-            _stamp(f.create_dataset("labels", data=np.asarray(labels, dtype=np.int64)), "dense-array")
-            _stamp(f.create_dataset("paths", data=list(paths), dtype=_str_dtype()), "string-array")
-            _stamp(f.create_dataset("split", data=list(split), dtype=_str_dtype()), "string-array")
-            g = f.create_group("errors")
-            _stamp(g, "errors-table")
-            g.create_dataset("path", data=[p for p, _ in errors], dtype=_str_dtype(), shape=(len(errors),))
-            g.create_dataset("reason", data=[r for _, r in errors], dtype=_str_dtype(), shape=(len(errors),))
-            for key, value in attrs.items():
-                f.attrs[key] = _encode_attr(key, value)
-            f.attrs["class_names"] = np.array(list(class_names), dtype=object) if class_names else \
-                np.array([], dtype=_str_dtype())
-            f.attrs["format"] = FORMAT
-            f.attrs["format_version"] = FORMAT_VERSION
-            f.attrs["n"] = n
-            f.attrs["dim"] = dim
-            f.attrs["complete"] = True
+        try:
+            _write_file(tmp, chunks=chunks, n=n, dim=dim, labels=labels, paths=paths, split=split,
+                        class_names=class_names, errors=errors, attrs=attrs)
+        except (OSError, RuntimeError) as exc:
+            if _is_no_space(exc):
+                raise CacheError(f"cannot write {path}: no space ({_first_line(exc)}); free space "
+                                 "or choose another cache directory (nothing was overwritten)") from None
+            raise
     return path
+
+
+def _is_no_space(exc: BaseException) -> bool:
+    if isinstance(exc, OSError) and exc.errno in _NO_SPACE_ERRNOS:
+        return True
+    text = str(exc)
+    return any(t in text for t in _NO_SPACE_TEXT) or storage_failure(exc) == _NO_SPACE_TEXT[0]
+
+
+def _first_line(exc: BaseException) -> str:
+    return ((str(exc).strip().splitlines() or [type(exc).__name__])[0])[:160]
+
+
+def _write_file(tmp: Path, *, chunks, n, dim, labels, paths, split, class_names, errors, attrs) -> None:
+    h5py = _h5()
+    rows_per_chunk = max(1, min(max(n, 1), _CHUNK_BYTES // (4 * max(dim, 1))))
+    escaped: list[str] = []
+    f = h5py.File(tmp, "w")
+    try:
+        feats = f.create_dataset("features", shape=(n, dim), dtype="<f4",
+                                 chunks=(rows_per_chunk, dim) if n and dim else None)
+        _stamp(feats, "dense-array", "1")
+        row = 0
+        for block in chunks:
+            block = np.asarray(block, dtype=np.float32)
+            if block.ndim != 2 or block.shape[1] != dim:
+                raise CacheError(f"internal: feature block of shape {block.shape}, expected (*, {dim})")
+            if len(block):
+                feats[row:row + len(block)] = block
+            row += len(block)
+        if row != n:
+            raise CacheError(f"internal: wrote {row} feature rows, expected {n}")
+        _stamp(f.create_dataset("labels", data=np.asarray(labels, dtype="<i8").reshape(-1)),
+               "dense-array", "1")
+        _string_dataset(f, "paths", paths, escaped)
+        _string_dataset(f, "split", split, escaped)
+        g = f.create_group("errors")
+        _stamp(g, "errors-table", "2")
+        _string_dataset(g, "path", [p for p, _ in errors], escaped)
+        _string_dataset(g, "reason", [r for _, r in errors], escaped)
+        for key, value in attrs.items():
+            _write_attr(f, key, value, escaped)
+        _write_attr(f, "class_names", list(class_names), escaped)
+        f.attrs["format"] = FORMAT
+        f.attrs["format_version"] = np.int64(FORMAT_VERSION)
+        f.attrs["n"] = np.int64(n)
+        f.attrs["dim"] = np.int64(dim)
+        if escaped:
+            f.attrs[ESCAPED_ATTR] = np.array(escaped, dtype=h5py.string_dtype("utf-8"))
+        f.attrs["complete"] = np.uint8(1)
+        f.flush()
+    finally:
+        f.close()
+
+
+def _string_dataset(parent, name: str, values: Sequence[str], escaped: list[str]) -> None:
+    """A fixed-length UTF-8 string dataset sized to the longest value (every reader takes it)."""
+    texts, any_escaped = encode_text(values)
+    data, dtype = fixed_utf8(texts)
+    ds = parent.create_dataset(name, data=data, dtype=dtype, shape=(len(texts),))
+    _stamp(ds, "string-array", "2")
+    ds.attrs["_Encoding"] = "utf-8"  # xarray/netCDF decode the bytes to str with this (CF)
+    if any_escaped:
+        escaped.append(ds.name)
+
+
+def _write_attr(f, key: str, value: Any, escaped: list[str]) -> None:
+    h5py = _h5()
+    if key in _JSON_ATTRS or isinstance(value, dict):
+        value = json.dumps(value, sort_keys=True)  # ASCII: surrogates become \udcXX, losslessly
+    elif value is None:
+        value = ""
+    if isinstance(value, (bool, np.bool_)):
+        f.attrs[key] = np.uint8(bool(value))
+    elif isinstance(value, str):
+        (text,), was = encode_text([value])
+        f.attrs[key] = text
+        if was:
+            escaped.append("@" + key)
+    elif isinstance(value, (list, tuple)) and all(isinstance(v, str) for v in value):
+        texts, was = encode_text(list(value))
+        f.attrs[key] = np.array(texts, dtype=h5py.string_dtype("utf-8"))
+        if was:
+            escaped.append("@" + key)
+    elif isinstance(value, (list, tuple)):
+        f.attrs[key] = json.dumps(list(value))
+    else:
+        f.attrs[key] = value
 
 
 def _check_space(path: Path, payload: int) -> None:
     """Refuse before writing when the disk cannot hold the file.
 
-    HDF5 fails late (at flush/close) on a full disk and leaves h5py objects that can crash the
-    interpreter when collected, so the space is checked up front.
+    HDF5 fails late (at flush/close) on a full disk, so the space is checked up front; what the
+    check cannot see (quotas, file-size limits) is caught while writing.
     """
     import shutil
 
@@ -116,22 +197,16 @@ def _check_space(path: Path, payload: int) -> None:
     need = int(payload * 1.05) + (256 << 10)
     free = shutil.disk_usage(path.parent).free
     if free < need:
-        raise CacheError(f"cannot write {path}: No space left on device (needs about "
-                         f"{need / 2**20:.1f} MiB, {free / 2**20:.1f} MiB free); free space or choose "
-                         "another --cache-dir (nothing was overwritten)")
+        raise CacheError(f"cannot write {path}: no space left on device (needs about "
+                         f"{need / 2**20:.1f} MiB, {free / 2**20:.1f} MiB free); free space or "
+                         "choose another cache directory (nothing was overwritten)")
 
 
-def _encode_attr(key: str, value: Any) -> Any:
-    if key in _JSON_ATTRS or isinstance(value, (dict, list)):
-        return json.dumps(value, sort_keys=True)
-    if value is None:
-        return ""
-    return value
-
-
+# ----------------------------------------------------------------------------- attributes
 def decode_attr(value: Any) -> Any:
+    """An HDF5 attribute value as plain Python (bytes -> str, numpy -> list or scalar)."""
     if isinstance(value, bytes):
-        return value.decode()
+        return value.decode("utf-8", "surrogateescape")
     if isinstance(value, np.ndarray):
         return [decode_attr(v) for v in value.tolist()]
     if isinstance(value, np.generic):
@@ -139,7 +214,41 @@ def decode_attr(value: Any) -> Any:
     return value
 
 
+def cache_attrs(f) -> dict[str, Any]:
+    """Root attributes of an open cache, decoded: JSON text -> dicts, escaped text -> names."""
+    raw = {key: decode_attr(value) for key, value in f.attrs.items()}
+    escaped = escaped_names(raw.get(ESCAPED_ATTR))
+    out = {}
+    for key, value in raw.items():
+        if key == ESCAPED_ATTR:
+            continue
+        if "@" + key in escaped:
+            value = [decode_text(v, True) for v in value] if isinstance(value, list) \
+                else decode_text(value, True)
+        if key in _JSON_ATTRS and isinstance(value, str) and value:
+            value = json.loads(value)
+        if key == "complete" and isinstance(value, (bool, int)):
+            value = bool(value)
+        out[key] = value
+    return out
+
+
+def provenance(attrs: dict[str, Any]) -> dict[str, Any]:
+    """The provenance part (:data:`PROVENANCE_KEYS`) of a cache's decoded attributes."""
+    return {k: attrs[k] for k in PROVENANCE_KEYS if k in attrs}
+
+
+# ----------------------------------------------------------------------------- reader
 def open_cache(path: Path):
+    """Open a cache for reading after checking it against the spec; an open ``h5py.File``.
+
+    Everything the spec says about the file's structure is checked here, once (format,
+    version, completeness, attribute and dataset types and shapes, label range, class names);
+    the file is refused with a one-line :class:`CacheError` naming it and the fix. Feature
+    values are checked as they are read (:func:`load_features`).
+    """
+    from .cache_check import check_cache
+
     h5py = _h5()
     path = Path(path)
     if not path.exists():
@@ -151,34 +260,14 @@ def open_cache(path: Path):
             raise CacheError(f"{path} is not an HDF5 file; pass a cache written by `fxtl extract`")
         f = h5py.File(path, "r")
     except OSError as exc:
-        raise CacheError(f"{path} cannot be read as HDF5 ({exc}); re-create it with `fxtl extract`") from None
-    fmt = decode_attr(f.attrs.get("format"))
-    if fmt != FORMAT:
+        raise CacheError(f"{path} cannot be read as HDF5 ({_first_line(exc)}); re-create it "
+                         "with `fxtl extract`") from None
+    try:
+        with _reading(path):
+            check_cache(f, path)
+    except BaseException:
         f.close()
-        raise CacheError(f"{path} is an HDF5 file but not an fxtl feature cache (format={fmt!r}); "
-                         "pass a cache written by `fxtl extract`")
-    version = decode_attr(f.attrs.get("format_version"))
-    if not isinstance(version, int) or version > FORMAT_VERSION or version < 1:
-        f.close()
-        raise CacheError(f"{path} has format_version {version}, this fxtl reads up to "
-                         f"{FORMAT_VERSION}; upgrade fxtl (pip install -U fxtl)")
-    if not decode_attr(f.attrs.get("complete", False)):
-        f.close()
-        raise CacheError(f"{path} is incomplete; run `fxtl extract` again to finish it")
-    missing = [k for k in REQUIRED_ATTRS if k not in f.attrs]
-    for name in ("features", "labels", "paths", "split"):
-        if name not in f:
-            missing.append("/" + name)
-    if missing:
-        f.close()
-        raise CacheError(f"{path} is damaged: missing {', '.join(missing)}; re-create it with `fxtl extract`")
-    shapes = {name: f[name].shape for name in ("features", "labels", "paths", "split")}
-    n = shapes["features"][0] if len(shapes["features"]) == 2 else None
-    if n is None or any(shapes[k] != (n,) for k in ("labels", "paths", "split")):
-        f.close()
-        raise CacheError(f"{path} is damaged: /features must be [N, D] and /labels, /paths, /split [N] "
-                         f"(found {', '.join(f'{k} {list(v)}' for k, v in shapes.items())}); "
-                         "re-create it with `fxtl extract`")
+        raise
     return f
 
 
@@ -194,8 +283,9 @@ def _reading(path: Path) -> Iterator[None]:
         yield
     except CacheError:
         raise
-    except (OSError, RuntimeError, KeyError, ValueError, TypeError, IndexError) as exc:
-        reason = (str(exc).splitlines() or [type(exc).__name__])[0][:160] or type(exc).__name__
+    except (OSError, RuntimeError, KeyError, ValueError, TypeError, IndexError, AttributeError,
+            OverflowError, MemoryError, SystemError) as exc:
+        reason = _first_line(exc) or type(exc).__name__
         raise CacheError(f"{path} is damaged ({reason}); re-create it with `fxtl extract`") from None
 
 
@@ -205,26 +295,37 @@ def read_attrs(path: Path) -> dict[str, Any]:
         return cache_attrs(f)
 
 
-def cache_attrs(f) -> dict[str, Any]:
-    out = {}
-    for key, value in f.attrs.items():
-        value = decode_attr(value)
-        if key in _JSON_ATTRS and isinstance(value, str) and value:
-            value = json.loads(value)
-        out[key] = value
-    return out
+def read_strings(f, name: str) -> list[str]:
+    """The string dataset ``name`` of an open cache (any version) as Python str, lossless.
+
+    Rows the writer escaped (file names that are not UTF-8) come back as the ``os.fsdecode``
+    str they were written from, surrogate escapes included.
+    """
+    escaped = escaped_names(decode_attr(f.attrs.get(ESCAPED_ATTR)))
+    ds = f[name]
+    return read_string_array(ds[...], ds.name in escaped)
+
+
+def _errors_of(f) -> list[tuple[str, str]]:
+    if "errors" not in f:
+        return []
+    return list(zip(read_strings(f, "errors/path"), read_strings(f, "errors/reason")))
+
+
+def read_errors(path: str | Path) -> list[dict[str, str]]:
+    """The ``/errors`` table of a cache: ``[{"path", "reason"}]`` for every skipped image."""
+    path = Path(path)
+    with _reading(path), open_cache(path) as f:
+        return [{"path": p, "reason": r} for p, r in _errors_of(f)]
 
 
 def summarize(path: Path) -> dict[str, Any]:
     """Shape, splits, classes and errors of a cache without reading the features."""
-    with _reading(path), open_cache(Path(path)) as f:
+    path = Path(path)
+    with _reading(path), open_cache(path) as f:
         attrs = cache_attrs(f)
-        split = [decode_attr(s) for s in f["split"][...]]
-        errors = []
-        if "errors" in f:
-            g = f["errors"]
-            errors = [{"path": decode_attr(p), "reason": decode_attr(r)}
-                      for p, r in zip(g["path"][...], g["reason"][...])]
+        split = read_strings(f, "split")
+        errors = [{"path": p, "reason": r} for p, r in _errors_of(f)]
         n, dim = f["features"].shape
     names, counts = np.unique(np.array(split, dtype=str), return_counts=True)
     return {"n": int(n), "dim": int(dim), "splits": {str(k): int(v) for k, v in zip(names, counts)},
@@ -288,9 +389,7 @@ class FeatureCache:
 
     @property
     def provenance(self) -> dict[str, Any]:
-        keys = ("backbone", "weights_sha256", "preprocessing", "precision", "layer", "graph",
-                "fingerprint", "fxtl_version", "versions", "dataset_root", "created")
-        return {k: self.attrs.get(k) for k in keys if k in self.attrs}
+        return provenance(self.attrs)
 
     def __repr__(self) -> str:
         return (f"FeatureCache(path={str(self.path)!r}, n={self.n}, dim={self.dim}, "
@@ -298,13 +397,34 @@ class FeatureCache:
                 f"backbone={self.attrs.get('backbone')!r})")
 
 
-def load_features(path: str | Path) -> FeatureCache:
+_NONFINITE = ("raise", "drop")
+
+
+def _check_nonfinite(nonfinite: str) -> None:
+    if nonfinite not in _NONFINITE:
+        raise ParameterError("nonfinite", f"nonfinite must be one of {', '.join(_NONFINITE)}, "
+                                          f"got {nonfinite!r}")
+
+
+def _bad_rows_message(path: Path, bad: np.ndarray, n: int, paths: Sequence[str] | None) -> str:
+    shown = ", ".join(f"{int(i)}" + (f" ({paths[int(i)]})" if paths is not None else "")
+                      for i in bad[:5])
+    more = f" and {len(bad) - 5} more" if len(bad) > 5 else ""
+    return (f"{path} is damaged: {len(bad)} of {n} feature rows hold NaN or infinity (rows "
+            f"{shown}{more}); re-create it with `fxtl extract`, or load it with "
+            "nonfinite='drop' to leave those rows out")
+
+
+def load_features(path: str | Path, *, nonfinite: str = "raise") -> FeatureCache:
     """Load a cache written by ``fxtl extract``.
 
     Parameters
     ----------
     path : str or Path
         The ``.h5`` file.
+    nonfinite : {"raise", "drop"}
+        What to do with feature rows holding NaN or infinity (a damaged file): refuse the file
+        with one line naming the rows (default), or leave those rows out with a warning.
 
     Returns
     -------
@@ -313,38 +433,58 @@ def load_features(path: str | Path) -> FeatureCache:
     Raises
     ------
     CacheError
-        If the file is missing, not HDF5, of another format, of a newer version, or incomplete.
+        If the file is missing, not HDF5, of another format, of a newer version, incomplete,
+        not what the spec says, or (with ``nonfinite="raise"``) holds non-finite features.
     """
+    _check_nonfinite(nonfinite)
     path = Path(path)
     with _reading(path), open_cache(path) as f:
         attrs = cache_attrs(f)
         features = f["features"][...].astype(np.float32, copy=False)
         labels = f["labels"][...].astype(np.int64, copy=False)
-        paths = [decode_attr(p) for p in f["paths"][...]]
-        split = np.array([decode_attr(s) for s in f["split"][...]], dtype=object).astype(str)
-        errors: list[tuple[str, str]] = []
-        if "errors" in f:
-            g = f["errors"]
-            errors = [(decode_attr(p), decode_attr(r)) for p, r in zip(g["path"][...], g["reason"][...])]
+        paths = read_strings(f, "paths")
+        split = np.array(read_strings(f, "split"), dtype=object).astype(str)
+        errors = _errors_of(f)
     class_names = [str(c) for c in attrs.get("class_names", [])]
+    finite = np.isfinite(features).all(axis=1)
+    if not finite.all():
+        bad = np.flatnonzero(~finite)
+        if nonfinite == "raise":
+            raise CacheError(_bad_rows_message(path, bad, len(features), paths))
+        warnings.warn(f"{path}: left out {len(bad)} feature rows holding NaN or infinity "
+                      f"(first: row {int(bad[0])}, {paths[int(bad[0])]})", stacklevel=2)
+        features, labels, split = features[finite], labels[finite], split[finite]
+        paths = [p for p, ok in zip(paths, finite) if ok]
     return FeatureCache(path=path, features=features, labels=labels, paths=paths, split=split,
                         class_names=class_names, attrs=attrs, errors=errors)
 
 
-def iter_feature_chunks(path: str | Path, *, rows: int = 8192,
-                        split: str | None = None) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+def iter_feature_chunks(path: str | Path, *, rows: int = 8192, split: str | None = None,
+                        nonfinite: str = "raise") -> Iterator[tuple[np.ndarray, np.ndarray]]:
     """Stream ``(X, y)`` blocks of at most ``rows`` rows without loading the whole cache.
 
-    For caches larger than memory (heads fitted with ``partial_fit``).
+    For caches larger than memory (heads fitted with ``partial_fit``). ``nonfinite`` is as in
+    :func:`load_features`; with ``"raise"`` the error comes with the first damaged block.
     """
-    with _reading(path), open_cache(Path(path)) as f:
+    _check_nonfinite(nonfinite)
+    path = Path(path)
+    with _reading(path), open_cache(path) as f:
         n = f["features"].shape[0]
-        sp = None if split is None else np.array([decode_attr(s) for s in f["split"][...]])
+        sp = None if split is None else np.array(read_strings(f, "split"))
         for start in range(0, n, rows):
-            X = f["features"][start:start + rows]
-            y = f["labels"][start:start + rows]
+            X = f["features"][start:start + rows].astype(np.float32, copy=False)
+            y = f["labels"][start:start + rows].astype(np.int64, copy=False)
+            finite = np.isfinite(X).all(axis=1)
+            if not finite.all():
+                if nonfinite == "raise":
+                    raise CacheError(_bad_rows_message(path, start + np.flatnonzero(~finite), n, None))
+                X, y = X[finite], y[finite]
+                keep = finite
+            else:
+                keep = None
             if sp is not None:
                 m = sp[start:start + rows] == split
+                m = m if keep is None else m[keep]
                 X, y = X[m], y[m]
             if len(X):
-                yield X.astype(np.float32, copy=False), y.astype(np.int64, copy=False)
+                yield X, y

@@ -20,7 +20,7 @@ from PIL import Image
 
 from fxtl.cli import cli
 from fxtl.heads.fitting import fit_head
-from fxtl.features.store import load_features
+from fxtl.features.store import FORMAT_VERSION, load_features
 
 from .. import _images as img
 from ..test_heads import PRE, write_synthetic_cache
@@ -248,8 +248,9 @@ def _other_hdf5(path: Path) -> Path:
 BAD_CACHES = {
     "text file named .h5": (_text_file, "not an HDF5 file"),
     "HDF5 of another format": (_other_hdf5, "not an fxtl feature cache"),
-    "newer format_version": (lambda p: _set_attr(write_synthetic_cache(p), "format_version", 2),
-                             "format_version 2"),
+    "newer format_version": (lambda p: _set_attr(write_synthetic_cache(p), "format_version",
+                                                 FORMAT_VERSION + 1),
+                             f"format_version {FORMAT_VERSION + 1}"),
     "incomplete": (lambda p: _set_attr(write_synthetic_cache(p), "complete", False), "incomplete"),
     "truncated copy": (_truncated, "truncated"),
     "rows disagree": (lambda p: _replace(write_synthetic_cache(p), "labels", [0, 1]), "damaged"),

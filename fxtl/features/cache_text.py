@@ -1,0 +1,93 @@
+"""Text in the feature cache: fixed-length UTF-8 and the lossless escape for non-UTF-8 names.
+
+docs/cache-format.md, "Text". A file name arrives as the ``str`` that ``os.fsdecode`` gives, which
+holds surrogate escapes (U+DC80..U+DCFF) for bytes that are not UTF-8. Such a str cannot be stored
+as UTF-8, so the whole element (dataset or attribute) it belongs to is written *escaped*: each
+value's bytes, with ``\\`` written as ``\\\\`` and each byte that is not part of valid UTF-8 as
+``\\xNN``. The element's name is listed in the root attribute ``escaped``. Every other element is
+plain UTF-8, readable as is.
+"""
+from __future__ import annotations
+
+import re
+from typing import Any, Sequence
+
+import numpy as np
+
+__all__ = ["ESCAPED_ATTR", "encode_text", "decode_text", "escape", "unescape", "fixed_utf8",
+           "read_string_array", "escaped_names"]
+
+# Root attribute listing the elements written escaped: "/dataset/path" or "@attribute".
+ESCAPED_ATTR = "escaped"
+_ESCAPE_RE = re.compile(rb"\\(\\|x([0-9a-fA-F]{2}))")
+
+
+def _needs_escape(value: str) -> bool:
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        return True
+    return False
+
+
+def escape(value: str) -> str:
+    """The escaped text of one name: its bytes, ``\\`` doubled, non-UTF-8 bytes as ``\\xNN``.
+
+    >>> escape("bad\\udcff.jpg")
+    'bad\\\\xff.jpg'
+    """
+    raw = value.encode("utf-8", "surrogateescape")
+    return raw.replace(b"\\", b"\\\\").decode("utf-8", "backslashreplace")
+
+
+def unescape(text: str) -> str:
+    """Inverse of :func:`escape`: the str ``os.fsdecode`` gives for the original bytes.
+
+    >>> unescape(escape("bad\\udcff\\\\x41.jpg")) == "bad\\udcff\\\\x41.jpg"
+    True
+    """
+    raw = _ESCAPE_RE.sub(lambda m: b"\\" if m.group(1) == b"\\" else bytes([int(m.group(2), 16)]),
+                         text.encode("utf-8"))
+    return raw.decode("utf-8", "surrogateescape")
+
+
+def encode_text(values: Sequence[str]) -> tuple[list[str], bool]:
+    """``(texts, escaped)``: the values as they are stored, and whether they were escaped.
+
+    Values are escaped all together, and only when one of them is not valid Unicode text.
+    """
+    values = [str(v) for v in values]
+    if not any(_needs_escape(v) for v in values):
+        return values, False
+    return [escape(v) for v in values], True
+
+
+def decode_text(text: str, escaped: bool) -> str:
+    return unescape(text) if escaped else text
+
+
+def fixed_utf8(texts: Sequence[str]):
+    """``(array, dtype)`` of fixed-length UTF-8 strings sized to the longest value (at least 1)."""
+    import h5py
+
+    raw = [t.encode("utf-8") for t in texts]
+    dtype = h5py.string_dtype("utf-8", length=max([1] + [len(b) for b in raw]))
+    return np.array(raw, dtype=dtype).reshape(len(raw)), dtype
+
+
+def read_string_array(values: np.ndarray, escaped: bool) -> list[str]:
+    """Stored strings (fixed-length bytes in version 2, variable-length in 1) as str."""
+    out = []
+    for v in np.asarray(values).reshape(-1).tolist():
+        text = v.decode("utf-8") if isinstance(v, bytes) else str(v)
+        out.append(unescape(text) if escaped else text)
+    return out
+
+
+def escaped_names(value: Any) -> set[str]:
+    """The element names of the root attribute ``escaped`` (absent: none)."""
+    if value is None:
+        return set()
+    if isinstance(value, (bytes, str)):
+        value = [value]
+    return {v.decode("utf-8") if isinstance(v, bytes) else str(v) for v in value}

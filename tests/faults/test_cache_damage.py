@@ -1,0 +1,211 @@
+"""Damaged caches (issue 14, items 1, 9, 10, 11): one line naming the file and the fix, never a
+traceback, a crash, a giant allocation or a silently wrong result; and a seeded fuzz test over
+the reader."""
+from __future__ import annotations
+
+import errno
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+from fxtl.cli import cli
+from fxtl.errors import CacheError, FxtlError
+from fxtl.features.store import load_features, open_cache, write_cache
+
+from ._cli import ROOT, assert_one_line_error
+
+ATTRS = {"backbone": "synthetic", "weights_sha256": "0" * 64, "preprocessing": {"crop": 8},
+         "precision": "fp32", "layer": "pooled", "fingerprint": "f" * 64, "created": "now",
+         "fxtl_version": "test", "timings": {"compute_seconds": 1.0}}
+
+
+def _valid(path: Path, *, n: int = 8, dim: int = 3) -> Path:
+    rng = np.random.default_rng(0)
+    X = rng.normal(size=(n, dim)).astype(np.float32)
+    labels = [i % 2 for i in range(n)]
+    split = ["train"] * (n // 2) + ["val"] * (n - n // 2)
+    return write_cache(path, chunks=[X], n=n, dim=dim, labels=labels,
+                       paths=[f"c{i % 2}/{i}.png" for i in range(n)], split=split,
+                       class_names=["ants", "bees"], errors=[("bad.png", "truncated")], attrs=ATTRS)
+
+
+def _edit(path: Path, fn) -> Path:
+    with h5py.File(path, "r+") as f:
+        fn(f)
+    return path
+
+
+def _replace(name: str, data):
+    def fn(f):
+        del f[name]
+        f[name] = data
+    return fn
+
+
+def _set(key: str, value):
+    def fn(f):
+        f.attrs[key] = value
+    return fn
+
+
+def _features_as_group(f):
+    del f["features"]
+    f.create_group("features").create_dataset("x", data=np.zeros((8, 3), np.float32))
+
+
+def _nan_rows(f):
+    X = f["features"][...]
+    X[[1, 5]] = np.nan
+    X[6, 0] = np.inf
+    f["features"][...] = X
+
+
+DAMAGE = {
+    "labels out of range": (_replace("labels", np.array([0, 1, 5, 1, 0, 1, 0, 1])), "holds 5"),
+    "label 2**40": (_replace("labels", np.array([0, 1, 2 ** 40, 1, 0, 1, 0, 1])), "class_names has 2"),
+    "label below -1": (_replace("labels", np.array([0, -7, 0, 1, 0, 1, 0, 1])), "holds -7"),
+    "fewer class names than labels": (_set("class_names", np.array(["ants"], dtype=object)),
+                                      "class_names has 1 name"),
+    "features stored as a group": (_features_as_group, "/features is a group"),
+    "zero-width features": (_replace("features", np.zeros((8, 0), np.float32)), "zero columns"),
+    "class_names as one string": (_set("class_names", "ants"), "class_names is one string"),
+    "format_version as a string": (_set("format_version", "1"), "format_version is stored as text"),
+    "complete is 'no'": (_set("complete", "no"), "complete is 'no'"),
+    "complete is 0": (_set("complete", np.uint8(0)), "incomplete"),
+    "split outside train/val/test": (_replace("split", np.array([b"train"] * 7 + [b"holdout"])),
+                                     "'holdout'"),
+    "features as integers": (_replace("features", np.zeros((8, 3), np.int32)), "the spec says float32"),
+    "n disagrees": (_set("n", 99), "attribute n is 99"),
+    "broken JSON": (_set("preprocessing", "{oops"), "not JSON"),
+}
+
+
+@pytest.mark.parametrize("case", DAMAGE)
+def test_damage_is_one_line_naming_file_and_fix(tmp_path, case):
+    damage, fragment = DAMAGE[case]
+    path = _edit(_valid(tmp_path / "c.h5"), damage)
+    with pytest.raises(CacheError) as info:
+        load_features(path)
+    msg = str(info.value)
+    assert "\n" not in msg and str(path) in msg and fragment in msg, msg
+    assert "fxtl extract" in msg
+    with pytest.raises(CacheError):  # refused on open, before any value is used
+        open_cache(path)
+    r = CliRunner().invoke(cli, ["info", str(path)])
+    assert_one_line_error(r.exit_code, r.stderr, str(path))
+
+
+def test_nonfinite_rows_refused_by_name_or_dropped(tmp_path):
+    path = _edit(_valid(tmp_path / "c.h5"), _nan_rows)
+    with pytest.raises(CacheError, match=r"3 of 8 feature rows hold NaN or infinity \(rows 1 \(c1/1.png\), "
+                                         r"5 \(c1/5.png\), 6 \(c0/6.png\)\)"):
+        load_features(path)
+    with pytest.warns(UserWarning, match="left out 3 feature rows"):
+        fc = load_features(path, nonfinite="drop")
+    assert fc.n == 5 and np.isfinite(fc.features).all()
+    assert fc.paths == ["c0/0.png", "c0/2.png", "c1/3.png", "c0/4.png", "c1/7.png"]
+    assert list(fc.labels) == [0, 0, 1, 0, 1] and list(fc.split) == ["train"] * 3 + ["val"] * 2
+    from fxtl.features.store import iter_feature_chunks
+
+    with pytest.raises(CacheError, match=r"1 of 8 feature rows .*\(rows 1\)"):
+        list(iter_feature_chunks(path, rows=4))
+    got = list(iter_feature_chunks(path, rows=4, nonfinite="drop", split="train"))
+    assert sum(len(y) for _, y in got) == 3
+    for args in (["fit-head", str(path), "--model", "knn", "--no-search", "--jobs", "1",
+                  "--cache-dir", str(tmp_path / "home")], ["export", str(path), "-o",
+                                                            str(tmp_path / "o.csv"), "--format", "csv"]):
+        r = CliRunner().invoke(cli, args)
+        assert_one_line_error(r.exit_code, r.stderr, "NaN or infinity", "rows 1")
+
+
+def test_export_no_longer_labels_rows_unlabelled_when_names_are_short(tmp_path):
+    path = _edit(_valid(tmp_path / "c.h5"), _set("class_names", np.array(["ants"], dtype=object)))
+    r = CliRunner().invoke(cli, ["export", str(path), "--format", "csv", "-o", str(tmp_path / "o.csv")])
+    assert_one_line_error(r.exit_code, r.stderr, "class_names has 1 name")
+    assert not (tmp_path / "o.csv").exists()
+
+
+# ----------------------------------------------------------------------------- fuzz
+_FUZZ_READER = r"""
+import json, sys
+from fxtl.errors import FxtlError
+from fxtl.features.store import iter_feature_chunks, load_features, read_attrs, read_errors, summarize
+for name in sys.argv[1:]:
+    print(json.dumps({"file": name, "start": True}), flush=True)
+    out = {"file": name}
+    try:
+        fc = load_features(name)
+        summarize(name); read_attrs(name); read_errors(name)
+        sum(len(X) for X, _ in iter_feature_chunks(name, rows=3, split="train"))
+        out["outcome"] = "ok"
+        out["n"] = fc.n
+    except FxtlError as exc:
+        out["outcome"] = "error"
+        out["message"] = str(exc)
+    except BaseException as exc:
+        out["outcome"] = "other"
+        out["message"] = f"{type(exc).__name__}: {exc}"
+    print(json.dumps(out), flush=True)
+"""
+
+
+def _damage_randomly(data: bytes, path: Path, rng: np.random.Generator) -> str:
+    kind = rng.choice(["truncate", "flip", "delete", "retype_dataset", "retype_attr"])
+    if kind == "truncate":
+        path.write_bytes(data[: int(rng.integers(0, len(data)))])
+    elif kind == "flip":
+        buf = bytearray(data)
+        for i in rng.integers(0, len(buf), size=int(rng.integers(1, 40))):
+            buf[i] ^= int(rng.integers(1, 256))
+        path.write_bytes(bytes(buf))
+    else:
+        path.write_bytes(data)
+        with h5py.File(path, "r+") as f:
+            names = ["features", "labels", "paths", "split", "errors", "errors/path", "errors/reason"]
+            attrs = list(f.attrs)
+            values = [np.float64(2.5), "text", np.array([1, 2, 3]), np.int64(-3), np.array([], "f4"),
+                      np.array(["a", "b"], dtype=object), np.zeros((2, 2)), np.uint8(1), 10 ** 12]
+            if kind == "delete":
+                if rng.random() < 0.5:
+                    del f[names[int(rng.integers(len(names)))]]
+                else:
+                    del f.attrs[attrs[int(rng.integers(len(attrs)))]]
+            elif kind == "retype_dataset":
+                name = names[int(rng.integers(len(names)))]
+                del f[name]
+                f[name] = values[int(rng.integers(len(values)))]
+            else:
+                f.attrs[attrs[int(rng.integers(len(attrs)))]] = values[int(rng.integers(len(values)))]
+    return str(kind)
+
+
+def test_fuzz_the_reader_every_outcome_is_a_result_or_one_line(tmp_path):
+    data = _valid(tmp_path / "valid.h5").read_bytes()
+    rng = np.random.default_rng(1234)
+    files, kinds = [], {}
+    for i in range(120):
+        p = tmp_path / f"fuzz{i:03d}.h5"
+        kinds[p.name] = _damage_randomly(data, p, rng)
+        files.append(str(p))
+    # A crash (segfault in HDF5) is possible, so the reader runs in its own process.
+    proc = subprocess.run([sys.executable, "-c", _FUZZ_READER, *files], capture_output=True,
+                          text=True, timeout=120, cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    records = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
+    done = [r for r in records if "outcome" in r]
+    last = records[-1]["file"] if records else None
+    assert proc.returncode == 0, f"reader died (rc {proc.returncode}) on {last}: {proc.stderr[-2000:]}"
+    assert len(done) == len(files)
+    bad = [r for r in done if r["outcome"] == "other" or "\n" in r.get("message", "")]
+    assert not bad, [(Path(r["file"]).name, kinds[Path(r["file"]).name], r["message"]) for r in bad]
+    outcomes = {r["outcome"] for r in done}
+    assert outcomes == {"ok", "error"}  # both happen: the damage is not all fatal, nor all harmless
+    for r in done:
+        if r["outcome"] == "error":
+            assert Path(r["file"]).name in r["message"]
