@@ -21,12 +21,13 @@ dataset splits         early stopping / selection on   reported on
 =====================  ==============================  =========================
 train + val [+ test]   ``val``                         ``test`` if present else ``val``
 train + test           none (last epoch is kept)       ``test``
-train only             a stratified hold-out           ``holdout`` (the same rows)
+train only             a 2nd hold-out of the rest      ``holdout``
 =====================  ==============================  =========================
 
-The hold-out is ``sklearn.model_selection.train_test_split(train_indices, test_size=0.2,
-stratify=labels, random_state=seed)``, the recipe ``fit-head`` uses, so both paths report on the
-same images (exactly the same ones when no image is unreadable).
+The reported hold-out is :func:`fxtl.data.splits.stratified_holdout` of the train rows
+(``test_size``, ``seed``), the call ``fit-head`` makes, so both paths report on the same images
+(exactly the same ones when no image is unreadable); the selection hold-out is carved the same
+way from the remaining rows. An ``init_head`` is refitted on the fine-tune's training rows only.
 
 The recipe: AdamW (or SGD with Nesterov momentum), linear warm-up then cosine decay per step,
 label smoothing, weight decay on weights only (not biases or norms), discriminative learning
@@ -71,6 +72,7 @@ Run folder ``<cache-dir>/runs/<run-name>/``:
 ``model.pt``            ``torch.save`` of the network's state dict (best epoch), new classifier
 ``checkpoint-last.pt``  training state for ``resume`` (``torch.load(..., weights_only=True)``)
 ``metrics.json``        the :mod:`fxtl.evaluate` schema, ``kind="finetune"``, plus ``history``
+``rows.json``           which images trained, selected and reported (:class:`fxtl.data.splits.RunRows`)
 ``learning_curves.png`` loss and accuracy per epoch, train and val
 ``confusion.png``       confusion matrix on the reported split
 """
@@ -94,7 +96,7 @@ from .. import __version__
 from .._util import (slug, atomic_path, atomic_write_json, default_cache_dir, ensure_dir, file_lock,
                     now_iso, save_figure, sha256_file, unique_dir, versions)
 from ..backbones.registry import DEFAULT_BACKBONE, MODEL_MANIFEST, replace_linear, load_backbone
-from ..data.splits import stratified_holdout
+from ..data.splits import RowSet, RunRows, save_rows, stratified_holdout
 from ..data.discovery import ImageDataset, ImageSet, discover, fingerprint
 from ..distributed import TrainingGroup, available_cores, place_rank, torchrun_env
 from ..errors import DataError, FxtlError, ProvenanceError
@@ -127,6 +129,8 @@ MONITORS = ("accuracy", "loss")
 DEFAULT_LR = {"adamw": 5e-4, "sgd": 1e-2}
 # A val loss must drop by more than this to count as an improvement.
 _MIN_DELTA = 1e-4
+# The selection split's name when the data has only train (the report hold-out is "holdout").
+SELECTION_HOLDOUT = "holdout-selection"
 # Hyper-parameters that must match for `resume` (anything else may change between sessions).
 _RESUME_KEYS = ("backbone", "trainable", "epochs", "lr", "batch_size", "image_size", "optimizer",
                 "weight_decay", "momentum", "label_smoothing", "warmup_epochs", "lr_decay", "bn",
@@ -356,8 +360,8 @@ def linear_head_weights(pipeline, head_classes: Sequence[str], class_names: Sequ
     return W.astype(np.float32), B.astype(np.float32)
 
 
-def _load_linear_head(run: str | Path, bb: Backbone) -> tuple[Any, list[str]]:
-    """``(pipeline, class_names)`` of a ``fit-head`` run, checked against the backbone."""
+def _load_linear_head(run: str | Path, bb: Backbone) -> Any:
+    """The ``Head`` of a ``fit-head`` run, checked against the backbone."""
     from ..heads.fitting import load_head
 
     head = load_head(run)
@@ -377,7 +381,61 @@ def _load_linear_head(run: str | Path, bb: Backbone) -> tuple[Any, list[str]]:
               f"runs at {bb.preprocessing.crop} px, where it starts far below its own accuracy "
               f"(digits: 0.885 at 224 px, 0.109 at 128; docs/advise.md); use --image-size {crop}",
               file=sys.stderr)
-    return head.pipeline, list(head.class_names)
+    return head
+
+
+def _head_cache(run: str | Path, head: Any) -> Path:
+    """The feature cache a head was fitted on (its sidecar, else its run's metrics.json)."""
+    cache = head.provenance.get("cache")
+    if not cache and head.path is not None:
+        metrics = Path(head.path).parent / "metrics.json"
+        with contextlib.suppress(OSError, ValueError):
+            cache = json.loads(metrics.read_text()).get("cache")
+    if not cache:
+        raise ProvenanceError(f"init_head {run} does not say which feature cache it was fitted on, "
+                              "so it cannot be refitted on this fine-tune's training rows; refit "
+                              "it with `fxtl fit-head`")
+    cache = Path(cache)
+    if not cache.is_file():
+        raise ProvenanceError(f"init_head {run} was fitted on the feature cache {cache}, which is "
+                              "gone; re-extract it (fxtl extract) so the head can be refitted on "
+                              "this fine-tune's training rows only")
+    return cache
+
+
+def refit_on_train_rows(run: str | Path, bb: Backbone, images: ImageSet,
+                        train_rows: np.ndarray) -> tuple[Any, list[str], dict[str, Any]]:
+    """A clone of ``run``'s head (same hyper-parameters) fitted on the fine-tune's training rows.
+
+    ``fit-head`` may have fitted the head on train+val (or its hold-out differs); a start head that
+    has seen the fine-tune's selection or report images would make those numbers optimistic. The
+    head's own cache supplies the features of exactly the training images (matched by path).
+
+    Returns ``(pipeline, class_names, info)``; ``info`` says which cache and how many rows.
+    """
+    import warnings
+
+    from sklearn.base import clone
+
+    from ..features.store import load_features
+
+    head = _load_linear_head(run, bb)
+    cache_path = _head_cache(run, head)
+    cache = load_features(cache_path)
+    train_paths = {images.samples[i].path for i in train_rows}
+    rows = np.array([i for i, p in enumerate(cache.paths)
+                     if p in train_paths and cache.labels[i] >= 0], dtype=np.int64)
+    if not len(rows):
+        raise ProvenanceError(f"init_head {run}: its cache {cache_path} holds none of this "
+                              f"fine-tune's training images under {images.root}; fit the head on "
+                              "a cache of this dataset")
+    pipeline = clone(head.pipeline)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # convergence notes: the head's own run reported them
+        pipeline.fit(cache.features[rows], cache.labels[rows])
+    info = {"head": str(head.path or run), "cache": str(cache_path), "refit_rows": int(len(rows)),
+            "refit_split": "train"}
+    return pipeline, list(cache.class_names), info
 
 
 # ----------------------------------------------------------------------------- results
@@ -412,7 +470,7 @@ class FinetuneResult:
         d.update({k: self.metrics.get(k) for k in ("balanced_accuracy", "n", "backbone", "dataset",
                                                     "precision", "device", "bn")})
         d["artifacts"] = {name: str(self.run_dir / name) for name in
-                          (MODEL_MANIFEST, "model.pt", "checkpoint-last.pt", "metrics.json",
+                          (MODEL_MANIFEST, "model.pt", "checkpoint-last.pt", "metrics.json", "rows.json",
                            "learning_curves.png", "confusion.png") if (self.run_dir / name).exists()}
         return d
 
@@ -440,11 +498,26 @@ def _plan_splits(images: ImageSet, *, seed: int, test_size: float) -> _Splits:
     if len(rows["test"]):
         return _Splits(rows["train"], None, "", rows["test"], "test",
                        ("no val split: no early stopping, the last epoch is kept",))
-    fit, held = stratified_holdout(rows["train"], labels, test_size=test_size, seed=seed,
-                                   source=str(images.root), class_names=images.class_names)
-    note = (f"no val/test split: selecting on and reporting a stratified {test_size:.0%} hold-out "
-            f"of train (seed {seed})")
-    return _Splits(fit, held, "holdout", held, "holdout", (note,))
+    # Report on exactly the rows fit-head reports on (same call, same seed), and select (early
+    # stopping) on a second hold-out of what remains, so no image both selects and reports.
+    rest, held = stratified_holdout(rows["train"], labels, test_size=test_size, seed=seed,
+                                    source=str(images.root), class_names=images.class_names)
+    fit, select = stratified_holdout(rest, labels, test_size=test_size, seed=seed,
+                                     source=str(images.root), class_names=images.class_names)
+    note = (f"no val/test split: reporting on a stratified {test_size:.0%} hold-out of train "
+            f"(seed {seed}, the rows fit-head reports on) and selecting on a second stratified "
+            f"{test_size:.0%} hold-out of the rest")
+    return _Splits(fit, select, SELECTION_HOLDOUT, held, "holdout", (note,))
+
+
+def _run_rows(images: ImageSet, splits: _Splits) -> RunRows:
+    """Which images the run learned from, selected on and reported on (``rows.json``)."""
+    def rowset(rows: np.ndarray, name: str) -> RowSet:
+        return RowSet(name, tuple(images.samples[i].path for i in rows))
+
+    return RunRows(data_fingerprint=fingerprint(images), train=rowset(splits.train, "train"),
+                   selection=rowset(splits.val, splits.val_name) if splits.val is not None else None,
+                   report=rowset(splits.report, splits.report_name))
 
 
 # ----------------------------------------------------------------------------- checkpoints
@@ -848,7 +921,8 @@ def finetune(data: str | Path, *, backbone: str = DEFAULT_BACKBONE, trainable: s
                "data_fingerprint": fingerprint(images)}
         if not flip:  # only when off, so runs and checkpoints made before the option keep their names
             cfg["flip"] = False
-        _new_classifier(bb, images.class_names, init_head)
+        init_info = _new_classifier(bb, images.class_names, init_head, images=images,
+                                    train_rows=splits.train)
 
         run = _Run(images, splits, labels, pre=pre, cfg=cfg, device=device, workers=workers,
                    progress=progress, group=group)
@@ -873,7 +947,14 @@ def finetune(data: str | Path, *, backbone: str = DEFAULT_BACKBONE, trainable: s
             while not state["done"] and state["epoch"] < epochs:
                 run.train_epoch(trainer, state, run_dir, on_step=on_step)
             metrics = run.report(trainer, state, run_dir)
+            if init_info is not None:
+                metrics["init_head"] = init_info
+                metrics["notes"].append(
+                    f"init_head refitted on this fine-tune's {init_info['refit_rows']} training "
+                    "images only (same hyper-parameters), so it has not seen the selection or "
+                    "report images")
             if group.is_primary:
+                save_rows(run_dir, _run_rows(images, splits))
                 _write_outputs(run_dir, metrics, bb, pre=pre, images=images)
         group.barrier()  # the run folder is complete before any rank returns
         return FinetuneResult(
@@ -914,8 +995,10 @@ def _check_options(*, optimizer: str, bn: str, monitor: str, lr: float | None, e
     return lr
 
 
-def _new_classifier(bb: Backbone, class_names: Sequence[str], init_head: str | Path | None) -> None:
-    """Replace the ImageNet classifier by a zero one, or one folded from a logistic head.
+def _new_classifier(bb: Backbone, class_names: Sequence[str], init_head: str | Path | None, *,
+                    images: ImageSet, train_rows: np.ndarray) -> dict[str, Any] | None:
+    """Replace the ImageNet classifier by a zero one, or one folded from a logistic head
+    refitted on ``train_rows`` (:func:`refit_on_train_rows`); returns the refit's info.
 
     A zero classifier (as in BiT, Kolesnikov et al. 2020) sends no gradient into the pretrained
     features until it has learned something, so the first steps do not scramble them with a
@@ -927,13 +1010,15 @@ def _new_classifier(bb: Backbone, class_names: Sequence[str], init_head: str | P
     replace_linear(bb.model, bb.classifier_name, len(class_names))
     W = np.zeros((len(class_names), feature_dim), dtype=np.float32)
     b = np.zeros(len(class_names), dtype=np.float32)
+    info = None
     if init_head:
-        pipeline, head_classes = _load_linear_head(init_head, bb)
+        pipeline, head_classes, info = refit_on_train_rows(init_head, bb, images, train_rows)
         W, b = linear_head_weights(pipeline, head_classes, class_names, feature_dim=feature_dim)
     classifier = bb.model.get_submodule(bb.classifier_name)
     with torch.no_grad():
         classifier.weight.copy_(torch.from_numpy(W))
         classifier.bias.copy_(torch.from_numpy(b))
+    return info
 
 
 def _initial_state(trainer: _Trainer, ckpt_path: Path, cfg: dict[str, Any], *,
