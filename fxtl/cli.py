@@ -694,12 +694,19 @@ def finetune(data_dir, backbone, trainable, epochs, lr, batch_size, image_size, 
               help="Only runs of this dataset (its name, or a prefix of its fingerprint).")
 @click.option("--output", "-o", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="Bar chart PNG [default: <cache-dir>/comparison-<dataset>.png].")
+@click.option("--pair", "pairs", nargs=2, multiple=True, metavar="A B",
+              help="Also test run A against run B (folder path or name) with the exact McNemar "
+                   "test on the images both scored; repeatable.")
 @cache_dir_option
 @json_option
 @handle_errors
-def compare(runs, dataset, output, cache_dir, as_json):
-    """Heads and fine-tunes side by side: accuracy, macro-F1, trained parameters, training
-    time (feature extraction counted once for heads) and inference speed.
+def compare(runs, dataset, output, pairs, cache_dir, as_json):
+    """Heads and fine-tunes side by side: accuracy and macro-F1 with 95% intervals, trained
+    parameters, training time (feature extraction counted once for heads) and inference speed.
+
+    Runs scored on different images (another dataset fingerprint or split) go in separate
+    tables. The best head and the best fine-tune of a table are compared with an exact McNemar
+    test on the images both scored.
 
     RUNS are run folders; default: every run under <cache-dir>/runs.
     """
@@ -707,7 +714,8 @@ def compare(runs, dataset, output, cache_dir, as_json):
     from .report.comparison import format_table
 
     res = run_compare(cache_dir=resolve_cache_dir(cache_dir), runs=runs, dataset=dataset,
-                      output=output)
+                      output=output, pairs=pairs)
     for note in res.notes:
         log(f"fxtl: {note}")
-    emit(res.to_dict(), as_json, lambda d: f"{format_table(d['rows'])}\nchart: {d['chart']}")
+    emit(res.to_dict(), as_json,
+         lambda d: f"{format_table(d['rows'], paired=d['paired'])}\nchart: {d['chart']}")
