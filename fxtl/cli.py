@@ -337,7 +337,12 @@ def advise(data_dir, backbone, sample, large_per_class, seed, run_plan, device, 
                          f"(mean top-1 softmax {m['imagenet_mean_max_softmax']:.2f}; top: {tops})")
         lines += ["", d["explanation"], "", "Next:"] + [f"  {c}" for c in d["commands"]]
         if d.get("plan"):
-            lines += ["", "Ran the plan:"] + [f"  {r}" for r in d["plan"].get("summary", [])]
+            from .report.comparison import format_table
+
+            plan = d["plan"]
+            lines += ["", "Ran the plan:"] + [f"  {r}" for r in plan.get("summary", [])[:-1]]
+            lines += ["", format_table(plan["compare"]["rows"], paired=plan["compare"]["paired"]),
+                      "", plan["verdict"]["text"]]
         return "\n".join(lines)
 
     emit(d, as_json, human)
@@ -373,10 +378,14 @@ def demo(per_class, epochs, image_size, seed, device, precision, cache_dir, as_j
                      f"in {r['seconds']} s", ""]
         names = [("head " if run["kind"] == "head" else "") + run["model"] for run in r["plan"]["runs"]]
         w = max([22, *map(len, names)])
-        lines.append(f"  {'method':<{w}} {'split':<6} {'accuracy':>8} {'macro-F1':>8}")
+        lines.append(f"  {'method':<{w}} {'split':<6} {'accuracy [95% CI]':>22} {'macro-F1':>8}")
         for name, run in zip(names, r["plan"]["runs"]):
+            ci = run.get("accuracy_ci95")
+            ci = f"[{ci[0]:.3f}, {ci[1]:.3f}]" if ci else ""
             lines.append(f"  {name:<{w}} {run['split']:<6} "
-                         f"{run['accuracy']:>8.3f} {run['macro_f1']:>8.3f}")
+                         f"{run['accuracy']:>7.3f} {ci:>14} {run['macro_f1']:>8.3f}")
+        if r["plan"].get("verdict"):
+            lines += ["", r["plan"]["verdict"]["text"]]
         lines += ["", f"Report: {r['report']}", f"Embedding map: {r['embedding_png']}"]
         chart = r["plan"].get("compare", {}).get("chart")
         if chart:
