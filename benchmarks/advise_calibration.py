@@ -1,24 +1,43 @@
-"""Does `fxtl advise` recommend what actually wins?  (issue 5's calibration table)
+"""Does `fxtl advise` recommend what wins, on five real datasets?  (issue 13, items 3 and 4)
 
-    .venv/bin/python benchmarks/advise_calibration.py [--epochs 3] [--quick]
-        [--only SUBSTRING ...] [--variant NAME ...]
+    .venv/bin/python benchmarks/advise_calibration.py [--epochs 3] [--only NAME ...]
+        [--no-lpft] [--image-size PX] [--output FILE]
 
-For several real datasets (hymenoptera photos: similar to ImageNet; scikit-learn's handwritten
-digits: different; each also subsampled to vary the size) this runs `advise`, then measures what
-each path really achieves on the same splits: the best head on frozen features (logreg), a
-fine-tune of the last two blocks and (without --quick) a full fine-tune.
+For hymenoptera, trashnet, chest_xray and omniglot (``../shared/datasets``) and scikit-learn's
+handwritten digits (the demo's 600: 60 per class) this runs ``advise``, then on the same
+train / val / test rows:
 
-``--only`` runs the datasets whose name contains one of the given substrings (e.g. ``--only
-digits``); ``--variant`` adds fine-tunes of the last two blocks with other settings (see
-VARIANTS). Rows are merged into benchmarks/results/advise_calibration.json by dataset name: a
-rerun of one dataset replaces the fields it measured and keeps the others (and the other
-datasets' rows). Every fine-tune's settings, time and best epoch are recorded under ``runs``.
-Prints the table that docs/advise.md reports.
+* heads on the frozen features (logreg, svm, knn; hyper-parameters searched on ``val``, refit
+  on train+val); the *best head* is the one with the best selection score (``val``), never
+  chosen on test;
+* the fine-tune the advice recommends (scenario 1 recommends none, so its counterpart is the
+  full fine-tune the advice says would not pay; 2 and 4: the full network; 3: the last two
+  blocks from the logistic head, LP-FT, or from a zero classifier with ``--no-lpft``),
+  early-stopped on ``val``;
+* both scored on ``test`` with 95% intervals, and paired on the same test images with the exact
+  McNemar test: the advice *held* (the advised method significantly better), *tied* (not
+  significant, p >= 0.05) or *failed* (the other significantly better).
+
+Every dataset gets a test split no run selects on: hymenoptera's ``val`` folder becomes the test
+split and 20% of its ``train`` the val split; the class-folder sets are split 60/15/25 per class
+(seed 0), through a CSV manifest beside symlinks to the files.
+
+Then the similarity threshold (``fxtl.advice.SIMILAR_AT``): with every dataset small, the
+threshold alone moves a dataset between scenario 1 (head) and 3 (fine-tune). A threshold
+"agrees" with a dataset when the advice it gives did not fail there. Leave-one-dataset-out: for
+each dataset, the threshold that agrees best with the other four (ties: the one nearest the
+current) is checked on the one left out. The threshold is refitted on all five only if that
+leave-one-out agreement beats the current threshold's agreement.
+
+Results: ``benchmarks/results/advise_calibration.json`` (``datasets``: one row each, with every
+run's settings and seconds; ``threshold``: the leave-one-out check). Prints the table of
+docs/advise.md.
 """
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import shutil
 import subprocess
@@ -29,174 +48,278 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
-HYMENOPTERA = ROOT.parent / "shared" / "datasets" / "hymenoptera"
+SHARED = Path(os.environ.get("FXTL_DATASETS", ROOT.parent / "shared" / "datasets"))
+if not SHARED.is_dir():  # a throwaway worktree elsewhere than beside shared/
+    SHARED = Path("/work/shared/datasets")
 RESULTS = HERE / "results" / "advise_calibration.json"
-
-# Alternative recipes for the `last:2` fine-tune (finetune() keyword arguments). "lp-ft" starts
-# the new classifier from the logistic-regression head fitted on the same split (Kumar et al.
-# 2022), the others change one setting of the default recipe each.
-VARIANTS = {
-    "lp-ft": {"init_head": "LOGREG_RUN"},
-    "lr2e-3": {"lr": 2e-3},
-    "10ep": {"epochs": 10},
-    "bn-train": {"bn": "train"},
-    "lp-ft-10ep": {"init_head": "LOGREG_RUN", "epochs": 10},
-    # The head was fitted on features extracted at the backbone's own input size (224 for
-    # lite0); the digits fine-tunes run at 128 px. "@224" runs at the head's size, and the
-    # 0-epoch "probe" runs only evaluate the network with the folded head (no training): at
-    # 224 px they must reproduce the head's accuracy, at 128 px they show what the size change
-    # alone costs the head.
-    "lp-ft@224": {"init_head": "LOGREG_RUN", "image_size": None},
-    "probe@128": {"init_head": "LOGREG_RUN", "epochs": 0},
-    "probe@224": {"init_head": "LOGREG_RUN", "epochs": 0, "image_size": None},
-    # What `fxtl advise` now runs for scenario 3 (fxtl.advice.LP_FT_CROP_SCALE): LP-FT at the
-    # head's input size with a milder random crop, since the head was fitted on centre crops.
-    "lp-ft@224-crop0.8": {"init_head": "LOGREG_RUN", "image_size": None, "crop_scale": (0.8, 1.0)},
-}
+# Cheapest first, so that a run cut short by the clock has measured the most datasets.
+DATASETS = ("chest_xray", "trashnet", "digits", "hymenoptera", "omniglot")
+HEADS = ("logreg", "svm", "knn")
 
 
-def subsample_manifest(root: Path, per_class: int, out: Path, seed: int = 0) -> Path:
-    """A CSV manifest with ``per_class`` training images per class and every val image."""
+# ----------------------------------------------------------------------------- data
+def _link_tree(src: Path, dst: Path) -> None:
+    dst.mkdir(parents=True, exist_ok=True)
+    for entry in src.iterdir():
+        target = dst / entry.name
+        if not target.exists():
+            target.symlink_to(entry.resolve(), target_is_directory=entry.is_dir())
+
+
+def split_manifest(name: str, out: Path, *, seed: int = 0, per_class: int | None = None) -> Path:
+    """A ``path,label,split`` manifest with train / val / test for dataset ``name`` (class-folder
+    sets: ``per_class`` images per class drawn at random first, when given)."""
     import numpy as np
 
     from fxtl.data.discovery import discover
 
-    images = discover(root)
+    src = SHARED / name
+    images = discover(src)
     rng = np.random.default_rng(seed)
-    rows = ["path,label,split"]
-    for label, name in enumerate(images.class_names):
-        train = [s for s in images.samples if s.label == label and s.split == "train"]
-        pick = rng.permutation(len(train))[:per_class]
-        rows += [f"{train[i].path},{name},train" for i in sorted(pick)]
-    rows += [f"{s.path},{images.class_names[s.label]},{s.split}" for s in images.samples if s.split != "train"]
-    link = out / f"{root.name}-{per_class}"
-    link.mkdir(parents=True, exist_ok=True)
-    for entry in root.iterdir():
-        target = link / entry.name
-        if not target.exists():
-            target.symlink_to(entry, target_is_directory=entry.is_dir())
-    m = link / "manifest.csv"
-    m.write_text("\n".join(rows) + "\n")
-    return m
+    lines = ["path,label,split"]
+    for label, cls in enumerate(images.class_names):
+        members = [s for s in images.samples if s.label == label]
+        if images.layout == "splits":  # hymenoptera: val -> test, 20% of train -> val
+            train = [s for s in members if s.split == "train"]
+            order = rng.permutation(len(train))
+            n_val = int(round(0.2 * len(train)))
+            assign = {train[i].path: ("val" if k < n_val else "train") for k, i in enumerate(order)}
+            assign.update({s.path: "test" for s in members if s.split != "train"})
+        else:
+            if per_class:
+                members = [members[i] for i in sorted(rng.permutation(len(members))[:per_class])]
+            order = rng.permutation(len(members))
+            n_test, n_val = int(round(0.25 * len(members))), int(round(0.15 * len(members)))
+            assign = {members[i].path: ("test" if k < n_test else "val" if k < n_test + n_val
+                                        else "train") for k, i in enumerate(order)}
+        lines += [f"{p},{cls},{sp}" for p, sp in sorted(assign.items())]
+    root = out / name
+    _link_tree(src, root)
+    manifest = root / f"{name}.csv"
+    manifest.write_text("\n".join(lines) + "\n")
+    return manifest
 
 
-def _datasets(tmp: Path):
-    """name -> (builder returning the data path, fine-tune keyword arguments)."""
-    from fxtl.data.samples import write_digits
+def _data(name: str, tmp: Path, per_class: int | None) -> Path:
+    if name == "digits":
+        from fxtl.data.samples import write_digits
 
-    return {
-        "hymenoptera (all, 245 train)": (lambda: HYMENOPTERA, {}),
-        "hymenoptera (10/class)": (lambda: subsample_manifest(HYMENOPTERA, 10, tmp), {}),
-        "digits (10 classes, 1258 train)": (lambda: write_digits(tmp / "digits"), {"image_size": 128}),
-        "digits (10 classes, 10/class)": (lambda: write_digits(tmp / "digits10", per_class=25,
-                                                               val_fraction=0.6),
-                                          {"image_size": 128}),
-    }
+        return write_digits(tmp / "digits", classes=10, per_class=per_class or 60,
+                            val_fraction=0.25, test_fraction=0.25, seed=0)
+    return split_manifest(name, tmp, per_class=per_class)
 
 
-def _git_state() -> dict:
+# ----------------------------------------------------------------------------- one dataset
+def _finetune_plan(scenario: int, lpft: bool) -> tuple[str, dict, str]:
+    """(trainable, finetune() keyword arguments, description) of the recommended fine-tune."""
+    from fxtl.advice import LP_FT_CROP_SCALE
+
+    if scenario == 3 and lpft:
+        return "last:2", {"init_head": "LOGREG_RUN", "crop_scale": LP_FT_CROP_SCALE}, \
+            "LP-FT last:2 from the logreg head"
+    if scenario == 3:
+        return "last:2", {}, "last:2 from a zero classifier"
+    return "all", {}, "full fine-tune" + (" (the path scenario 1 advises against)" if scenario == 1 else "")
+
+
+def run_dataset(name: str, *, tmp: Path, cache: Path, epochs: int, image_size: int | None,
+                lpft: bool, seed: int, per_class: int | None, sample: int, log) -> dict:
+    import fxtl
+    from fxtl.advice import advice_verdict, advise, write_missing_predictions
+    from fxtl.heads.fitting import fit_heads
+    from fxtl.report.comparison import compare
+    from fxtl.training.loop import finetune
+
+    t0 = time.perf_counter()
+    data = _data(name, tmp, per_class)
+    a = advise(data, seed=seed, sample=sample)
+    log(f"{name}: scenario {a.scenario}, similarity {a.similarity['score']:.3f} "
+        f"{a.similarity.get('score_ci95')} ({a.seconds:.0f} s)")
+    row = {"dataset": name, "scenario": a.scenario, "similarity": a.similarity["score"],
+           "similarity_ci95": a.similarity.get("score_ci95"), "certainty": a.extra["certainty"]["level"],
+           "size": a.size["category"], "train_images": a.size["train_images"],
+           "classes": a.size["classes"], "images_per_class_median": a.size["images_per_class_median"],
+           "probe_features": a.similarity["probe_accuracy_features"],
+           "probe_pixels": a.similarity["probe_accuracy_pixels"],
+           "familiarity": a.similarity.get("imagenet_familiarity"), "advise_seconds": a.seconds}
+    ex = fxtl.extract(data, cache_dir=cache, progress=False)
+    row["extract_seconds"] = round(ex.seconds, 1)
+    heads = fit_heads(ex.cache, models=list(HEADS), cache_dir=cache, seed=seed)
+    row["heads"] = {h.metrics["model"]: {k: h.metrics.get(k) for k in (
+        "accuracy", "accuracy_ci95", "macro_f1", "macro_f1_ci95", "split", "n",
+        "selection", "selection_score", "fit_seconds")} for h in heads}
+    best = max(heads, key=lambda h: (h.metrics.get("selection_score") or 0.0,
+                                     h.metrics["model"] == "logreg"))
+    logreg = next(h for h in heads if h.metrics["model"] == "logreg")
+    row["best_head"] = best.metrics["model"]
+    log(f"{name}: heads " + ", ".join(f"{k} {v['accuracy']:.3f}" for k, v in row["heads"].items())
+        + f"; best on val: {row['best_head']}")
+    trainable, kw, what = _finetune_plan(a.scenario, lpft)
+    kw = dict(kw)
+    if kw.get("init_head") == "LOGREG_RUN":
+        kw["init_head"] = logreg.run_dir
+    elif image_size:
+        kw["image_size"] = image_size
+    ft = finetune(data, trainable=trainable, epochs=epochs, seed=seed, cache_dir=cache,
+                  progress=False, **kw)
+    wrote = write_missing_predictions(ft.run_dir, like=best.run_dir, data=data)
+    m = ft.metrics
+    row["finetune"] = {"what": what, "trainable": trainable, "accuracy": ft.accuracy,
+                       "accuracy_ci95": m.get("accuracy_ci95"), "macro_f1": ft.macro_f1,
+                       "macro_f1_ci95": m.get("macro_f1_ci95"), "split": ft.split,
+                       "selection_split": m.get("selection_split"), "epochs": ft.epochs,
+                       "best_epoch": ft.best_epoch, "seconds": round(ft.seconds, 1),
+                       "image_size": (m.get("config") or {}).get("image_size"),
+                       "predictions": "predict() on the head's test images" if wrote else "finetune",
+                       "settings": {k: (v if k != "init_head" else "the logreg head of this row")
+                                    for k, v in {"epochs": epochs, **kw}.items()}}
+    res = compare(runs=[best.run_dir, ft.run_dir], chart=False, pairs=[(best.run_dir, ft.run_dir)])
+    pair = next((p for p in res.paired if Path(p["a"]).resolve() == Path(best.run_dir).resolve()
+                 and Path(p["b"]).resolve() == Path(ft.run_dir).resolve()), None)
+    row["paired"] = {k: pair.get(k) for k in ("n", "a_only_correct", "b_only_correct", "p_value",
+                                              "test", "a_accuracy", "b_accuracy", "text", "note")
+                     } if pair else None
+    row["groups"] = res.groups
+    verdict = advice_verdict(a.scenario, pair)
+    row["advised"], row["verdict"], row["winner"] = verdict["advised"], verdict["verdict"], verdict["winner"]
+    row["seconds"] = round(time.perf_counter() - t0, 1)
+    log(f"{name}: {verdict['text']} ({row['seconds']:.0f} s)")
+    return row
+
+
+# ----------------------------------------------------------------------------- the threshold
+def _agrees(row: dict, threshold: float) -> bool:
+    """Would the advice at ``threshold`` not have failed on ``row``? (every dataset here is
+    small, so similar -> scenario 1 -> head, different -> a fine-tune)."""
+    if row["verdict"] in ("tied", "untested"):
+        return True
+    advised = "head" if row["similarity"] >= threshold else "finetune"
+    return advised == row["winner"]
+
+
+def threshold_check(rows: list[dict], current: float) -> dict:
+    """Leave-one-dataset-out agreement of a refitted threshold against the current one."""
+    scores = sorted({r["similarity"] for r in rows})
+    candidates = sorted({current, 0.0, 1.01, *[(a + b) / 2 for a, b in zip(scores, scores[1:])]})
+
+    def fit(train: list[dict]) -> float:
+        return max(candidates, key=lambda t: (sum(_agrees(r, t) for r in train), -abs(t - current)))
+
+    loo = []
+    for i, held in enumerate(rows):
+        t = fit(rows[:i] + rows[i + 1:])
+        loo.append({"left_out": held["dataset"], "threshold": round(t, 4), "agrees": _agrees(held, t)})
+    current_agreement = sum(_agrees(r, current) for r in rows) / len(rows)
+    loo_agreement = sum(x["agrees"] for x in loo) / len(rows)
+    refit = fit(rows) if loo_agreement > current_agreement else None
+    return {"current": current, "current_agreement": current_agreement,
+            "leave_one_out_agreement": loo_agreement, "leave_one_out": loo,
+            "refitted": round(refit, 4) if refit is not None else None,
+            "rule": "refit only if leave-one-dataset-out agreement beats the current threshold's"}
+
+
+# ----------------------------------------------------------------------------- main
+def _env() -> dict:
     def git(*a: str) -> str:
         try:
             return subprocess.run(["git", *a], cwd=ROOT, capture_output=True, text=True).stdout.strip()
         except OSError:  # pragma: no cover
             return ""
     return {"commit": git("rev-parse", "--short", "HEAD"),
-            "dirty_finetune_py": bool(git("status", "--porcelain", "fxtl/finetune.py"))}
+            "leak_fix": git("log", "--oneline", "--grep", "LEAK-FIX", "-n", "3").splitlines(),
+            "python": platform.python_version(), "cpus": os.cpu_count(),
+            "argv": " ".join(sys.argv[1:]), "measured": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+            "load": "2-core machine shared with other jobs: seconds are under load"}
 
 
-def _load(path: Path) -> list[dict]:
-    return json.loads(path.read_text()) if path.exists() else []
+def _table(rows: list[dict]) -> str:
+    def ci(v):
+        return f"[{v[0]:.2f}, {v[1]:.2f}]" if v else ""
 
-
-def _merge(old: list[dict], new: list[dict]) -> list[dict]:
-    by_name = {r["dataset"]: r for r in old}
-    for r in new:
-        if r["dataset"] in by_name:
-            merged = by_name[r["dataset"]]
-            runs = {**merged.get("runs", {}), **r.get("runs", {})}
-            merged.update(r)
-            merged["runs"] = runs
-        else:
-            by_name[r["dataset"]] = r
-    return list(by_name.values())
+    lines = ["| data | train imgs | similarity [95%] | scenario (how sure) | best head, test acc | "
+             "fine-tune, test acc | paired test (n, p) | advice |",
+             "|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        h = r["heads"][r["best_head"]]
+        f = r["finetune"]
+        p = r["paired"] or {}
+        pv = "-" if p.get("p_value") is None else f"{p['p_value']:.2g}"
+        lines.append(
+            f"| {r['dataset']} | {r['train_images']} | {r['similarity']:.2f} {ci(r['similarity_ci95'])} | "
+            f"{r['scenario']} ({r['certainty']}) | {r['best_head']} {h['accuracy']:.3f} {ci(h['accuracy_ci95'])} | "
+            f"{f['what']}: {f['accuracy']:.3f} {ci(f['accuracy_ci95'])} | {p.get('n', '-')}, p = {pv} | "
+            f"{r['advised']}: **{r['verdict']}** |")
+    return "\n".join(lines)
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--epochs", type=int, default=3)
-    ap.add_argument("--quick", action="store_true", help="skip the full fine-tunes")
-    ap.add_argument("--only", action="append", metavar="SUBSTRING",
-                    help="only datasets whose name contains SUBSTRING (repeatable); the other rows "
-                         "of the results file are kept")
-    ap.add_argument("--variant", action="append", default=[], choices=sorted(VARIANTS),
-                    help="also fine-tune the last two blocks with this recipe (repeatable)")
-    ap.add_argument("--no-baseline", action="store_true",
-                    help="skip the default-recipe fine-tunes (only the variants)")
-    ap.add_argument("--seed", type=int, default=0,
-                    help="seed of the fine-tunes (shuffling, augmentation); other than 0 it is "
-                         "recorded as '@seedN' in the result keys, beside the seed-0 runs")
+    ap.add_argument("--image-size", type=int, default=None,
+                    help="input side of the fine-tunes from a zero classifier (LP-FT always runs at "
+                         "the head's size) [default: the backbone's]")
+    ap.add_argument("--no-lpft", action="store_true",
+                    help="scenario 3 fine-tunes the last blocks from a zero classifier instead of "
+                         "from the logreg head")
+    ap.add_argument("--only", action="append", choices=DATASETS, metavar="NAME",
+                    help=f"only these datasets (repeatable; of {', '.join(DATASETS)})")
+    ap.add_argument("--per-class", type=int, default=None,
+                    help="images per class drawn from each class-folder set (and digits per "
+                         "class; default: all, and the demo's 60 digits) to fit a CPU budget")
+    ap.add_argument("--sample", type=int, default=240, help="advise's similarity sample")
+    ap.add_argument("--merge", action="store_true",
+                    help="keep the other datasets' rows already in --output (replace these)")
+    ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--output", type=Path, default=RESULTS)
     args = ap.parse_args()
-    import fxtl
-    from fxtl.advice import advise
-    from fxtl.training.loop import finetune
-    from fxtl.heads.fitting import fit_heads
+    from fxtl.advice import SIMILAR_AT
+
+    def log(msg: str) -> None:
+        print(f"[{time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
 
     tmp = Path(tempfile.mkdtemp(prefix="fxtl-calib-"))
     cache = tmp / "cache"
-    sets = {k: v for k, v in _datasets(tmp).items()
-            if not args.only or any(s.lower() in k.lower() for s in args.only)}
-    if not sets:
-        sys.exit(f"--only {args.only} matches none of: {', '.join(_datasets(tmp))}")
-    env = {**_git_state(), "python": platform.python_version(), "machine": platform.processor()
-           or platform.machine(), "argv": " ".join(sys.argv[1:])}
-    rows = []
-    for name, (build, ft_kw) in sets.items():
-        data = build()
-        t0 = time.perf_counter()
-        a = advise(data)
-        row = {"dataset": name, "scenario": a.scenario, "similarity": a.similarity["score"],
-               "size": a.size["category"], "train_images": a.size["train_images"],
-               "advise_seconds": a.seconds, "measured": time.strftime("%Y-%m-%d %H:%M"), **env}
-        ex = fxtl.extract(data, cache_dir=cache, progress=False)
-        t_head = time.perf_counter()
-        head = fit_heads(ex.cache, models=["logreg"], cache_dir=cache)[0]
-        row["head_logreg"] = head.metrics["accuracy"]
-        row["head_seconds"] = round(time.perf_counter() - t_head, 1)
-        row["extract_seconds"] = round(ex.seconds, 1)
-        row["split"] = head.metrics["split"]
-        jobs = [] if args.no_baseline else [(t, "", {}) for t in (["last:2"] if args.quick else ["last:2", "all"])]
-        jobs += [("last:2", v, VARIANTS[v]) for v in args.variant]
-        row["runs"] = {}
-        for trainable, variant, extra in jobs:
-            kw = {"epochs": args.epochs, **ft_kw, **extra, "seed": args.seed}
-            if kw.get("init_head") == "LOGREG_RUN":
-                kw["init_head"] = head.run_dir
-            ft = finetune(data, trainable=trainable, cache_dir=cache, progress=False, **kw)
-            key = f"finetune_{trainable}" + (f"+{variant}" if variant else "") + \
-                (f"@seed{args.seed}" if args.seed else "")
-            row[key] = ft.accuracy
-            row["runs"][key] = {"accuracy": ft.accuracy, "split": ft.split, "epochs": ft.epochs,
-                                "best_epoch": ft.best_epoch, "stopped_early": ft.stopped_early,
-                                "seconds": round(ft.seconds, 1), "bn": ft.metrics.get("bn"),
-                                "image_size": (ft.metrics.get("config") or {}).get("image_size"),
-                                "commit": env["commit"], "dirty_finetune_py": env["dirty_finetune_py"],
-                                "argv": env["argv"],
-                                "settings": {k: v for k, v in kw.items() if k != "init_head"}}
-            if "init_head" in kw:
-                row["runs"][key]["settings"]["init_head"] = "the logreg head of this row"
-        row["seconds"] = round(time.perf_counter() - t0, 1)
-        rows.append(row)
-        print(json.dumps(row), flush=True)
-    args.output.parent.mkdir(parents=True, exist_ok=True)
-    merged = _merge(_load(args.output), rows)
-    args.output.write_text(json.dumps(merged, indent=2) + "\n")
-    keys = sorted({k for r in merged for k in r if k.startswith("finetune_")})
-    print(f"\n{'dataset':<34} {'scen':>4} {'sim':>5} {'head':>6} " + " ".join(f"{k[9:]:>14}" for k in keys))
-    for r in merged:
-        print(f"{r['dataset']:<34} {r['scenario']:>4} {r['similarity']:>5.2f} {r['head_logreg']:>6.3f} "
-              + " ".join(f"{r.get(k, float('nan')):>14.3f}" for k in keys))
-    shutil.rmtree(tmp, ignore_errors=True)
+    rows, failures = [], []
+    out: dict = {}
+
+    kept = []
+    if args.merge and args.output.exists():
+        kept = [r for r in json.loads(args.output.read_text()).get("datasets", [])
+                if r["dataset"] not in (args.only or DATASETS)]
+
+    def save() -> None:  # after every dataset, so a run cut short keeps what it measured
+        every = sorted(kept + rows, key=lambda r: DATASETS.index(r["dataset"]))
+        out.update({"env": _env(), "settings": {
+            "epochs": args.epochs, "image_size": args.image_size, "lpft": not args.no_lpft,
+            "seed": args.seed, "heads": HEADS, "significance": 0.05, "per_class": args.per_class,
+            "sample": args.sample}, "datasets": every,
+            "failures": failures,
+            "threshold": threshold_check(every, SIMILAR_AT) if len(every) > 1 else None,
+            "summary": {v: sum(r["verdict"] == v for r in every)
+                        for v in ("held", "tied", "failed", "untested")}})
+        args.output.parent.mkdir(parents=True, exist_ok=True)
+        args.output.write_text(json.dumps(out, indent=2) + "\n")
+
+    try:
+        for name in args.only or DATASETS:
+            try:
+                rows.append(run_dataset(name, tmp=tmp, cache=cache, epochs=args.epochs,
+                                        image_size=args.image_size, lpft=not args.no_lpft,
+                                        seed=args.seed, per_class=args.per_class,
+                                        sample=args.sample, log=log))
+            except Exception as exc:  # one dataset's failure must not lose the others
+                log(f"{name}: FAILED: {type(exc).__name__}: {exc}")
+                failures.append({"dataset": name, "error": f"{type(exc).__name__}: {exc}"})
+            save()
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    counts = out["summary"]
+    print("\n" + _table(out["datasets"]))
+    print(f"\nverdicts: {counts}")
+    if out["threshold"]:
+        t = out["threshold"]
+        print(f"threshold {t['current']}: agreement {t['current_agreement']:.2f}; leave-one-out "
+              f"refit: {t['leave_one_out_agreement']:.2f}; refitted: {t['refitted']}")
 
 
 if __name__ == "__main__":

@@ -36,6 +36,7 @@ which data, is in docs/advise.md.
 """
 from __future__ import annotations
 
+import json
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -47,7 +48,8 @@ from .backbones.registry import DEFAULT_BACKBONE, load_backbone
 from .data.discovery import ImageSet, discover
 from .errors import FxtlError
 
-__all__ = ["advise", "Advice", "measure_similarity", "SCENARIOS"]
+__all__ = ["advise", "Advice", "measure_similarity", "SCENARIOS", "certainty", "advised_method",
+           "advice_verdict", "write_missing_predictions", "SIZE_NEAR_FACTOR"]
 
 SCENARIOS = {
     1: ("small", "similar", "Transfer learning: train only a classifier on frozen features; "
@@ -64,6 +66,9 @@ SCENARIOS = {
 FAMILIARITY_FLOOR, FAMILIARITY_SPAN = 0.4, 0.4
 SIMILAR_AT = 0.5
 LARGE_PER_CLASS = 1000
+# A median within this factor of large_per_class is "near" the size boundary: the lecture's
+# small/large line is an order of magnitude, not a sharp threshold.
+SIZE_NEAR_FACTOR = 2.0
 PIXELS_SIDE = 16
 # Scenario 3's fine-tune starts from the fitted logistic-regression head (LP-FT) with a milder
 # random crop than finetune's default (0.25, 1): the head was fitted on centre crops, and on
@@ -119,18 +124,40 @@ def _stratified_sample(images: ImageSet, n: int, seed: int) -> list[int]:
     return sorted(chosen)
 
 
-def _probe_accuracy(X: np.ndarray, y: np.ndarray, seed: int) -> float:
+def _probe_correct(X: np.ndarray, y: np.ndarray, seed: int) -> np.ndarray | None:
+    """Per image: did the cross-validated linear probe get it right? (``None``: too few images)."""
     from sklearn.linear_model import RidgeClassifierCV
-    from sklearn.model_selection import StratifiedKFold, cross_val_score
+    from sklearn.model_selection import StratifiedKFold, cross_val_predict
     from sklearn.pipeline import make_pipeline
     from sklearn.preprocessing import StandardScaler
 
     folds = int(min(5, np.bincount(y)[np.bincount(y) > 0].min()))
     if folds < 2:
-        return float("nan")
+        return None
     probe = make_pipeline(StandardScaler(), RidgeClassifierCV(alphas=np.logspace(-1, 4, 11)))
     cv = StratifiedKFold(folds, shuffle=True, random_state=seed)
-    return float(cross_val_score(probe, X, y, cv=cv).mean())
+    return cross_val_predict(probe, X, y, cv=cv) == y
+
+
+def _similarity_score(familiarity: float | None, advantage: float) -> float:
+    s_adv = float(np.clip(0.5 + advantage, 0, 1))
+    if familiarity is None:  # backbone without an ImageNet head: features alone decide
+        return s_adv
+    s_fam = float(np.clip((familiarity - FAMILIARITY_FLOOR) / FAMILIARITY_SPAN, 0, 1))
+    return 0.5 * s_fam + 0.5 * s_adv
+
+
+def _score_interval(fam_i: np.ndarray | None, deep_ok: np.ndarray, pix_ok: np.ndarray,
+                    chance: float, seed: int, resamples: int = 1000) -> list[float]:
+    """95% percentile-bootstrap interval of the similarity score over the sampled images: how
+    much another sample of the same data could move it."""
+    rng = np.random.default_rng(seed)
+    n = len(deep_ok)
+    idx = rng.integers(0, n, size=(resamples, n))
+    adv = (deep_ok[idx].mean(1) - pix_ok[idx].mean(1)) / max(1e-9, 1.0 - chance)
+    fam = fam_i[idx].mean(1) if fam_i is not None else [None] * resamples
+    scores = np.array([_similarity_score(f, a) for f, a in zip(fam, adv)])
+    return [round(float(np.quantile(scores, 0.025)), 4), round(float(np.quantile(scores, 0.975)), 4)]
 
 
 def measure_similarity(images: ImageSet, *, backbone: str = DEFAULT_BACKBONE, sample: int = 240,
@@ -167,29 +194,27 @@ def measure_similarity(images: ImageSet, *, backbone: str = DEFAULT_BACKBONE, sa
             im = Image.new("L", (PIXELS_SIDE, PIXELS_SIDE))
         pixels.append(np.asarray(im, dtype=np.float32).ravel() / 255.0)
     P = np.stack(pixels)
-    familiarity = None
+    familiarity, fam_i = None, None
     if L.shape[1] == 1000 and bb.categories:
         p = torch.from_numpy(L).float().softmax(-1).numpy()
-        entropy = float((-(p * np.log(p + 1e-12)).sum(1) / np.log(p.shape[1])).mean())
-        familiarity = 1.0 - entropy
+        fam_i = 1.0 - (-(p * np.log(p + 1e-12)).sum(1) / np.log(p.shape[1]))
+        familiarity = float(fam_i.mean())
         top = np.bincount(p.argmax(1), minlength=p.shape[1])
         top_classes = [(bb.categories[i], int(c)) for i, c in
                        sorted(enumerate(top), key=lambda t: -t[1])[:3] if c]
         mean_max = float(p.max(1).mean())
-    acc_deep = _probe_accuracy(F, y, seed)
-    acc_pix = _probe_accuracy(P, y, seed)
+    deep_ok, pix_ok = _probe_correct(F, y, seed), _probe_correct(P, y, seed)
+    acc_deep = float(deep_ok.mean()) if deep_ok is not None else float("nan")
+    acc_pix = float(pix_ok.mean()) if pix_ok is not None else float("nan")
     chance = float(np.bincount(y).max() / len(y))
     advantage = (acc_deep - acc_pix) / max(1e-9, 1.0 - chance)
-    s_adv = float(np.clip(0.5 + advantage, 0, 1))
-    if familiarity is None:  # backbone without an ImageNet head: features alone decide
-        score = s_adv
-    else:
-        s_fam = float(np.clip((familiarity - FAMILIARITY_FLOOR) / FAMILIARITY_SPAN, 0, 1))
-        score = 0.5 * s_fam + 0.5 * s_adv
+    score = _similarity_score(familiarity, advantage)
     out = {"score": round(float(score), 4), "category": "similar" if score >= SIMILAR_AT else "different",
            "sample": len(keep), "probe_accuracy_features": round(acc_deep, 4),
            "probe_accuracy_pixels": round(acc_pix, 4), "chance": round(chance, 4),
-           "feature_advantage": round(float(advantage), 4), "similar_at": SIMILAR_AT}
+           "feature_advantage": round(float(advantage), 4), "similar_at": SIMILAR_AT,
+           "score_ci95": (_score_interval(fam_i, deep_ok, pix_ok, chance, seed)
+                          if deep_ok is not None and pix_ok is not None else None)}
     if familiarity is not None:
         out.update({"imagenet_familiarity": round(familiarity, 4),
                     "imagenet_mean_max_softmax": round(mean_max, 4),
@@ -256,9 +281,117 @@ def advise(data: str | Path, *, backbone: str = DEFAULT_BACKBONE, sample: int = 
            f"pixels {sim['probe_accuracy_pixels']:.2f} in a linear probe"
            + (f", ImageNet familiarity {sim['imagenet_familiarity']:.2f}" if "imagenet_familiarity" in sim else "")
            + f"). Scenario {scenario}: {SCENARIOS[scenario][2]}")
-    return Advice(scenario=scenario, size=size, similarity=sim, explanation=why,
+    sure = certainty(size, sim)
+    return Advice(scenario=scenario, size=size, similarity=sim, explanation=f"{why} {sure['text']}",
                   commands=_commands(scenario, str(data), backbone),
-                  seconds=round(time.perf_counter() - t0, 3), data=str(data), backbone=backbone)
+                  seconds=round(time.perf_counter() - t0, 3), data=str(data), backbone=backbone,
+                  extra={"certainty": sure})
+
+
+def certainty(size: dict[str, Any], similarity: dict[str, Any]) -> dict[str, Any]:
+    """How sure the scenario is: ``clear``, or ``near the boundary`` with the reasons.
+
+    Similarity is near its boundary when the 95% bootstrap interval of the score over the
+    sampled images (``score_ci95``) contains ``similar_at``: another sample of the same data
+    could land on the other side. Size is near when the median per class is within
+    :data:`SIZE_NEAR_FACTOR` of ``large_per_class``.
+
+    Examples
+    --------
+    >>> certainty({"images_per_class_median": 120, "large_per_class": 1000},
+    ...           {"score": 0.55, "score_ci95": [0.47, 0.62], "similar_at": 0.5})["level"]
+    'near the boundary'
+    """
+    reasons = []
+    ci, at = similarity.get("score_ci95"), similarity.get("similar_at", SIMILAR_AT)
+    score = similarity.get("score")
+    if ci and ci[0] <= at <= ci[1]:
+        reasons.append(f"similarity {score:.2f} (95% interval {ci[0]:.2f}-{ci[1]:.2f} over the "
+                       f"sampled images) straddles the {at} boundary")
+    median, large = size.get("images_per_class_median"), size.get("large_per_class", LARGE_PER_CLASS)
+    if median is not None and large / SIZE_NEAR_FACTOR <= median <= large * SIZE_NEAR_FACTOR:
+        reasons.append(f"{median:.0f} images per class is within {SIZE_NEAR_FACTOR:g}x of the "
+                       f"{large} boundary between small and large")
+    if reasons:
+        text = ("How sure: not very: " + "; ".join(reasons) + ". The neighbouring scenario is "
+                "nearly as likely: run both paths and let `fxtl compare` decide.")
+        return {"level": "near the boundary", "reasons": reasons, "text": text}
+    parts = []
+    if ci:
+        parts.append(f"similarity 95% interval {ci[0]:.2f}-{ci[1]:.2f}, clear of {at}")
+    if median is not None:
+        parts.append(f"{median:.0f} images per class, far from {large}")
+    return {"level": "clear", "reasons": [],
+            "text": "How sure: clear (" + "; ".join(parts) + ")." if parts else "How sure: clear."}
+
+
+def advised_method(scenario: int) -> str:
+    """``"head"`` for scenario 1 (a classifier on frozen features), ``"finetune"`` otherwise."""
+    return "head" if scenario == 1 else "finetune"
+
+
+def advice_verdict(scenario: int, pair: dict[str, Any] | None) -> dict[str, Any]:
+    """Did the advice hold? From the paired test of the best head (``a``) against the fine-tune
+    (``b``), as :func:`fxtl.report.comparison.paired_test` returns it.
+
+    ``held``: the advised method is better and the difference significant (exact McNemar,
+    p < 0.05); ``tied``: not significant; ``failed``: the other method is significantly better;
+    ``untested``: no paired test (no fine-tune, or no per-image predictions).
+
+    Examples
+    --------
+    >>> advice_verdict(3, {"a_method": "head:logreg", "b_method": "finetune:last:2",
+    ...                    "a_accuracy": 0.82, "b_accuracy": 0.74, "p_value": 0.09, "n": 150,
+    ...                    "split": "test"})["verdict"]
+    'tied'
+    """
+    from .report.comparison import SIGNIFICANCE, describe_pair
+
+    advised = advised_method(scenario)
+    if not pair or pair.get("p_value") is None:
+        why = pair.get("note") if pair else "no fine-tune beside the heads"
+        return {"advised": advised, "winner": None, "verdict": "untested", "p_value": None,
+                "text": f"Advice (scenario {scenario}: {advised}) untested: {why}."}
+    a, b = pair["a_accuracy"], pair["b_accuracy"]
+    better = "head" if a > b else "finetune" if b > a else None
+    if pair["p_value"] >= SIGNIFICANCE or better is None:
+        verdict = "tied"
+    else:
+        verdict = "held" if better == advised else "failed"
+    return {"advised": advised, "winner": better if verdict != "tied" else None,
+            "verdict": verdict, "p_value": pair["p_value"],
+            "text": f"Advice (scenario {scenario}: {advised}) {verdict}: {describe_pair(pair)}."}
+
+
+def write_missing_predictions(run_dir: str | Path, *, like: str | Path, data: str | Path,
+                              device: str = "auto", precision: str = "auto") -> bool:
+    """Give a fine-tune run without ``predictions.csv`` one, on the images run ``like`` scored.
+
+    Labels the images listed in ``like``'s ``predictions.csv`` (paths relative to the root of
+    ``data``) with ``run_dir``'s model, so the two can be paired. Returns ``False`` (and writes
+    nothing) when ``run_dir`` already has predictions or ``like`` has none.
+    """
+    import csv
+
+    from .prediction import predict
+    from .report.metrics import PREDICTIONS_FILE, write_predictions
+
+    run_dir, like = Path(run_dir), Path(like)
+    if (run_dir / PREDICTIONS_FILE).exists() or not (like / PREDICTIONS_FILE).exists():
+        return False
+    with open(like / PREDICTIONS_FILE, newline="") as fh:
+        rows = [(r["path"], r["label"]) for r in csv.DictReader(fh)]
+    root = discover(data).root
+    res = predict(run_dir, [root / p for p, _ in rows], device=device, precision=precision)
+    by_path = {str(Path(e["path"]).resolve()): e["label"] for e in res.predictions}
+    names = list(dict.fromkeys([t for _, t in rows] + [e["label"] for e in res.predictions]))
+    kept = [(p, t, by_path[str((root / p).resolve())]) for p, t in rows
+            if str((root / p).resolve()) in by_path]
+    index = {n: i for i, n in enumerate(names)}
+    write_predictions(run_dir, paths=[p for p, _, _ in kept], y_true=[index[t] for _, t, _ in kept],
+                      y_pred=[index[q] for _, _, q in kept], class_names=names,
+                      split=str(json.loads((run_dir / "metrics.json").read_text()).get("split")))
+    return True
 
 
 def run_plan(advice: Advice, *, cache_dir: str | Path | None = None, device: str = "auto",
@@ -270,7 +403,9 @@ def run_plan(advice: Advice, *, cache_dir: str | Path | None = None, device: str
     logistic-regression head. 3: every head, then the last two blocks fine-tuned from the
     logistic-regression head (LP-FT, crop scale :data:`LP_FT_CROP_SCALE`, at the input size the
     head was fitted at, so ``image_size`` does not apply to it). The same splits are used
-    throughout, so ``compare`` lines the results up.
+    throughout, so ``compare`` lines the results up. Ends with the paired test of the best head
+    against the fine-tune on the same images (``paired``: exact McNemar) and whether the advice
+    held, tied or failed (``verdict``, :func:`advice_verdict`).
     """
     from .report.comparison import compare
     from .features.extraction import extract
@@ -289,7 +424,9 @@ def run_plan(advice: Advice, *, cache_dir: str | Path | None = None, device: str
     for res in fit_heads(ex.cache, models=heads, seed=seed, cache_dir=cache_dir, log=log):
         m = res.metrics
         out["runs"].append({"kind": "head", "model": m["model"], "accuracy": m["accuracy"],
-                            "macro_f1": m["macro_f1"], "split": m["split"], "run_dir": str(res.run_dir)})
+                            "accuracy_ci95": m.get("accuracy_ci95"), "macro_f1": m["macro_f1"],
+                            "macro_f1_ci95": m.get("macro_f1_ci95"), "split": m["split"],
+                            "run_dir": str(res.run_dir)})
         out["summary"].append(f"head {m['model']}: {m['split']} accuracy {m['accuracy']:.3f} ({res.run_dir})")
     if advice.scenario != 1:
         trainable = "last:2" if advice.scenario == 3 else "all"
@@ -308,9 +445,22 @@ def run_plan(advice: Advice, *, cache_dir: str | Path | None = None, device: str
                       seed=seed, device=device, precision=precision, cache_dir=cache_dir,
                       progress=log is not None, **kw)
         out["runs"].append({"kind": "finetune", "model": ft.model + (" (LP-FT)" if how else ""),
-                            "accuracy": ft.accuracy,
-                            "macro_f1": ft.macro_f1, "split": ft.split, "run_dir": str(ft.run_dir)})
+                            "accuracy": ft.accuracy, "accuracy_ci95": ft.metrics.get("accuracy_ci95"),
+                            "macro_f1": ft.macro_f1, "macro_f1_ci95": ft.metrics.get("macro_f1_ci95"),
+                            "split": ft.split, "run_dir": str(ft.run_dir)})
         out["summary"].append(f"finetune {trainable}{how}: {ft.split} accuracy {ft.accuracy:.3f} ({ft.run_dir})")
-    comp = compare(cache_dir=cache_dir, runs=[r["run_dir"] for r in out["runs"]])
+    best_head = max((r for r in out["runs"] if r["kind"] == "head"), key=lambda r: r["accuracy"])
+    tuned = next((r for r in out["runs"] if r["kind"] == "finetune"), None)
+    if tuned is not None:  # the paired test needs its per-image predictions
+        write_missing_predictions(tuned["run_dir"], like=best_head["run_dir"], data=data,
+                                  device=device, precision=precision)
+    pairs = [(best_head["run_dir"], tuned["run_dir"])] if tuned is not None else []
+    comp = compare(cache_dir=cache_dir, runs=[r["run_dir"] for r in out["runs"]], pairs=pairs)
     out["compare"] = comp.to_dict()
+    same = lambda x, y: Path(str(x)).resolve() == Path(str(y)).resolve()  # noqa: E731
+    pair = next((p for p in comp.paired if tuned is not None and same(p["a"], best_head["run_dir"])
+                 and same(p["b"], tuned["run_dir"])), None)
+    out["paired"] = pair
+    out["verdict"] = advice_verdict(advice.scenario, pair)
+    out["summary"].append(out["verdict"]["text"])
     return out

@@ -420,7 +420,12 @@ def advise(data_dir, backbone, sample, large_per_class, seed, run_plan, device, 
                          f"(mean top-1 softmax {m['imagenet_mean_max_softmax']:.2f}; top: {tops})")
         lines += ["", d["explanation"], "", "Next:"] + [f"  {c}" for c in d["commands"]]
         if d.get("plan"):
-            lines += ["", "Ran the plan:"] + [f"  {r}" for r in d["plan"].get("summary", [])]
+            from .report.comparison import format_table
+
+            plan = d["plan"]
+            lines += ["", "Ran the plan:"] + [f"  {r}" for r in plan.get("summary", [])[:-1]]
+            lines += ["", format_table(plan["compare"]["rows"], paired=plan["compare"]["paired"]),
+                      "", plan["verdict"]["text"]]
         return "\n".join(lines)
 
     emit(d, as_json, human)
@@ -456,10 +461,14 @@ def demo(per_class, epochs, image_size, seed, device, precision, cache_dir, as_j
                      f"in {r['seconds']} s", ""]
         names = [("head " if run["kind"] == "head" else "") + run["model"] for run in r["plan"]["runs"]]
         w = max([22, *map(len, names)])
-        lines.append(f"  {'method':<{w}} {'split':<6} {'accuracy':>8} {'macro-F1':>8}")
+        lines.append(f"  {'method':<{w}} {'split':<6} {'accuracy [95% CI]':>22} {'macro-F1':>8}")
         for name, run in zip(names, r["plan"]["runs"]):
+            ci = run.get("accuracy_ci95")
+            ci = f"[{ci[0]:.3f}, {ci[1]:.3f}]" if ci else ""
             lines.append(f"  {name:<{w}} {run['split']:<6} "
-                         f"{run['accuracy']:>8.3f} {run['macro_f1']:>8.3f}")
+                         f"{run['accuracy']:>7.3f} {ci:>14} {run['macro_f1']:>8.3f}")
+        if r["plan"].get("verdict"):
+            lines += ["", r["plan"]["verdict"]["text"]]
         lines += ["", f"Report: {r['report']}", f"Embedding map: {r['embedding_png']}"]
         chart = r["plan"].get("compare", {}).get("chart")
         if chart:
@@ -777,12 +786,19 @@ def finetune(data_dir, backbone, trainable, epochs, lr, batch_size, image_size, 
               help="Only runs of this dataset (its name, or a prefix of its fingerprint).")
 @click.option("--output", "-o", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="Bar chart PNG [default: <cache-dir>/comparison-<dataset>.png].")
+@click.option("--pair", "pairs", nargs=2, multiple=True, metavar="A B",
+              help="Also test run A against run B (folder path or name) with the exact McNemar "
+                   "test on the images both scored; repeatable.")
 @cache_dir_option
 @json_option
 @handle_errors
-def compare(runs, dataset, output, cache_dir, as_json):
-    """Heads and fine-tunes side by side: accuracy, macro-F1, trained parameters, training
-    time (feature extraction counted once for heads) and inference speed.
+def compare(runs, dataset, output, pairs, cache_dir, as_json):
+    """Heads and fine-tunes side by side: accuracy and macro-F1 with 95% intervals, trained
+    parameters, training time (feature extraction counted once for heads) and inference speed.
+
+    Runs scored on different images (another dataset fingerprint or split) go in separate
+    tables. The best head and the best fine-tune of a table are compared with an exact McNemar
+    test on the images both scored.
 
     RUNS are run folders; default: every run under <cache-dir>/runs.
     """
@@ -790,7 +806,8 @@ def compare(runs, dataset, output, cache_dir, as_json):
     from .report.comparison import format_table
 
     res = run_compare(cache_dir=resolve_cache_dir(cache_dir), runs=runs, dataset=dataset,
-                      output=output)
+                      output=output, pairs=pairs)
     for note in res.notes:
         log(f"fxtl: {note}")
-    emit(res.to_dict(), as_json, lambda d: f"{format_table(d['rows'])}\nchart: {d['chart']}")
+    emit(res.to_dict(), as_json,
+         lambda d: f"{format_table(d['rows'], paired=d['paired'])}\nchart: {d['chart']}")

@@ -3,7 +3,8 @@
 Builds a small real dataset without network (scikit-learn's bundled handwritten digits written
 as PNG class folders with train/val/test splits), then runs advise -> extract -> every head ->
 a short fine-tune of what advise recommends -> compare, and writes a report that points at
-every artifact (metrics, confusion matrices, learning curves, embedding map, comparison chart).
+every artifact (metrics, confusion matrices, learning curves, embedding map, comparison chart),
+with 95% intervals and the paired test of the best head against the fine-tune.
 Digits are scenario 3 (small, different), whose fine-tune starts from the fitted
 logistic-regression head (LP-FT, see :func:`fxtl.advise.run_plan`).
 """
@@ -63,21 +64,34 @@ def run_demo(*, cache_dir: str | Path | None = None, per_class: int = 60, epochs
     return report
 
 
+def _ci(v: Any) -> str:
+    return f"{v[0]:.3f}-{v[1]:.3f}" if isinstance(v, (list, tuple)) and len(v) == 2 else "-"
+
+
 def _markdown(r: dict[str, Any]) -> str:
     a = r["advice"]
-    comp = r["plan"].get("compare", {})
+    plan = r["plan"]
+    comp = plan.get("compare", {})
     lines = [f"# fxtl demo report", "",
              f"Data: `{r['data']}` (scikit-learn handwritten digits as PNG folders)", "",
              f"## Advice: scenario {a['scenario']}", "", a["explanation"], "",
-             "## Results (same splits for every method)", "",
-             "| method | split | accuracy | macro-F1 | run folder |", "|---|---|---|---|---|"]
-    for run in r["plan"]["runs"]:
+             "## Results (same splits for every method; 95% intervals)", "",
+             "| method | split | accuracy | 95% interval | macro-F1 | 95% interval | run folder |",
+             "|---|---|---|---|---|---|---|"]
+    for run in plan["runs"]:
         lines.append(f"| {run['kind']} {run['model']} | {run['split']} | {run['accuracy']:.3f} | "
-                     f"{run['macro_f1']:.3f} | `{run['run_dir']}` |")
-    lines += ["", "## Plots", "", f"- embedding map: `{r['embedding_png']}`"]
+                     f"{_ci(run.get('accuracy_ci95'))} | {run['macro_f1']:.3f} | "
+                     f"{_ci(run.get('macro_f1_ci95'))} | `{run['run_dir']}` |")
+    lines += ["", "Accuracy intervals: Wilson; macro-F1: bootstrap over the evaluated images.", "",
+              "## Best head against the fine-tune (exact McNemar test, same images)", ""]
+    pair = plan.get("paired")
+    if pair and pair.get("p_value") is not None:
+        lines.append(pair["text"])
+    lines += ["", plan.get("verdict", {}).get("text", "No fine-tune: nothing to test."),
+              "", "## Plots", "", f"- embedding map: `{r['embedding_png']}`"]
     if comp.get("chart"):
-        lines.append(f"- comparison chart: `{comp['chart']}`")
-    for run in r["plan"]["runs"]:
+        lines.append(f"- comparison chart (95% error bars): `{comp['chart']}`")
+    for run in plan["runs"]:
         for png in ("confusion.png", "learning_curves.png"):
             p = Path(run["run_dir"]) / png
             if p.exists():

@@ -9,7 +9,9 @@ from click.testing import CliRunner
 
 import fxtl
 from fxtl.cli import cli
+from fxtl.data.splits import RowSet, RunRows, save_rows
 from fxtl.report.comparison import collect_runs, compare, comparison_rows, format_table
+from fxtl.report.metrics import write_predictions
 
 PNG = b"\x89PNG\r\n\x1a\n"
 
@@ -68,21 +70,29 @@ def test_rows_count_extraction_once_per_head(runs):
     assert by["head:knn"]["inference_images_per_second"] is None  # no cache to estimate from
     table = format_table(rows)
     assert "finetune:all" in table and "3.37M" in table and "0.9500" in table
-    assert "finetune:all (LP-FT)" in table and len(table.splitlines()) == 2 + 4 + 1
+    assert "finetune:all (LP-FT)" in table and len(table.splitlines()) == 1 + 2 + 4 + 1 + 1
+    # intervals: recorded ones are kept; older runs get Wilson's from accuracy and n
+    assert by["head:logreg"]["accuracy_ci95"] == pytest.approx([0.5958, 0.9821], abs=1e-4)
+    assert "[0.596, 0.982]" in table
+    assert [r["rank"] for r in rows] == [1, 2, 3, 4] and {r["rows"] for r in rows} == {"unknown"}
 
 
 def test_compare_chart_and_notes(runs, tmp_path):
     res = compare(cache_dir=runs, dataset="ds")
     assert res.chart == runs / "comparison-ds.png" and res.chart.read_bytes()[:8] == PNG
-    assert res.notes == []
+    assert [n.split(":")[0] for n in res.notes] == [f"skipped {runs / 'runs' / 'junk'}",
+                                                   "rows unknown (no rows.json, made before fxtl recorded them)"]
+    assert res.paired[0]["p_value"] is None and "no per-image predictions" in res.paired[0]["note"]
     everything = compare(cache_dir=runs, output=tmp_path / "all.png")
     assert everything.chart.read_bytes()[:8] == PNG and len(everything.rows) == 5
-    assert any("2 datasets" in n for n in everything.notes)
+    assert any("2 groups" in n for n in everything.notes) and len(everything.groups) == 2
     _write_run(runs, "holdout", kind="head", model="svm", accuracy=0.7, fit_seconds=1.0,
                split="holdout")
     mixed = compare(cache_dir=runs, dataset="ds", chart=False)
-    assert mixed.chart is None and any("different splits" in n for n in mixed.notes)
-    with pytest.raises(fxtl.FxtlError, match="no head or fine-tune runs"):
+    assert mixed.chart is None and any("2 groups" in n for n in mixed.notes)
+    by = {Path(r["run_dir"]).name: r for r in mixed.rows}
+    assert by["holdout"]["rank"] == 1 and by["holdout"]["group"] != by["logreg"]["group"]
+    with pytest.raises(fxtl.FxtlError, match="no usable head or fine-tune runs"):
         compare(cache_dir=runs, dataset="nothing")
 
 
@@ -98,7 +108,7 @@ def test_cli_compare(runs):
                                 "--cache-dir", str(runs)])
     assert human.exit_code == 0 and "head:logreg" in human.stdout and "chart:" in human.stdout
     none = runner.invoke(cli, ["compare", "--cache-dir", str(runs / "empty")])
-    assert none.exit_code == 1 and "no head or fine-tune runs" in none.stderr
+    assert none.exit_code == 1 and "no usable head or fine-tune runs" in none.stderr
 
 
 def test_compare_real_head_and_finetune(shapes_dir, shapes_cache, tmp_path):
@@ -109,12 +119,118 @@ def test_compare_real_head_and_finetune(shapes_dir, shapes_cache, tmp_path):
     heads.fit_head(shapes_cache, model="logreg", cache_dir=tmp_path, search=False)
     ft = finetune(shapes_dir, trainable="head", epochs=1, image_size=64, batch_size=4, workers=0,
                   cache_dir=tmp_path, progress=False)
+    from fxtl.data.discovery import discover, fingerprint
+    from fxtl.data.splits import load_rows
+
+    images = discover(shapes_dir)
+    val = tuple(s.path for s in images.samples if s.split == "val")
+    train = tuple(s.path for s in images.samples if s.split == "train")
+    for run in (tmp_path / "runs").iterdir():  # what every new run records (rows.json)
+        if load_rows(run) is None:
+            save_rows(run, RunRows(fingerprint(images), RowSet("train", train), RowSet("val", val),
+                                   RowSet("val", val)))
     res = compare(cache_dir=tmp_path, dataset=Path(shapes_dir).name)
     by = {r["method"]: r for r in res.rows}
-    assert set(by) == {"head:logreg", "finetune:head"} and res.notes == []
+    assert set(by) == {"head:logreg", "finetune:head"} and len(res.groups) == 1
+    assert [(p["a"], p["b"]) for p in res.paired] == [(by["head:logreg"]["run_dir"],
+                                                      by["finetune:head"]["run_dir"])]
     assert by["finetune:head"]["accuracy"] == ft.accuracy
     assert by["finetune:head"]["trainable_params"] == 1280 * 2 + 2
     head = by["head:logreg"]
     assert head["split"] == by["finetune:head"]["split"] == "val"
     assert head["extract_seconds"] > 0 and head["train_seconds"] > head["fit_seconds"]
     assert head["inference_images_per_second"] > 0
+
+
+def test_compare_never_ranks_different_fingerprints_together(tmp_path):
+    """Same dataset name, different images (the data changed): two tables, two rank-1 rows."""
+    cache = tmp_path / "cache"
+    _write_run(cache, "before", kind="head", model="logreg", accuracy=0.95)
+    _write_run(cache, "after", kind="head", model="logreg", accuracy=0.70,
+               dataset_fingerprint="ef" * 32)
+    res = compare(cache_dir=cache, chart=False)
+    assert len(res.groups) == 2 and [r["rank"] for r in res.rows] == [1, 1]
+    assert {r["group"] for r in res.rows} == {"ds [abababab] val", "ds [efefefef] val"}
+    assert any("ranked separately" in n for n in res.notes)
+    assert format_table(res.rows).count("== ds [") == 2
+
+
+def test_bad_metrics_are_skipped_and_named(runs, tmp_path):
+    for name, acc in (("null", None), ("text", "0.9"), ("nan", float("nan")), ("big", 3.0)):
+        _write_run(runs, name, kind="head", model="svm", accuracy=acc)
+    _write_run(runs, "nanf1", kind="head", model="mlp", accuracy=0.6, macro_f1=float("nan"),
+               fit_seconds=float("nan"))
+    res = compare(cache_dir=runs, dataset="ds", chart=False)
+    assert sorted(Path(s["run_dir"]).name for s in res.skipped) == ["big", "junk", "nan", "null", "text"]
+    assert any("null" in n and "accuracy is None" in n for n in res.notes)
+    assert "head:mlp" in [r["method"] for r in res.rows]
+    r = CliRunner().invoke(cli, ["compare", "--cache-dir", str(runs), "--dataset", "ds", "--json"])
+    assert r.exit_code == 0, r.output
+
+    def no_nan(c):
+        raise AssertionError(f"bare {c} in --json output")
+
+    d = json.loads(r.stdout, parse_constant=no_nan)
+    mlp = next(row for row in d["rows"] if row["method"] == "head:mlp")
+    assert mlp["macro_f1"] is None and len(d["skipped"]) == 5
+    only_bad = runs / "only_bad"
+    _write_run(only_bad, "null", kind="head", model="svm", accuracy=None)
+    with pytest.raises(fxtl.FxtlError, match="1 skipped as damaged"):
+        compare(cache_dir=only_bad)
+
+
+def _predict(run: Path, truth: list[int], right: list[bool]) -> None:
+    paths = [f"c{t}/{i}.png" for i, t in enumerate(truth)]
+    pred = [t if ok else 1 - t for t, ok in zip(truth, right)]
+    write_predictions(run, paths=paths, y_true=truth, y_pred=pred, class_names=["c0", "c1"],
+                      split="test")
+
+
+def test_paired_mcnemar_best_head_vs_best_finetune(tmp_path):
+    cache = tmp_path / "cache"
+    truth = [0, 1] * 10
+    # head right on 18 of 20, fine-tune right on 14: 5 images only the head got, 1 only the FT
+    head = _write_run(cache, "head", kind="head", model="logreg", accuracy=0.9, n=20, split="test")
+    _predict(head, truth, [True] * 18 + [False] * 2)
+    ft = _write_run(cache, "ft", kind="finetune", model="finetune:all", accuracy=0.7, n=20,
+                    split="test")
+    _predict(ft, truth, [True] * 13 + [False] * 5 + [True, False])
+    worse = _write_run(cache, "knn", kind="head", model="knn", accuracy=0.5, n=20, split="test")
+    _predict(worse, truth, [True, False] * 10)
+    res = compare(cache_dir=cache, chart=False)
+    assert len(res.paired) == 1
+    p = res.paired[0]
+    assert (p["a"], p["b"]) == (str(head), str(ft))
+    assert (p["n"], p["a_only_correct"], p["b_only_correct"]) == (20, 5, 1)
+    assert p["p_value"] == pytest.approx(14 / 64) and p["test"] == "mcnemar-exact"
+    assert "0.900 vs 0.700 on 20 test images: not significant, p = 0.22" in p["text"]
+    ft_row = next(r for r in res.rows if r["kind"] == "finetune")
+    assert ft_row["macro_f1_ci95"] is not None  # bootstrapped from predictions.csv
+    r = CliRunner().invoke(cli, ["compare", "--cache-dir", str(cache), "--json",
+                                 "--pair", "knn", "head"])
+    d = json.loads(r.stdout)
+    assert [(Path(x["a"]).name, Path(x["b"]).name) for x in d["paired"]] == [("head", "ft"), ("knn", "head")]
+    assert (d["paired"][1]["a_only_correct"], d["paired"][1]["b_only_correct"]) == (1, 9)
+    assert set(d["rows"][0]) >= {"accuracy_ci95", "macro_f1_ci95"}
+    human = CliRunner().invoke(cli, ["compare", "--cache-dir", str(cache), "--pair", "knn", "ft"])
+    assert "paired: head:logreg vs finetune:all: 0.900 vs 0.700" in human.stdout
+    bad = CliRunner().invoke(cli, ["compare", "--cache-dir", str(cache), "--pair", "knn", "nope"])
+    assert bad.exit_code == 2 and "nope" in bad.output
+
+
+def test_compare_flags_a_run_learned_on_another_runs_report_rows(tmp_path):
+    cache = tmp_path / "cache"
+    fp = "ab" * 32
+    head = _write_run(cache, "head", kind="head", model="logreg", accuracy=0.9, split="val")
+    save_rows(head, RunRows(fp, RowSet("train+val", ("a", "b", "v1", "v2")), None,
+                            RowSet("val", ("v1", "v2"))))
+    ft = _write_run(cache, "ft", kind="finetune", model="finetune:all", accuracy=0.8, split="val")
+    save_rows(ft, RunRows(fp, RowSet("train", ("a", "b")), RowSet("val", ("v1", "v2")),
+                          RowSet("val", ("v1", "v2"))))
+    res = compare(cache_dir=cache, chart=False)
+    by = {Path(r["run_dir"]).name: r for r in res.rows}
+    assert by["ft"]["leaked_from"] == [{"run_dir": str(head), "method": "head:logreg", "images": 2}]
+    assert by["head"]["leaked_from"] == [{"run_dir": str(ft), "method": "finetune:all", "images": 2}]
+    assert any("ft reports on 2 images that head learned from" in n for n in res.notes)
+    assert by["ft"]["rows"] == "recorded" and by["ft"]["data_fingerprint"] == fp
+    assert "LEAK" in format_table(res.rows)

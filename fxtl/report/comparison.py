@@ -1,58 +1,88 @@
-"""Heads and fine-tunes of one dataset side by side (``fxtl compare``).
+"""Heads and fine-tunes of one dataset side by side (``fxtl compare``), with the uncertainty
+that a finite test set leaves, and only between runs scored on the same images.
 
 Every run folder under ``<cache-dir>/runs/`` holds a ``metrics.json`` in the schema of
-:mod:`fxtl.evaluate` (``kind`` = ``head`` or ``finetune``). :func:`compare` collects them, makes
-one row per run and draws a bar chart. The columns:
+:mod:`fxtl.report.metrics` (``kind`` = ``head`` or ``finetune``). :func:`compare` collects them,
+makes one row per run and draws a bar chart. The columns:
 
 =======================  ====================================================================
 ``method``               ``head:<model>`` or ``finetune:<trainable>`` (``(LP-FT)`` when the
                          classifier started from a fitted head, ``--init-head``)
 ``trainable_params``     numbers the method learned (head coefficients; network weights)
-``accuracy``, ``macro_f1``  on the run's reported split (``split``)
+``accuracy``, ``macro_f1``  on the run's reported split (``split``), each with its 95% interval
+                         (``accuracy_ci95``: Wilson; ``macro_f1_ci95``: bootstrap over images)
 ``train_seconds``        wall-clock training: for a head, the feature extraction (counted once,
                          the same cache serves every head) plus its own fit; for a fine-tune,
                          its epochs including their validation passes
 ``inference_images_per_second``  end to end (decode, network, head). For heads that did not
                          measure it, estimated from the cache's extraction speed plus the head's
                          own prediction time (``inference_estimated``)
+``group``                which images the row was scored on: dataset fingerprint + evaluated
+                         split (+ the evaluated paths when recorded). Rows are ranked only
+                         within their group; groups are printed as separate tables
+``rows``                 ``recorded`` when the run wrote ``rows.json``, else ``unknown``
+``leaked_from``          runs that learned from (trained or selected on) images this row
+                         reports on: its score is not held out from them
 =======================  ====================================================================
 
-Rows are comparable when they share ``dataset`` and ``split``; :func:`compare` says so when they
-do not.
+``paired`` holds the exact McNemar tests: per group the best head against the best fine-tune,
+plus any pair asked for, on the images both runs scored (``predictions.csv``).
 """
 from __future__ import annotations
 
+import hashlib
 import json
-import sys
+import logging
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
-from .._util import default_cache_dir, save_figure
-from ..errors import FxtlError
+from .._util import default_cache_dir
+from ..errors import FxtlError, ParameterError
+from .metrics import bootstrap_macro_f1, mcnemar_exact, read_predictions, wilson_interval
 
 __all__ = ["collect_runs", "comparison_rows", "format_table", "plot_comparison", "compare",
-           "CompareResult"]
+           "paired_test", "describe_pair", "CompareResult", "SIGNIFICANCE"]
+
+log = logging.getLogger(__name__)
 
 _KINDS = ("head", "finetune")
+SIGNIFICANCE = 0.05  # two-sided level at which a paired difference is called significant
 
 
-def _read_metrics(path: Path) -> dict[str, Any] | None:
+def _number(v: Any) -> float | None:
+    """``v`` as a finite float, or ``None`` (null, a string, a bool, NaN, infinity)."""
+    if isinstance(v, bool) or not isinstance(v, (int, float)):
+        return None
+    return float(v) if math.isfinite(v) else None
+
+
+def _read_metrics(path: Path) -> tuple[dict[str, Any] | None, str | None]:
+    """(metrics, None) for a usable run; (None, reason) for a damaged one; (None, None) for a
+    ``metrics.json`` that belongs to no head or fine-tune run."""
     try:
         m = json.loads(path.read_text())
     except (OSError, ValueError) as exc:
-        print(f"fxtl: skipped {path}: unreadable ({exc})", file=sys.stderr)
-        return None
+        return None, f"unreadable ({exc})"
     if not isinstance(m, dict) or m.get("kind") not in _KINDS or "accuracy" not in m:
-        return None
+        return None, None
+    acc = _number(m["accuracy"])
+    if acc is None or not 0.0 <= acc <= 1.0:
+        return None, f"accuracy is {m['accuracy']!r}, not a fraction in [0, 1]"
+    m["accuracy"] = acc
     m.setdefault("run_dir", str(path.parent))
     m["_metrics_path"] = str(path)
-    return m
+    return m, None
 
 
 def collect_runs(*, cache_dir: str | Path | None = None, runs: Sequence[str | Path] = (),
-                 dataset: str | None = None) -> list[dict[str, Any]]:
+                 dataset: str | None = None,
+                 skipped: list[dict[str, str]] | None = None) -> list[dict[str, Any]]:
     """The ``metrics.json`` of the given run folders, or of every run under ``cache_dir/runs``.
+
+    A run whose ``metrics.json`` is damaged (unreadable, accuracy null, a string, NaN) is left
+    out with a warning, and named in ``skipped`` when given; it never stops the others.
 
     Parameters
     ----------
@@ -62,18 +92,29 @@ def collect_runs(*, cache_dir: str | Path | None = None, runs: Sequence[str | Pa
         Explicit run folders (or their ``metrics.json``).
     dataset : str, optional
         Keep runs whose dataset name equals this, or whose dataset fingerprint starts with it.
+    skipped : list, optional
+        Receives ``{"run_dir", "reason"}`` for every damaged run left out.
 
     Raises
     ------
     FxtlError
-        An explicit run folder without a readable heads/fine-tune ``metrics.json``.
+        An explicit run folder without a heads/fine-tune ``metrics.json``.
     """
     found: list[dict[str, Any]] = []
+
+    def skip(path: Path, reason: str) -> None:
+        log.warning("fxtl: skipped %s: %s", path, reason)
+        if skipped is not None:
+            skipped.append({"run_dir": str(path.parent), "reason": reason})
+
     if runs:
         for r in runs:
             path = Path(r)
             path = path if path.name == "metrics.json" else path / "metrics.json"
-            m = _read_metrics(path) if path.is_file() else None
+            m, why = _read_metrics(path) if path.is_file() else (None, None)
+            if why:
+                skip(path, why)
+                continue
             if m is None:
                 raise FxtlError(f"{path.parent} holds no metrics.json of a head or fine-tune run; "
                                 "pass run folders written by fit-head or finetune")
@@ -81,8 +122,10 @@ def collect_runs(*, cache_dir: str | Path | None = None, runs: Sequence[str | Pa
     else:
         root = (Path(cache_dir) if cache_dir else default_cache_dir()) / "runs"
         for path in sorted(root.glob("*/metrics.json")):
-            m = _read_metrics(path)
-            if m is not None:
+            m, why = _read_metrics(path)
+            if why:
+                skip(path, why)
+            elif m is not None:
                 found.append(m)
     if dataset:
         found = [m for m in found if m.get("dataset") == dataset or any(
@@ -95,7 +138,8 @@ def _head_inference_estimate(m: dict[str, Any]) -> float | None:
     from ..features.store import read_attrs
 
     cache = m.get("cache")
-    if not cache or not Path(cache).is_file() or not m.get("n") or m.get("predict_seconds") is None:
+    n, predict = _number(m.get("n")), _number(m.get("predict_seconds"))
+    if not cache or not Path(cache).is_file() or not n or predict is None:
         return None
     try:
         timings = read_attrs(Path(cache)).get("timings") or {}
@@ -104,87 +148,304 @@ def _head_inference_estimate(m: dict[str, Any]) -> float | None:
     images, seconds = timings.get("images_computed"), timings.get("compute_seconds")
     if not images or not seconds:
         return None
-    per_image = seconds / images + float(m["predict_seconds"]) / int(m["n"])
+    per_image = seconds / images + predict / n
     return 1.0 / per_image if per_image > 0 else None
 
 
+# ----------------------------------------------------------------------------- what each run saw
+@dataclass
+class _Facts:
+    """What a run folder records beside its metrics: rows.json and per-image predictions."""
+
+    rows: Any  # fxtl.data.splits.RunRows or None
+    predictions: dict[str, tuple[int, int]] | None
+    problem: str | None = None
+
+    @property
+    def evaluated(self) -> frozenset[str] | None:
+        if self.rows is not None:
+            return frozenset(self.rows.report.paths)
+        return frozenset(self.predictions) if self.predictions is not None else None
+
+
+def _facts(m: dict[str, Any]) -> _Facts:
+    from ..data.splits import load_rows
+
+    run_dir = Path(str(m.get("run_dir")))
+    problem = None
+    try:
+        rows = load_rows(run_dir)
+    except FxtlError as exc:
+        rows, problem = None, str(exc)
+    return _Facts(rows=rows, predictions=read_predictions(run_dir), problem=problem)
+
+
+def _fingerprint(m: dict[str, Any], facts: _Facts) -> str:
+    """The dataset fingerprint without backbone parts when recorded, else the run's own."""
+    if facts.rows is not None:
+        return facts.rows.data_fingerprint
+    fp = m.get("data_fingerprint") or m.get("dataset_fingerprint")
+    return str(fp) if fp else f"name:{m.get('dataset')}"
+
+
+def _ci(v: Any) -> list[float] | None:
+    if isinstance(v, (list, tuple)) and len(v) == 2:
+        lo, hi = _number(v[0]), _number(v[1])
+        if lo is not None and hi is not None:
+            return [lo, hi]
+    return None
+
+
+def _intervals(m: dict[str, Any], facts: _Facts, acc: float,
+               f1: float | None) -> tuple[list[float] | None, list[float] | None]:
+    """The run's recorded 95% intervals; for runs made before fxtl recorded them, computed from
+    the accuracy and n (Wilson) and from predictions.csv (bootstrap) when those are there."""
+    acc_ci, f1_ci = _ci(m.get("accuracy_ci95")), _ci(m.get("macro_f1_ci95"))
+    n = _number(m.get("n"))
+    if acc_ci is None and n and n >= 1:
+        acc_ci = list(wilson_interval(int(round(acc * n)), int(n)))
+    if f1_ci is None and f1 is not None and facts.predictions:
+        pairs = list(facts.predictions.values())
+        f1_ci = list(bootstrap_macro_f1([t for t, _ in pairs], [p for _, p in pairs]))
+    return acc_ci, f1_ci
+
+
+def _row(m: dict[str, Any], facts: _Facts) -> dict[str, Any]:
+    kind = m["kind"]
+    model = str(m.get("model", "?"))
+    method = model if kind == "finetune" or model.startswith("head:") else f"head:{model}"
+    if kind == "finetune" and (m.get("config") or {}).get("init_head"):
+        method += " (LP-FT)"  # the classifier started from a fitted logistic head
+    fit = _number(m.get("fit_seconds")) or 0.0
+    extract = (_number(m.get("extract_seconds")) or 0.0) if kind == "head" else None
+    infer = _number(m.get("inference_images_per_second"))
+    estimated = False
+    if not infer and kind == "head":
+        infer, estimated = _head_inference_estimate(m), True
+    acc, f1 = float(m["accuracy"]), _number(m.get("macro_f1"))
+    acc_ci, f1_ci = _intervals(m, facts, acc, f1)
+    return {
+        "method": method, "kind": kind, "backbone": m.get("backbone"), "dataset": m.get("dataset"),
+        "split": m.get("split"), "n": m.get("n"), "trainable_params": m.get("trainable_params"),
+        "accuracy": acc, "accuracy_ci95": acc_ci, "macro_f1": f1, "macro_f1_ci95": f1_ci,
+        "train_seconds": fit + (extract or 0.0), "fit_seconds": fit, "extract_seconds": extract,
+        "epochs": m.get("epochs") if kind == "finetune" else None,
+        "inference_images_per_second": float(infer) if infer else None,
+        "inference_estimated": bool(estimated and infer),
+        "run_dir": m.get("run_dir"), "created": m.get("created"),
+        "data_fingerprint": _fingerprint(m, facts),
+        "rows": "recorded" if facts.rows is not None else "unknown",
+        "predictions": facts.predictions is not None, "leaked_from": [],
+    }
+
+
+def _assign_groups(rows: list[dict[str, Any]], facts: list[_Facts]) -> None:
+    """``group`` = fingerprint + split (+ evaluated paths when two recorded sets differ)."""
+    by_key: dict[tuple, list[int]] = {}
+    for i, r in enumerate(rows):
+        by_key.setdefault((r["data_fingerprint"], str(r["split"])), []).append(i)
+    for (fp, split), members in by_key.items():
+        sets = {facts[i].evaluated for i in members if facts[i].evaluated is not None}
+        for i in members:
+            r, ev = rows[i], facts[i].evaluated
+            short = fp[5:] if fp.startswith("name:") else fp[:8]
+            label = f"{r['dataset']} [{short}] {split}"
+            if len(sets) > 1:  # same data and split name, different images (e.g. another seed)
+                tag = hashlib.sha256("\0".join(sorted(ev)).encode()).hexdigest()[:6] if ev else "?"
+                label += f" images {tag}"
+            r["group"] = label
+
+
 def comparison_rows(runs: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
-    """One row per run (see the module docstring), best accuracy first within a dataset."""
-    rows = []
-    for m in runs:
-        kind = m["kind"]
-        model = str(m.get("model", "?"))
-        method = model if kind == "finetune" or model.startswith("head:") else f"head:{model}"
-        if kind == "finetune" and (m.get("config") or {}).get("init_head"):
-            method += " (LP-FT)"  # the classifier started from a fitted logistic head
-        fit = float(m.get("fit_seconds") or 0.0)
-        extract = float(m.get("extract_seconds") or 0.0) if kind == "head" else None
-        infer = m.get("inference_images_per_second")
-        estimated = False
-        if not infer and kind == "head":
-            infer, estimated = _head_inference_estimate(m), True
-        rows.append({
-            "method": method, "kind": kind, "backbone": m.get("backbone"), "dataset": m.get("dataset"),
-            "split": m.get("split"), "n": m.get("n"), "trainable_params": m.get("trainable_params"),
-            "accuracy": float(m["accuracy"]), "macro_f1": float(m.get("macro_f1") or 0.0),
-            "train_seconds": fit + (extract or 0.0), "fit_seconds": fit, "extract_seconds": extract,
-            "epochs": m.get("epochs") if kind == "finetune" else None,
-            "inference_images_per_second": float(infer) if infer else None,
-            "inference_estimated": bool(estimated and infer),
-            "run_dir": m.get("run_dir"), "created": m.get("created"),
-        })
-    rows.sort(key=lambda r: (str(r["dataset"]), -r["accuracy"], -r["macro_f1"], r["train_seconds"]))
-    return rows
+    """One row per run (see the module docstring), grouped by the images they were scored on,
+    best accuracy first within a group, with its rank there."""
+    facts = [_facts(m) for m in runs]
+    rows = [_row(m, f) for m, f in zip(runs, facts)]
+    _assign_groups(rows, facts)
+    _flag_leaks(rows, facts)
+    order = sorted(range(len(rows)), key=lambda i: (
+        rows[i]["group"], -rows[i]["accuracy"], -(rows[i]["macro_f1"] or 0.0),
+        rows[i]["train_seconds"]))
+    out = [rows[i] for i in order]
+    rank: dict[str, int] = {}
+    for r in out:
+        rank[r["group"]] = r["rank"] = rank.get(r["group"], 0) + 1
+    return out
 
 
+def _flag_leaks(rows: list[dict[str, Any]], facts: list[_Facts]) -> None:
+    from ..data.splits import leaked_rows
+
+    for i, learner in enumerate(facts):
+        for j, reporter in enumerate(facts):
+            if i == j or learner.rows is None or reporter.rows is None:
+                continue
+            leaked = leaked_rows(learner.rows, reporter.rows)
+            if leaked:
+                rows[j]["leaked_from"].append({"run_dir": rows[i]["run_dir"],
+                                               "method": rows[i]["method"], "images": len(leaked)})
+
+
+# ----------------------------------------------------------------------------- paired tests
+def _fmt_p(p: float) -> str:
+    return "p < 0.001" if p < 0.001 else f"p = {p:.2g}"
+
+
+def describe_pair(pair: dict[str, Any]) -> str:
+    """A paired test in words: ``"0.820 vs 0.740 on 150 test images: not significant, p = 0.09"``."""
+    if pair.get("p_value") is None:
+        return f"{pair['a_method']} vs {pair['b_method']}: {pair.get('note', 'no paired test')}"
+    verdict = "significant" if pair["p_value"] < SIGNIFICANCE else "not significant"
+    split = f" {pair['split']}" if pair.get("split") else ""
+    return (f"{pair['a_method']} vs {pair['b_method']}: {pair['a_accuracy']:.3f} vs "
+            f"{pair['b_accuracy']:.3f} on {pair['n']}{split} images: {verdict}, "
+            f"{_fmt_p(pair['p_value'])} (exact McNemar; {pair['a_only_correct']} images right "
+            f"only for the first, {pair['b_only_correct']} only for the second)")
+
+
+def paired_test(a: dict[str, Any], b: dict[str, Any]) -> dict[str, Any]:
+    """Exact McNemar test of two comparison rows on the images both scored.
+
+    Reads each run's ``predictions.csv``; accuracies in the result are on the common images.
+    ``p_value`` is ``None`` (with a ``note``) when a run has no per-image predictions or the
+    two share no evaluated image.
+    """
+    out: dict[str, Any] = {"a": a["run_dir"], "b": b["run_dir"], "a_method": a["method"],
+                           "b_method": b["method"], "split": a["split"], "n": 0,
+                           "a_only_correct": None, "b_only_correct": None, "p_value": None,
+                           "test": "mcnemar-exact"}
+    pa, pb = read_predictions(a["run_dir"]), read_predictions(b["run_dir"])
+    missing = [r["method"] for r, p in ((a, pa), (b, pb)) if p is None]
+    if missing:
+        out["note"] = (f"no per-image predictions for {' and '.join(missing)} (predictions.csv); "
+                       "re-run with this fxtl to test the pair")
+        return out
+    common = sorted(set(pa) & set(pb))
+    if not common:
+        out["note"] = "the two runs scored no image in common: no paired test"
+        return out
+    if any(pa[p][0] != pb[p][0] for p in common):
+        out["note"] = "the two runs disagree on the true labels of the same images: no paired test"
+        return out
+    a_ok = [pa[p][0] == pa[p][1] for p in common]
+    b_ok = [pb[p][0] == pb[p][1] for p in common]
+    out.update(mcnemar_exact(a_ok, b_ok))
+    out["a_accuracy"] = sum(a_ok) / len(common)
+    out["b_accuracy"] = sum(b_ok) / len(common)
+    if a["split"] != b["split"]:
+        out["split"] = None
+    out["text"] = describe_pair(out)
+    return out
+
+
+def _find(rows: Sequence[dict[str, Any]], key: str | Path) -> dict[str, Any]:
+    """The row named by a run folder (path or folder name) or a unique method."""
+    key_s = str(key)
+    for r in rows:
+        rd = Path(str(r["run_dir"]))
+        if key_s in (str(rd), rd.name) or (Path(key_s).exists() and Path(key_s).resolve() == rd.resolve()):
+            return r
+    by_method = [r for r in rows if r["method"] == key_s]
+    if len(by_method) == 1:
+        return by_method[0]
+    raise ParameterError("pairs", f"pairs names {key_s!r}, which is no compared run folder"
+                         + (" (that method has several runs: name the folder)" if by_method else ""))
+
+
+def _auto_pairs(rows: Sequence[dict[str, Any]]) -> list[tuple[dict, dict]]:
+    """Per group: the best head against the best fine-tune (rows come best first)."""
+    pairs = []
+    for g in dict.fromkeys(r["group"] for r in rows):
+        head = next((r for r in rows if r["group"] == g and r["kind"] == "head"), None)
+        ft = next((r for r in rows if r["group"] == g and r["kind"] == "finetune"), None)
+        if head and ft:
+            pairs.append((head, ft))
+    return pairs
+
+
+# ----------------------------------------------------------------------------- table and chart
 def _fmt_int(v: Any) -> str:
-    if v is None:
+    if _number(v) is None:
         return "-"
     v = int(v)
     return f"{v / 1e6:.2f}M" if v >= 1_000_000 else f"{v / 1e3:.1f}k" if v >= 10_000 else str(v)
 
 
-def format_table(rows: Sequence[dict[str, Any]]) -> str:
-    """The comparison as a text table (one line per run)."""
-    several = len({(r["dataset"], r["split"]) for r in rows}) > 1
-    head = (f"{'method':<22} {'backbone':<12} {'split':<8} {'params':>8} {'accuracy':>8} "
-            f"{'macro-F1':>8} {'train s':>9} {'infer img/s':>11}")
-    if several:
-        head = f"{'dataset':<14} " + head
-    lines = [head, "-" * len(head)]
-    for r in rows:
-        infer = "-" if r["inference_images_per_second"] is None else \
-            f"{r['inference_images_per_second']:.1f}{'~' if r['inference_estimated'] else ''}"
-        backbone = Path(str(r["backbone"])).name[:12]
-        line = (f"{r['method'][:22]:<22} {backbone:<12} {str(r['split']):<8} "
-                f"{_fmt_int(r['trainable_params']):>8} {r['accuracy']:>8.4f} {r['macro_f1']:>8.4f} "
-                f"{r['train_seconds']:>9.1f} {infer:>11}")
-        lines.append((f"{str(r['dataset'])[:14]:<14} " if several else "") + line)
+def _fmt_score(v: float | None, ci: list[float] | None) -> str:
+    if v is None:
+        return f"{'-':>22}"
+    inner = f"[{ci[0]:.3f}, {ci[1]:.3f}]" if ci else "[  -  ]"
+    return f"{v:>7.4f} {inner:>14}"
+
+
+def format_table(rows: Sequence[dict[str, Any]], *, paired: Sequence[dict[str, Any]] = ()) -> str:
+    """The comparison as text: one table per group of rows scored on the same images (each
+    ranked on its own), accuracy and macro-F1 with their 95% intervals, then the paired tests."""
+    head = (f"{'method':<22} {'backbone':<12} {'params':>8} {'accuracy [95% CI]':>22} "
+            f"{'macro-F1 [95% CI]':>22} {'train s':>9} {'infer img/s':>11}")
+    groups = list(dict.fromkeys(r.get("group", f"{r['dataset']} {r['split']}") for r in rows))
+    lines: list[str] = []
+    for g in groups:
+        members = [r for r in rows if r.get("group", f"{r['dataset']} {r['split']}") == g]
+        n = {r.get("n") for r in members}
+        lines += [f"== {g}" + (f" ({n.pop()} images)" if len(n) == 1 else "") + " ==", head,
+                  "-" * len(head)]
+        for r in members:
+            infer = "-" if r["inference_images_per_second"] is None else \
+                f"{r['inference_images_per_second']:.1f}{'~' if r['inference_estimated'] else ''}"
+            backbone = Path(str(r["backbone"])).name[:12]
+            flags = "" if r.get("rows", "recorded") == "recorded" else "  (rows unknown)"
+            if r.get("leaked_from"):
+                flags += "  LEAK: learned-on by " + ", ".join(
+                    Path(str(x["run_dir"])).name for x in r["leaked_from"])
+            lines.append(f"{r['method'][:22]:<22} {backbone:<12} {_fmt_int(r['trainable_params']):>8} "
+                         f"{_fmt_score(r['accuracy'], r.get('accuracy_ci95'))} "
+                         f"{_fmt_score(r['macro_f1'], r.get('macro_f1_ci95'))} "
+                         f"{r['train_seconds']:>9.1f} {infer:>11}{flags}")
+        for p in paired:
+            if any(str(p["a"]) == str(r["run_dir"]) for r in members):
+                lines.append("paired: " + describe_pair(p))
+        lines.append("")
+    if len(groups) > 1:
+        lines.append(f"{len(groups)} tables: rows scored on different images are never ranked together.")
     lines.append("train s: heads = feature extraction (once) + fit; fine-tunes = all epochs. "
-                 "~ = estimated from the extraction speed.")
+                 "~ = estimated from the extraction speed. Intervals: 95% (accuracy Wilson, "
+                 "macro-F1 bootstrap over images).")
     return "\n".join(lines)
 
 
 def plot_comparison(rows: Sequence[dict[str, Any]], path: str | Path, *, title: str = "") -> Path:
-    """Bar chart PNG: accuracy and macro-F1, training time, inference speed per method."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    """Bar chart PNG: accuracy and macro-F1 with 95% error bars, training time, inference speed."""
     import numpy as np
 
-    several = len({r["dataset"] for r in rows}) > 1
-    labels = [(f"{r['dataset']}: " if several else "") + r["method"] for r in rows]
+    from .figures import new_figure, save_png
+
+    groups = list(dict.fromkeys(r.get("group", "") for r in rows))
+    labels = [(f"{r.get('group')}: " if len(groups) > 1 else "") + r["method"] for r in rows]
     colours = ["tab:orange" if r["kind"] == "finetune" else "tab:blue" for r in rows]
     y = np.arange(len(rows))
-    fig, axes = plt.subplots(1, 3, figsize=(13, 1.8 + 0.45 * len(rows)), sharey=True)
+    fig = new_figure(figsize=(14, 1.8 + 0.45 * len(rows)))
+    axes = fig.subplots(1, 3, sharey=True)
+
+    def err(key: str, ci_key: str) -> np.ndarray:
+        e = np.zeros((2, len(rows)))
+        for i, r in enumerate(rows):
+            ci, v = r.get(ci_key), r[key]
+            if ci and v is not None:
+                e[:, i] = [max(0.0, v - ci[0]), max(0.0, ci[1] - v)]
+        return e
+
     ax = axes[0]
-    ax.barh(y - 0.2, [r["accuracy"] for r in rows], height=0.4, color=colours, label="accuracy")
-    ax.barh(y + 0.2, [r["macro_f1"] for r in rows], height=0.4, color=colours, alpha=0.45,
-            label="macro-F1")
-    lo = min([r["accuracy"] for r in rows] + [r["macro_f1"] for r in rows])
-    ax.set_xlim(max(0.0, lo - 0.1), 1.0)
-    ax.set_xlabel("accuracy (solid) / macro-F1 (light)")
+    acc = [r["accuracy"] for r in rows]
+    f1 = [r["macro_f1"] or 0.0 for r in rows]
+    ax.barh(y - 0.2, acc, height=0.4, color=colours, label="accuracy",
+            xerr=err("accuracy", "accuracy_ci95"), error_kw={"elinewidth": 1, "capsize": 2})
+    ax.barh(y + 0.2, f1, height=0.4, color=colours, alpha=0.45, label="macro-F1",
+            xerr=err("macro_f1", "macro_f1_ci95"), error_kw={"elinewidth": 1, "capsize": 2,
+                                                             "alpha": 0.6})
+    lows = [r["accuracy_ci95"][0] for r in rows if r.get("accuracy_ci95")] + acc + f1
+    ax.set_xlim(max(0.0, min(lows) - 0.05), 1.0)
+    ax.set_xlabel("accuracy (solid) / macro-F1 (light), 95% intervals")
     for i, r in enumerate(rows):
         ax.text(r["accuracy"], i - 0.2, f" {r['accuracy']:.3f}", va="center", fontsize=7)
     ax = axes[1]
@@ -192,14 +453,25 @@ def plot_comparison(rows: Sequence[dict[str, Any]], path: str | Path, *, title: 
     ax.set_xscale("log")
     ax.set_xlabel("training wall-clock, s (log)")
     ax = axes[2]
-    speeds = [r["inference_images_per_second"] or 0.0 for r in rows]
-    ax.barh(y, speeds, color=colours, hatch=None)
+    ax.barh(y, [r["inference_images_per_second"] or 0.0 for r in rows], color=colours)
     ax.set_xlabel("inference images/s")
     axes[0].set_yticks(y, labels, fontsize=8)
     axes[0].invert_yaxis()
     for ax in axes:
         ax.grid(axis="x", alpha=0.3)
-    return save_figure(fig, path, title=title)
+    return save_png(fig, path, title=title)
+
+
+# ----------------------------------------------------------------------------- the command
+def _finite(obj: Any) -> Any:
+    """``obj`` with every NaN or infinity replaced by ``None``, so its JSON is valid JSON."""
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {k: _finite(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_finite(v) for v in obj]
+    return obj
 
 
 @dataclass
@@ -209,16 +481,24 @@ class CompareResult:
     rows: list[dict[str, Any]]
     chart: Path | None
     notes: list[str] = field(default_factory=list)
+    paired: list[dict[str, Any]] = field(default_factory=list)
+    skipped: list[dict[str, str]] = field(default_factory=list)
+
+    @property
+    def groups(self) -> list[str]:
+        return list(dict.fromkeys(r["group"] for r in self.rows))
 
     def to_dict(self) -> dict[str, Any]:
-        return {"rows": self.rows, "chart": str(self.chart) if self.chart else None,
-                "notes": self.notes}
+        return _finite({"rows": self.rows, "chart": str(self.chart) if self.chart else None,
+                        "notes": self.notes, "paired": self.paired, "skipped": self.skipped,
+                        "groups": self.groups})
 
 
 def compare(*, cache_dir: str | Path | None = None, runs: Sequence[str | Path] = (),
             dataset: str | None = None, output: str | Path | None = None,
-            chart: bool = True) -> CompareResult:
-    """Collect heads and fine-tunes, one row each, and draw the comparison chart.
+            chart: bool = True, pairs: Sequence[tuple[str | Path, str | Path]] = ()) -> CompareResult:
+    """Collect heads and fine-tunes, one row each, test the best head against the best
+    fine-tune on the same images, and draw the comparison chart.
 
     Parameters
     ----------
@@ -232,39 +512,57 @@ def compare(*, cache_dir: str | Path | None = None, runs: Sequence[str | Path] =
         Chart PNG (default ``<cache-dir>/comparison[-<dataset>].png``).
     chart : bool
         Draw the chart.
+    pairs : sequence of (run, run)
+        More pairs to test (run folder path or name, or a method that only one run has).
 
     Raises
     ------
     FxtlError
         No run matched.
+    ParameterError
+        A pair names no compared run.
 
     Examples
     --------
     >>> res = compare(dataset="hymenoptera")        # doctest: +SKIP
     >>> [(r["method"], round(r["accuracy"], 3)) for r in res.rows]   # doctest: +SKIP
     [('finetune:all', 0.961), ('head:logreg', 0.954)]
+    >>> res.paired[0]["text"]                        # doctest: +SKIP
+    'head:logreg vs finetune:all: 0.954 vs 0.961 on 153 val images: not significant, p = 1 ...'
     """
     cache_dir = Path(cache_dir) if cache_dir else default_cache_dir()
-    found = collect_runs(cache_dir=cache_dir, runs=runs, dataset=dataset)
+    skipped: list[dict[str, str]] = []
+    found = collect_runs(cache_dir=cache_dir, runs=runs, dataset=dataset, skipped=skipped)
+    notes = [f"skipped {s['run_dir']}: {s['reason']}" for s in skipped]
     if not found:
         where = "the given folders" if runs else f"{cache_dir / 'runs'}"
         what = f" of dataset {dataset!r}" if dataset else ""
-        raise FxtlError(f"no head or fine-tune runs{what} in {where}; run `fxtl fit-head` or "
-                        "`fxtl finetune` first (or pass --cache-dir)")
+        raise FxtlError(f"no usable head or fine-tune runs{what} in {where}"
+                        + (f" ({len(skipped)} skipped as damaged)" if skipped else "")
+                        + "; run `fxtl fit-head` or `fxtl finetune` first (or pass --cache-dir)")
     rows = comparison_rows(found)
-    notes = []
-    datasets = sorted({str(r["dataset"]) for r in rows})
-    if len(datasets) > 1:
-        notes.append(f"runs of {len(datasets)} datasets ({', '.join(datasets[:4])}); pass --dataset "
-                     "to compare one")
-    for d in datasets:
-        splits = sorted({str(r["split"]) for r in rows if str(r["dataset"]) == d})
-        if len(splits) > 1:
-            notes.append(f"{d}: runs report on different splits ({', '.join(splits)}); their "
-                         "scores are not like for like")
+    groups = list(dict.fromkeys(r["group"] for r in rows))
+    if len(groups) > 1:
+        notes.append(f"{len(groups)} groups of runs scored on different images "
+                     f"({'; '.join(groups[:4])}): ranked separately, never against each other")
+    unknown = [Path(str(r["run_dir"])).name for r in rows if r["rows"] == "unknown"]
+    if unknown:
+        notes.append(f"rows unknown (no rows.json, made before fxtl recorded them): "
+                     f"{', '.join(unknown[:6])}{' ...' if len(unknown) > 6 else ''}")
+    for r in rows:
+        for leak in r["leaked_from"]:
+            notes.append(f"{Path(str(r['run_dir'])).name} reports on {leak['images']} images that "
+                         f"{Path(str(leak['run_dir'])).name} learned from: not held out between them")
+    todo = _auto_pairs(rows) + [(_find(rows, a), _find(rows, b)) for a, b in pairs]
+    paired, seen = [], set()
+    for a, b in todo:
+        if (a["run_dir"], b["run_dir"]) not in seen and a is not b:
+            seen.add((a["run_dir"], b["run_dir"]))
+            paired.append(paired_test(a, b))
     path = None
     if chart:
+        datasets = sorted({str(r["dataset"]) for r in rows})
         name = f"comparison-{datasets[0]}.png" if len(datasets) == 1 else "comparison.png"
         path = plot_comparison(rows, Path(output) if output else cache_dir / name,
                                title=" / ".join(datasets[:3]))
-    return CompareResult(rows=rows, chart=path, notes=notes)
+    return CompareResult(rows=rows, chart=path, notes=notes, paired=paired, skipped=skipped)

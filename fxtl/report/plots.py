@@ -11,7 +11,7 @@ from typing import Any
 
 import numpy as np
 
-from .._util import atomic_path, default_cache_dir
+from .._util import default_cache_dir
 from ..errors import FxtlError
 from ..features.store import FeatureCache, load_features
 
@@ -129,12 +129,12 @@ def _draw(xy: np.ndarray, labels: np.ndarray, split: np.ndarray, class_names: li
           output: Path, *, title: str) -> None:
     import matplotlib
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from .figures import new_figure, save_png
 
     k = max(len(class_names), 1)
-    cmap = plt.get_cmap("tab10" if k <= 10 else "tab20" if k <= 20 else "turbo")
-    fig, ax = plt.subplots(figsize=(7, 6))
+    cmap = matplotlib.colormaps["tab10" if k <= 10 else "tab20" if k <= 20 else "turbo"]
+    fig = new_figure(figsize=(7, 6))
+    ax = fig.add_subplot()
     for s in sorted(set(split.tolist())):
         for j in range(-1, k):
             m = (labels == j) & (split == s)
@@ -150,7 +150,4 @@ def _draw(xy: np.ndarray, labels: np.ndarray, split: np.ndarray, class_names: li
     ax.set_title(title, fontsize=10)
     ax.set_xticks([])
     ax.set_yticks([])
-    fig.tight_layout()
-    with atomic_path(output, suffix=".png") as tmp:
-        fig.savefig(tmp, dpi=110, format="png")
-    plt.close(fig)
+    save_png(fig, output, dpi=110)
