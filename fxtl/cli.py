@@ -811,3 +811,35 @@ def compare(runs, dataset, output, pairs, cache_dir, as_json):
         log(f"fxtl: {note}")
     emit(res.to_dict(), as_json,
          lambda d: f"{format_table(d['rows'], paired=d['paired'])}\nchart: {d['chart']}")
+
+
+# ============================================================================ deploy stage
+@cli.command("export-model")
+@click.argument("run", type=click.Path(path_type=Path))
+@click.option("--output", "-o", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="The .onnx file to write [default: RUN/model.onnx]; a sidecar OUTPUT.json "
+                   "holds the same metadata.")
+@click.option("--input-dtype", type=click.Choice(["uint8", "float32"]), default="uint8",
+              show_default=True, help="Type of the image input (float32 holds 0..255 values).")
+@click.option("--opset", type=click.IntRange(min=13), default=17, show_default=True,
+              help="ONNX opset of the default domain.")
+@cache_dir_option
+@json_option
+@handle_errors
+def export_model(run, output, input_dtype, opset, cache_dir, as_json):
+    """Write a head run (backbone + head in one graph) or a fine-tuned RUN as one ONNX file.
+
+    The graph takes RGB images already resized and centre-cropped to the model's input size
+    (uint8 NCHW, any batch size), normalises them itself and returns probabilities per class;
+    the resize recipe and class names are in its metadata. Run it with
+    `fxtl predict model.onnx IMAGES...` or with onnxruntime alone (docs/onnx.md).
+    Needs the onnx extra: pip install 'fxtl[onnx]'.
+    """
+    from .deploy.onnx_graph import export_model as run_export
+
+    res = run_export(run, output=output, input_dtype=input_dtype, opset=opset,
+                     cache_dir=resolve_cache_dir(cache_dir))
+    emit(res.to_dict(), as_json,
+         lambda d: (f"{d['output']}  ({d['kind']} {d['model']}, {len(d['class_names'])} classes, "
+                    f"input {d['input']['dtype']} {d['input']['shape']}, opset {d['opset']}, "
+                    f"max diff vs fxtl {d['max_abs_diff']:.1e})\nsidecar: {d['sidecar']}"))

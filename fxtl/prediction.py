@@ -177,6 +177,10 @@ def predict(model: str | Path, inputs: Sequence[str | Path], *, top_k: int = 1,
 
     if top_k < 1:
         raise FxtlError(f"--top-k must be at least 1 (got {top_k})")
+    if Path(model).suffix.lower() == ".onnx":  # an `fxtl export-model` file: onnxruntime runs it
+        from .deploy.runtime import predict_onnx
+
+        return predict_onnx(model, inputs, top_k=top_k, batch_size=batch_size, workers=workers)
     t0 = time.perf_counter()
     model = resolve_model(model, cache_dir)
     images, caches, errors = collect_images(inputs)

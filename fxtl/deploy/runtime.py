@@ -1,0 +1,165 @@
+"""Run an exported ``.onnx`` file with onnxruntime (``fxtl predict model.onnx IMAGES...``).
+
+The file says everything it needs in its own metadata (preprocessing, class names, input type),
+so prediction needs no run folder, torch model or scikit-learn head: images are decoded and
+resized by fxtl's eval transform (the one ``fxtl predict`` uses), batched as uint8 NCHW and
+scored by the graph. The JSON is ``fxtl predict``'s, so an export is checked with the same
+command as the run it came from.
+"""
+from __future__ import annotations
+
+import json
+import os
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+
+from ..errors import FxtlError, ProvenanceError, ParameterError
+from .onnx_graph import ONNX_FORMAT, ONNX_FORMAT_VERSION, require_onnx
+
+__all__ = ["predict_onnx", "OnnxModel", "load_onnx"]
+
+
+class OnnxModel:
+    """An exported file opened in onnxruntime, with its metadata parsed.
+
+    Attributes
+    ----------
+    path : Path
+    session : onnxruntime.InferenceSession
+    meta : dict -- the file's metadata (JSON values decoded)
+    class_names : list of str
+    preprocessing : fxtl.data.images.Preprocessing
+    """
+
+    def __init__(self, path: Path, session, meta: dict[str, Any]):
+        from ..data.images import Preprocessing
+
+        self.path, self.session, self.meta = path, session, meta
+        self.class_names = list(meta["class_names"])
+        self.preprocessing = Preprocessing.from_dict(meta["preprocessing"])
+        self.input_name = str(meta.get("input_name", session.get_inputs()[0].name))
+        self.output_name = str(meta.get("output_name", session.get_outputs()[0].name))
+        self.float_input = "float" in session.get_inputs()[0].type
+
+    def scores(self, images: np.ndarray) -> np.ndarray:
+        """uint8 ``[N, 3, H, W]`` -> probabilities ``[N, K]`` (float64)."""
+        x = images.astype(np.float32) if self.float_input else images
+        return self.session.run([self.output_name], {self.input_name: x})[0].astype(np.float64)
+
+
+def load_onnx(path: str | Path, *, threads: int | None = None) -> OnnxModel:
+    """Open an ``fxtl export-model`` file; refuses an ONNX file fxtl did not write."""
+    require_onnx()
+    import onnxruntime as ort
+
+    path = Path(path)
+    if not path.is_file():
+        raise FxtlError(f"{path}: no such ONNX file; write one with `fxtl export-model RUN -o {path.name}`")
+    opts = ort.SessionOptions()
+    if threads:
+        opts.intra_op_num_threads = threads
+    try:
+        sess = ort.InferenceSession(str(path), sess_options=opts, providers=["CPUExecutionProvider"])
+    except Exception as exc:  # onnxruntime raises its own exception types for bad files
+        raise ProvenanceError(f"{path} is not a readable ONNX model ({str(exc).splitlines()[0][:120]}); "
+                              "export it again with `fxtl export-model`") from None
+    raw = sess.get_modelmeta().custom_metadata_map
+    if raw.get("format") != ONNX_FORMAT:
+        raise ProvenanceError(f"{path} was not written by `fxtl export-model` (no {ONNX_FORMAT} "
+                              "metadata); run it with onnxruntime directly")
+    meta: dict[str, Any] = {}
+    for key, value in raw.items():
+        try:
+            meta[key] = json.loads(value)
+        except ValueError:
+            meta[key] = value
+    if not isinstance(meta.get("format_version"), int) or meta["format_version"] > ONNX_FORMAT_VERSION:
+        raise ProvenanceError(f"{path} has {ONNX_FORMAT} format_version {meta.get('format_version')}, "
+                              f"this fxtl reads up to {ONNX_FORMAT_VERSION}; upgrade fxtl")
+    return OnnxModel(path, sess, meta)
+
+
+def _entry(path: str, scores: np.ndarray, names: Sequence[str], k: int) -> dict[str, Any]:
+    """One prediction in ``fxtl predict``'s shape (argmax, ties to the first class)."""
+    j = int(np.argmax(scores))
+    order = np.argsort(-scores, kind="stable")[:k]
+    return {"path": path, "label": names[j], "index": j, "probability": round(float(scores[j]), 6),
+            "top_k": [{"label": names[i], "probability": round(float(scores[i]), 6)} for i in order]}
+
+
+def predict_onnx(model: str | Path, inputs: Sequence[str | Path], *, top_k: int = 1,
+                 batch_size: int | None = None, workers: int | None = None,
+                 threads: int | None = None):
+    """Label images with an exported ``.onnx`` file; the result is ``fxtl predict``'s.
+
+    Parameters
+    ----------
+    model : path
+        A file written by :func:`fxtl.deploy.export_model`.
+    inputs : sequence of paths
+        Image files or folders of images (feature caches need the head run instead).
+    top_k : int
+        How many best classes each prediction lists.
+    batch_size : int, optional
+        Images per onnxruntime call (default 32).
+    workers : int, optional
+        Decoding threads (default: up to 4).
+    threads : int, optional
+        onnxruntime's intra-op threads (default: its own choice, all cores).
+
+    Returns
+    -------
+    fxtl.prediction.PredictResult
+        ``kind`` is ``"onnx"``, ``device`` ``"cpu"``, ``precision`` ``"fp32"``.
+    """
+    from .._util import say
+    from ..data.images import EvalTransform, ImageDecodeError
+    from ..prediction import PredictResult, collect_images
+
+    if top_k < 1:
+        raise ParameterError("top_k", f"top_k must be at least 1, got {top_k}")
+    if batch_size is not None and batch_size < 1:
+        raise ParameterError("batch_size", f"batch_size must be at least 1, got {batch_size}")
+    t0 = time.perf_counter()
+    net = load_onnx(model, threads=threads)
+    images, caches, errors = collect_images(inputs)
+    if caches:
+        raise FxtlError(f"{caches[0]} is a feature cache, but {net.path} predicts from images; pass "
+                        "image files or folders (or the head run, which scores caches)")
+    res = PredictResult(model=str(net.path), kind="onnx", class_names=net.class_names,
+                        device="cpu", precision="fp32")
+    transform = EvalTransform(net.preprocessing)
+
+    def decode(i: int):
+        try:
+            return i, transform.load(images[i]).numpy(), None
+        except ImageDecodeError as exc:
+            return i, None, str(exc)
+
+    batch_size = batch_size or 32
+    n_workers = workers if workers is not None else min(4, os.cpu_count() or 1)
+    with ThreadPoolExecutor(max(1, n_workers)) as pool:
+        for start in range(0, len(images), batch_size):
+            done = list(pool.map(decode, range(start, min(start + batch_size, len(images)))))
+            for i, _, reason in done:
+                if reason is not None:
+                    res.errors.append({"path": str(images[i]), "reason": reason})
+                    say(f"fxtl: skipped {images[i]}: {reason}")
+            good = [(i, x) for i, x, reason in done if reason is None]
+            if not good:
+                continue
+            scores = net.scores(np.stack([x for _, x in good]))
+            res.predictions.extend(_entry(str(images[i]), s, net.class_names, top_k)
+                                   for (i, _), s in zip(good, scores))
+    res.errors = errors + res.errors
+    if not res.predictions:
+        first = res.errors[0] if res.errors else {"path": "(none)", "reason": "no input given"}
+        raise FxtlError(f"none of the {len(res.errors)} input(s) could be used (first: "
+                        f"{first['path']}: {first['reason']})")
+    res.seconds = time.perf_counter() - t0
+    res.images_per_second = len(res.predictions) / res.seconds if res.seconds > 0 else 0.0
+    return res
