@@ -86,12 +86,13 @@ class Failure(click.ClickException):
 
     exit_code = 1
 
-    def __init__(self, message: str, *, exit_code: int = 1) -> None:
+    def __init__(self, message: str, *, exit_code: int = 1, prefix: str = "fxtl: error: ") -> None:
         super().__init__(message)
         self.exit_code = exit_code
+        self.prefix = prefix
 
     def show(self, file=None) -> None:
-        click.echo(f"fxtl: error: {self.format_message()}", err=True)
+        click.echo(f"{self.prefix}{self.format_message()}", err=True)
 
 
 def _in_flags(exc: FxtlError) -> str:
@@ -126,7 +127,7 @@ def handle_errors(f: Callable) -> Callable:
             raise Failure(_in_flags(exc)) from None
         except KeyboardInterrupt:
             raise Failure("interrupted (work done so far is kept; run again to resume)",
-                          exit_code=130) from None
+                          exit_code=130, prefix="fxtl: ") from None
     return wrapper
 
 

@@ -168,6 +168,7 @@ def test_exif_rotation_applied(tmp_path):
     (img.write_text_as_jpg, "not an image"),
     (img.write_bomb, "decompression bomb"),
 ])
+@pytest.mark.filterwarnings("ignore::PIL.Image.DecompressionBombWarning")  # Pillow's own, below ours
 def test_bad_files_refused_with_reason(tmp_path, writer, reason):
     path = writer(tmp_path / ("x.png" if writer is img.write_bomb else "x.jpg"))
     with pytest.raises(ImageDecodeError, match=reason):

@@ -115,7 +115,7 @@ def _warn_loose(folder: Path, names: list[str]) -> None:
     if names:
         warnings.warn(f"{folder}: ignored {len(names)} image(s) outside any class folder "
                       f"({', '.join(names[:3])}{', ...' if len(names) > 3 else ''}); move them "
-                      f"into {folder}/<class>/ to use them", FxtlWarning, stacklevel=3)
+                      f"into {folder}/<class>/ to use them", FxtlWarning, stacklevel=2)
 
 
 def _warn_undecodable(files: list[Path]) -> None:
@@ -123,7 +123,7 @@ def _warn_undecodable(files: list[Path]) -> None:
         kinds = sorted({f.suffix.lower() for f in files})
         warnings.warn(f"ignored {len(files)} {'/'.join(kinds)} file(s) this Pillow cannot decode "
                       f"({', '.join(str(f) for f in files[:3])}{', ...' if len(files) > 3 else ''}"
-                      "); convert them to JPEG or PNG", FxtlWarning, stacklevel=3)
+                      "); convert them to JPEG or PNG", FxtlWarning, stacklevel=2)
 
 
 def _is_fxtl_hdf5(path: str) -> bool:
@@ -223,7 +223,7 @@ def _warn_skipped(folders: Sequence[Path]) -> None:
     names = ", ".join(str(f) for f in folders[:3]) + (f" and {len(folders) - 3} more"
                                                         if len(folders) > 3 else "")
     warnings.warn(f"skipped {len(folders)} folder(s) holding fxtl output ({names}): fxtl never "
-                  "reads its own caches, heads or runs as images", FxtlWarning, stacklevel=3)
+                  "reads its own caches, heads or runs as images", FxtlWarning, stacklevel=2)
 
 
 def _data_folders(folders: Sequence[Path], artifacts: list[Path],
@@ -439,7 +439,7 @@ def _from_manifest(csv_path: Path) -> ImageSet:
     if repeats:
         listed = ", ".join(f"line {a} repeats line {b}" for a, b in repeats[:3])
         warnings.warn(f"{csv_path}: dropped {len(repeats)} duplicate row(s) ({listed}"
-                      f"{', ...' if len(repeats) > 3 else ''})", FxtlWarning, stacklevel=3)
+                      f"{', ...' if len(repeats) > 3 else ''})", FxtlWarning, stacklevel=2)
     if len(class_names) < 2:
         raise DataError(f"{csv_path} has {len(class_names)} label; a classifier needs at least 2")
     order = {s: i for i, s in enumerate(SPLITS)}
