@@ -332,6 +332,7 @@ def info(cache, as_json):
                  f"  preprocessing  resize {pre.get('resize')} ({pre.get('interpolation')}), crop {pre.get('crop')}, "
                  f"mean {pre.get('mean')}, std {pre.get('std')}",
                  f"  fingerprint    {d.get('fingerprint')}",
+                 *([f"  data fp        {d['data_fingerprint']}"] if d.get("data_fingerprint") else []),
                  f"  dataset        {d.get('dataset_root')}",
                  f"  created        {d.get('created')} by fxtl {d.get('fxtl_version')}",
                  f"  skipped        {len(d['errors'])} image(s)"]

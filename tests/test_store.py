@@ -200,3 +200,17 @@ def test_names_that_are_not_utf8_round_trip(tmp_path):
         assert f["paths"].asstr()[0] == "ants/bad\\xff\\xfe.jpg"
         assert f["paths"].asstr()[1] == "a\\\\b.jpg"
         assert f["split"].asstr()[0] == "train"  # elements without such names stay plain
+
+
+def test_public_readers_for_errors_and_provenance(tmp_path):
+    from fxtl.features.store import PROVENANCE_KEYS, provenance, read_attrs, read_errors
+
+    p = tmp_path / "c.h5"
+    _write(p, data_fingerprint="cd" * 32)
+    assert read_errors(p) == [{"path": "bad.jpg", "reason": "truncated image"}]
+    prov = provenance(read_attrs(p))
+    assert prov == {"backbone": "lite0", "weights_sha256": "0" * 64, "preprocessing": {"crop": 224},
+                    "precision": "fp32", "layer": "pooled", "fingerprint": "f" * 64,
+                    "data_fingerprint": "cd" * 32, "fxtl_version": "0.1.0", "created": "now"}
+    assert set(prov) <= set(PROVENANCE_KEYS)
+    assert load_features(p).provenance == prov

@@ -7,12 +7,26 @@ from pathlib import Path
 import numpy as np
 
 from .._util import atomic_path
-from ..errors import FxtlError
+from ..errors import FxtlError, ParameterError
+from .cache_text import encode_text
 from .store import load_features
 
 __all__ = ["export_cache", "EXPORT_FORMATS"]
 
 EXPORT_FORMATS = ("npz", "csv", "parquet")
+
+
+def _refuse_overwriting_the_cache(cache: Path, out: Path) -> None:
+    """The export must never replace its own input (the same file by any name or link)."""
+    same = out.resolve() == cache.resolve()
+    if not same and out.exists():
+        try:
+            same = out.samefile(cache)
+        except OSError:
+            same = False
+    if same:
+        raise ParameterError("output", f"output {out} is the cache being exported ({cache}); "
+                                       "choose another output file")
 
 
 def export_cache(cache: str | Path, *, fmt: str = "npz", output: str | Path | None = None) -> Path:
@@ -25,11 +39,17 @@ def export_cache(cache: str | Path, *, fmt: str = "npz", output: str | Path | No
     -------
     Path
         The written file (default: the cache path with the format's suffix).
+
+    Raises
+    ------
+    ParameterError
+        When ``output`` is the cache itself (by any path or link): it would be replaced.
     """
     if fmt not in EXPORT_FORMATS:
         raise FxtlError(f"unknown export format {fmt!r}; use one of {', '.join(EXPORT_FORMATS)}")
-    fc = load_features(cache)
     out = Path(output) if output else Path(cache).with_suffix("." + fmt)
+    _refuse_overwriting_the_cache(Path(cache), out)
+    fc = load_features(cache)  # checked on open: every label is -1 or indexes class_names
     names = np.array(fc.class_names + ["<unlabelled>"], dtype=object)
     label_names = names[np.where(fc.labels >= 0, fc.labels, len(fc.class_names))]
     if fmt == "npz":
@@ -39,7 +59,8 @@ def export_cache(cache: str | Path, *, fmt: str = "npz", output: str | Path | No
                          split=fc.split.astype(str), class_names=np.array(fc.class_names, dtype=str))
     elif fmt == "csv":
         with atomic_path(out, suffix=".csv") as tmp:
-            with open(tmp, "w", newline="", encoding="utf-8") as fh:
+            # surrogateescape: a file name that is not UTF-8 is written as its own bytes
+            with open(tmp, "w", newline="", encoding="utf-8", errors="surrogateescape") as fh:
                 w = csv.writer(fh)
                 w.writerow(["path", "split", "label", "label_name"] + [f"f{i}" for i in range(fc.dim)])
                 for i in range(fc.n):
@@ -50,7 +71,9 @@ def export_cache(cache: str | Path, *, fmt: str = "npz", output: str | Path | No
             import pandas as pd
         except ImportError:
             raise FxtlError("parquet export needs pandas and pyarrow: pip install 'fxtl[export]'") from None
-        df = pd.DataFrame({"path": fc.paths, "split": fc.split.astype(str), "label": fc.labels,
+        # Parquet strings must be UTF-8: names that are not are escaped as in the cache spec.
+        paths, _ = encode_text(fc.paths)
+        df = pd.DataFrame({"path": paths, "split": fc.split.astype(str), "label": fc.labels,
                            "label_name": label_names.astype(str)})
         feats = pd.DataFrame(fc.features, columns=[f"f{i}" for i in range(fc.dim)])
         df = pd.concat([df, feats], axis=1)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import json
+import os
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -82,15 +83,20 @@ def write_cache(path: Path, *, chunks: Iterable[np.ndarray], n: int, dim: int,
         When the disk is full or the file would exceed a size limit ("no space"), naming ``path``.
     """
     path = Path(path)
-    _check_space(path, n * dim * 4 + sum(len(p) + len(s) + 48 for p, s in zip(paths, split)))
+    need = _size_estimate(n=n, dim=dim, paths=paths, split=split, errors=errors)
+    _check_space(path, need)
     with atomic_path(path) as tmp:
         try:
+            # Claim the bytes before HDF5 writes: a full disk or a file-size limit then fails
+            # here, cleanly, instead of inside libhdf5, which cannot recover from a failed write.
+            _reserve(tmp, need)
             _write_file(tmp, chunks=chunks, n=n, dim=dim, labels=labels, paths=paths, split=split,
                         class_names=class_names, errors=errors, attrs=attrs)
         except (OSError, RuntimeError) as exc:
             if _is_no_space(exc):
-                raise CacheError(f"cannot write {path}: no space ({_first_line(exc)}); free space "
-                                 "or choose another cache directory (nothing was overwritten)") from None
+                raise CacheError(f"cannot write {path}: no space ({_no_space_reason(exc)}); free "
+                                 "space or choose another cache directory (nothing was "
+                                 "overwritten)") from None
             raise
     return path
 
@@ -100,6 +106,37 @@ def _is_no_space(exc: BaseException) -> bool:
         return True
     text = str(exc)
     return any(t in text for t in _NO_SPACE_TEXT) or storage_failure(exc) == _NO_SPACE_TEXT[0]
+
+
+def _no_space_reason(exc: BaseException) -> str:
+    if isinstance(exc, OSError) and exc.errno in _NO_SPACE_ERRNOS:
+        return os.strerror(exc.errno)
+    return next((t for t in _NO_SPACE_TEXT if t in str(exc)), "the write failed")
+
+
+def _size_estimate(*, n: int, dim: int, paths: Sequence[str], split: Sequence[str],
+                   errors: Sequence[tuple[str, str]]) -> int:
+    """Bytes the file will take: the arrays (strings at their fixed length), HDF5's chunk index
+    (about 2 %) and its fixed metadata (about 14 KiB), rounded up."""
+    def longest(values) -> int:
+        return max([1] + [len(str(v).encode("utf-8", "surrogateescape")) * 4 for v in values])
+
+    strings = n * (longest(paths) + longest(split)) + len(errors) * (
+        longest(p for p, _ in errors) + longest(r for _, r in errors))
+    return int((n * dim * 4 + n * 8 + strings) * 1.02) + (32 << 10)
+
+
+def _reserve(tmp: Path, size: int) -> None:
+    """Allocate ``size`` bytes for ``tmp`` (raises OSError ENOSPC/EFBIG/EDQUOT when it cannot)."""
+    fd = os.open(tmp, os.O_WRONLY)
+    try:
+        os.posix_fallocate(fd, 0, size)
+    except OSError as exc:
+        if exc.errno in _NO_SPACE_ERRNOS:
+            raise
+        # File systems without fallocate (EOPNOTSUPP, EINVAL): HDF5's own errors still apply.
+    finally:
+        os.close(fd)
 
 
 def _first_line(exc: BaseException) -> str:
@@ -194,7 +231,7 @@ def _check_space(path: Path, payload: int) -> None:
     from .._util import ensure_dir
 
     ensure_dir(path.parent)
-    need = int(payload * 1.05) + (256 << 10)
+    need = payload
     free = shutil.disk_usage(path.parent).free
     if free < need:
         raise CacheError(f"cannot write {path}: no space left on device (needs about "

@@ -209,3 +209,120 @@ def test_fuzz_the_reader_every_outcome_is_a_result_or_one_line(tmp_path):
     for r in done:
         if r["outcome"] == "error":
             assert Path(r["file"]).name in r["message"]
+
+
+# ----------------------------------------------------------------------------- item 1: export
+@pytest.mark.parametrize("how", ["same path", "other spelling", "symlink", "hard link", "default"])
+def test_export_never_replaces_the_cache(tmp_path, how):
+    cache = _valid(tmp_path / ("c.npz" if how == "default" else "c.h5"))
+    before = cache.read_bytes()
+    out = {"same path": cache, "other spelling": tmp_path / "." / ".." / tmp_path.name / "c.h5",
+           "symlink": tmp_path / "link.npz", "hard link": tmp_path / "hard.npz", "default": None}[how]
+    if how == "symlink":
+        out.symlink_to(cache)
+    if how == "hard link":
+        os.link(cache, out)
+    args = ["export", str(cache), "--format", "npz"] + ([] if out is None else ["-o", str(out)])
+    r = CliRunner().invoke(cli, args)
+    assert r.exit_code == 2, r.output
+    assert "is the cache being exported" in r.output and "Traceback" not in r.output
+    assert cache.read_bytes() == before
+    load_features(cache)
+
+
+def test_export_to_another_file_still_works(tmp_path):
+    cache = _valid(tmp_path / "c.h5")
+    r = CliRunner().invoke(cli, ["export", str(cache), "--format", "npz", "-o", str(tmp_path / "o.npz")])
+    assert r.exit_code == 0, r.output
+    with np.load(tmp_path / "o.npz") as z:
+        assert z["features"].shape == (8, 3) and list(z["class_names"]) == ["ants", "bees"]
+
+
+# ----------------------------------------------------------------------------- item 9: no space
+_FSIZE_CHILD = r"""
+import resource, sys
+import numpy as np
+from fxtl.errors import FxtlError
+from fxtl.features.store import load_features, write_cache
+sys.path.insert(0, sys.argv[2])
+from tests.faults.test_cache_damage import ATTRS
+path = sys.argv[1]
+resource.setrlimit(resource.RLIMIT_FSIZE, (200 << 10, 200 << 10))  # like `ulimit -f 200`
+n, dim = 1000, 256  # about 1 MiB: over the limit
+X = np.ones((n, dim), np.float32)
+try:
+    write_cache(path, chunks=[X[i:i + 100] for i in range(0, n, 100)], n=n, dim=dim, labels=[0] * n,
+                paths=[f"{i}.png" for i in range(n)], split=["train"] * n, class_names=["a", "b"],
+                errors=[], attrs=ATTRS)
+    print("WROTE")
+except FxtlError as exc:
+    print("ERROR", type(exc).__name__, exc)
+print("OLD ROWS", load_features(path).n)
+"""
+
+
+def test_file_size_limit_is_one_line_and_keeps_the_old_cache(tmp_path):
+    cache = _valid(tmp_path / "c.h5")
+    before = cache.read_bytes()
+    proc = subprocess.run([sys.executable, "-c", _FSIZE_CHILD, str(cache), str(ROOT)],
+                          capture_output=True, text=True, timeout=120, cwd=ROOT,
+                          env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert proc.returncode == 0, (proc.returncode, proc.stderr[-2000:])  # no segfault (was 139)
+    out = proc.stdout.splitlines()
+    assert out[0].startswith("ERROR CacheError") and "no space" in out[0] and str(cache) in out[0], out
+    assert "File too large" in out[0]
+    assert out[1] == "OLD ROWS 8"
+    assert cache.read_bytes() == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["c.h5"]  # no temporary left behind
+
+
+@pytest.mark.parametrize("failure", [
+    OSError(errno.ENOSPC, "No space left on device"),
+    RuntimeError("Can't write data (file write failed: errno = 28, error message = 'No space left on device')"),
+    OSError(errno.EFBIG, "File too large"),
+])
+def test_disk_full_while_writing_is_one_cache_error(tmp_path, failure):
+    cache = _valid(tmp_path / "c.h5")
+    before = cache.read_bytes()
+
+    def chunks():
+        yield np.zeros((4, 3), np.float32)
+        raise failure
+
+    with pytest.raises(CacheError) as info:
+        write_cache(cache, chunks=chunks(), n=8, dim=3, labels=[0] * 8, paths=["a"] * 8,
+                    split=["train"] * 8, class_names=["a"], errors=[], attrs=ATTRS)
+    msg = str(info.value)
+    assert "no space" in msg and str(cache) in msg and "\n" not in msg
+    assert cache.read_bytes() == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["c.h5"]
+
+
+def test_no_room_to_reserve_is_refused_before_hdf5_writes(tmp_path, monkeypatch):
+    cache = _valid(tmp_path / "c.h5")
+    before = cache.read_bytes()
+
+    def full(fd, offset, length):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(os, "posix_fallocate", full)
+    with pytest.raises(CacheError, match=r"no space \(No space left on device\)"):
+        _valid(cache)
+    assert cache.read_bytes() == before
+
+
+# ----------------------------------------------------------------------------- item 10
+def test_non_utf8_name_round_trips_through_export(tmp_path):
+    bad = os.fsdecode(b"ants/bad\xff\xfe.jpg")
+    cache = tmp_path / "c.h5"
+    write_cache(cache, chunks=[np.ones((2, 2), np.float32)], n=2, dim=2, labels=[0, 1],
+                paths=[bad, "bees/b.jpg"], split=["train", "val"], class_names=["ants", "bees"],
+                errors=[], attrs=ATTRS)
+    assert load_features(cache).paths == [bad, "bees/b.jpg"]
+    r = CliRunner().invoke(cli, ["export", str(cache), "--format", "csv", "-o", str(tmp_path / "o.csv")])
+    assert r.exit_code == 0, r.output
+    assert b"ants/bad\xff\xfe.jpg," in (tmp_path / "o.csv").read_bytes()
+    r = CliRunner().invoke(cli, ["export", str(cache), "--format", "npz", "-o", str(tmp_path / "o.npz")])
+    assert r.exit_code == 0, r.output
+    with np.load(tmp_path / "o.npz") as z:
+        assert list(z["paths"]) == [bad, "bees/b.jpg"]
