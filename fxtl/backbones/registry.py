@@ -142,7 +142,7 @@ def _parse(name: str, runs: tuple[Path, ...]) -> BackboneSpec:
         base = _parse(arch, runs)
         file_path = Path(os.path.expanduser(file))
         if not file_path.is_file():
-            raise BackboneError(f"weights file {file_path} not found (from --backbone {name})")
+            raise BackboneError(f"weights file {file_path} not found (from backbone {name!r})")
         meta = {k: v for k, v in base.meta.items() if k != "weights_sha256"}  # not this file's
         return replace(base, name=name, source="file", file=str(file_path.resolve()),
                        meta={**meta, "base_source": base.source})
@@ -448,7 +448,7 @@ def _build(spec: BackboneSpec) -> tuple[Any, Preprocessing, str, dict[str, Any]]
                     raise BackboneError(
                         f"timm weights for {spec.arch} ({cfg.hf_hub_id}) are not in the Hugging Face "
                         "cache (~/.cache/huggingface/hub) and there is no network; run once with "
-                        f"internet, or pass a file: --backbone timm:{spec.arch}=/path/to/model.safetensors")
+                        f"internet, or pass a file: backbone='timm:{spec.arch}=/path/to/model.safetensors'")
             try:
                 model = timm.create_model(spec.arch, pretrained=True)
             except Exception as exc:

@@ -211,7 +211,7 @@ def _check_shards(infos: list[_ShardInfo]) -> list[_ShardInfo]:
     other_n = [s for s in infos if s.count != ref.count]
     if other_n:
         raise CacheError(f"{other_n[0].path} is shard {other_n[0].index} of {other_n[0].count} but "
-                         f"{ref.path} is of {ref.count}; merge the shards of one --shard I/N series")
+                         f"{ref.path} is of {ref.count}; merge the shards of one series (one N)")
     by_index: dict[int, _ShardInfo] = {}
     for s in infos:
         if s.index in by_index:
@@ -235,7 +235,7 @@ def _check_shards(infos: list[_ShardInfo]) -> list[_ShardInfo]:
         if s.n_total != ref.n_total or s.row_start != row or s.row_stop < s.row_start:
             raise CacheError(f"{s.path} covers rows {s.row_start}-{s.row_stop} of {s.n_total} but "
                              f"the shards before it end at row {row} of {ref.n_total} (another "
-                             "--batch-size?); re-extract it with the same options as the others")
+                             "batch size?); re-extract it with the same options as the others")
         row = s.row_stop
     if row != ref.n_total:
         raise CacheError(f"{ordered[-1].path} ends at row {row} but the dataset has {ref.n_total} "

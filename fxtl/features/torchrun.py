@@ -64,7 +64,7 @@ def extract_torchrun(job: ExtractJob, env, *, force: bool, find_hit) -> ExtractR
                 unseen = [str(p) for p in expected if not p.exists()]
                 if unseen:
                     raise CacheError(f"rank 0 cannot see the shard files {', '.join(unseen)} that "
-                                     "other ranks wrote; put --cache-dir (or --output) on a "
+                                     "other ranks wrote; put the cache directory (cache_dir or output) on a "
                                      "filesystem all nodes share")
                 merged = merge_shards(expected, output=job.path, force=True)
                 runs = [s["run"] for s in statuses]
