@@ -32,11 +32,13 @@ import numpy as np
 from ._util import say
 from .backbones.registry import MODEL_MANIFEST
 from .data.discovery import walk_images
-from .errors import FxtlError, ProvenanceError
+from .errors import FxtlError, ParameterError, ProvenanceError
 
 __all__ = ["predict", "PredictResult", "collect_images", "resolve_model"]
 
 _CACHE_SUFFIXES = (".h5", ".hdf5")
+# What a fine-tune leaves in its run folder before it writes its manifest (fxtl.training).
+_FINETUNE_CHECKPOINT = "checkpoint-last.pt"
 
 
 @dataclass
@@ -176,7 +178,7 @@ def predict(model: str | Path, inputs: Sequence[str | Path], *, top_k: int = 1,
     from .runtime import resolve_device
 
     if top_k < 1:
-        raise FxtlError(f"--top-k must be at least 1 (got {top_k})")
+        raise ParameterError("top_k", f"top_k must be at least 1, got {top_k}")
     if Path(model).suffix.lower() == ".onnx":  # an `fxtl export-model` file: onnxruntime runs it
         from .deploy.runtime import predict_onnx
 
@@ -197,6 +199,7 @@ def predict(model: str | Path, inputs: Sequence[str | Path], *, top_k: int = 1,
                                  precision=precision, batch_size=batch_size, workers=workers,
                                  progress=progress, notes=notes)
     else:
+        _refuse_unfinished_finetune(model)
         from .heads.fitting import load_head
 
         head = load_head(model, trust=trust)
@@ -217,6 +220,16 @@ def predict(model: str | Path, inputs: Sequence[str | Path], *, top_k: int = 1,
     res.seconds = time.perf_counter() - t0
     res.images_per_second = len(res.predictions) / res.seconds if res.seconds > 0 else 0.0
     return res
+
+
+def _refuse_unfinished_finetune(model: Path) -> None:
+    """A fine-tune stopped before its end has a checkpoint but no model manifest: say so."""
+    if model.is_dir() and not (model / MODEL_MANIFEST).exists() and \
+            (model / _FINETUNE_CHECKPOINT).is_file():
+        raise FxtlError(f"{model} is a fine-tune that did not finish (it holds "
+                        f"{_FINETUNE_CHECKPOINT} but no {MODEL_MANIFEST}); finish it with `fxtl "
+                        f"finetune DATA_DIR --resume --run-name {model.name}` (same options), or "
+                        "re-run the fine-tune")
 
 
 def _predict_cache(head, cache_path: Path, res: PredictResult, *, top_k: int) -> None:

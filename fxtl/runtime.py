@@ -6,10 +6,10 @@ import functools
 import os
 from pathlib import Path
 
-from .errors import FxtlError
+from .errors import ParameterError
 
 __all__ = ["resolve_device", "resolve_precision", "autocast", "cpu_supports_bf16", "PRECISIONS",
-           "DEVICES", "keep_freed_memory"]
+           "DEVICES", "keep_freed_memory", "gpu_driver_present"]
 
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 DEVICES = ("auto", "cpu", "cuda")
@@ -28,29 +28,58 @@ def cpu_supports_bf16() -> bool:
     return "avx512_bf16" in flags or "amx_bf16" in flags
 
 
+def gpu_driver_present() -> bool:
+    """Whether a CUDA/ROCm driver could be there at all (device nodes or the driver's /proc entry).
+
+    Without one, torch cannot see a GPU, so ``auto`` resolves to the CPU without importing torch.
+    """
+    return any(os.path.exists(p) for p in ("/dev/nvidiactl", "/dev/nvidia0", "/proc/driver/nvidia",
+                                           "/dev/kfd", "/dev/dxg"))
+
+
 def resolve_device(device: str = "auto") -> str:
+    """``auto`` -> ``cuda`` when a GPU is visible, else ``cpu``; a CUDA request without one fails.
+
+    Raises
+    ------
+    ParameterError
+        ``device`` is unknown, or names CUDA on a machine without a visible GPU.
+    """
+    if device == "cpu":
+        return device
+    if device == "auto" and not gpu_driver_present():
+        return "cpu"
+    if device != "auto" and not device.startswith("cuda"):
+        raise ParameterError("device", f"unknown device {device!r}; use auto, cpu or cuda")
     import torch
 
     if device == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise FxtlError("--device cuda was asked for but no CUDA GPU is visible; use --device cpu")
-    if device not in ("cpu",) and not device.startswith("cuda"):
-        raise FxtlError(f"unknown device {device!r}; use auto, cpu or cuda")
+    if not torch.cuda.is_available():
+        raise ParameterError("device", f"device {device!r} was asked for but no CUDA GPU is "
+                                       "visible; use device='cpu'")
     return device
 
 
 def resolve_precision(precision: str, device: str) -> str:
-    """``auto`` -> the fastest precision the hardware runs natively."""
-    import torch
+    """``auto`` -> the fastest precision the hardware runs natively.
 
+    Raises
+    ------
+    ParameterError
+        ``precision`` is unknown, or fp16 is asked for on the CPU.
+    """
     if precision not in PRECISIONS:
-        raise FxtlError(f"unknown precision {precision!r}; use one of {', '.join(PRECISIONS)}")
+        raise ParameterError("precision", f"unknown precision {precision!r}; use one of "
+                                          f"{', '.join(PRECISIONS)}")
     if precision != "auto":
         if precision == "fp16" and not device.startswith("cuda"):
-            raise FxtlError("--precision fp16 needs a CUDA device; on CPU use bf16 or fp32")
+            raise ParameterError("precision", "precision 'fp16' needs a CUDA device; on CPU use "
+                                              "bf16 or fp32")
         return precision
     if device.startswith("cuda"):
+        import torch
+
         return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
     return "bf16" if cpu_supports_bf16() else "fp32"
 
@@ -69,14 +98,12 @@ def autocast(device: str, precision: str):
 def keep_freed_memory() -> bool:
     """Let glibc's malloc reuse freed activation buffers instead of returning them to the OS.
 
-    By default glibc serves blocks above ~32 MB with ``mmap`` and unmaps them on free, so every
-    CPU forward/backward pass maps its activations afresh and the kernel zero-fills each page:
-    a lite0 training step at batch 32 took 0.56-0.98 million page faults and 1-2 s of system
-    time per 6 steps on the 2-core machine (35-75 thousand and 0.1-0.2 s with this), 5-14 %
-    more images/s. Called by ``extract`` and ``finetune`` on CPU; the process keeps its peak
-    heap (peak RSS is unchanged). ``FXTL_MALLOC_TUNING=0`` leaves malloc alone; jemalloc or
-    tcmalloc via ``LD_PRELOAD`` do the same job. Returns whether the setting was applied
-    (only on glibc).
+    By default glibc serves large blocks with ``mmap`` and unmaps them on free, so every CPU
+    forward pass maps its activations afresh and the kernel zero-fills each page. This changes
+    the whole process (it keeps its peak heap), so no library call makes it: the ``fxtl``
+    command turns it on for the commands that run a network on the CPU; a Python caller may
+    call it once at start-up. ``FXTL_MALLOC_TUNING=0`` leaves malloc alone; jemalloc or tcmalloc
+    via ``LD_PRELOAD`` do the same job. Returns whether the setting was applied (only on glibc).
     """
     if os.environ.get("FXTL_MALLOC_TUNING", "1") == "0":
         return False

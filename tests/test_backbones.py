@@ -7,9 +7,10 @@ import numpy as np
 import pytest
 import torch
 
-from fxtl.backbones.registry import (BACKBONES, BackboneSpec, get_backbone, list_backbones, load_backbone,
-                            parse_backbone_name, register_backbone)
-from fxtl.errors import BackboneError
+from fxtl.backbones import registry
+from fxtl.backbones.registry import (BackboneSpec, get_backbone, list_backbones, load_backbone,
+                                     parse_backbone_name, register_backbone, weights_identity)
+from fxtl.errors import BackboneError, ProvenanceError
 from fxtl.data.images import EvalTransform
 
 
@@ -23,11 +24,36 @@ def test_registry_refuses_duplicates():
         register_backbone(BackboneSpec(name="lite0", source="package", arch="x"))
 
 
-def test_lookups_return_copies():
+def test_lookups_return_copies_whose_meta_cannot_change_the_registry():
     spec = get_backbone("lite0")
-    assert spec == BACKBONES["lite0"] and spec is not BACKBONES["lite0"]
-    changed = dataclasses.replace(spec, feature_dim=1)
-    assert BACKBONES["lite0"].feature_dim == 1280 and changed.feature_dim == 1
+    assert spec is not get_backbone("lite0") and spec == get_backbone("lite0")
+    with pytest.raises(TypeError):
+        spec.meta["metrics"] = {}  # read-only: a caller cannot edit the shared entry
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        spec.feature_dim = 1
+    given = {"metrics": {"x": 1}}
+    derived = dataclasses.replace(spec, meta=given)
+    given["metrics"] = "changed later"  # the spec keeps its own copy
+    assert derived.meta["metrics"] == {"x": 1}
+    fresh = get_backbone("lite0")
+    assert fresh.meta["metrics"] == {"imagenet-1k": {"acc@1": 75.1}} and fresh.feature_dim == 1280
+    assert "75.1" not in fresh.description  # the number lives in meta
+    assert not hasattr(registry, "BACKBONES") and "BACKBONES" not in registry.__all__
+
+
+def test_lite0_weights_hash_is_pinned_and_checked(monkeypatch, tmp_path):
+    spec = get_backbone("lite0")
+    from fxtl._util import sha256_file
+
+    assert sha256_file(registry._lite0_file()) == spec.meta["weights_sha256"]
+    assert weights_identity(spec).weights_sha256 == spec.meta["weights_sha256"]
+    altered = tmp_path / "lite0.pth"
+    data = bytearray(registry._lite0_file().read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    altered.write_bytes(bytes(data))
+    monkeypatch.setattr(registry, "_lite0_file", lambda: altered)
+    with pytest.raises(ProvenanceError, match="pins 579344248a93"):
+        load_backbone("lite0")
 
 
 def test_name_grammar(tmp_path):

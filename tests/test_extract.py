@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import signal
 import subprocess
@@ -102,10 +101,18 @@ def test_uninterruptible_equivalence_after_sigkill(tmp_path):
     data = write_shapes(tmp_path / "d", per_class=5)  # 20 images -> 3 chunks of 8 rows
     kw = dict(batch_size=4, chunk_batches=2, workers=0, progress=False)
     ref = fxtl.extract(data, cache_dir=tmp_path / "ref", **kw)
-    code = ("import sys, fxtl; fxtl.extract(sys.argv[1], cache_dir=sys.argv[2], batch_size=4, "
-            "chunk_batches=2, workers=0, progress=False)")
-    env = {**os.environ, "FXTL_TEST_KILL_AFTER_CHUNK": "1"}
-    proc = subprocess.run([sys.executable, "-c", code, str(data), str(tmp_path / "run")], env=env,
+    # The child kills itself (SIGKILL) right after chunk 1 is on disk: no cleanup can run.
+    code = ("import os, signal, sys, fxtl\n"
+            "import fxtl.features.chunks as C\n"
+            "save = C.save_chunk\n"
+            "def save_then_die(parts, k, *a):\n"
+            "    save(parts, k, *a)\n"
+            "    if k == 1:\n"
+            "        os.kill(os.getpid(), signal.SIGKILL)\n"
+            "C.save_chunk = save_then_die\n"
+            "fxtl.extract(sys.argv[1], cache_dir=sys.argv[2], batch_size=4, chunk_batches=2, "
+            "workers=0, progress=False)\n")
+    proc = subprocess.run([sys.executable, "-c", code, str(data), str(tmp_path / "run")],
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == -signal.SIGKILL, proc.stderr
     left = sorted(p.name for p in (tmp_path / "run").iterdir())

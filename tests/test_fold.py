@@ -5,7 +5,8 @@ import pytest
 import torch
 import torch.nn as nn
 
-from fxtl.backbones.registry import fold_batchnorm, load_backbone
+from fxtl.backbones.folding import fold_batchnorm
+from fxtl.backbones.registry import load_backbone
 
 
 def _randomise_bn(model: nn.Module) -> None:

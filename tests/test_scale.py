@@ -144,11 +144,16 @@ def test_crashed_shard_resumes_only_its_missing_chunks(data, shard_files, refere
     class Crash(Exception):
         pass
 
-    def crash_after_first_chunk(k):
+    import fxtl.features.chunks as chunks
+
+    save = chunks.save_chunk
+
+    def crash_after_first_chunk(parts, k, *args):
+        save(parts, k, *args)
         if k == 0:
             raise Crash
 
-    monkeypatch.setattr(fx, "_fault_point", crash_after_first_chunk)
+    monkeypatch.setattr(chunks, "save_chunk", crash_after_first_chunk)
     kw = dict(KW, cache_dir=tmp_path, chunk_batches=1)  # shard 1/2 = 8 rows = 2 chunks of 4
     with pytest.raises(Crash):
         fxtl.extract(data, shard=(1, 2), **kw)

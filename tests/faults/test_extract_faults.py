@@ -77,3 +77,45 @@ def test_read_only_cache_dir_is_clear_error(tmp_path):
         # the existing cache is still served from the read-only place
         hit = fxtl.extract(data, cache_dir=disk, precision="fp32", progress=False)
         assert hit.cache_hit and hit.cache == old.cache
+
+
+def test_output_holding_another_datasets_cache_is_refused(tmp_path):
+    """extract OTHER -o X.h5 never silently replaces X.h5 when it caches another dataset."""
+    first = write_shapes(tmp_path / "first", per_class=2)
+    other = write_shapes(tmp_path / "other", per_class=3)
+    target = tmp_path / "X.h5"
+    fxtl.extract(first, output=target, progress=False, workers=0, precision="bf16")
+    before = target.read_bytes()
+    r = CliRunner().invoke(cli, ["extract", str(other), "-o", str(target)])
+    assert r.exit_code == 2, r.output  # a usage error on --output
+    assert "another dataset" in r.output and str(first) in r.output and "Traceback" not in r.output
+    assert target.read_bytes() == before
+    res = fxtl.extract(first, output=target, progress=False, workers=0, precision="fp32")
+    assert not res.cache_hit  # the same dataset with other options may be replaced
+    res = fxtl.extract(other, output=target, progress=False, workers=0, force=True)
+    assert load_features(target).n == 12 and res.n == 12
+
+
+def test_file_size_limit_is_one_line_and_keeps_the_old_cache(tmp_path):
+    """`ulimit -f` during extract: one line saying the file is too large, the old cache intact."""
+    import resource
+
+    data = write_shapes(tmp_path / "d", per_class=6)
+    home = tmp_path / "c"
+    old = fxtl.extract(data, cache_dir=home, precision="fp32", progress=False, workers=0)
+    before = Path(old.cache).read_bytes()
+    limit = 60 * 1024  # below one cache of 24 x 1280 float32, above a chunk of 8 rows
+
+    def limited():
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+
+    proc = subprocess.run([sys.executable, "-m", "fxtl", "extract", str(data), "--cache-dir",
+                           str(home), "--precision", "bf16", "--workers", "0"],
+                          preexec_fn=limited, capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "PYTHONPATH": str(Path(fxtl.__file__).parents[1])})
+    assert proc.returncode == 1, (proc.returncode, proc.stderr[-2000:])
+    lines = [line for line in proc.stderr.splitlines() if line.startswith("fxtl:")]
+    assert len(lines) == 1 and "file too large" in lines[0], proc.stderr[-2000:]
+    assert "Traceback" not in proc.stderr and str(home) in lines[0]
+    assert Path(old.cache).read_bytes() == before
+    assert not [p for p in home.iterdir() if p.name.endswith((".partial", ".tmp"))]

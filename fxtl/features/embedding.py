@@ -1,0 +1,127 @@
+"""Images in, features out: decoding batches and running a frozen backbone over them.
+
+Speed comes from what the field knows: DataLoader workers decode (with JPEG draft mode) while
+the main process computes on CUDA; on the CPU a thread pool decodes each batch on all cores and
+then the network computes on all cores, so the two phases never contend. uint8 tensors cross
+process boundaries; ``inference_mode``, ``channels_last`` and bf16 autocast where the hardware
+runs it natively; pinned memory and non-blocking copies on CUDA.
+"""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import TYPE_CHECKING, Iterator, Sequence
+
+import numpy as np
+
+from ..data.discovery import ImageDataset
+from ..data.images import collate_images
+from ..runtime import autocast, resolve_device, resolve_precision
+
+if TYPE_CHECKING:  # the class is built lazily (importing it imports torch)
+    from ..backbones.registry import Backbone
+
+__all__ = ["embed_paths", "default_batch_size", "default_workers", "ThreadedBatches"]
+
+
+def default_batch_size(device: str, precision: str = "bf16") -> int:
+    """Images per forward pass: 128 on CUDA; on CPU 16 for bf16 and 4 for fp32.
+
+    On the CPU the fastest size per image is small: fp32 slows down as activations outgrow the
+    caches, bf16 (half the bytes) later (benchmarks/extract_speed.py measures it).
+    """
+    if device.startswith("cuda"):
+        return 128
+    return 4 if precision == "fp32" else 16
+
+
+def default_workers(device: str) -> int:
+    """Decoding worker processes: up to 8 on CUDA (decode overlaps the GPU), none on CPU.
+
+    On CPU every core is already busy computing, and a worker process stealing a core makes
+    torch's OpenMP threads wait for each other. Instead each batch is decoded by a thread pool
+    on all cores, then computed on all cores: the two phases take turns and nothing contends.
+    """
+    if device.startswith("cuda"):
+        from ..distributed import available_cores
+
+        return max(1, min(8, available_cores() - 1))
+    return 0
+
+
+def make_loader(dataset, *, batch_size: int, workers: int, device: str):
+    """Batches of ``(uint8 images, indices, errors)``: worker processes, or a decode thread pool."""
+    import torch
+
+    if workers == 0:
+        return ThreadedBatches(dataset, batch_size=batch_size, threads=torch.get_num_threads())
+    return torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=False,
+                                       collate_fn=collate_images,
+                                       num_workers=workers, pin_memory=device.startswith("cuda"),
+                                       prefetch_factor=4, persistent_workers=False)
+
+
+class ThreadedBatches:
+    """Decode each batch with ``threads`` threads (Pillow releases the GIL while decoding and
+    resizing), in order; the same batches as a DataLoader with ``shuffle=False``."""
+
+    def __init__(self, dataset, *, batch_size: int, threads: int):
+        self.dataset, self.batch_size, self.threads = dataset, batch_size, max(1, threads)
+
+    def __len__(self) -> int:
+        return (len(self.dataset) + self.batch_size - 1) // self.batch_size
+
+    def __iter__(self):
+        from concurrent.futures import ThreadPoolExecutor
+
+        n = len(self.dataset)
+        with ThreadPoolExecutor(self.threads, thread_name_prefix="fxtl-decode") as pool:
+            for lo in range(0, n, self.batch_size):
+                yield collate_images(list(pool.map(self.dataset.__getitem__,
+                                                   range(lo, min(n, lo + self.batch_size)))))
+
+
+def embed_paths(backbone: Backbone, paths: Sequence[str | Path], *, device: str = "auto",
+                precision: str = "auto", batch_size: int | None = None, workers: int | None = None,
+                with_logits: bool = False, progress: bool = False,
+                desc: str = "embed") -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray | None,
+                                                       list[tuple[int, str]]]]:
+    """Run ``backbone`` over image files, batch by batch.
+
+    Yields ``(indices, features, logits_or_None, errors)`` per batch, where ``errors`` lists
+    ``(index, reason)`` for images that could not be decoded (their feature rows are garbage
+    and must be dropped by the caller). Used by ``extract`` and ``predict``.
+    """
+    import torch
+
+    device = resolve_device(device)
+    precision = resolve_precision(precision, device)
+    batch_size = batch_size or default_batch_size(device, precision)
+    workers = default_workers(device) if workers is None else workers
+    backbone = backbone.to(device=device, memory_format=torch.channels_last).eval()
+    loader = make_loader(ImageDataset(paths, backbone.preprocessing), batch_size=batch_size,
+                         workers=min(workers, max(0, (len(paths) + batch_size - 1) // batch_size)),
+                         device=device)
+    bar = progress_bar(len(paths), desc, progress)
+    try:
+        with torch.inference_mode(), autocast(device, precision):
+            for x, idx, errs in loader:
+                x = x.to(device, non_blocking=True).contiguous(memory_format=torch.channels_last)
+                if with_logits:
+                    feats, logits = backbone.forward_with_logits(x)
+                    logits = logits.float().cpu().numpy()
+                else:
+                    feats, logits = backbone(x), None
+                bad = [(int(i), e) for i, e in zip(idx.tolist(), errs) if e]
+                bar.update(len(idx))
+                yield idx.numpy(), feats.float().cpu().numpy(), logits, bad
+    finally:
+        bar.close()
+
+
+def progress_bar(total: int, desc: str, enabled: bool):
+    """A tqdm bar on stderr (disabled: a no-op with the same methods)."""
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, desc=desc, unit="img", file=sys.stderr, disable=not enabled,
+                dynamic_ncols=True, smoothing=0.1)
