@@ -688,7 +688,7 @@ def plot_embedding(cache, method, split, output, seed, max_points, perplexity, c
 
 
 # ============================================================================ finetune stage
-from .training.loop import BN_FROZEN_BELOW, BN_MODES, MONITORS, OPTIMIZERS  # noqa: E402
+from .training.config import BN_FROZEN_BELOW, BN_MODES, MONITORS, OPTIMIZERS  # noqa: E402
 
 
 class _Trainable(click.ParamType):
@@ -758,15 +758,13 @@ class _Trainable(click.ParamType):
 @cache_dir_option
 @json_option
 @handle_errors
-def finetune(data_dir, backbone, trainable, epochs, lr, batch_size, image_size, optimizer,
-             weight_decay, momentum, label_smoothing, warmup_epochs, lr_decay, bn, patience, monitor,
-             crop_scale, no_flip, init_head, seed, test_size, device, precision, workers, run_name, resume,
-             cache_dir, as_json):
+def finetune(data_dir, run_name, resume, cache_dir, as_json, no_flip, patience, **options):
     """Fine-tune the backbone on DATA_DIR (same splits and metrics as fit-head).
 
-    Trains on train, keeps the best epoch on val, reports on test (else val; a stratified
-    hold-out when there is only train). The run folder <cache-dir>/runs/<run>/ holds the model
-    (usable as --backbone and by predict), metrics.json, learning curves and confusion matrix.
+    Trains on train, keeps the best epoch on val, reports on test (else val; with only train, it
+    reports on fit-head's stratified hold-out and selects on a second one). The run folder
+    <cache-dir>/runs/<run>/ holds the model (usable as --backbone and by predict), metrics.json,
+    rows.json, learning curves and confusion matrix.
 
     \b
     Distributed (DistributedDataParallel; gloo on CPU, NCCL on CUDA):
@@ -776,16 +774,12 @@ def finetune(data_dir, backbone, trainable, epochs, lr, batch_size, image_size, 
     --batch-size stays the batch of one optimizer step, so results match a single process and
     --resume works with another number of processes.
     """
+    from .training.config import FinetuneConfig
     from .training.loop import finetune as run_finetune
 
-    res = run_finetune(data_dir, backbone=backbone, trainable=trainable, epochs=epochs, lr=lr,
-                       batch_size=batch_size, image_size=image_size, optimizer=optimizer,
-                       weight_decay=weight_decay, momentum=momentum, label_smoothing=label_smoothing,
-                       warmup_epochs=warmup_epochs, lr_decay=lr_decay, bn=bn,
-                       patience=patience or None, monitor=monitor, crop_scale=crop_scale,
-                       flip=not no_flip,
-                       init_head=init_head, seed=seed, test_size=test_size, device=device,
-                       precision=precision, workers=workers, cache_dir=resolve_cache_dir(cache_dir),
+    # Every other option is a FinetuneConfig field of the same name.
+    config = FinetuneConfig(flip=not no_flip, patience=patience or None, **options)
+    res = run_finetune(data_dir, config=config, cache_dir=resolve_cache_dir(cache_dir),
                        run_name=run_name, resume=resume, progress=True)
     if res.rank != 0:  # under torchrun only rank 0 reports, so stdout holds one result
         return

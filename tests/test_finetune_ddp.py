@@ -12,7 +12,7 @@ import pytest
 import torch
 
 import fxtl
-from fxtl.training.loop import _epoch_sampler, finetune
+from fxtl.training.loop import epoch_sampler, finetune
 
 ROOT = Path(__file__).resolve().parents[1]
 # fp32 and frozen BatchNorm: a 2-process step computes the single-process step's gradient.
@@ -40,14 +40,14 @@ def assert_same_weights(a: dict, b: dict) -> None:
 
 def test_rank_batches_together_are_the_single_process_batch():
     n, seed, bs, world = 11, 3, 4, 2
-    single = list(_epoch_sampler(n, seed))
-    ranks = [list(_epoch_sampler(n, seed, rank=r, world_size=world)) for r in range(world)]
+    single = list(epoch_sampler(n, seed))
+    ranks = [list(epoch_sampler(n, seed, rank=r, world_size=world)) for r in range(world)]
     assert [len(r) for r in ranks] == [6, 6]  # padded to 12, like torch's DistributedSampler
     for k in range(2):  # the full batches (the last one holds the padding)
         together = sorted(x for r in ranks for x in r[k * bs // world:(k + 1) * bs // world])
         assert together == sorted(single[k * bs:(k + 1) * bs])
     assert set(x for r in ranks for x in r) == set(single)  # every image, with its augmentation seed
-    s = _epoch_sampler(n, seed, rank=1, world_size=world)
+    s = epoch_sampler(n, seed, rank=1, world_size=world)
     s.set_epoch(1)
     assert list(s) != ranks[1]  # a new order each epoch
 

@@ -14,6 +14,7 @@ import subprocess
 import sys
 import threading
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -133,6 +134,124 @@ def test_resume_refuses_a_damaged_or_hostile_checkpoint(tmp_path, tiny, kind):
     r = CliRunner().invoke(cli, ["finetune", str(data), "--backbone", backbone, "--cache-dir",
                                  str(tmp_path / "home"), "--run-name", "r", "--resume", "--epochs", "1",
                                  "--image-size", "32", "--batch-size", "4", "--workers", "0"])
-    assert_one_line_error(r.exit_code, r.stderr, str(ckpt), "cannot be read", "without --resume")
+    assert_one_line_error(r.exit_code, r.stderr, str(ckpt), "cannot be read", "start the run afresh")
     assert not marker.exists()
     assert ckpt.read_bytes() == before  # left for the user to inspect or delete
+
+
+# ----------------------------------------------------------------------------- issue 14
+def _ft_args(data, backbone, home, *extra: str) -> list[str]:
+    return ["finetune", str(data), "--backbone", backbone, "--cache-dir", str(home), "--epochs", "1",
+            "--image-size", "32", "--batch-size", "4", "--workers", "0", "--precision", "fp32",
+            "--trainable", "head", *extra]
+
+
+@pytest.mark.parametrize("files", [
+    {"head.joblib": b"joblib", "head.json": b"{}", "metrics.json": b'{"kind": "head"}',
+     "confusion.png": b"png"},  # a fit-head run
+    {"notes.txt": b"mine"},  # anything else
+])
+@pytest.mark.parametrize("resume", [False, True])
+def test_run_name_of_another_run_is_refused_and_kept(tmp_path, tiny, files, resume):
+    """Issue 14 item 2: --run-name naming a head run (or any other files) never overwrites them."""
+    backbone, data = tiny
+    run = tmp_path / "home" / "runs" / "mix"
+    run.mkdir(parents=True)
+    for name, content in files.items():
+        (run / name).write_bytes(content)
+    extra = ["--run-name", "mix", *(["--resume"] if resume else [])]
+    r = CliRunner().invoke(cli, _ft_args(data, backbone, tmp_path / "home", *extra))
+    assert_one_line_error(r.exit_code, r.stderr, str(run), "another run")
+    assert sorted(p.name for p in run.iterdir() if p.name != ".lock") == sorted(files)
+    assert all((run / n).read_bytes() == c for n, c in files.items())
+
+
+def _full_disk(monkeypatch, root) -> None:
+    """Every write under ``root`` fails as on a full file system (ENOSPC).
+
+    ``torch.save`` to a path there fails like PyTorch's zip writer does (a RuntimeError, after
+    leaving a partial file); a plain write raises ``OSError(ENOSPC)``.
+    """
+    import errno
+    from pathlib import Path
+
+    root = str(root)
+    real_write, real_save, real_savefig = Path.write_bytes, torch.save, None
+
+    def under(p) -> bool:
+        return isinstance(p, (str, os.PathLike)) and os.path.abspath(p).startswith(root)
+
+    def write_bytes(self, data):
+        if under(self):
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(self))
+        return real_write(self, data)
+
+    def save(obj, f, *args, **kwargs):
+        if under(f):
+            real_write(Path(f), b"PK\x03\x04")
+            raise RuntimeError("[enforce fail at inline_container.cc:664] . unexpected pos 64 vs 0")
+        return real_save(obj, f, *args, **kwargs)
+
+    monkeypatch.setattr(Path, "write_bytes", write_bytes)
+    monkeypatch.setattr(torch, "save", save)
+
+
+def test_disk_full_in_a_new_run_says_no_space_and_leaves_no_half_run(tmp_path, tiny, monkeypatch):
+    """Issue 14 item 9: one line saying 'no space'; no run folder holding only model.pt."""
+    backbone, data = tiny
+    home = tmp_path / "home"
+    _full_disk(monkeypatch, home / "runs")
+    r = CliRunner().invoke(cli, _ft_args(data, backbone, home, "--run-name", "r"))
+    line = assert_one_line_error(r.exit_code, r.stderr, str(home / "runs" / "r"))
+    assert "no space" in line.lower()
+    assert not (home / "runs" / "r").exists()
+
+
+def test_disk_full_while_resuming_keeps_the_previous_state(tmp_path, tiny, monkeypatch):
+    from fxtl.training.loop import finetune
+
+    backbone, data = tiny
+    home = tmp_path / "home"
+
+    def stop_in_epoch_2(info):
+        if info["epoch"] == 2:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        finetune(data, backbone=backbone, cache_dir=home, run_name="r", epochs=2, image_size=32,
+                 batch_size=4, workers=0, precision="fp32", trainable="head", progress=False,
+                 on_step=stop_in_epoch_2)
+    run = home / "runs" / "r"
+    before = {p.name: p.read_bytes() for p in run.iterdir() if p.is_file() and p.name != ".lock"}
+    assert {"checkpoint-last.pt", "model.pt"} <= set(before)
+    _full_disk(monkeypatch, home / "runs")
+    args = _ft_args(data, backbone, home, "--run-name", "r", "--resume")
+    args[args.index("--epochs") + 1] = "2"
+    r = CliRunner().invoke(cli, args)
+    line = assert_one_line_error(r.exit_code, r.stderr)
+    assert "no space" in line.lower()
+    after = {p.name: p.read_bytes() for p in run.iterdir() if p.is_file() and p.name != ".lock"}
+    assert after == before
+    ckpt = torch.load(run / "checkpoint-last.pt", map_location="cpu", weights_only=True)
+    assert ckpt["epoch"] == 1
+
+
+def test_non_utf8_file_name_trains_and_is_recorded(tmp_path, tiny):
+    """Issue 14 item 10: a file name that is not UTF-8 neither crashes nor gets lost."""
+    import shutil
+
+    from fxtl.data.splits import load_rows
+
+    backbone, data = tiny
+    copy = tmp_path / "data"
+    shutil.copytree(data, copy)
+    src = next((copy / "train" / "circle").iterdir())
+    bad = os.fsdecode(b"bad\xff\xfe.png")
+    shutil.copy(src, copy / "train" / "circle" / bad)
+    r = CliRunner().invoke(cli, _ft_args(copy, backbone, tmp_path / "home", "--json"))
+    assert r.exit_code == 0, r.output[-3000:]
+    out = json.loads(r.stdout)
+    rows = load_rows(out["run_dir"])
+    assert f"train/circle/{bad}" in rows.train.paths
+    m = json.loads((Path(out["run_dir"]) / "metrics.json").read_text())
+    assert m["n_train"] == 13 and m["errors"] == []

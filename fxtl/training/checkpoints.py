@@ -1,0 +1,189 @@
+"""The training state of a run, its checkpoint (``checkpoint-last.pt``) and the run folder.
+
+After every epoch the whole state (model, optimizer, scheduler, scaler, torch RNG state, best
+metric, history) is written atomically; ``resume`` continues from it and ends with the same
+weights as an uninterrupted run (on the same machine, device and thread count). A checkpoint is
+read with ``torch.load(weights_only=True)``: tensors and plain containers only.
+"""
+from __future__ import annotations
+
+import re
+import sys
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from .._util import atomic_path, ensure_dir, unique_dir
+from ..errors import FxtlError, ParameterError, ProvenanceError
+from .config import RESUME_KEYS
+
+if TYPE_CHECKING:
+    from .trainer import Trainer
+
+__all__ = ["CHECKPOINT_FORMAT", "CHECKPOINT_VERSION", "TrainState", "rng_state", "set_rng_state",
+           "torch_save", "load_checkpoint", "choose_run_dir", "discard_unfinished", "initial_state",
+           "RUN_FILES"]
+
+CHECKPOINT_FORMAT = "fxtl-finetune-checkpoint"
+CHECKPOINT_VERSION = 1
+
+
+@dataclass
+class TrainState:
+    """Where a run stands after ``epoch`` epochs; stored at the top level of the checkpoint."""
+
+    epoch: int = 0
+    history: list[dict[str, Any]] = field(default_factory=list)  # one row per epoch
+    best: dict[str, Any] | None = None  # {"epoch", "accuracy", "loss"} of the kept weights
+    bad_epochs: int = 0  # epochs since the last improvement
+    fit_seconds: float = 0.0
+    errors: dict[str, str] = field(default_factory=dict)  # image path -> why it was skipped
+    stopped_early: bool = False
+    done: bool = False
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_checkpoint(cls, ckpt: dict[str, Any]) -> "TrainState":
+        return cls(**{f.name: ckpt[f.name] for f in fields(cls)})
+
+
+def rng_state() -> dict[str, Any]:
+    """The torch RNG states (dropout, stochastic depth draw from them)."""
+    import torch
+
+    state = {"torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    import torch
+
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def torch_save(obj: Any, path: Path) -> None:
+    """``torch.save`` to a temporary file renamed into place (never a half-written file).
+
+    Serialised in memory first: torch's zip writer reports a full disk as an opaque
+    RuntimeError, a plain write as ``OSError(ENOSPC)``, which :func:`atomic_path` names.
+    """
+    import io
+
+    import torch
+
+    buf = io.BytesIO()
+    torch.save(obj, buf)
+    with atomic_path(path, suffix=".tmp") as tmp:
+        tmp.write_bytes(buf.getbuffer())
+
+
+def load_checkpoint(path: Path) -> dict[str, Any]:
+    import torch
+
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:
+        raise FxtlError(f"{path} cannot be read ({str(exc).splitlines()[0][:120]}); delete it "
+                        "and start the run afresh") from None
+    if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT:
+        raise FxtlError(f"{path} is not an fxtl fine-tune checkpoint; start the run afresh")
+    if ckpt.get("format_version", 0) > CHECKPOINT_VERSION:
+        raise FxtlError(f"{path} has checkpoint version {ckpt.get('format_version')}, this fxtl "
+                        f"reads up to {CHECKPOINT_VERSION}; upgrade fxtl")
+    return ckpt
+
+
+def choose_run_dir(runs: Path, base: str, *, run_name: str | None, resume: bool) -> Path:
+    """The folder to train into: an exact ``run_name``, the latest ``base*`` run when resuming,
+    else a new ``base``, ``base-2``, ... folder."""
+    ensure_dir(runs)
+    if run_name:
+        if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", run_name):
+            raise ParameterError("run_name", f"run_name {run_name!r}: use letters, digits, '.', '_' "
+                                             "and '-' only")
+        run_dir = runs / run_name
+        _check_reusable(run_dir, resume=resume)
+        return run_dir
+    if resume:
+        found = [d for d in runs.glob(f"{base}*") if re.fullmatch(re.escape(base) + r"(-\d+)?", d.name)
+                 and (d / "checkpoint-last.pt").is_file()]
+        if found:
+            return max(found, key=lambda d: (d / "checkpoint-last.pt").stat().st_mtime)
+    return unique_dir(runs, base)
+
+
+# What a fine-tune writes into its folder (a resumed run may find any of them).
+RUN_FILES = frozenset({"model.pt", "checkpoint-last.pt", "metrics.json", "rows.json",
+                       "fxtl-model.json", "learning_curves.png", "confusion.png", ".lock"})
+
+
+def _check_reusable(run_dir: Path, *, resume: bool) -> None:
+    """Refuse a named folder that holds another run's (or anybody's) files: never overwrite them."""
+    if not run_dir.is_dir():
+        if run_dir.exists():
+            raise FxtlError(f"{run_dir} is a file, not a run folder; choose another run name")
+        return
+    # Temporaries of an interrupted atomic write are ours too.
+    present = sorted(p.name for p in run_dir.iterdir() if not p.name.endswith((".tmp", ".partial"))
+                     and p.name != ".lock")
+    if not present:
+        return
+    has_ckpt = (run_dir / "checkpoint-last.pt").is_file()
+    foreign = [n for n in present if n not in RUN_FILES or not has_ckpt and n != "model.pt"]
+    if foreign:
+        raise FxtlError(f"run folder {run_dir} holds another run's files ({', '.join(foreign[:3])}"
+                        f"{', ...' if len(foreign) > 3 else ''}); choose another run name")
+    if not resume and has_ckpt:
+        raise FxtlError(f"run folder {run_dir} already holds a run; resume it, or choose "
+                        "another run name (or delete the folder)")
+    if not resume:  # only model.pt: an interrupted first epoch; starting over may replace it
+        return
+
+
+def discard_unfinished(run_dir: Path) -> None:
+    """Remove what a new run wrote before its first checkpoint (so no folder holds only
+    ``model.pt``); a folder with a checkpoint is left as it is, resumable."""
+    if (run_dir / "checkpoint-last.pt").exists():
+        return
+    for name in ("model.pt", ".lock"):
+        (run_dir / name).unlink(missing_ok=True)
+    try:
+        run_dir.rmdir()  # only when empty: never anybody else's files
+    except OSError:
+        pass
+
+
+def initial_state(trainer: Trainer, ckpt_path: Path, record: dict[str, Any], *,
+                  resume: bool, quiet: bool = False) -> TrainState:
+    """A fresh training state, or the checkpoint's (loading the trainer and RNG states).
+
+    ``record`` is the run's :meth:`FinetuneConfig.record`; every :data:`RESUME_KEYS` entry must
+    equal the checkpoint's.
+    """
+    if not resume:
+        return TrainState()
+    if not ckpt_path.is_file():
+        if not quiet:
+            print(f"fxtl: no checkpoint in {ckpt_path.parent}; starting the run", file=sys.stderr)
+        return TrainState()
+    ckpt = load_checkpoint(ckpt_path)
+    old = ckpt.get("config", {})
+    defaults = {"flip": True}  # keys a record holds only when they differ from these
+    diff = [k for k in RESUME_KEYS if old.get(k, defaults.get(k)) != record.get(k, defaults.get(k))]
+    if diff:
+        raise ProvenanceError(f"{ckpt_path} was made with other settings ({diff[0]}: "
+                              f"{old.get(diff[0])!r}, now {record.get(diff[0])!r}); resume with "
+                              "the same settings, or start a new run")
+    trainer.load_state(ckpt)
+    set_rng_state(ckpt["rng"])
+    state = TrainState.from_checkpoint(ckpt)
+    if not quiet:
+        print(f"fxtl: resuming {ckpt_path.parent.name} after epoch {state.epoch}/{record['epochs']}",
+              file=sys.stderr)
+    return state

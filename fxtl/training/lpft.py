@@ -1,0 +1,180 @@
+"""LP-FT (Kumar et al. 2022): start the new classifier from a fitted logistic-regression head.
+
+The head is refitted (a ``sklearn.base.clone``, same hyper-parameters) on the fine-tune's
+training rows of its own feature cache, so it has never seen the images the fine-tune selects or
+reports on; then its scaler and coefficients fold into one linear layer.
+"""
+from __future__ import annotations
+
+import json
+import warnings
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Sequence
+
+import numpy as np
+
+from ..backbones.registry import replace_linear
+from ..data.discovery import ImageSet
+from ..errors import FxtlError, ProvenanceError
+
+if TYPE_CHECKING:
+    from ..backbones.registry import Backbone
+
+__all__ = ["linear_head_weights", "load_linear_head", "head_cache", "refit_on_train_rows",
+           "new_classifier"]
+
+
+def linear_head_weights(pipeline, head_classes: Sequence[str], class_names: Sequence[str],
+                        *, feature_dim: int) -> tuple[np.ndarray, np.ndarray]:
+    """Fold a fitted ``[StandardScaler ->] LogisticRegression`` pipeline into ``(W, b)``.
+
+    ``W @ x + b`` are logits over ``class_names`` whose softmax equals the pipeline's
+    ``predict_proba`` on raw features ``x`` (the scaler is folded in: ``W = coef / scale``,
+    ``b = intercept - W @ mean``). A binary model's single margin ``d`` becomes ``(-d/2, d/2)``.
+    ``head_classes`` names the head's class indices (``pipeline.classes_`` index into it).
+
+    Raises
+    ------
+    FxtlError
+        The pipeline holds a step that is not linear-foldable (PCA, L2 normalisation, an SVM...).
+    """
+    steps = list(pipeline.steps) if hasattr(pipeline, "steps") else [("est", pipeline)]
+    est = steps[-1][1]
+    if not (hasattr(est, "coef_") and hasattr(est, "intercept_") and hasattr(est, "predict_proba")):
+        raise FxtlError(f"init_head needs a logistic-regression head, not {type(est).__name__}; "
+                        "fit one with model='logreg' (fit-head)")
+    mean = np.zeros(feature_dim)
+    scale = np.ones(feature_dim)
+    for name, step in steps[:-1]:
+        if step is None or step == "passthrough":
+            continue
+        if type(step).__name__ != "StandardScaler":
+            raise FxtlError(f"init_head: the head's step {name!r} ({type(step).__name__}) cannot "
+                            "be folded into a linear layer; fit the head without PCA or L2 normalisation")
+        m = step.mean_ if getattr(step, "mean_", None) is not None else np.zeros(feature_dim)
+        s = step.scale_ if getattr(step, "scale_", None) is not None else np.ones(feature_dim)
+        # x -> (x - m) / s applied after the previous affine map (x - mean) / scale.
+        mean, scale = mean + m * scale, scale * s
+    coef = np.asarray(est.coef_, dtype=np.float64)
+    intercept = np.asarray(est.intercept_, dtype=np.float64)
+    if coef.shape[1] != feature_dim:
+        raise ProvenanceError(f"init_head: the head expects {coef.shape[1]}-d features, the "
+                              f"backbone gives {feature_dim}-d; fit the head on this backbone")
+    if coef.shape[0] == 1:  # binary: one margin for classes_[1]
+        coef = np.vstack([-coef[0] / 2, coef[0] / 2])
+        intercept = np.array([-intercept[0] / 2, intercept[0] / 2])
+    w = coef / scale
+    b = intercept - w @ mean
+    index = {c: i for i, c in enumerate(class_names)}
+    W = np.zeros((len(class_names), feature_dim))
+    B = np.full(len(class_names), float(b.min()) - 10.0)  # classes the head never saw: unlikely
+    for row, cls in enumerate(np.asarray(est.classes_).tolist()):
+        name = head_classes[int(cls)] if isinstance(cls, (int, np.integer)) else str(cls)
+        if name not in index:
+            raise ProvenanceError(f"init_head: the head knows class {name!r}, the dataset does "
+                                  "not; fit the head on this dataset's features")
+        W[index[name]], B[index[name]] = w[row], b[row]
+    return W.astype(np.float32), B.astype(np.float32)
+
+
+def load_linear_head(run: str | Path, bb: Backbone) -> Any:
+    """The ``Head`` of a ``fit-head`` run, checked against the backbone."""
+    from .. import load_head
+
+    head = load_head(run)
+    prov = head.provenance
+    for key, mine in (("backbone", bb.spec.name), ("weights_sha256", bb.weights_sha256),
+                      ("layer", bb.layer)):
+        if prov.get(key) is not None and prov.get(key) != mine:
+            raise ProvenanceError(f"init_head {run}: the head was fitted on features with {key} "
+                                  f"{prov.get(key)!r}, this fine-tune uses {mine!r}; fit the head "
+                                  "on a cache of the same backbone")
+    head_pre = prov.get("preprocessing")
+    if isinstance(head_pre, str):
+        head_pre = json.loads(head_pre)
+    crop = (head_pre or {}).get("crop")
+    if crop and int(crop) != bb.preprocessing.crop:
+        warnings.warn(f"init_head {run} was fitted on {crop}-px features but this fine-tune runs "
+                      f"at {bb.preprocessing.crop} px, where it starts far below its own accuracy "
+                      f"(docs/advise.md); use image_size={crop}", stacklevel=2)
+    return head
+
+
+def head_cache(run: str | Path, head: Any) -> Path:
+    """The feature cache a head was fitted on (its sidecar, else its run's metrics.json)."""
+    cache = head.provenance.get("cache")
+    if not cache and head.path is not None:
+        metrics = Path(head.path).parent / "metrics.json"
+        with contextlib.suppress(OSError, ValueError):
+            cache = json.loads(metrics.read_text()).get("cache")
+    if not cache:
+        raise ProvenanceError(f"init_head {run} does not say which feature cache it was fitted on, "
+                              "so it cannot be refitted on this fine-tune's training rows; refit "
+                              "it with `fxtl fit-head`")
+    cache = Path(cache)
+    if not cache.is_file():
+        raise ProvenanceError(f"init_head {run} was fitted on the feature cache {cache}, which is "
+                              "gone; re-extract it (fxtl extract) so the head can be refitted on "
+                              "this fine-tune's training rows only")
+    return cache
+
+
+def refit_on_train_rows(run: str | Path, bb: Backbone, images: ImageSet,
+                        train_rows: np.ndarray) -> tuple[Any, list[str], dict[str, Any]]:
+    """A clone of ``run``'s head (same hyper-parameters) fitted on the fine-tune's training rows.
+
+    ``fit-head`` may have fitted the head on train+val (or its hold-out differs); a start head that
+    has seen the fine-tune's selection or report images would make those numbers optimistic. The
+    head's own cache supplies the features of exactly the training images (matched by path).
+
+    Returns ``(pipeline, class_names, info)``; ``info`` says which cache and how many rows.
+    """
+    from sklearn.base import clone
+
+    from ..features.store import load_features
+
+    head = load_linear_head(run, bb)
+    cache_path = head_cache(run, head)
+    cache = load_features(cache_path)
+    train_paths = {images.samples[i].path for i in train_rows}
+    rows = np.array([i for i, p in enumerate(cache.paths)
+                     if p in train_paths and cache.labels[i] >= 0], dtype=np.int64)
+    if not len(rows):
+        raise ProvenanceError(f"init_head {run}: its cache {cache_path} holds none of this "
+                              f"fine-tune's training images under {images.root}; fit the head on "
+                              "a cache of this dataset")
+    pipeline = clone(head.pipeline)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # convergence notes: the head's own run reported them
+        pipeline.fit(cache.features[rows], cache.labels[rows])
+    info = {"head": str(head.path or run), "cache": str(cache_path), "refit_rows": int(len(rows)),
+            "refit_split": "train"}
+    return pipeline, list(cache.class_names), info
+
+
+def new_classifier(bb: Backbone, class_names: Sequence[str], init_head: str | Path | None, *,
+                    images: ImageSet, train_rows: np.ndarray) -> dict[str, Any] | None:
+    """Replace the ImageNet classifier by a zero one, or one folded from a logistic head
+    refitted on ``train_rows`` (:func:`refit_on_train_rows`); returns the refit's info.
+
+    A zero classifier (as in BiT, Kolesnikov et al. 2020) sends no gradient into the pretrained
+    features until it has learned something, so the first steps do not scramble them with a
+    random head's errors (and a run does not depend on a random init).
+    """
+    import torch
+
+    feature_dim = bb.feature_dim
+    replace_linear(bb.model, bb.classifier_name, len(class_names))
+    W = np.zeros((len(class_names), feature_dim), dtype=np.float32)
+    b = np.zeros(len(class_names), dtype=np.float32)
+    info = None
+    if init_head:
+        pipeline, head_classes, info = refit_on_train_rows(init_head, bb, images, train_rows)
+        W, b = linear_head_weights(pipeline, head_classes, class_names, feature_dim=feature_dim)
+    classifier = bb.model.get_submodule(bb.classifier_name)
+    with torch.no_grad():
+        classifier.weight.copy_(torch.from_numpy(W))
+        classifier.bias.copy_(torch.from_numpy(b))
+    return info
+
+
