@@ -31,8 +31,11 @@ the backbone's own ImageNet prediction and its pooled features:
   they can even lose to them.
 
 ``similarity = 0.5 * clip((familiarity - 0.4) / 0.4) + 0.5 * clip(0.5 + advantage)``, in
-[0, 1]; a dataset is *similar* at ``similarity >= 0.5``. How the constants were chosen, and on
-which data, is in docs/advise.md.
+[0, 1]; a dataset is *similar* at ``similarity >= 0.5``. A bootstrap over the sampled images
+gives the score's 95% interval (``score_ci95``); when it straddles 0.5, or the size is near its
+boundary, the explanation says the advice is not sure (:func:`certainty`). How the constants
+were chosen, and on which data (five real datasets, with a paired test of head against
+fine-tune), is in docs/advise.md.
 """
 from __future__ import annotations
 

@@ -446,8 +446,9 @@ def plot_comparison(rows: Sequence[dict[str, Any]], path: str | Path, *, title: 
     lows = [r["accuracy_ci95"][0] for r in rows if r.get("accuracy_ci95")] + acc + f1
     ax.set_xlim(max(0.0, min(lows) - 0.05), 1.0)
     ax.set_xlabel("accuracy (solid) / macro-F1 (light), 95% intervals")
-    for i, r in enumerate(rows):
-        ax.text(r["accuracy"], i - 0.2, f" {r['accuracy']:.3f}", va="center", fontsize=7)
+    for i, r in enumerate(rows):  # the value sits right of its error bar, not on it
+        right = r["accuracy_ci95"][1] if r.get("accuracy_ci95") else r["accuracy"]
+        ax.text(right, i - 0.2, f" {r['accuracy']:.3f}", va="center", fontsize=7)
     ax = axes[1]
     ax.barh(y, [max(r["train_seconds"], 1e-3) for r in rows], color=colours)
     ax.set_xscale("log")
