@@ -15,7 +15,7 @@ pytest.importorskip("onnxruntime")
 pytest.importorskip("onnx")
 
 from fxtl.cli import cli  # noqa: E402
-from fxtl.deploy import export_model, load_onnx, predict_onnx  # noqa: E402
+from fxtl.deploy import export_model, load_onnx  # noqa: E402
 from fxtl.deploy.heads_onnx import convert_head  # noqa: E402
 from fxtl.errors import FxtlError, ProvenanceError  # noqa: E402
 from fxtl.prediction import predict  # noqa: E402
