@@ -231,10 +231,11 @@ def _check_space(path: Path, payload: int) -> None:
     from .._util import ensure_dir
 
     ensure_dir(path.parent)
-    need = payload
+    # A margin over the estimate: HDF5 cannot recover from a write that fails half way.
+    need = int(payload * 1.05) + (256 << 10)
     free = shutil.disk_usage(path.parent).free
     if free < need:
-        raise CacheError(f"cannot write {path}: no space left on device (needs about "
+        raise CacheError(f"cannot write {path}: no space (No space left on device: needs about "
                          f"{need / 2**20:.1f} MiB, {free / 2**20:.1f} MiB free); free space or "
                          "choose another cache directory (nothing was overwritten)")
 
@@ -320,8 +321,11 @@ def _reading(path: Path) -> Iterator[None]:
         yield
     except CacheError:
         raise
+    except MemoryError:
+        raise CacheError(f"{path} does not fit in memory; read it in blocks with "
+                         "iter_feature_chunks, or use a machine with more memory") from None
     except (OSError, RuntimeError, KeyError, ValueError, TypeError, IndexError, AttributeError,
-            OverflowError, MemoryError, SystemError) as exc:
+            OverflowError, SystemError) as exc:
         reason = _first_line(exc) or type(exc).__name__
         raise CacheError(f"{path} is damaged ({reason}); re-create it with `fxtl extract`") from None
 
