@@ -345,7 +345,7 @@ def advice_verdict(scenario: int, pair: dict[str, Any] | None) -> dict[str, Any]
     --------
     >>> advice_verdict(3, {"a_method": "head:logreg", "b_method": "finetune:last:2",
     ...                    "a_accuracy": 0.82, "b_accuracy": 0.74, "p_value": 0.09, "n": 150,
-    ...                    "split": "test"})["verdict"]
+    ...                    "split": "test", "a_only_correct": 20, "b_only_correct": 8})["verdict"]
     'tied'
     """
     from .report.comparison import SIGNIFICANCE, describe_pair

@@ -435,7 +435,9 @@ def advise(data_dir, backbone, sample, large_per_class, seed, run_plan, device, 
                  f"  size        {s['train_images']} training images, {s['classes']} classes, "
                  f"median {s['images_per_class_median']:.0f}/class (min {s['images_per_class_min']}, "
                  f"imbalance {s['imbalance']:.1f}x); large from {s['large_per_class']}/class",
-                 f"  similarity  {m['score']:.2f} (similar from {m['similar_at']}) on {m['sample']} sampled images:",
+                 f"  similarity  {m['score']:.2f}"
+                 + (f" [95% {m['score_ci95'][0]:.2f}-{m['score_ci95'][1]:.2f}]" if m.get("score_ci95") else "")
+                 + f" (similar from {m['similar_at']}) on {m['sample']} sampled images:",
                  f"              linear probe on frozen features {m['probe_accuracy_features']:.3f} vs raw "
                  f"pixels {m['probe_accuracy_pixels']:.3f} (chance {m['chance']:.2f})"]
         if "imagenet_familiarity" in m:
