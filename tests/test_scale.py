@@ -194,7 +194,7 @@ def test_merge_refuses_mismatched_shards(data, shard_files, tmp_path):
     folder = copy_shards(shard_files[:1], tmp_path / "c")
     shutil.copy2(other.shard_file, folder)
     r = CliRunner().invoke(cli, ["merge", str(folder)])
-    assert r.exit_code == 1 and "covers rows 8-12" in r.output and "batch-size" in r.output
+    assert r.exit_code == 1 and "covers rows 8-12" in r.output and "batch size" in r.output
     # not a shard at all
     r = CliRunner().invoke(cli, ["merge", __file__])
     assert r.exit_code == 1 and "not an HDF5 file" in r.output

@@ -20,7 +20,7 @@ from .._util import atomic_path, now_iso
 from ..errors import CacheError, DataError
 from .chunks import chunk_errors, compute_rows, write_rows
 from .job import ExtractJob, ExtractResult, cache_hit, make_result, reuse_or_compute
-from .store import FORMAT_VERSION, cache_attrs, decode_attr, read_attrs, write_cache
+from .store import FORMAT_VERSION, cache_attrs, read_attrs, read_strings, write_cache
 
 __all__ = ["merge_shards", "extract_shard", "SHARD_FORMAT"]
 
@@ -155,9 +155,9 @@ def _shard_hit(job: ExtractJob, spath: Path, index: int, count: int, lo: int, hi
     import h5py
 
     with h5py.File(spath, "r") as f:
-        split = [decode_attr(s) for s in f["split"][...]]
-        errors = [{"path": decode_attr(p), "reason": decode_attr(r)}
-                  for p, r in zip(f["errors/path"][...], f["errors/reason"][...])]
+        split = read_strings(f, "split")
+        errors = [{"path": p, "reason": r}
+                  for p, r in zip(read_strings(f, "errors/path"), read_strings(f, "errors/reason"))]
     return make_result(cache=job.path, attrs=job_attrs(job), n=info.n, dim=info.dim, split=split,
                        errors=errors, t0=job.t0, cache_hit=True, class_names=job.images.class_names,
                        shards=count, shard_index=index, shard_file=spath,
@@ -329,10 +329,10 @@ def _merge_locked(ordered: list[_ShardInfo], out: Path, t0: float) -> ExtractRes
     for s in ordered:  # per-image metadata only; features are streamed below
         with h5py.File(s.path, "r") as f:
             labels += f["labels"][...].tolist()
-            paths += [decode_attr(p) for p in f["paths"][...]]
-            split += [decode_attr(p) for p in f["split"][...]]
-            errors += [(decode_attr(p), decode_attr(r)) for p, r in zip(f["errors/path"][...],
-                                                                 f["errors/reason"][...])]
+            # read_strings undoes the writer's escaping of non-UTF-8 names, so merging keeps them
+            paths += read_strings(f, "paths")
+            split += read_strings(f, "split")
+            errors += list(zip(read_strings(f, "errors/path"), read_strings(f, "errors/reason")))
     if not paths:
         raise DataError(f"none of the {first.n_total} images under {first.attrs.get('dataset_root')} "
                         f"could be decoded (first: {errors[0][0] if errors else '?'}: "

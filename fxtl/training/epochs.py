@@ -233,7 +233,7 @@ class EpochRunner:
         """Metrics of the kept weights on the reported split (the ``metrics.json`` content)."""
         import torch
 
-        from ..report.metrics import classification_metrics
+        from ..report.metrics import classification_metrics, write_predictions
 
         model_file = run_dir / "model.pt"
         self.group.barrier()  # rank 0 has written model.pt
@@ -251,6 +251,11 @@ class EpochRunner:
             raise DataError(f"none of the {self.splits.report_name} images under "
                             f"{self.images.root} could be decoded; fix the files")
         m = classification_metrics(self.labels[rows][good], ev["preds"][good], self.images.class_names)
+        if self.group.is_primary:  # per-image results: what compare's paired test reads
+            kept = np.asarray(rows)[good]
+            write_predictions(run_dir, paths=[self.images.samples[i].path for i in kept],
+                              y_true=self.labels[kept], y_pred=ev["preds"][good],
+                              class_names=self.images.class_names, split=self.splits.report_name)
         return self._metrics(trainer, state, m, ev, run_dir)
 
     def _metrics(self, trainer: Trainer, state: TrainState, m: dict[str, Any], ev: dict[str, Any],
