@@ -75,7 +75,7 @@ def test_budget_is_respected_and_reported(tmp_path):
     assert st["stopped_by_budget"] and st["candidates_tried"] < st["candidates"]
     assert res.metrics["budget_seconds"] == pytest.approx(0.05)
     assert any("time budget reached" in n for n in res.metrics["notes"])
-    assert time.perf_counter() - t0 < 30
+    assert time.perf_counter() - t0 < 120  # generous: the test machine may be shared
     full = fit_head(cache, model="knn", seed=0)
     assert not full.metrics["strategy"]["stopped_by_budget"]
 
@@ -95,7 +95,7 @@ def test_parse_budget_refuses_nonsense_naming_the_parameter(text):
 # ----------------------------------------------------------------------------- sklearn-native
 def test_fitted_head_is_a_plain_sklearn_estimator(tmp_path):
     from sklearn.base import clone
-    from sklearn.model_selection import cross_val_score
+    from sklearn.model_selection import StratifiedKFold, cross_val_score
 
     cache = write_synthetic_cache(tmp_path / "c.h5")
     res = fit_head(cache, model="logreg", seed=0)
@@ -108,7 +108,8 @@ def test_fitted_head_is_a_plain_sklearn_estimator(tmp_path):
     names = np.asarray(c.class_names)[c.labels]
     assert (est.predict(c.features[:5]) == names[:5]).all()
     np.testing.assert_allclose(est.predict_proba(c.features).sum(axis=1), 1.0, rtol=1e-6)
-    scores = cross_val_score(clone(est), c.features, names, cv=3)
+    scores = cross_val_score(clone(est), c.features, names,
+                             cv=StratifiedKFold(3, shuffle=True, random_state=0))
     assert scores.mean() > 0.9
 
 

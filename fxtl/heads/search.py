@@ -16,6 +16,7 @@ rows it was not fitted on. An optional time budget stops the search between cand
 from __future__ import annotations
 
 import contextlib
+import os
 import time
 import warnings
 from dataclasses import dataclass
@@ -194,7 +195,9 @@ def run_search(spec: HeadSpec, *, X: np.ndarray, y: np.ndarray,
                           calibrate=False)
     scores: list[float] = []
     conv_all: list[str] = []
-    chunk = max(1, min(total, 4 if jobs in (None, 1) else 8))
+    # One candidate per round on one core (the budget and progress see each); else a round per core.
+    cores = os.cpu_count() or 1
+    chunk = 1 if jobs in (None, 1) else max(2, cores if jobs is not None and jobs < 0 else jobs)
     stopped = False
     for start in range(0, total, chunk):
         if deadline is not None and scores and time.perf_counter() > deadline:
