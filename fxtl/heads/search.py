@@ -46,6 +46,8 @@ CALIBRATION_ROWS = 2_000
 # starting loky workers costs more than such fits, and spinning BLAS threads slow a busy machine.
 SMALL_VALUES = 5_000_000
 
+# run_search's path_param for kNN: every candidate from one neighbour query per fold.
+KNN_VOTES = "knn-votes"
 # (done, total, head name) -> None; called after every candidate.
 Progress = Callable[[int, int, str], None]
 
@@ -185,6 +187,9 @@ def run_search(spec: HeadSpec, *, X: np.ndarray, y: np.ndarray,
     the first (the grid is ordered most regularised first). Stops between candidates once
     ``deadline`` (``time.perf_counter()``) has passed, keeping what was tried."""
     total = len(candidates)
+    if path_param == KNN_VOTES:
+        return _knn_search(spec, X=X, y=y, folds=folds, candidates=candidates, fixed=fixed,
+                           seed=seed, l2_normalize=l2_normalize, pca=pca, progress=progress)
     if path_param:
         return _path_search(spec, X=X, y=y, folds=folds, candidates=candidates, fixed=fixed,
                             seed=seed, l2_normalize=l2_normalize, pca=pca, deadline=deadline,
@@ -256,6 +261,43 @@ def _path_search(spec: HeadSpec, *, X, y, folds, candidates, fixed, seed, l2_nor
     scores = [float(np.mean([r[i] for r in per_fold if len(r) > i])) for i in range(tried)]
     i_best = int(np.argmax(scores))
     return SearchOutcome(candidates[i_best], scores, tried, stopped, conv_all)
+
+
+def _knn_search(spec: HeadSpec, *, X, y, folds, candidates, fixed, seed, l2_normalize, pca,
+                progress) -> SearchOutcome:
+    """Every (k, weights) candidate from one neighbour query per fold: the k nearest are a
+    prefix of the largest k's, so scoring a candidate is a vote, not another search."""
+    from sklearn.neighbors import NearestNeighbors
+
+    k_max = max(int(c.get("n_neighbors", fixed.get("n_neighbors", 5))) for c in candidates)
+    classes, codes = np.unique(y, return_inverse=True)
+    per_fold = []
+    for tr, te in folds:
+        pipe = build_pipeline(spec.name, params=fixed, seed=seed, l2_normalize=l2_normalize,
+                              pca=pca, calibrate=False)
+        pre = pipe[:-1]
+        Xtr, Xte = pre.fit_transform(X[tr]), pre.transform(X[te])
+        k = min(k_max, len(tr))
+        dist, idx = NearestNeighbors(n_neighbors=k).fit(Xtr).kneighbors(Xte)
+        votes = codes[tr][idx]  # (n_test, k) class codes of the neighbours, nearest first
+        row = []
+        for c in candidates:
+            kk = min(int(c.get("n_neighbors", fixed.get("n_neighbors", 5))), k)
+            w = np.ones((len(te), kk))
+            if c.get("weights", fixed.get("weights", "uniform")) == "distance":
+                d = dist[:, :kk]
+                with np.errstate(divide="ignore"):
+                    w = 1.0 / d
+                zero = (d == 0).any(axis=1)  # exact matches outvote everything (as sklearn)
+                w[zero] = (d[zero] == 0).astype(float)
+            score = np.zeros((len(te), len(classes)))
+            np.add.at(score, (np.arange(len(te))[:, None], votes[:, :kk]), w)
+            row.append(float((score.argmax(axis=1) == codes[te]).mean()))
+        per_fold.append(row)
+    scores = [float(v) for v in np.mean(per_fold, axis=0)]
+    if progress:
+        progress(len(candidates), len(candidates), spec.name)
+    return SearchOutcome(candidates[int(np.argmax(scores))], scores, len(candidates), False, [])
 
 
 def fit_final(spec: HeadSpec, *, X_fit: np.ndarray, y_fit: np.ndarray, params: dict, seed: int,
@@ -359,6 +401,9 @@ def fit_in_memory(source, spec: HeadSpec, *, plan, params: dict, seed: int, jobs
     # The warm-started path runs here; a backend the caller chose explicitly gets the grid.
     path = spec.path_param if (spec.path_param and list(grid) == [spec.path_param]
                                and runner.name == "loky") else None
+    if spec.name == "knn" and runner.name == "loky" and set(grid) <= {"n_neighbors", "weights"} \
+            and fixed.get("metric", "minkowski") in ("minkowski", "euclidean") and fixed.get("p", 2) == 2:
+        path = KNN_VOTES
     info: dict[str, Any] = {"selection": strategy.selection if len(candidates) > 1 else "none",
                             "n_candidates": len(candidates), "selection_score": None,
                             "search_backend": "none"}
@@ -373,7 +418,8 @@ def fit_in_memory(source, spec: HeadSpec, *, plan, params: dict, seed: int, jobs
         small = X_s.size < SMALL_VALUES
         parallel, info["search_backend"] = runner.parallel(small)
         if path:
-            info["search_backend"] = "this process (warm-started path)"
+            info["search_backend"] = ("this process (one neighbour query per fold)" if path == KNN_VOTES
+                                      else "this process (warm-started path)")
         n_jobs = -1 if info["search_backend"] == "dask" else jobs
         with _blas_limit(small):
             out = run_search(spec, X=X_s, y=y_s, folds=local, candidates=candidates, fixed=fixed,
