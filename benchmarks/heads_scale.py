@@ -211,6 +211,7 @@ def main() -> None:
                      "timing_proxy": bool(times),
                      "fit_head_all": {k: cli[k] for k in ("wall_seconds", "peak_rss_mb", "command")},
                      "heads": []}
+            out["sizes"].append(entry)
             for r in cli["runs"]:
                 h = {"model": r["model"], "accuracy": r["accuracy"], "macro_f1": r["macro_f1"],
                      "fit_seconds": r["fit_seconds"], "n_fit": r["n_fit"], "split": r["split"],
@@ -222,9 +223,9 @@ def main() -> None:
                     h["exhaustive"] = exhaustive(cache, r["model"])
                     h["accuracy_gap_points"] = round(100 * (r["accuracy"] - h["exhaustive"]["accuracy"]), 2)
                 entry["heads"].append(h)
+                args.output.write_text(json.dumps(out, indent=2) + "\n")  # partial results survive
             if not times:
                 entry["plain_logreg_cv5"] = plain_logreg(cache)
-            out["sizes"].append(entry)
             out["load_after"] = os.getloadavg()
             args.output.write_text(json.dumps(out, indent=2) + "\n")
             print(json.dumps({"name": name, "rows": n, **entry["fit_head_all"],

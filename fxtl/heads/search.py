@@ -421,6 +421,9 @@ def fit_in_memory(source, spec: HeadSpec, *, plan, params: dict, seed: int, jobs
             info["search_backend"] = ("this process (one neighbour query per fold)" if path == KNN_VOTES
                                       else "this process (warm-started path)")
         n_jobs = -1 if info["search_backend"] == "dask" else jobs
+        if progress:  # the clock of the ETA starts now
+            steps = len(candidates) * (len(folds) if path and path != KNN_VOTES else 1)
+            progress(0, steps, spec.name)
         with _blas_limit(small):
             out = run_search(spec, X=X_s, y=y_s, folds=local, candidates=candidates, fixed=fixed,
                              seed=seed, l2_normalize=l2_normalize, pca=pca, jobs=n_jobs,
