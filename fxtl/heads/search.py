@@ -182,10 +182,12 @@ def run_search(spec: HeadSpec, *, X: np.ndarray, y: np.ndarray,
                folds: list[tuple[np.ndarray, np.ndarray]], candidates: list[dict], fixed: dict,
                seed: int, l2_normalize: bool, pca, jobs: int | None,
                parallel: contextlib.AbstractContextManager | None, deadline: float | None,
-               progress: Progress | None, path_param: str | None) -> SearchOutcome:
+               progress: Progress | None, path_param: str | None,
+               rounds: bool = True) -> SearchOutcome:
     """Score every candidate on ``folds`` (indices into ``X``/``y``); the best mean wins, ties to
     the first (the grid is ordered most regularised first). Stops between candidates once
-    ``deadline`` (``time.perf_counter()``) has passed, keeping what was tried."""
+    ``deadline`` (``time.perf_counter()``) has passed, keeping what was tried. ``rounds=False``
+    submits the whole grid at once (a Dask cluster schedules it best; no budget stop then)."""
     total = len(candidates)
     if path_param == KNN_VOTES:
         return _knn_search(spec, X=X, y=y, folds=folds, candidates=candidates, fixed=fixed,
@@ -203,6 +205,7 @@ def run_search(spec: HeadSpec, *, X: np.ndarray, y: np.ndarray,
     # One candidate per round on one core (the budget and progress see each); else a round per core.
     cores = os.cpu_count() or 1
     chunk = 1 if jobs in (None, 1) else max(2, cores if jobs is not None and jobs < 0 else jobs)
+    chunk = chunk if rounds else total
     stopped = False
     for start in range(0, total, chunk):
         if deadline is not None and scores and time.perf_counter() > deadline:
@@ -428,7 +431,7 @@ def fit_in_memory(source, spec: HeadSpec, *, plan, params: dict, seed: int, jobs
             out = run_search(spec, X=X_s, y=y_s, folds=local, candidates=candidates, fixed=fixed,
                              seed=seed, l2_normalize=l2_normalize, pca=pca, jobs=n_jobs,
                              parallel=parallel, deadline=deadline, progress=progress,
-                             path_param=path)
+                             path_param=path, rounds=info["search_backend"] != "dask")
         best = out.best
         info["selection_score"] = round(float(max(out.scores)), 6)
         info["search"] = [{"params": jsonable(c), "mean_score": round(sc, 6)}
