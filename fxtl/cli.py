@@ -507,7 +507,13 @@ def demo(per_class, epochs, image_size, seed, device, precision, cache_dir, as_j
 
 
 # ============================================================================ heads stage
-from .heads.fitting import BACKENDS, HEADS, LARGE_ROWS  # noqa: E402 - the registry gives --model its choices
+import contextlib  # noqa: E402
+import signal  # noqa: E402
+import time  # noqa: E402
+
+from .heads.dask_backend import BACKENDS  # noqa: E402
+from .heads.fitting import LARGE_ROWS  # noqa: E402
+from .heads.registry import head_names  # noqa: E402 - the registry gives --model its choices
 from .report.plots import METHODS as EMBEDDING_METHODS  # noqa: E402
 
 
@@ -532,6 +538,46 @@ def _jobs_value(ctx, param, value):
     return value
 
 
+@contextlib.contextmanager
+def _workers_stopped_on_exit(stop: Callable[[], None]):
+    """SIGTERM ends the command like Ctrl-C; every exit path stops the search's worker processes
+    (loky's reusable pool would otherwise outlive us, re-parented to init)."""
+    def on_term(signum, frame):
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGTERM, on_term) if _main_thread() else None
+    try:
+        yield
+    finally:
+        stop()
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
+
+
+def _main_thread() -> bool:
+    import threading
+
+    return threading.current_thread() is threading.main_thread()
+
+
+class _ProgressBar:
+    """``fxtl: svm: 12/16 candidates, ETA 3 s`` on stderr, redrawn in place on a terminal."""
+
+    def __init__(self) -> None:
+        self.started: dict[str, float] = {}
+        self.tty = sys.stderr.isatty()
+
+    def __call__(self, done: int, total: int, model: str) -> None:
+        now = time.perf_counter()
+        t0 = self.started.setdefault(model, now)
+        eta = (now - t0) / max(done, 1) * (total - done)
+        line = f"fxtl: {model}: {done}/{total} candidates, ETA {eta:.0f} s"
+        if self.tty:
+            click.echo("\r" + line + ("\n" if done >= total else ""), err=True, nl=False)
+        elif done >= total:
+            click.echo(line.replace(", ETA 0 s", f" in {now - t0:.1f} s"), err=True)
+
+
 def _fmt_params(p: dict) -> str:
     def short(v):
         return f"{v:.3g}" if isinstance(v, float) else str(v)
@@ -541,7 +587,7 @@ def _fmt_params(p: dict) -> str:
 @cli.command("fit-head")
 @click.argument("cache", type=click.Path(exists=True, dir_okay=False, path_type=Path))
 @click.option("--model", "-m", "models", multiple=True, default=("logreg",), show_default=True,
-              type=click.Choice([*HEADS, "all"]), help="Head to fit; repeat for several, or all.")
+              type=click.Choice([*head_names(), "all"]), help="Head to fit; repeat for several, or all.")
 @click.option("--param", "params", multiple=True, metavar="KEY=VALUE",
               help="Estimator parameter, fixed (not searched), e.g. --param C=0.1; repeatable.")
 @click.option("--no-search", is_flag=True, help="Fit the default parameters, no hyper-parameter search.")
@@ -564,31 +610,36 @@ def _fmt_params(p: dict) -> str:
 @click.option("--scheduler", default=None, metavar="ADDRESS",
               help="Dask scheduler for --backend dask, e.g. tcp://host:8786 [default: "
                    "$DASK_SCHEDULER_ADDRESS, else a local cluster].")
+@click.option("--budget", default=None, metavar="DURATION",
+              help="Time the searches may take in all, e.g. 60s or 2m (shared by the heads; "
+                   "each search stops between candidates and says so).")
 @cache_dir_option
 @json_option
 @handle_errors
 def fit_head(cache, models, params, no_search, seed, jobs, test_size, cv_folds, l2_normalize, pca,
-             large_threshold, run_name, backend, scheduler, cache_dir, as_json):
+             large_threshold, run_name, backend, scheduler, budget, cache_dir, as_json):
     """Fit scikit-learn heads on a feature CACHE and report honest scores.
 
     Hyper-parameters are selected on val when a test split exists, else by stratified k-fold
     CV on train; scores are reported on test, else val, else a stratified hold-out. Each head
-    is saved in <cache-dir>/runs/<run>/ with metrics.json, confusion.png and head.joblib.
+    is saved in <cache-dir>/runs/<run>/ with metrics.json, rows.json, confusion.png and
+    head.skops. Large data is searched on a subsample with one held-out split, then refitted on
+    every row; metrics.json's "strategy" says what was done.
     """
-    from .heads.fitting import check_params, fit_heads, parse_params
+    from .heads.fitting import check_params, fit_heads, parse_budget, parse_params, stop_workers
 
-    names = list(HEADS) if "all" in models else list(dict.fromkeys(models))
-    try:
-        parsed = parse_params(params)
-        check_params(names, parsed)
-    except FxtlError as exc:
-        raise click.BadParameter(str(exc), param_hint="--param") from None
+    names = head_names() if "all" in models else list(dict.fromkeys(models))
+    parsed = parse_params(params)
+    check_params(names, parsed)
     if scheduler and backend != "dask":
         raise click.BadParameter("needs --backend dask", param_hint="--scheduler")
-    results = fit_heads(cache, models=names, params=parsed, search=not no_search, seed=seed,
-                        jobs=jobs, test_size=test_size, cv_folds=cv_folds, l2_normalize=l2_normalize,
-                        pca=pca, large_threshold=large_threshold, cache_dir=resolve_cache_dir(cache_dir),
-                        run_name=run_name, backend=backend, scheduler=scheduler, log=log)
+    with _workers_stopped_on_exit(stop_workers):
+        results = fit_heads(cache, models=names, params=parsed, search=not no_search, seed=seed,
+                            jobs=jobs, test_size=test_size, cv_folds=cv_folds,
+                            l2_normalize=l2_normalize, pca=pca, large_threshold=large_threshold,
+                            cache_dir=resolve_cache_dir(cache_dir), run_name=run_name,
+                            backend=backend, scheduler=scheduler, budget=parse_budget(budget),
+                            progress=_ProgressBar(), log=log)
     runs = [r.to_dict() for r in results]
     for r in runs:
         for note in r["notes"] or []:

@@ -54,7 +54,7 @@ def test_predict_on_the_cache_itself_and_human_output(shapes_run, shapes_cache):
     val = {p["path"]: p["label"] for p in res.predictions if p["split"] == "val"}
     assert val == _eval_predictions(shapes_run)
     assert all(p["true_label"] in ("circle", "square") for p in res.predictions)
-    r = CliRunner().invoke(cli, ["predict", str(shapes_run / "head.joblib"), str(shapes_cache)])
+    r = CliRunner().invoke(cli, ["predict", str(shapes_run / "head.skops"), str(shapes_cache)])
     assert r.exit_code == 0 and "val/circle/circle_0.png" in r.stdout
 
 
@@ -79,8 +79,8 @@ def test_bad_images_are_reported_and_skipped(tmp_path, shapes_run, shapes_dir):
 def test_tampered_head_is_refused_unless_trusted(tmp_path, shapes_run, shapes_cache):
     run = tmp_path / "copy"
     shutil.copytree(shapes_run, run)
-    joblib_file = run / "head.joblib"
-    joblib_file.write_bytes(joblib_file.read_bytes() + b"\0\0")
+    head_file = run / "head.skops"
+    head_file.write_bytes(head_file.read_bytes() + b"\0\0")
     runner = CliRunner()
     r = runner.invoke(cli, ["predict", str(run), str(shapes_cache)])
     assert r.exit_code == 1
@@ -88,8 +88,8 @@ def test_tampered_head_is_refused_unless_trusted(tmp_path, shapes_run, shapes_ca
     r = runner.invoke(cli, ["predict", str(run), str(shapes_cache), "--trust", "--json"])
     assert r.exit_code == 0 and json.loads(r.stdout)["predictions"]
     (run / "head.json").unlink()
-    r = runner.invoke(cli, ["predict", str(joblib_file), str(shapes_cache)])
-    assert r.exit_code == 1 and "--trust" in r.stderr and "run code" in r.stderr
+    r = runner.invoke(cli, ["predict", str(head_file), str(shapes_cache)])
+    assert r.exit_code == 1 and "no sidecar head.json" in r.stderr
 
 
 def test_head_with_mismatched_cache_is_refused(tmp_path, shapes_cache):

@@ -1,0 +1,121 @@
+"""A fitted head as fxtl keeps it: the scikit-learn estimator plus what it must be applied to.
+
+The estimator (``Head.estimator``, a :class:`~sklearn.pipeline.Pipeline`) is fitted on class
+*names*, so its ``classes_``, ``predict`` and ``predict_proba`` speak the dataset's labels and it
+can be cloned, cross-validated or exported like any scikit-learn model. The provenance (backbone,
+weights hash, layer, preprocessing) travels beside it, never inside it.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Mapping
+
+import numpy as np
+
+from ..errors import ProvenanceError
+
+__all__ = ["Head", "softmax", "MATCH_KEYS", "score_matrix"]
+
+# Provenance keys a head must share with the features it is applied to.
+MATCH_KEYS = ("backbone", "weights_sha256", "layer", "preprocessing")
+
+
+def softmax(z: np.ndarray) -> np.ndarray:
+    """Row-wise softmax, stable for large margins."""
+    z = z - z.max(axis=1, keepdims=True)
+    e = np.exp(z)
+    return e / e.sum(axis=1, keepdims=True)
+
+
+def score_matrix(estimator: Any, X: np.ndarray, class_names: list[str]) -> np.ndarray:
+    """``(n, len(class_names))`` scores of a fitted ``estimator``, columns in ``class_names`` order.
+
+    Probabilities when the estimator has ``predict_proba``, else a softmax of its decision
+    margins. ``classes_`` may be class names (fxtl >= this layout) or indices (older heads).
+    """
+    from sklearn.utils.validation import check_is_fitted
+
+    check_is_fitted(estimator)
+    X = np.asarray(X, dtype=np.float32)
+    if hasattr(estimator, "predict_proba"):
+        s = estimator.predict_proba(X)
+    else:
+        d = estimator.decision_function(X)
+        s = softmax(np.c_[-d, d] if d.ndim == 1 else d)
+    index = {name: i for i, name in enumerate(class_names)}
+    cols = [int(c) if isinstance(c, (int, np.integer)) else index[str(c)]
+            for c in np.asarray(estimator.classes_).tolist()]
+    out = np.zeros((len(X), len(class_names)), dtype=np.float64)
+    out[:, cols] = s
+    return out
+
+
+@dataclass
+class Head:
+    """A fitted head with its class names and the provenance of the features it expects.
+
+    ``estimator`` (also ``pipeline``) is the plain scikit-learn estimator. ``scores(X)`` gives an
+    ``(n, len(class_names))`` matrix (probabilities, or for heads without ``predict_proba`` a
+    softmax of decision margins); ``predict(X)`` is its row-wise argmax as class indices, the one
+    rule used both by ``fit-head``'s evaluation and by ``fxtl predict``.
+    """
+
+    model: str
+    pipeline: Any
+    class_names: list[str]
+    provenance: dict[str, Any]
+    path: Path | None = None
+
+    @property
+    def estimator(self) -> Any:
+        """The fitted scikit-learn estimator (a Pipeline)."""
+        return self.pipeline
+
+    @property
+    def classes_(self) -> np.ndarray:
+        return np.asarray(self.pipeline.classes_)
+
+    @property
+    def feature_dim(self) -> int:
+        return int(getattr(self.pipeline, "n_features_in_", self.provenance.get("feature_dim", 0)))
+
+    @property
+    def calibrated(self) -> bool:
+        return hasattr(self.pipeline, "predict_proba")
+
+    def scores(self, X: np.ndarray) -> np.ndarray:
+        return score_matrix(self.pipeline, X, self.class_names)
+
+    def predict_proba(self, X: np.ndarray) -> np.ndarray:
+        """Scores with columns in ``class_names`` order (every class, seen in training or not)."""
+        return self.scores(X)
+
+    def predict(self, X: np.ndarray) -> np.ndarray:
+        return self.scores(X).argmax(axis=1)
+
+    def check_features(self, provenance: Mapping[str, Any], dim: int, *, source: str) -> None:
+        """Refuse features from another backbone, weights, layer, preprocessing or width."""
+        where = self.path or f"head {self.model}"
+        if dim != self.feature_dim:
+            raise ProvenanceError(f"{where} expects {self.feature_dim}-d features but {source} has "
+                                  f"{dim}-d; fit a head on features of the same backbone and layer")
+        for key in MATCH_KEYS:
+            mine, theirs = self.provenance.get(key), provenance.get(key)
+            if mine is None or theirs is None:
+                continue
+            if _canon(mine) != _canon(theirs):
+                shown = (lambda v: v if key != "preprocessing" else "another recipe")
+                raise ProvenanceError(f"{where} was fitted on features with {key} "
+                                      f"{shown(mine)!r} but {source} has {shown(theirs)!r}; "
+                                      "use features of the same backbone (or refit with fxtl fit-head)")
+
+
+def _canon(value: Any) -> str:
+    if isinstance(value, str):
+        try:
+            value = json.loads(value)
+        except ValueError:
+            return value
+    return json.dumps(value, sort_keys=True, default=str)

@@ -1,0 +1,220 @@
+"""Saving and loading heads without pickle.
+
+A head is ``head.skops`` (:mod:`skops.io`: a zip of JSON and arrays that names every type it
+holds; loading builds only types on an explicit allow-list, so a forged file cannot run code)
+and its JSON sidecar ``head.json`` (provenance, class names, the file's sha256).
+
+Heads written by older fxtl are ``head.joblib`` pickles: unpickling can run arbitrary code, so
+:func:`load_head` reads them only with ``trust=True``.
+
+Examples
+--------
+>>> from fxtl.heads import load_head
+>>> head = load_head("cache/runs/hymenoptera-lite0-logreg-20260101-000000")  # doctest: +SKIP
+>>> head.estimator.predict_proba(features)                                    # doctest: +SKIP
+"""
+from __future__ import annotations
+
+import json
+import logging
+import sys
+import warnings
+from pathlib import Path
+from typing import Any
+
+from .._util import atomic_path, atomic_write_json, now_iso, sha256_file, versions
+from ..errors import ParameterError, ProvenanceError
+from .model import Head
+
+__all__ = ["save_head", "load_head", "resolve_head_path", "skops_io", "HEAD_FORMAT", "HEAD_FORMAT_VERSION",
+           "TRUSTED_TYPES"]
+
+logger = logging.getLogger(__name__)
+
+# The payload and its sidecar say what they are and which version (readers check).
+HEAD_FORMAT = "fxtl-head"
+# 1: joblib pickle (read only with trust=True); 2: skops.
+HEAD_FORMAT_VERSION = 2
+# Types a head may hold beyond what skops trusts by default (scikit-learn estimators, numpy):
+# the helpers inside fitted calibrators, kNN trees and MLP optimisers. Nothing here runs code.
+TRUSTED_TYPES = (
+    "sklearn.calibration._CalibratedClassifier",
+    "sklearn.calibration._SigmoidCalibration",
+    "sklearn.metrics._dist_metrics.EuclideanDistance64",
+    "sklearn.model_selection._split.StratifiedKFold",
+    "sklearn.neighbors._kd_tree.KDTree",
+    "sklearn.neighbors._ball_tree.BallTree",
+    "sklearn.neural_network._stochastic_optimizers.AdamOptimizer",
+    "sklearn.neural_network._stochastic_optimizers.SGDOptimizer",
+    "fxtl.heads.torch_linear.TorchLinearClassifier",
+)
+_PROVENANCE_KEYS = ("backbone", "architecture", "weights_sha256", "preprocessing", "layer",
+                    "precision", "graph", "feature_dim", "cache_fingerprint", "dataset", "cache")
+
+
+def skops_io():
+    """:mod:`skops.io`, imported without torch.
+
+    skops lists scikit-learn's estimators by walking its packages, which imports torch through
+    scikit-learn's array-API shim; a head never needs torch, and fitting one must not load it.
+    The walk skips packages that fail to import, so torch is hidden for that import only.
+    """
+    if "skops.io" in sys.modules or "torch" in sys.modules:
+        import skops.io as sio
+
+        return sio
+    sys.modules["torch"] = None  # type: ignore[assignment]  # `import torch` -> ImportError
+    try:
+        import skops.io as sio
+    finally:
+        if sys.modules.get("torch", 0) is None:
+            del sys.modules["torch"]
+    return sio
+
+
+def save_head(head: Head, path: str | Path) -> Path:
+    """Write ``head`` as ``path`` (skops) and its sidecar ``path`` with ``.json``.
+
+    The sidecar holds the provenance and the file's sha256; :func:`load_head` checks both.
+    """
+    import sklearn
+
+    sio = skops_io()
+    path = Path(path)
+    with atomic_path(path, suffix=".tmp") as tmp:
+        sio.dump(head.pipeline, tmp)
+    sidecar = {"format": HEAD_FORMAT, "format_version": HEAD_FORMAT_VERSION, "model": head.model,
+               "file": path.name, "sha256": sha256_file(path), "serialization": "skops",
+               "class_names": list(head.class_names), "feature_dim": head.feature_dim,
+               "scores": "probability" if head.calibrated else "softmax of decision margins",
+               "sklearn_version": sklearn.__version__, "versions": versions(), "created": now_iso(),
+               **{k: v for k, v in head.provenance.items() if k != "feature_dim"}}
+    atomic_write_json(path.with_suffix(".json"), sidecar)
+    head.path = path
+    return path
+
+
+def resolve_head_path(path: Path) -> Path:
+    """The head file of a run folder (``head.skops``, else an old ``*.joblib``), or ``path``."""
+    if path.is_dir():
+        found = sorted(path.glob("*.skops")) or sorted(path.glob("*.joblib"))
+        if not found:
+            raise ProvenanceError(f"{path} holds no head (head.skops); pass a run folder written "
+                                  "by `fxtl fit-head` or its head.skops")
+        return found[0]
+    if not path.exists():
+        raise ProvenanceError(f"{path}: no such head; pass a run folder or head.skops from `fxtl fit-head`")
+    return path
+
+
+def _read_sidecar(side_path: Path) -> dict[str, Any] | None:
+    if not side_path.is_file():
+        return None
+    try:
+        sidecar = json.loads(side_path.read_text())
+    except (OSError, ValueError) as exc:
+        raise ProvenanceError(f"{side_path} is unreadable ({exc}); refit the head") from None
+    if not isinstance(sidecar, dict):
+        raise ProvenanceError(f"{side_path} is not an fxtl head sidecar (a JSON "
+                              f"{type(sidecar).__name__}, not an object); refit the head")
+    return sidecar
+
+
+def load_head(path: str | Path, *, trust: bool = False) -> Head:
+    """Load a head saved by :func:`save_head` (``path``: the head file or its run folder).
+
+    A skops head is checked against its sidecar (format, version, sha256) and loaded with
+    :data:`TRUSTED_TYPES` only; ``trust=True`` skips the sidecar checks and also accepts other
+    types the file names. An old joblib
+    head is a pickle: it is refused (:class:`ParameterError` on ``trust``) unless ``trust=True``,
+    which unpickles it (only for files you made yourself).
+
+    Raises
+    ------
+    ProvenanceError
+        A damaged, forged or mismatched head or sidecar.
+    ParameterError
+        A pickle-based head without ``trust=True``.
+    """
+    path = resolve_head_path(Path(path))
+    side_path = path.with_suffix(".json")
+    if path.suffix != ".skops":
+        return _load_joblib(path, side_path, trust=trust)
+    sidecar = _read_sidecar(side_path)
+    if sidecar is None:
+        raise ProvenanceError(f"{path} has no sidecar {side_path.name} (class names, provenance); "
+                              "refit the head")
+    if not trust:
+        _check_sidecar(path, side_path, sidecar)
+    sio = skops_io()
+
+    try:
+        untrusted = [t for t in sio.get_untrusted_types(file=path) if t not in TRUSTED_TYPES]
+        if untrusted and not trust:
+            raise ProvenanceError(f"{path} holds types fxtl does not trust ({', '.join(untrusted[:3])}); "
+                                  "refit the head, or load it with trust=True if you made it yourself")
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # version notes are reported from the sidecar
+            estimator = sio.load(path, trusted=list(TRUSTED_TYPES) + untrusted)
+    except ProvenanceError:
+        raise
+    except Exception as exc:  # a damaged zip or member: one line, never a traceback
+        first = str(exc).splitlines()[0][:120] if str(exc) else ""
+        raise ProvenanceError(f"{path} cannot be loaded ({type(exc).__name__}: {first}); "
+                              "refit the head") from None
+    return _head(path, sidecar, estimator, sidecar.get("class_names"))
+
+
+def _check_sidecar(path: Path, side_path: Path, sidecar: dict) -> None:
+    if sidecar.get("format") != HEAD_FORMAT:
+        raise ProvenanceError(f"{side_path} is not an fxtl head sidecar (format="
+                              f"{sidecar.get('format')!r}); refit with `fxtl fit-head`")
+    version = sidecar.get("format_version")
+    if not isinstance(version, int) or isinstance(version, bool) or version > HEAD_FORMAT_VERSION:
+        raise ProvenanceError(f"{side_path} has head format_version {version!r}, this fxtl reads "
+                              f"up to {HEAD_FORMAT_VERSION}; upgrade fxtl")
+    if sha256_file(path) != sidecar.get("sha256"):
+        raise ProvenanceError(f"{path} does not match the sha256 in {side_path.name} (modified or "
+                              "replaced); refit the head, or load it with trust=True if you "
+                              "changed it yourself")
+
+
+def _head(path: Path, sidecar: dict, estimator: Any, class_names: Any) -> Head:
+    import sklearn
+
+    if not isinstance(class_names, list) or not all(isinstance(c, str) for c in class_names) \
+            or not hasattr(estimator, "predict"):
+        raise ProvenanceError(f"{path} is not an fxtl head (no estimator or class names); refit "
+                              "with `fxtl fit-head`")
+    if sidecar.get("sklearn_version") and sidecar["sklearn_version"] != sklearn.__version__:
+        warnings.warn(f"{path.name} was saved with scikit-learn {sidecar['sklearn_version']}, this "
+                      f"is {sklearn.__version__}; predictions may differ slightly", stacklevel=3)
+    provenance = {k: sidecar[k] for k in _PROVENANCE_KEYS if k in sidecar}
+    return Head(model=str(sidecar.get("model", "?")), pipeline=estimator,
+                class_names=list(class_names), provenance=provenance, path=path)
+
+
+def _load_joblib(path: Path, side_path: Path, *, trust: bool) -> Head:
+    """An fxtl < skops head: a pickle, loaded only when the caller trusts it."""
+    if not trust:
+        raise ParameterError("trust", f"{path} is a pickle (a head saved by an older fxtl): loading "
+                             "it can run code, so it is read only with trust=True; trust it only "
+                             "if you made it yourself, or refit the head")
+    import joblib
+
+    try:
+        sidecar = _read_sidecar(side_path) or {}
+    except ProvenanceError:
+        sidecar = {}
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            payload = joblib.load(path)
+    except Exception as exc:
+        raise ProvenanceError(f"{path} cannot be loaded ({type(exc).__name__}: "
+                              f"{str(exc).splitlines()[0][:120] if str(exc) else ''}); refit the head") from None
+    if not isinstance(payload, dict) or payload.get("format") != HEAD_FORMAT or \
+            not {"pipeline", "class_names"} <= payload.keys():
+        raise ProvenanceError(f"{path} is not an fxtl head; refit with `fxtl fit-head`")
+    sidecar = {**sidecar, "model": payload.get("model", sidecar.get("model", "?"))}
+    return _head(path, sidecar, payload["pipeline"], payload["class_names"])

@@ -1,0 +1,479 @@
+"""Hyper-parameter search that scales with rows, and the final fit.
+
+:func:`choose_strategy` picks, from the number of rows and of rows per class:
+
+* ``cv``: stratified k-fold over every selection row (small data: every row counts);
+* ``holdout`` / ``val``: one held-out split (a stratified 20% of the fit rows, or the cache's
+  ``val`` split) once every class has plenty of rows, so k-fold would only multiply the cost;
+* with ``subsample``: candidates are compared on a stratified subsample of at most the head's
+  ``search_rows`` training rows; the chosen candidate is then refitted on every fit row.
+
+Logistic regression walks its C grid as a warm-started regularisation path (each fit starts from
+the previous solution). The RBF SVM's final fit uses at most :data:`SVM_FIT_ROWS` rows (the kernel
+costs grow with the square of the rows) and, like the linear SVM, is Platt-calibrated once, on
+rows it was not fitted on. An optional time budget stops the search between candidates.
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+import time
+import warnings
+from dataclasses import dataclass
+from typing import Any, Callable, Iterator, Mapping
+
+import numpy as np
+
+from .registry import HeadSpec, build_pipeline
+
+__all__ = ["Strategy", "choose_strategy", "search_folds", "run_search", "fit_final",
+           "quiet_convergence", "jsonable", "CV_MAX_ROWS", "PLENTY_PER_CLASS", "SVM_FIT_ROWS",
+           "CALIBRATION_ROWS", "SMALL_VALUES", "Progress"]
+
+# Up to this many fit rows, k-fold CV (every row helps choose); above, one held-out split.
+CV_MAX_ROWS = 2_000
+# ... or as soon as every class has this many fit rows.
+PLENTY_PER_CLASS = 300
+# Fraction of the fit rows held out to select on when there is no val split.
+HOLDOUT_FRACTION = 0.2
+# The RBF SVM's final fit sees at most this many rows.
+SVM_FIT_ROWS = 6_000
+# Above this many fit rows, SVMs are calibrated on held-out rows (one fit) instead of by k-fold.
+CALIBRATION_SPLIT_ROWS = 2_000
+# Rows held out for that calibration, at most.
+CALIBRATION_ROWS = 2_000
+# Below this many feature values, BLAS runs single-threaded and the search runs in threads:
+# starting loky workers costs more than such fits, and spinning BLAS threads slow a busy machine.
+SMALL_VALUES = 5_000_000
+
+# run_search's path_param for kNN: every candidate from one neighbour query per fold.
+KNN_VOTES = "knn-votes"
+# (done, total, head name) -> None; called after every candidate.
+Progress = Callable[[int, int, str], None]
+
+
+@dataclass(frozen=True)
+class Strategy:
+    """How a head's candidates are compared: ``kind`` in ``cv``, ``holdout``, ``val``, ``none``;
+    ``subsample`` is the number of training rows searched when it is below the available rows."""
+
+    kind: str
+    folds: int
+    subsample: int | None
+
+    @property
+    def selection(self) -> str:
+        """The ``selection`` value of ``metrics.json``."""
+        return {"cv": f"cv{self.folds}", "holdout": "holdout20", "val": "val",
+                "none": "none"}[self.kind]
+
+    def describe(self, rows_searched: int) -> str:
+        how = {"cv": f"{self.folds}-fold CV", "holdout": "one stratified 20% held-out split",
+               "val": "the val split", "none": "no search"}[self.kind]
+        if self.kind == "none":
+            return how
+        sub = f" on a stratified subsample of {rows_searched:,} rows, refit on all" if self.subsample else ""
+        return f"grid, selected on {how}{sub}"
+
+
+def choose_strategy(*, n_fit: int, min_class: int, selection: str, search_rows: int,
+                    n_train: int | None = None) -> Strategy:
+    """The search for ``n_fit`` fit rows whose smallest class has ``min_class`` rows.
+
+    ``selection`` is the plan's (``"val"``, ``"cv5"``, ``"none"``); ``n_train`` the rows a
+    candidate may be fitted on (default ``n_fit``); ``search_rows`` the head's subsample cap.
+
+    Examples
+    --------
+    >>> choose_strategy(n_fit=300, min_class=100, selection="cv5", search_rows=4000).kind
+    'cv'
+    >>> s = choose_strategy(n_fit=20000, min_class=2000, selection="cv5", search_rows=4000)
+    >>> s.kind, s.subsample
+    ('holdout', 4000)
+    """
+    if selection == "none":
+        return Strategy("none", 0, None)
+    if selection == "val":
+        kind, folds = "val", 1
+        n_train = n_train if n_train is not None else n_fit
+    elif n_fit <= CV_MAX_ROWS and min_class < PLENTY_PER_CLASS:
+        kind, folds = "cv", int(selection.removeprefix("cv") or 5)
+        n_train = n_fit
+    else:
+        kind, folds = "holdout", 1
+        n_train = int(n_fit * (1 - HOLDOUT_FRACTION))
+    return Strategy(kind, folds, search_rows if n_train > search_rows else None)
+
+
+def _stratified_take(rows: np.ndarray, y: np.ndarray, n: int, seed: int) -> np.ndarray:
+    """A stratified subsample of ``n`` of ``rows`` (sorted), every class kept."""
+    from sklearn.model_selection import train_test_split
+
+    if n >= len(rows):
+        return rows
+    counts = np.bincount(y)
+    if (counts[counts > 0] < 2).any():
+        return np.sort(np.random.default_rng(seed).choice(rows, n, replace=False))
+    kept, _ = train_test_split(rows, train_size=n, random_state=seed, stratify=y)
+    return np.sort(kept)
+
+
+def search_folds(strategy: Strategy, *, fit_rows: np.ndarray, labels: np.ndarray,
+                 train_rows: np.ndarray | None = None, val_rows: np.ndarray | None = None,
+                 seed: int = 0) -> list[tuple[np.ndarray, np.ndarray]]:
+    """``[(train, test), ...]`` cache rows that each candidate is fitted and scored on."""
+    from sklearn.model_selection import StratifiedKFold, train_test_split
+
+    if strategy.kind == "val":
+        tr = train_rows
+        if strategy.subsample:
+            tr = _stratified_take(tr, labels[tr], strategy.subsample, seed)
+        return [(tr, val_rows)]
+    if strategy.kind == "holdout":
+        tr, te = train_test_split(fit_rows, test_size=HOLDOUT_FRACTION, random_state=seed,
+                                  stratify=labels[fit_rows])
+        if strategy.subsample:
+            tr = _stratified_take(tr, labels[tr], strategy.subsample, seed)
+            te = _stratified_take(te, labels[te], max(strategy.subsample // 4, 1), seed)
+        return [(np.sort(tr), np.sort(te))]
+    rows = fit_rows
+    if strategy.subsample:
+        rows = _stratified_take(rows, labels[rows], strategy.subsample, seed)
+    skf = StratifiedKFold(n_splits=strategy.folds, shuffle=True, random_state=seed)
+    return [(rows[a], rows[b]) for a, b in skf.split(rows, labels[rows])]
+
+
+@contextlib.contextmanager
+def quiet_convergence() -> Iterator[list[str]]:
+    """Collect ConvergenceWarnings (reported as one note) instead of spamming stderr."""
+    from sklearn.exceptions import ConvergenceWarning
+
+    caught: list[str] = []
+    with warnings.catch_warnings(record=True) as record:
+        warnings.simplefilter("always", ConvergenceWarning)
+        yield caught
+    for w in record:
+        if issubclass(w.category, ConvergenceWarning):
+            caught.append(str(w.message).splitlines()[0])
+        else:
+            warnings.showwarning(w.message, w.category, w.filename, w.lineno)
+
+
+def jsonable(params: Mapping[str, Any]) -> dict[str, Any]:
+    out = {}
+    for k, v in params.items():
+        k = k.removeprefix("est__")
+        if isinstance(v, np.generic):
+            v = v.item()
+        out[k] = list(v) if isinstance(v, tuple) else v
+    return out
+
+
+@dataclass
+class SearchOutcome:
+    best: dict[str, Any]
+    scores: list[float]  # mean score per candidate tried, in grid order
+    tried: int
+    stopped_by_budget: bool
+    converged_notes: list[str]
+
+
+def run_search(spec: HeadSpec, *, X: np.ndarray, y: np.ndarray,
+               folds: list[tuple[np.ndarray, np.ndarray]], candidates: list[dict], fixed: dict,
+               seed: int, l2_normalize: bool, pca, jobs: int | None,
+               parallel: contextlib.AbstractContextManager | None, deadline: float | None,
+               progress: Progress | None, path_param: str | None,
+               rounds: bool = True) -> SearchOutcome:
+    """Score every candidate on ``folds`` (indices into ``X``/``y``); the best mean wins, ties to
+    the first (the grid is ordered most regularised first). Stops between candidates once
+    ``deadline`` (``time.perf_counter()``) has passed, keeping what was tried. ``rounds=False``
+    submits the whole grid at once (a Dask cluster schedules it best; no budget stop then)."""
+    total = len(candidates)
+    if path_param == KNN_VOTES:
+        return _knn_search(spec, X=X, y=y, folds=folds, candidates=candidates, fixed=fixed,
+                           seed=seed, l2_normalize=l2_normalize, pca=pca, progress=progress)
+    if path_param:
+        return _path_search(spec, X=X, y=y, folds=folds, candidates=candidates, fixed=fixed,
+                            seed=seed, l2_normalize=l2_normalize, pca=pca, deadline=deadline,
+                            progress=progress, param=path_param)
+    from sklearn.model_selection import GridSearchCV
+
+    pipe = build_pipeline(spec.name, params=fixed, seed=seed, l2_normalize=l2_normalize, pca=pca,
+                          calibrate=False)
+    scores: list[float] = []
+    conv_all: list[str] = []
+    # One candidate per round on one core (the budget and progress see each); else a round per core.
+    cores = os.cpu_count() or 1
+    chunk = 1 if jobs in (None, 1) else max(2, cores if jobs is not None and jobs < 0 else jobs)
+    chunk = chunk if rounds else total
+    stopped = False
+    for start in range(0, total, chunk):
+        if deadline is not None and scores and time.perf_counter() > deadline:
+            stopped = True
+            break
+        part = candidates[start:start + chunk]
+        gs = GridSearchCV(pipe, [{f"est__{k}": [v] for k, v in c.items()} for c in part], cv=folds,
+                          n_jobs=jobs, refit=False, scoring="accuracy", error_score="raise")
+        with parallel or contextlib.nullcontext(), quiet_convergence() as conv:
+            gs.fit(X, y)
+        conv_all += conv
+        # GridSearchCV orders a list of grids as given: one candidate per grid.
+        scores += [float(s) for s in gs.cv_results_["mean_test_score"]]
+        if progress:
+            progress(len(scores), total, spec.name)
+    i_best = int(np.argmax(scores))  # first of the ties
+    return SearchOutcome(candidates[i_best], scores, len(scores), stopped, conv_all)
+
+
+def _path_search(spec: HeadSpec, *, X, y, folds, candidates, fixed, seed, l2_normalize, pca,
+                 deadline, progress, param: str) -> SearchOutcome:
+    """Walk ``param`` (e.g. C, ascending) warm-started: each fit starts where the last ended."""
+    from sklearn.base import clone
+
+    total = len(candidates)
+    per_fold: list[list[float]] = []
+    conv_all: list[str] = []
+    stopped = False
+    t_fold = []
+    for f_i, (tr, te) in enumerate(folds):
+        pipe = build_pipeline(spec.name, params={**fixed, "warm_start": True}, seed=seed,
+                              l2_normalize=l2_normalize, pca=pca, calibrate=False)
+        pre = pipe[:-1]
+        Xtr = pre.fit_transform(X[tr]) if len(pipe.steps) > 1 else X[tr]
+        Xte = pre.transform(X[te]) if len(pipe.steps) > 1 else X[te]
+        est = clone(pipe.steps[-1][1])
+        row = []
+        for i, cand in enumerate(candidates):
+            if deadline is not None and (row or per_fold) and time.perf_counter() > deadline:
+                stopped = True
+                break
+            est.set_params(**cand)
+            with quiet_convergence() as conv:
+                est.fit(Xtr, y[tr])
+            conv_all += conv
+            row.append(float((est.predict(Xte) == y[te]).mean()))
+            if progress:
+                progress(f_i * total + len(row), total * len(folds), spec.name)
+        per_fold.append(row)
+        t_fold.append(len(row))
+        if stopped:
+            break
+    # A candidate counts once every fold scored it (a budget stop may cut the last fold short).
+    complete = [r for r in per_fold if len(r) == len(per_fold[0])] if stopped else per_fold
+    tried = max(1, min(len(r) for r in complete)) if complete else 1
+    scores = [float(np.mean([r[i] for r in per_fold if len(r) > i])) for i in range(tried)]
+    i_best = int(np.argmax(scores))
+    return SearchOutcome(candidates[i_best], scores, tried, stopped, conv_all)
+
+
+def _knn_search(spec: HeadSpec, *, X, y, folds, candidates, fixed, seed, l2_normalize, pca,
+                progress) -> SearchOutcome:
+    """Every (k, weights) candidate from one neighbour query per fold: the k nearest are a
+    prefix of the largest k's, so scoring a candidate is a vote, not another search."""
+    from sklearn.neighbors import NearestNeighbors
+
+    k_max = max(int(c.get("n_neighbors", fixed.get("n_neighbors", 5))) for c in candidates)
+    classes, codes = np.unique(y, return_inverse=True)
+    per_fold = []
+    for tr, te in folds:
+        pipe = build_pipeline(spec.name, params=fixed, seed=seed, l2_normalize=l2_normalize,
+                              pca=pca, calibrate=False)
+        pre = pipe[:-1]
+        Xtr, Xte = pre.fit_transform(X[tr]), pre.transform(X[te])
+        k = min(k_max, len(tr))
+        dist, idx = NearestNeighbors(n_neighbors=k).fit(Xtr).kneighbors(Xte)
+        votes = codes[tr][idx]  # (n_test, k) class codes of the neighbours, nearest first
+        row = []
+        for c in candidates:
+            kk = min(int(c.get("n_neighbors", fixed.get("n_neighbors", 5))), k)
+            w = np.ones((len(te), kk))
+            if c.get("weights", fixed.get("weights", "uniform")) == "distance":
+                d = dist[:, :kk]
+                with np.errstate(divide="ignore"):
+                    w = 1.0 / d
+                zero = (d == 0).any(axis=1)  # exact matches outvote everything (as sklearn)
+                w[zero] = (d[zero] == 0).astype(float)
+            score = np.zeros((len(te), len(classes)))
+            np.add.at(score, (np.arange(len(te))[:, None], votes[:, :kk]), w)
+            row.append(float((score.argmax(axis=1) == codes[te]).mean()))
+        per_fold.append(row)
+    scores = [float(v) for v in np.mean(per_fold, axis=0)]
+    if progress:
+        progress(len(candidates), len(candidates), spec.name)
+    return SearchOutcome(candidates[int(np.argmax(scores))], scores, len(candidates), False, [])
+
+
+def fit_final(spec: HeadSpec, *, X_fit: np.ndarray, y_fit: np.ndarray, params: dict, seed: int,
+              l2_normalize: bool, pca, notes: list[str]):
+    """The final estimator on the fit rows, calibrated once when the head asks for it.
+
+    Returns ``(pipeline, rows_used)``: the RBF SVM uses at most :data:`SVM_FIT_ROWS` rows.
+    """
+    from sklearn.pipeline import Pipeline
+
+    n = len(y_fit)
+    _, counts = np.unique(y_fit, return_counts=True)
+    smallest = int(counts.min())
+    calibrate = spec.calibrate and smallest >= 2
+    if spec.calibrate and not calibrate:
+        notes.append(f"{spec.name}: too few images per class to calibrate; scores are a softmax "
+                     "of margins")
+    cap = spec.max_fit_rows or n
+    if not calibrate or (n <= CALIBRATION_SPLIT_ROWS and n <= cap):
+        final = build_pipeline(spec.name, params=params, seed=seed, l2_normalize=l2_normalize,
+                               pca=pca, calibrate=calibrate, calibration_cv=min(5, max(smallest, 2)))
+        idx = np.arange(n)
+        if n > cap:
+            idx = _stratified_take(idx, _codes(y_fit), cap, seed)
+            notes.append(f"{spec.name}: final fit on a stratified {cap:,} of {n:,} rows")
+        with quiet_convergence() as conv:
+            final.fit(X_fit[idx], y_fit[idx])
+        _note_conv(conv, notes)
+        return final, len(idx)
+    # Fit on most rows, Platt-calibrate once on held-out ones: one fit instead of k + 1.
+    from sklearn.calibration import CalibratedClassifierCV
+    from sklearn.frozen import FrozenEstimator
+    from sklearn.model_selection import train_test_split
+
+    idx = np.arange(n)
+    n_cal = min(CALIBRATION_ROWS, max(int(0.15 * n), 2 * len(counts)))
+    fit_idx, cal_idx = train_test_split(idx, test_size=n_cal, random_state=seed, stratify=y_fit)
+    if len(fit_idx) > cap:
+        fit_idx = _stratified_take(np.sort(fit_idx), _codes(y_fit[np.sort(fit_idx)]), cap, seed)
+    pipe = build_pipeline(spec.name, params=params, seed=seed, l2_normalize=l2_normalize, pca=pca,
+                          calibrate=False)
+    with quiet_convergence() as conv:
+        pipe.fit(X_fit[fit_idx], y_fit[fit_idx])
+    _note_conv(conv, notes)
+    cal = CalibratedClassifierCV(FrozenEstimator(pipe.steps[-1][1]), method="sigmoid")
+    cal.fit(pipe[:-1].transform(X_fit[cal_idx]) if len(pipe.steps) > 1 else X_fit[cal_idx],
+            y_fit[cal_idx])
+    notes.append(f"{spec.name}: fitted on {len(fit_idx):,} rows, Platt-calibrated on "
+                 f"{len(cal_idx):,} held-out rows")
+    return Pipeline(pipe.steps[:-1] + [("est", cal)]), len(fit_idx)
+
+
+def _codes(y: np.ndarray) -> np.ndarray:
+    return np.unique(y, return_inverse=True)[1]
+
+
+def _note_conv(conv: list[str], notes: list[str]) -> None:
+    if conv:
+        notes.append(f"final fit did not fully converge ({conv[0][:80]}); consider a larger max_iter")
+
+
+def fit_in_memory(source, spec: HeadSpec, *, plan, params: dict, seed: int, jobs: int | None,
+                  l2_normalize: bool, pca, notes: list[str], runner,
+                  deadline: float | None = None, progress: Progress | None = None):
+    """Search (see :func:`choose_strategy`) and fit the final head on rows held in memory.
+
+    Returns ``(pipeline, info)``; ``info`` feeds ``metrics.json``.
+    """
+    from sklearn.model_selection import ParameterGrid
+
+    from .registry import DataShape, estimator_params
+
+    labels, fit_rows = source.labels, plan.fit_rows
+    counts = np.bincount(labels[fit_rows])
+    train_rows = val_rows = None
+    if plan.selection == "val":
+        train_rows = plan.search_rows[plan.val_fold < 0]
+        val_rows = plan.search_rows[plan.val_fold == 0]
+    strategy = choose_strategy(n_fit=len(fit_rows), min_class=int(counts[counts > 0].min()),
+                               selection=plan.selection, search_rows=spec.search_rows,
+                               n_train=None if train_rows is None else len(train_rows))
+    folds = search_folds(strategy, fit_rows=fit_rows, labels=labels, train_rows=train_rows,
+                         val_rows=val_rows, seed=seed) if strategy.kind != "none" else []
+    n_min = min(len(tr) for tr, _ in folds) if folds else len(fit_rows)
+    shape = DataShape(n_fit=int(n_min), dim=source.dim, n_classes=int((counts > 0).sum()))
+    if pca and isinstance(pca, int) and pca > min(n_min, source.dim):
+        notes.append(f"pca {pca} lowered to {min(n_min, source.dim)} (training rows/feature dim)")
+        pca = min(n_min, source.dim)
+    accepted = estimator_params(spec.estimator)
+    ignored = sorted(set(params) - accepted)
+    if ignored:  # parameters of the scalable stand-in only
+        notes.append(f"ignored params {', '.join(ignored)}: not parameters of "
+                     f"{spec.estimator.split(':')[1]} (only of the large-cache estimator)")
+    params = {k: v for k, v in params.items() if k in accepted}
+    fixed = {**spec.defaults, **params}
+    notes.extend(spec.adapt(fixed, shape) if spec.adapt else [])
+    grid = {k: v for k, v in spec.space(shape).items() if k not in params} if folds else {}
+    if folds and params and not grid:
+        notes.append("every searched parameter was fixed by params: no search")
+    candidates = list(ParameterGrid(grid)) if grid else [{}]
+    # The warm-started path runs here; a backend the caller chose explicitly gets the grid.
+    path = spec.path_param if (spec.path_param and list(grid) == [spec.path_param]
+                               and runner.name == "loky") else None
+    if spec.name == "knn" and runner.name == "loky" and set(grid) <= {"n_neighbors", "weights"} \
+            and fixed.get("metric", "minkowski") in ("minkowski", "euclidean") and fixed.get("p", 2) == 2:
+        path = KNN_VOTES
+    info: dict[str, Any] = {"selection": strategy.selection if len(candidates) > 1 else "none",
+                            "n_candidates": len(candidates), "selection_score": None,
+                            "search_backend": "none"}
+    t0 = time.perf_counter()
+    best: dict[str, Any] = {}
+    rows_searched = 0
+    if len(candidates) > 1:
+        rows = np.unique(np.concatenate([np.r_[tr, te] for tr, te in folds]))
+        rows_searched = len(rows)
+        local = [(np.searchsorted(rows, tr), np.searchsorted(rows, te)) for tr, te in folds]
+        X_s, y_s = source.features[rows], source.names(labels[rows])
+        small = X_s.size < SMALL_VALUES
+        parallel, info["search_backend"] = runner.parallel(small)
+        if path:
+            info["search_backend"] = ("this process (one neighbour query per fold)" if path == KNN_VOTES
+                                      else "this process (warm-started path)")
+        n_jobs = -1 if info["search_backend"] == "dask" else jobs
+        if progress:  # the clock of the ETA starts now
+            steps = len(candidates) * (len(folds) if path and path != KNN_VOTES else 1)
+            progress(0, steps, spec.name)
+        with _blas_limit(small):
+            out = run_search(spec, X=X_s, y=y_s, folds=local, candidates=candidates, fixed=fixed,
+                             seed=seed, l2_normalize=l2_normalize, pca=pca, jobs=n_jobs,
+                             parallel=parallel, deadline=deadline, progress=progress,
+                             path_param=path, rounds=info["search_backend"] != "dask")
+        best = out.best
+        info["selection_score"] = round(float(max(out.scores)), 6)
+        info["search"] = [{"params": jsonable(c), "mean_score": round(sc, 6)}
+                          for c, sc in zip(candidates, out.scores)]
+        info["candidates_tried"] = out.tried
+        info["stopped_by_budget"] = out.stopped_by_budget
+        if out.stopped_by_budget:
+            notes.append(f"time budget reached: {out.tried} of {len(candidates)} candidates tried")
+        if out.converged_notes:
+            notes.append(f"{len(out.converged_notes)} search fits did not fully converge "
+                         f"({out.converged_notes[0][:80]})")
+        edge = [k for k, g in grid.items() if len(g) > 2 and isinstance(g[0], float)
+                and best.get(k) in (g[0], g[-1]) and out.tried == len(candidates)]
+        if edge:
+            notes.append(f"best {', '.join(edge)} is at the edge of the search grid "
+                         f"({jsonable(best)}); try other values with params")
+    elif grid:  # a single candidate: nothing to choose
+        best = candidates[0]
+    info["search_seconds"] = time.perf_counter() - t0
+    final_params = {**fixed, **best}
+    if spec.scale_up:
+        notes.extend(spec.scale_up(final_params, len(fit_rows)))
+    t0 = time.perf_counter()
+    with _blas_limit(source.features[:1].size * len(fit_rows) < SMALL_VALUES):
+        final, used = fit_final(spec, X_fit=source.features[fit_rows],
+                                y_fit=source.names(labels[fit_rows]), params=final_params,
+                                seed=seed, l2_normalize=l2_normalize, pca=pca, notes=notes)
+    info["refit_seconds"] = time.perf_counter() - t0
+    info["best_params"] = jsonable({**params, **best}) if (best or params) else {}
+    info["strategy"] = {"kind": strategy.kind, "description": strategy.describe(rows_searched),
+                        "path": bool(path), "rows_searched": int(rows_searched),
+                        "candidates": len(candidates),
+                        "candidates_tried": info.get("candidates_tried", len(candidates) if len(candidates) > 1 else 0),
+                        "stopped_by_budget": bool(info.get("stopped_by_budget", False)),
+                        "search_seconds": round(info["search_seconds"], 4),
+                        "final_fit_rows": int(used)}
+    return final, info
+
+
+def _blas_limit(small: bool):
+    if not small:
+        return contextlib.nullcontext()
+    from threadpoolctl import threadpool_limits
+
+    return threadpool_limits(limits=1)

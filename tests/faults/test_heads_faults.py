@@ -1,0 +1,156 @@
+"""Issue 14, the heads' items: pickles never run without trust (8), damaged sidecars (12),
+bad --param values (13), SIGTERM stops the search's workers (16), and --run-name never writes
+into another run's folder (2, fit-head side)."""
+from __future__ import annotations
+
+import json
+import os
+import pickle
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+from fxtl.cli import cli
+from fxtl.features.store import write_cache
+from fxtl.heads.fitting import fit_head
+
+from ..test_heads import PRE, write_synthetic_cache
+from ._cli import ROOT, assert_one_line_error
+
+
+class _RunsCode:
+    def __init__(self, marker: Path):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))
+
+
+@pytest.fixture(scope="module")
+def genuine(tmp_path_factory):
+    home = tmp_path_factory.mktemp("heads-faults")
+    cache = write_synthetic_cache(home / "blobs.h5")
+    return fit_head(cache, model="logreg", search=False, cache_dir=home).run_dir, cache
+
+
+# ----------------------------------------------------------------------------- 8: no pickle
+def test_heads_are_saved_without_pickle(genuine):
+    run, _ = genuine
+    assert (run / "head.skops").is_file() and not list(run.glob("*.joblib"))
+    side = json.loads((run / "head.json").read_text())
+    assert side["serialization"] == "skops" and side["format_version"] == 2
+
+
+def test_forged_sidecar_matching_a_malicious_joblib_does_not_run_it(tmp_path, genuine):
+    """A head.json whose sha256 is the malicious file's own: refused unless --trust."""
+    import hashlib
+
+    _, cache = genuine
+    marker = tmp_path / "pwned"
+    evil = tmp_path / "evil"
+    evil.mkdir()
+    payload = pickle.dumps({"format": "fxtl-head", "pipeline": _RunsCode(marker), "class_names": ["a"]})
+    (evil / "head.joblib").write_bytes(payload)
+    (evil / "head.json").write_text(json.dumps({
+        "format": "fxtl-head", "format_version": 1, "joblib_file": "head.joblib",
+        "joblib_sha256": hashlib.sha256(payload).hexdigest(), "class_names": ["a"]}))
+    r = CliRunner().invoke(cli, ["predict", str(evil), str(cache)])
+    assert r.exit_code == 2 and "--trust" in r.output and "pickle" in r.output
+    assert not marker.exists()
+
+
+# ----------------------------------------------------------------------------- 12: sidecars
+@pytest.mark.parametrize("text", ["[1, 2]", "null", "42", '"head"'])
+def test_sidecar_that_is_not_an_object_is_one_line(tmp_path, genuine, text):
+    import shutil
+
+    run, cache = genuine
+    copy = tmp_path / "copy"
+    shutil.copytree(run, copy)
+    (copy / "head.json").write_text(text)
+    r = CliRunner().invoke(cli, ["predict", str(copy), str(cache)])
+    assert_one_line_error(r.exit_code, r.stderr, "head.json", "not an fxtl head sidecar")
+
+
+# ----------------------------------------------------------------------------- 13: --param
+@pytest.mark.parametrize("value", ["C=abc", "C=-1", "n_neighbors=0"])
+def test_bad_param_values_are_usage_errors(genuine, value):
+    _, cache = genuine
+    model = "knn" if value.startswith("n_") else "logreg"
+    r = CliRunner().invoke(cli, ["fit-head", str(cache), "-m", model, "--param", value])
+    assert r.exit_code == 2, r.output
+    assert "'--param'" in r.output and value.split("=")[0] in r.output
+    assert "Traceback" not in r.output
+
+
+# ----------------------------------------------------------------------------- 2: run names
+def test_run_name_never_writes_into_another_runs_folder(tmp_path, genuine):
+    _, cache = genuine
+    other = tmp_path / "runs" / "mix"
+    other.mkdir(parents=True)
+    (other / "metrics.json").write_text('{"kind": "finetune"}')
+    r = CliRunner().invoke(cli, ["fit-head", str(cache), "--run-name", "mix",
+                                 "--cache-dir", str(tmp_path)])
+    assert_one_line_error(r.exit_code, r.stderr, str(other), "already exists")
+    assert sorted(p.name for p in other.iterdir()) == ["metrics.json"]
+    assert (other / "metrics.json").read_text() == '{"kind": "finetune"}'
+
+
+# ----------------------------------------------------------------------------- 16: SIGTERM
+def _children(pid: int) -> set[int]:
+    out = subprocess.run(["ps", "-o", "pid=", "--ppid", str(pid)], capture_output=True, text=True)
+    return {int(x) for x in out.stdout.split()}
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    stat = Path(f"/proc/{pid}/stat")
+    return not (stat.exists() and stat.read_text().split()[2] == "Z")
+
+
+def test_sigterm_stops_the_search_workers(tmp_path):
+    """Big enough that the search runs in loky worker processes; SIGTERM mid-search."""
+    rng = np.random.default_rng(0)
+    n, dim = 4000, 2048
+    y = np.repeat(np.arange(3), n // 3 + 1)[:n]
+    X = (rng.normal(size=(3, dim))[y] * 0.05 + rng.normal(size=(n, dim))).astype(np.float32)
+    cache = write_cache(tmp_path / "big.h5", chunks=[X], n=n, dim=dim, labels=y.tolist(),
+                        paths=[f"c{c}/{i}.png" for i, c in enumerate(y)], split=["train"] * n,
+                        class_names=["a", "b", "c"], errors=[],
+                        attrs={"backbone": "synthetic", "weights_sha256": "0" * 64,
+                               "preprocessing": PRE, "precision": "fp32", "layer": "pooled",
+                               "fingerprint": "big", "created": "2025-01-01T00:00:00",
+                               "fxtl_version": "test"})
+    proc = subprocess.Popen([sys.executable, "-m", "fxtl", "fit-head", str(cache), "-m",
+                             "linear-svm", "--jobs", "2", "--cache-dir", str(tmp_path)],
+                            cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    workers: set[int] = set()
+    deadline = time.time() + 120
+    while time.time() < deadline and proc.poll() is None:
+        kids = _children(proc.pid)
+        workers = {k for k in kids if "loky" in Path(f"/proc/{k}/cmdline").read_text(errors="ignore")} \
+            if kids else set()
+        if workers:
+            break
+        time.sleep(0.2)
+    if not workers:
+        proc.kill()
+        pytest.skip("the search finished before loky workers could be seen")
+    proc.send_signal(signal.SIGTERM)
+    proc.wait(timeout=60)
+    end = time.time() + 15
+    while time.time() < end and any(_alive(w) for w in workers):
+        time.sleep(0.2)
+    left = [w for w in workers if _alive(w)]
+    for w in left:  # do not leave them spinning if the test fails
+        os.kill(w, signal.SIGKILL)
+    assert not left, f"loky workers still running after SIGTERM: {left}"
