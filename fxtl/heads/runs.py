@@ -7,7 +7,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from .._util import atomic_write_bytes, atomic_write_json, ensure_dir, unique_dir
+from .._util import atomic_write_json, ensure_dir, unique_dir
 from ..data.splits import RowSet, RunRows, save_rows
 from ..errors import FxtlError, ParameterError
 from .persistence import save_head
@@ -71,7 +71,7 @@ def run_rows(source: RowSource, plan: SplitPlan, selection: str) -> RunRows:
 
 def write_run(res: "FitResult", run_dir: Path, source: RowSource, plan: SplitPlan) -> None:
     """Write every file of the run folder ``run_dir`` (which exists and is this run's)."""
-    from ..report.metrics import plot_confusion
+    from ..report.metrics import plot_confusion, write_predictions
 
     head_path = save_head(res.head, run_dir / HEAD_FILE)
     res.run_dir, res.head_path = run_dir, head_path
@@ -80,12 +80,12 @@ def write_run(res: "FitResult", run_dir: Path, source: RowSource, plan: SplitPla
     save_rows(run_dir, run_rows(source, plan, m["selection"]))
     p = res.predictions
     names = res.head.class_names
-    lines = ["row,path,split,label,predicted,probability"]
-    for r, t, q, s in zip(p["rows"], p["y_true"], p["y_pred"], p["scores"]):
-        path = source.paths[r] if source.paths is not None else ""
-        lines.append(f"{int(r)},{_csv(path)},{source.split[r]},{_csv(names[t])},{_csv(names[q])},"
-                     f"{s[q]:.6f}")
-    atomic_write_bytes(run_dir / "predictions.csv", ("\n".join(lines) + "\n").encode())
+    rows = np.asarray(p["rows"])
+    write_predictions(run_dir, paths=[source.paths[r] if source.paths is not None else ""
+                                      for r in rows],
+                      y_true=p["y_true"], y_pred=p["y_pred"], class_names=names,
+                      split=plan.eval_split, rows=rows,
+                      probability=np.asarray(p["scores"])[np.arange(len(rows)), p["y_pred"]])
     plot_confusion(m["confusion_matrix"], names, run_dir / "confusion.png",
                    title=f"{m['model']} on {m['split']}: accuracy {m['accuracy']:.3f}")
     m["confusion_png"] = str(run_dir / "confusion.png")
@@ -93,7 +93,3 @@ def write_run(res: "FitResult", run_dir: Path, source: RowSource, plan: SplitPla
     m["rows_json"] = str(run_dir / "rows.json")
     atomic_write_json(run_dir / "metrics.json", m)
 
-
-def _csv(text: str) -> str:
-    text = str(text)
-    return '"' + text.replace('"', '""') + '"' if any(c in text for c in ',"\n') else text

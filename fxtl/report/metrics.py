@@ -192,9 +192,14 @@ def classification_metrics(y_true: Sequence[int], y_pred: Sequence[int],
 
 
 def write_predictions(run_dir: str | Path, *, paths: Sequence[str], y_true: Sequence[int],
-                      y_pred: Sequence[int], class_names: Sequence[str], split: str) -> Path:
+                      y_pred: Sequence[int], class_names: Sequence[str], split: str,
+                      rows: Sequence[int] | None = None,
+                      probability: Sequence[float] | None = None) -> Path:
     """Write ``<run_dir>/predictions.csv``: one line per evaluated image (``path``, ``split``,
     ``label``, ``predicted``), so that two runs can be tested on the same images.
+
+    ``rows`` (the images' row numbers in a feature cache) and ``probability`` (of the predicted
+    class) add the columns ``row`` and ``probability`` when given.
 
     ``paths`` must be relative to the dataset root (as in a feature cache's ``/paths`` and in
     ``rows.json``): that is what lines up a head's and a fine-tune's predictions.
@@ -212,14 +217,19 @@ def write_predictions(run_dir: str | Path, *, paths: Sequence[str], y_true: Sequ
 
     from .._util import atomic_write_bytes
 
-    if not len(paths) == len(y_true) == len(y_pred):
-        raise ValueError(f"paths, y_true and y_pred must be aligned, got {len(paths)}, "
-                         f"{len(y_true)} and {len(y_pred)}")
+    extra = {name: col for name, col in (("row", rows), ("probability", probability))
+             if col is not None}
+    if not all(len(c) == len(paths) for c in (y_true, y_pred, *extra.values())):
+        raise ValueError(f"paths, y_true, y_pred{''.join(', ' + k for k in extra)} must be "
+                         f"aligned, got lengths {[len(paths), len(y_true), len(y_pred)]}")
     buf = io.StringIO()
     w = csv.writer(buf, lineterminator="\n")
-    w.writerow(["path", "split", "label", "predicted"])
-    for path, t, p in zip(paths, y_true, y_pred):
-        w.writerow([str(path), split, class_names[int(t)], class_names[int(p)]])
+    w.writerow(["path", "split", "label", "predicted", *extra])
+    for i, (path, t, p) in enumerate(zip(paths, y_true, y_pred)):
+        cells = [int(extra["row"][i])] if "row" in extra else []
+        if "probability" in extra:
+            cells.append(f"{float(extra['probability'][i]):.6f}")
+        w.writerow([str(path), split, class_names[int(t)], class_names[int(p)], *cells])
     out = Path(run_dir) / PREDICTIONS_FILE
     atomic_write_bytes(out, buf.getvalue().encode())
     return out
