@@ -10,6 +10,7 @@ backbone on the same splits for comparison, and advice on which to use.
 >>> ft = fxtl.finetune("data/hymenoptera", epochs=5)       # doctest: +SKIP
 >>> fxtl.advise("data/hymenoptera").scenario               # doctest: +SKIP
 1
+>>> fxtl.export_model(head.run_dir, output="model.onnx")  # doctest: +SKIP
 
 The public names are imported on first use, so ``import fxtl`` (and every CLI start) does not
 pay for torch and scikit-learn until a stage needs them.
@@ -34,10 +35,11 @@ _API = {
     "fit_head": "heads.fitting", "fit_heads": "heads.fitting", "load_head": "heads.fitting",
     "predict": "prediction",
     "plot_embedding": "report.plots",
-    "finetune": "training.loop",
+    "finetune": "training.loop", "FinetuneConfig": "training.config",
     "compare": "report.comparison",
     "advise": "advice",
     "export_cache": "features.export",
+    "export_model": "deploy.onnx_graph",
 }
 # public module -> where it lives
 _MODULES = {"datasets": "data.samples"}

@@ -17,7 +17,7 @@ from .errors import FxtlError
 
 __all__ = [
     "atomic_write_bytes", "atomic_write_json", "atomic_path", "sha256_file", "default_cache_dir",
-    "file_lock", "versions", "now_iso", "json_default", "save_figure", "unique_dir", "say",
+    "file_lock", "versions", "now_iso", "json_default", "unique_dir", "say",
     "slug", "current_umask",
 ]
 
@@ -188,19 +188,6 @@ def say(msg: str) -> None:
     from tqdm.auto import tqdm
 
     tqdm.write(msg, file=sys.stderr)
-
-
-def save_figure(fig, path: Path, *, title: str = "") -> Path:
-    """Title, tighten, write ``fig`` as a PNG atomically, close it; returns ``path``."""
-    import matplotlib.pyplot as plt
-
-    if title:
-        fig.suptitle(title, fontsize=10)
-    fig.tight_layout()
-    with atomic_path(Path(path), suffix=".png") as tmp:
-        fig.savefig(tmp, dpi=100, format="png")
-    plt.close(fig)
-    return Path(path)
 
 
 def unique_dir(parent: Path, name: str) -> Path:
