@@ -89,7 +89,7 @@ def test_cli_export_metadata_sidecar_and_predict(runs, digits_dir, tmp_path):
     head_json = json.loads((runs["logreg"] / "head.json").read_text())
     assert side["class_names"] == ["0", "1", "2"] and side["opset"] == 17
     assert side["provenance"]["weights_sha256"] == head_json["weights_sha256"]
-    assert side["provenance"]["head_sha256"] == head_json["joblib_sha256"]
+    assert side["provenance"]["head_sha256"] == head_json["sha256"]
     assert side["preprocessing"]["crop"] == head_json["preprocessing"]["crop"]
     meta = load_onnx(out).meta
     assert meta["provenance"] == side["provenance"] and meta["format"] == "fxtl-onnx"
@@ -128,7 +128,7 @@ def test_refused_head_kind_says_which_heads_export(runs, tmp_path, monkeypatch):
 def test_damaged_runs_refuse_to_export(runs, tmp_path):
     head = tmp_path / "head"
     shutil.copytree(runs["logreg"], head)
-    with open(head / "head.joblib", "ab") as fh:
+    with open(head / json.loads((head / "head.json").read_text())["file"], "ab") as fh:
         fh.write(b"\0")
     with pytest.raises(ProvenanceError, match="sha256"):
         export_model(head, output=tmp_path / "h.onnx")

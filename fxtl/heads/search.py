@@ -227,11 +227,18 @@ def run_search(spec: HeadSpec, *, X: np.ndarray, y: np.ndarray,
 
 def _path_search(spec: HeadSpec, *, X, y, folds, candidates, fixed, seed, l2_normalize, pca,
                  deadline, progress, param: str) -> SearchOutcome:
-    """Walk ``param`` (e.g. C, ascending) warm-started: each fit starts where the last ended."""
+    """Walk ``param`` (e.g. C, ascending) warm-started: each fit starts where the last ended.
+
+    Candidates tied on accuracy (common on easy or small data) are told apart by their held-out
+    log-loss, a proper score, rather than by grid order: the most regularised end of the path
+    would otherwise win every tie, however badly it is calibrated.
+    """
     from sklearn.base import clone
+    from sklearn.metrics import log_loss
 
     total = len(candidates)
     per_fold: list[list[float]] = []
+    losses: list[list[float]] = []
     conv_all: list[str] = []
     stopped = False
     t_fold = []
@@ -242,7 +249,7 @@ def _path_search(spec: HeadSpec, *, X, y, folds, candidates, fixed, seed, l2_nor
         Xtr = pre.fit_transform(X[tr]) if len(pipe.steps) > 1 else X[tr]
         Xte = pre.transform(X[te]) if len(pipe.steps) > 1 else X[te]
         est = clone(pipe.steps[-1][1])
-        row = []
+        row, loss_row = [], []
         for i, cand in enumerate(candidates):
             if deadline is not None and (row or per_fold) and time.perf_counter() > deadline:
                 stopped = True
@@ -252,9 +259,12 @@ def _path_search(spec: HeadSpec, *, X, y, folds, candidates, fixed, seed, l2_nor
                 est.fit(Xtr, y[tr])
             conv_all += conv
             row.append(float((est.predict(Xte) == y[te]).mean()))
+            if hasattr(est, "predict_proba"):
+                loss_row.append(float(log_loss(y[te], est.predict_proba(Xte), labels=est.classes_)))
             if progress:
                 progress(f_i * total + len(row), total * len(folds), spec.name)
         per_fold.append(row)
+        losses.append(loss_row)
         t_fold.append(len(row))
         if stopped:
             break
@@ -262,7 +272,12 @@ def _path_search(spec: HeadSpec, *, X, y, folds, candidates, fixed, seed, l2_nor
     complete = [r for r in per_fold if len(r) == len(per_fold[0])] if stopped else per_fold
     tried = max(1, min(len(r) for r in complete)) if complete else 1
     scores = [float(np.mean([r[i] for r in per_fold if len(r) > i])) for i in range(tried)]
-    i_best = int(np.argmax(scores))
+    tied = [i for i in range(tried) if scores[i] >= max(scores) - 1e-12]
+    if len(tied) > 1 and all(len(lr) == len(r) for lr, r in zip(losses, per_fold)):
+        mean_loss = {i: float(np.mean([lr[i] for lr in losses if len(lr) > i])) for i in tied}
+        i_best = min(tied, key=lambda i: (mean_loss[i], i))
+    else:
+        i_best = tied[0]
     return SearchOutcome(candidates[i_best], scores, tried, stopped, conv_all)
 
 
