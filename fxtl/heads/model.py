@@ -106,10 +106,40 @@ class Head:
             if mine is None or theirs is None:
                 continue
             if _canon(mine) != _canon(theirs):
-                shown = (lambda v: v if key != "preprocessing" else "another recipe")
-                raise ProvenanceError(f"{where} was fitted on features with {key} "
-                                      f"{shown(mine)!r} but {source} has {shown(theirs)!r}; "
+                if key == "preprocessing":  # name only what differs, not both whole recipes
+                    what = (f"other preprocessing than {source} (head vs features: "
+                            f"{_recipe_difference(mine, theirs)})")
+                else:
+                    what = f"{key} {mine!r} but {source} has {theirs!r}"
+                raise ProvenanceError(f"{where} was fitted on features with {what}; "
                                       "use features of the same backbone (or refit with fxtl fit-head)")
+
+
+def _as_recipe(value: Any) -> Any:
+    if isinstance(value, str):
+        try:
+            return json.loads(value)
+        except ValueError:
+            return value
+    return value
+
+
+def _recipe_difference(mine: Any, theirs: Any) -> str:
+    """``crop 224 vs 192; resize 256 vs (absent)``: each field of two recipes that differs, once."""
+    mine, theirs = _as_recipe(mine), _as_recipe(theirs)
+    if not (isinstance(mine, Mapping) and isinstance(theirs, Mapping)):
+        return f"{_show(mine)} vs {_show(theirs)}"
+    parts = [f"{field} {_show(mine.get(field, _ABSENT))} vs {_show(theirs.get(field, _ABSENT))}"
+             for field in sorted(set(mine) | set(theirs), key=str)
+             if _canon(mine.get(field, _ABSENT)) != _canon(theirs.get(field, _ABSENT))]
+    return "; ".join(parts) or f"{_show(mine)} vs {_show(theirs)}"
+
+
+_ABSENT = object()
+
+
+def _show(value: Any) -> str:
+    return "(absent)" if value is _ABSENT else json.dumps(value, sort_keys=True, default=str)
 
 
 def _canon(value: Any) -> str:

@@ -46,7 +46,6 @@ TRUSTED_TYPES = (
     "sklearn.neighbors._ball_tree.BallTree",
     "sklearn.neural_network._stochastic_optimizers.AdamOptimizer",
     "sklearn.neural_network._stochastic_optimizers.SGDOptimizer",
-    "fxtl.heads.torch_linear.TorchLinearClassifier",
 )
 _PROVENANCE_KEYS = ("backbone", "architecture", "weights_sha256", "preprocessing", "layer",
                     "precision", "graph", "feature_dim", "cache_fingerprint", "dataset", "cache")
