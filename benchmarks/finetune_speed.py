@@ -114,6 +114,10 @@ def main() -> None:
     ap.add_argument("--batch-size", type=int, default=32)
     ap.add_argument("--output", type=Path, default=HERE / "results" / "finetune_speed.json")
     args = ap.parse_args()
+    # What the `fxtl` command sets for the process (the library leaves it alone): both sides get it.
+    from fxtl.runtime import keep_freed_memory
+
+    keep_freed_memory()
     if not (args.data / "train").is_dir():
         sys.exit(f"{args.data}/train not found; pass --data DIR with train/<class>/ folders")
 

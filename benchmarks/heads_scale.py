@@ -122,10 +122,12 @@ def tile_cache(src: Path, times: int, out: Path, seed: int = 0) -> Path:
                        errors=[], attrs=attrs)
 
 
-def run_cli(cache: Path, home: Path) -> dict:
-    """``fxtl fit-head CACHE --model all --json`` in a fresh process: wall, peak RSS, runs."""
+def run_cli(cache: Path, home: Path, budget: str | None = None) -> dict:
+    """``fxtl fit-head CACHE --model all --json [--budget B]`` in a fresh process: wall, peak
+    RSS, runs."""
     cmd = ["/usr/bin/time", "-f", "MAXRSS_KB %M", sys.executable, "-m", "fxtl", "fit-head",
-           str(cache), "--model", "all", "--json", "--cache-dir", str(home)]
+           str(cache), "--model", "all", "--json", "--cache-dir", str(home),
+           *(["--budget", budget] if budget else [])]
     t0 = time.perf_counter()
     p = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True,
                        env={**os.environ, "PYTHONPATH": str(ROOT)})
@@ -184,6 +186,8 @@ def main() -> None:
     ap.add_argument("sizes", nargs="+", help="NAME=CACHE[:ROWS]")
     ap.add_argument("--no-reference", nargs="*", default=[], help="sizes without the exhaustive run")
     ap.add_argument("-o", "--output", type=Path, default=ROOT / "benchmarks/results/heads_scale.json")
+    ap.add_argument("--budget", help="passed to fit-head (e.g. 60s): the search stops between "
+                                     "candidates once spent; final fits still run")
     args = ap.parse_args()
     commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
     out = {"benchmark": "heads_scale", "git_commit": commit, "machine": platform.processor() or platform.machine(),
@@ -206,7 +210,7 @@ def main() -> None:
 
             n = int(read_attrs(cache)["n"])
             print(f"[{name}] {n} rows: fit-head --model all", file=sys.stderr)
-            cli = run_cli(cache, Path(tmp) / name)
+            cli = run_cli(cache, Path(tmp) / name, args.budget)
             entry = {"name": name, "rows": n, "source": str(path), "target_seconds": TARGETS.get(name),
                      "timing_proxy": bool(times),
                      "fit_head_all": {k: cli[k] for k in ("wall_seconds", "peak_rss_mb", "command")},

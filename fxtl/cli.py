@@ -830,6 +830,8 @@ def finetune(data_dir, run_name, resume, cache_dir, as_json, no_flip, patience, 
     from .training.config import FinetuneConfig
     from .training.loop import finetune as run_finetune
 
+    _prepare_compute_process()
+
     # Every other option is a FinetuneConfig field of the same name.
     config = FinetuneConfig(flip=not no_flip, patience=patience or None, **options)
     res = run_finetune(data_dir, config=config, cache_dir=resolve_cache_dir(cache_dir),

@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any, Sequence
 import numpy as np
 
 from ..distributed import TrainingGroup
-from ..runtime import autocast, keep_freed_memory
+from ..runtime import autocast
 from .blocks import param_owner
 from .config import FinetuneConfig
 
@@ -37,8 +37,6 @@ class Trainer:
         precision = cfg.precision  # resolved: fp32, bf16 or fp16
         self.bb, self.device, self.precision = bb, device, precision
         self.net = bb.model
-        if device == "cpu":
-            keep_freed_memory()
         bb.to(device=device, memory_format=torch.channels_last)
         head_top = bb.classifier_name.split(".")[0]
         n_blocks = len(groups)
