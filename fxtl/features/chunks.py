@@ -95,6 +95,9 @@ def compute_rows(job: ExtractJob, parts: Path, lo: int, hi: int, *, label: str,
     if resumed_rows:
         say(f"fxtl: resuming {label}: {resumed_rows}/{n} images already done")
 
+    # Built before the clock starts (and only when rows remain): compute_seconds, and so
+    # images_per_second, time the embedding itself, not loading the weights.
+    model = job.backbone_model() if todo else None
     t_compute = time.perf_counter()
     computed = 0
     # Contiguous runs of missing chunks are embedded in one loader each.
@@ -105,7 +108,7 @@ def compute_rows(job: ExtractJob, parts: Path, lo: int, hi: int, *, label: str,
         buf_err: list[tuple[int, str]] = []
         k = start_chunk
         filled = 0
-        for idx, feats, _, bad in embed_paths(job.backbone_model(), paths, device=job.device,
+        for idx, feats, _, bad in embed_paths(model, paths, device=job.device,
                                                precision=job.precision, batch_size=batch_size,
                                                workers=job.workers, progress=job.progress,
                                                desc=desc):
