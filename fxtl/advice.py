@@ -49,7 +49,7 @@ import numpy as np
 
 from .backbones.registry import DEFAULT_BACKBONE, load_backbone
 from .data.discovery import ImageSet, discover
-from .errors import FxtlError
+from .errors import FxtlError, ParameterError
 
 __all__ = ["advise", "Advice", "measure_similarity", "SCENARIOS", "certainty", "advised_method",
            "advice_verdict", "write_missing_predictions", "SIZE_NEAR_FACTOR"]
@@ -270,7 +270,7 @@ def advise(data: str | Path, *, backbone: str = DEFAULT_BACKBONE, sample: int = 
     """
     t0 = time.perf_counter()
     if sample < 10:
-        raise FxtlError(f"--sample must be at least 10 images (got {sample})")
+        raise ParameterError("sample", f"sample must be at least 10 images, got {sample}")
     images = discover(data)
     size = _size(images, large_per_class)
     sim = measure_similarity(images, backbone=backbone, sample=sample, seed=seed, device=device,

@@ -12,7 +12,7 @@ from typing import Any
 import numpy as np
 
 from .._util import default_cache_dir
-from ..errors import FxtlError
+from ..errors import FxtlError, ParameterError
 from ..features.store import FeatureCache, load_features
 
 __all__ = ["plot_embedding", "EmbeddingPlot", "METHODS"]
@@ -70,12 +70,12 @@ def plot_embedding(cache: str | Path | FeatureCache, *, method: str = "pca",
     PosixPath('cache/plots/hymenoptera-lite0-1e2b80d0e2303460-tsne.png')
     """
     if method not in METHODS:
-        raise FxtlError(f"unknown embedding method {method!r}; use {' or '.join(METHODS)}")
+        raise ParameterError("method", f"unknown embedding method {method!r}; use {' or '.join(METHODS)}")
     c = cache if isinstance(cache, FeatureCache) else load_features(cache)
     rows = np.arange(c.n) if split is None else np.flatnonzero(c.split == split)
     if not len(rows):
-        raise FxtlError(f"{c.path} has no {split} rows (splits: {', '.join(c.splits)}); pick "
-                        "another --split")
+        raise ParameterError("split", f"{c.path} has no {split} rows (splits: "
+                             f"{', '.join(c.splits)}); pick another split")
     notes: list[str] = []
     n_total = len(rows)
     rng = np.random.default_rng(seed)
@@ -97,7 +97,7 @@ def plot_embedding(cache: str | Path | FeatureCache, *, method: str = "pca",
         output = home / "plots" / f"{Path(c.path).stem}-{method}{'-' + split if split else ''}.png"
     output = Path(output)
     if output.suffix.lower() != ".png":
-        raise FxtlError(f"--output {output} must end in .png")
+        raise ParameterError("output", f"output {output} must end in .png")
     _draw(xy, c.labels[rows], c.split[rows], c.class_names, output,
           title=f"{c.attrs.get('dataset_name') or Path(c.path).stem} - {c.attrs.get('backbone', '?')} "
                 f"features, {method.upper() if method == 'pca' else 't-SNE'}")
