@@ -212,9 +212,15 @@ def predict(model: str | Path, inputs: Sequence[str | Path], *, top_k: int = 1,
             _predict_images_with_head(head, images, res, top_k=top_k, device=dev,
                                       precision=precision, batch_size=batch_size,
                                       workers=workers, progress=progress)
+    return finish_result(res, errors, t0)
+
+
+def finish_result(res: PredictResult, errors: list[dict[str, str]], t0: float) -> PredictResult:
+    """Put the inputs' ``errors`` first, refuse a call where no input could be used (one line
+    naming the first failure), and time it from ``t0``; every predictor ends here."""
     res.errors = errors + res.errors
     if not res.predictions:
-        first = res.errors[0] if res.errors else {"path": "(none)", "reason": "?"}
+        first = res.errors[0] if res.errors else {"path": "(none)", "reason": "no input given"}
         raise FxtlError(f"none of the {len(res.errors)} input(s) could be used (first: "
                         f"{first['path']}: {first['reason']})")
     res.seconds = time.perf_counter() - t0
@@ -247,9 +253,9 @@ def _predict_cache(head, cache_path: Path, res: PredictResult, *, top_k: int) ->
         res.predictions.append(e)
 
 
-def _predict_images_with_head(head, images: list[Path], res: PredictResult, *, top_k: int,
-                              device: str, precision: str | None, batch_size: int | None,
-                              workers: int | None, progress: bool) -> None:
+def head_backbone(head):
+    """The backbone ``head``'s features came from, built for inference and checked against the
+    head's provenance (same weights, layer, preprocessing and width), else ProvenanceError."""
     from .backbones.registry import load_backbone
 
     prov = head.provenance
@@ -260,6 +266,14 @@ def _predict_images_with_head(head, images: list[Path], res: PredictResult, *, t
     bb = load_backbone(prov["backbone"], layer=None if layer in (None, "pooled") else layer,
                        inference=True)
     head.check_features(bb.provenance, bb.feature_dim, source=f"backbone {prov['backbone']} here")
+    return bb
+
+
+def _predict_images_with_head(head, images: list[Path], res: PredictResult, *, top_k: int,
+                              device: str, precision: str | None, batch_size: int | None,
+                              workers: int | None, progress: bool) -> None:
+    prov = head.provenance
+    bb = head_backbone(head)
     prec = _resolve_precision(_recorded(precision, prov.get("precision")), device, res.notes)
     res.device, res.precision = device, prec
     _embed_and_score(bb, images, res, top_k=top_k, device=device, precision=prec,

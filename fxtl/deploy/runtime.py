@@ -118,7 +118,7 @@ def predict_onnx(model: str | Path, inputs: Sequence[str | Path], *, top_k: int 
     """
     from .._util import say
     from ..data.images import EvalTransform, ImageDecodeError
-    from ..prediction import PredictResult, collect_images
+    from ..prediction import PredictResult, collect_images, finish_result
 
     if top_k < 1:
         raise ParameterError("top_k", f"top_k must be at least 1, got {top_k}")
@@ -155,11 +155,4 @@ def predict_onnx(model: str | Path, inputs: Sequence[str | Path], *, top_k: int 
             scores = net.scores(np.stack([x for _, x in good]))
             res.predictions.extend(_entry(str(images[i]), s, net.class_names, top_k)
                                    for (i, _), s in zip(good, scores))
-    res.errors = errors + res.errors
-    if not res.predictions:
-        first = res.errors[0] if res.errors else {"path": "(none)", "reason": "no input given"}
-        raise FxtlError(f"none of the {len(res.errors)} input(s) could be used (first: "
-                        f"{first['path']}: {first['reason']})")
-    res.seconds = time.perf_counter() - t0
-    res.images_per_second = len(res.predictions) / res.seconds if res.seconds > 0 else 0.0
-    return res
+    return finish_result(res, errors, t0)
