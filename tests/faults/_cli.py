@@ -65,3 +65,13 @@ def assert_usage_error(result, option: str) -> None:
     assert f"Invalid value for '{option}'" in result.output or \
         f"No such option: {option}" in result.output or f"Missing argument '{option}'" in result.output, \
         result.output[-2000:]
+
+
+class RunsCode:
+    """Unpickling this creates ``marker``: a stand-in for any code an attacker would run."""
+
+    def __init__(self, marker: Path):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))

@@ -18,25 +18,9 @@ from click.testing import CliRunner
 
 from fxtl.cli import cli
 from fxtl.features.store import write_cache
-from fxtl.heads.fitting import fit_head
 
-from ..test_heads import PRE, write_synthetic_cache
-from ._cli import ROOT, assert_one_line_error
-
-
-class _RunsCode:
-    def __init__(self, marker: Path):
-        self.marker = str(marker)
-
-    def __reduce__(self):
-        return (open, (self.marker, "w"))
-
-
-@pytest.fixture(scope="module")
-def genuine(tmp_path_factory):
-    home = tmp_path_factory.mktemp("heads-faults")
-    cache = write_synthetic_cache(home / "blobs.h5")
-    return fit_head(cache, model="logreg", search=False, cache_dir=home).run_dir, cache
+from ..test_heads import PRE
+from ._cli import ROOT, RunsCode, assert_one_line_error
 
 
 # ----------------------------------------------------------------------------- 8: no pickle
@@ -55,7 +39,7 @@ def test_forged_sidecar_matching_a_malicious_joblib_does_not_run_it(tmp_path, ge
     marker = tmp_path / "pwned"
     evil = tmp_path / "evil"
     evil.mkdir()
-    payload = pickle.dumps({"format": "fxtl-head", "pipeline": _RunsCode(marker), "class_names": ["a"]})
+    payload = pickle.dumps({"format": "fxtl-head", "pipeline": RunsCode(marker), "class_names": ["a"]})
     (evil / "head.joblib").write_bytes(payload)
     (evil / "head.json").write_text(json.dumps({
         "format": "fxtl-head", "format_version": 1, "joblib_file": "head.joblib",

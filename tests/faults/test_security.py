@@ -23,11 +23,9 @@ from click.testing import CliRunner
 from fxtl.cli import cli
 from fxtl.data.discovery import discover
 from fxtl.errors import DataError
-from fxtl.heads.fitting import fit_head
 
 from .. import _images as img
-from ..test_heads import write_synthetic_cache
-from ._cli import ROOT, assert_one_line_error, run_fxtl
+from ._cli import ROOT, RunsCode, assert_one_line_error, run_fxtl
 
 # ----------------------------------------------------------------------------- source scan
 # Calls that unpickle. Anything here outside its allowed place is a finding.
@@ -144,27 +142,9 @@ def test_fxtl_never_loads_pickles_unsafely():
 
 
 # ----------------------------------------------------------------------------- code in files
-class _RunsCode:
-    """Unpickling this creates ``marker``: a stand-in for any code an attacker would run."""
-
-    def __init__(self, marker: Path):
-        self.marker = str(marker)
-
-    def __reduce__(self):
-        return (open, (self.marker, "w"))
-
-
-@pytest.fixture(scope="module")
-def genuine(tmp_path_factory):
-    """A real head run and a cache it accepts."""
-    home = tmp_path_factory.mktemp("genuine")
-    cache = write_synthetic_cache(home / "blobs.h5")
-    return fit_head(cache, model="logreg", search=False, cache_dir=home).run_dir, cache
-
-
 def _evil_head(run: Path, marker: Path, sidecar: str | None) -> Path:
     run.mkdir()
-    (run / "head.joblib").write_bytes(pickle.dumps({"format": "fxtl-head", "pipeline": _RunsCode(marker)}))
+    (run / "head.joblib").write_bytes(pickle.dumps({"format": "fxtl-head", "pipeline": RunsCode(marker)}))
     if sidecar is not None:
         (run / "head.json").write_text(sidecar)
     return run
@@ -202,7 +182,7 @@ def test_weights_file_that_would_run_code_is_refused(tmp_path):
 
     marker = tmp_path / "pwned"
     weights = tmp_path / "evil.pth"
-    torch.save({"conv1.weight": _RunsCode(marker)}, weights)
+    torch.save({"conv1.weight": RunsCode(marker)}, weights)
     data = tmp_path / "data"
     for cls in ("a", "b"):
         (data / cls).mkdir(parents=True)
