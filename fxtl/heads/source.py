@@ -116,14 +116,15 @@ def open_source(cache: str | Path | FeatureCache, *, large_threshold: int) -> Ro
     if n <= large_threshold:
         c = load_features(path)
         return open_source(c, large_threshold=large_threshold)
-    import h5py
+    from ..features.store import open_cache, read_strings
 
-    # Labels and splits are small; the features stay on disk and are streamed.
-    with h5py.File(path, "r") as f:
+    # Labels and splits are small; the features stay on disk and are streamed. read_strings
+    # undoes the store's escaping of names that are not UTF-8.
+    with open_cache(path) as f:
         labels = f["labels"][...].astype(np.int64)
-        split = np.array([s.decode() if isinstance(s, bytes) else str(s) for s in f["split"][...]])
+        split = np.array(read_strings(f, "split"))
         dim = int(f["features"].shape[1])
-        paths = [p.decode() if isinstance(p, bytes) else str(p) for p in f["paths"][...]]
+        paths = read_strings(f, "paths")
     return RowSource(path=path, attrs=attrs, labels=labels, split=split,
                    class_names=[str(c) for c in attrs.get("class_names", [])], dim=dim,
                    paths=paths, features=None, large=True)
