@@ -605,7 +605,7 @@ def _fmt_params(p: dict) -> str:
               help="Above this many rows, fit scalable streaming estimators (SGD, partial_fit).")
 @click.option("--run-name", default=None, help="Run folder name [default: <dataset>-<backbone>-<model>-<time>].")
 @click.option("--backend", type=click.Choice(BACKENDS), default="loky", show_default=True,
-              help="Where the search's fits run: worker processes (small data: threads), threads, "
+              help="Where the search's fits run: this process (loky, threading: threads) "
                    "or a Dask cluster (pip install \"fxtl[dask]\"; docs/scaling.md).")
 @click.option("--scheduler", default=None, metavar="ADDRESS",
               help="Dask scheduler for --backend dask, e.g. tcp://host:8786 [default: "
@@ -613,11 +613,15 @@ def _fmt_params(p: dict) -> str:
 @click.option("--budget", default=None, metavar="DURATION",
               help="Time the searches may take in all, e.g. 60s or 2m (shared by the heads; "
                    "each search stops between candidates and says so).")
+@click.option("--solver", type=click.Choice(["auto", "sklearn", "torch"]), default="auto",
+              show_default=True,
+              help="logreg, linear-svm and mlp in scikit-learn or in torch (L-BFGS/Adam, every "
+                   "core, CUDA when present); auto takes torch on large data.")
 @cache_dir_option
 @json_option
 @handle_errors
 def fit_head(cache, models, params, no_search, seed, jobs, test_size, cv_folds, l2_normalize, pca,
-             large_threshold, run_name, backend, scheduler, budget, cache_dir, as_json):
+             large_threshold, run_name, backend, scheduler, budget, solver, cache_dir, as_json):
     """Fit scikit-learn heads on a feature CACHE and report honest scores.
 
     Hyper-parameters are selected on val when a test split exists, else by stratified k-fold
@@ -639,7 +643,7 @@ def fit_head(cache, models, params, no_search, seed, jobs, test_size, cv_folds, 
                             l2_normalize=l2_normalize, pca=pca, large_threshold=large_threshold,
                             cache_dir=resolve_cache_dir(cache_dir), run_name=run_name,
                             backend=backend, scheduler=scheduler, budget=parse_budget(budget),
-                            progress=_ProgressBar(), log=log)
+                            progress=_ProgressBar(), solver=solver, log=log)
     runs = [r.to_dict() for r in results]
     for r in runs:
         for note in r["notes"] or []:

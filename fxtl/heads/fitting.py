@@ -37,8 +37,8 @@ from .model import Head
 from .persistence import HEAD_FORMAT, HEAD_FORMAT_VERSION, load_head, save_head
 from .planning import SplitPlan, plan_splits
 from .registry import (HEADS, HeadSpec, accepted_params, build_pipeline, check_params, get_head,
-                       head_names, list_heads, parse_params, register_head)
-from .runs import claim_run_dir, new_run_dir, write_run
+                       head_names, list_heads, parse_params, register_head, SOLVERS)
+from .runs import BackgroundWriter, claim_run_dir, new_run_dir, write_run
 from .search import Progress, fit_in_memory
 from .source import RowSource, open_source
 from .streaming import fit_streaming
@@ -137,7 +137,7 @@ def fit_heads(cache: str | Path | FeatureCache, *, models: Sequence[str] = ("log
               large_threshold: int = LARGE_ROWS, cache_dir: str | Path | None = None,
               runs_dir: str | Path | None = None, run_name: str | None = None, save: bool = True,
               backend: str = "loky", scheduler: Any = None, budget: float | str | None = None,
-              progress: Progress | None = None,
+              progress: Progress | None = None, solver: str = "auto",
               log: Callable[[str], None] | None = None) -> list[FitResult]:
     """Fit several heads on one cache (loaded once); see :func:`fit_head` for the parameters.
 
@@ -146,6 +146,8 @@ def fit_heads(cache: str | Path | FeatureCache, *, models: Sequence[str] = ("log
     ``large_threshold`` rows, heads without a scalable form (kNN) are skipped with a note.
     """
     names = _resolve_names(models)
+    if solver not in SOLVERS:
+        raise ParameterError("solver", f"unknown solver {solver!r}; choose one of {', '.join(SOLVERS)}")
     params = dict(params or {})
     if params:
         check_params(names, params)
@@ -166,7 +168,8 @@ def fit_heads(cache: str | Path | FeatureCache, *, models: Sequence[str] = ("log
     stamp = time.strftime("%Y%m%d-%H%M%S")
     t_start = time.perf_counter()
     results = []
-    with contextlib.closing(runner):
+    # Each run folder is written (head, plots, predictions) while the next head fits.
+    with contextlib.closing(runner), BackgroundWriter() as writer:
         for i, name in enumerate(names):
             share = None
             if budget_s is not None:
@@ -175,11 +178,12 @@ def fit_heads(cache: str | Path | FeatureCache, *, models: Sequence[str] = ("log
             log(f"fxtl: fitting {name} on {len(plan.fit_rows)} rows (report: {plan.eval_split})")
             res = _fit_one(source, name, plan=plan, params=own, search=search, seed=seed,
                            jobs=jobs, l2_normalize=l2_normalize, pca=pca, runner=runner,
-                           budget=share, progress=progress)
+                           budget=share, progress=progress, solver=solver)
             if where is not None:
                 base = (f"{run_name}-{name}" if len(names) > 1 else run_name) if run_name else \
                     f"{slug(source.dataset)}-{slug(Path(str(source.attrs.get('backbone', 'x'))).name)}-{name}-{stamp}"
-                write_run(res, new_run_dir(where, base, exact=bool(run_name)), source, plan)
+                writer.submit(write_run, res, new_run_dir(where, base, exact=bool(run_name)),
+                              source, plan)
             results.append(res)
     return results
 
@@ -203,7 +207,7 @@ def fit_head(cache: str | Path | FeatureCache, *, model: str = "logreg",
              runs_dir: str | Path | None = None, cache_dir: str | Path | None = None,
              run_name: str | None = None, save: bool = True, backend: str = "loky",
              scheduler: Any = None, budget: float | str | None = None,
-             progress: Progress | None = None) -> FitResult:
+             progress: Progress | None = None, solver: str = "auto") -> FitResult:
     """Fit one head on a feature cache and evaluate it honestly; save a run folder if told where.
 
     Parameters
@@ -250,6 +254,10 @@ def fit_head(cache: str | Path | FeatureCache, *, model: str = "logreg",
         ``metrics["strategy"]["stopped_by_budget"]`` says so.
     progress : callable, optional
         ``progress(done, total, model)`` after each candidate.
+    solver : {"auto", "sklearn", "torch"}
+        Which estimator solves logreg, linear-svm and mlp: scikit-learn's, or the same model in
+        torch (L-BFGS or Adam, every core, CUDA when present). ``"auto"`` takes torch on large
+        data (see :func:`fxtl.heads.registry.resolve_solver`); ``metrics["solver"]`` says which.
 
     Returns
     -------
@@ -270,7 +278,7 @@ def fit_head(cache: str | Path | FeatureCache, *, model: str = "logreg",
                     large_threshold=large_threshold, cache_dir=None if run_dir else cache_dir,
                     runs_dir=None if run_dir else runs_dir, run_name=run_name,
                     save=save and run_dir is None, backend=backend, scheduler=scheduler,
-                    budget=budget, progress=progress)[0]
+                    budget=budget, progress=progress, solver=solver)[0]
     if run_dir is not None and save:
         source = open_source(cache, large_threshold=large_threshold)
         plan = plan_splits(source.labels, source.split, seed=seed, test_size=test_size,
@@ -290,7 +298,8 @@ def _provenance(source: RowSource) -> dict[str, Any]:
 
 def _fit_one(source: RowSource, name: str, *, plan: SplitPlan, params: dict, search: bool,
              seed: int, jobs: int | None, l2_normalize: bool, pca, runner: SearchBackend,
-             budget: float | None = None, progress: Progress | None = None) -> FitResult:
+             budget: float | None = None, progress: Progress | None = None,
+             solver: str = "auto") -> FitResult:
     spec = get_head(name)
     notes = list(plan.notes)
     t0 = time.perf_counter()
@@ -308,7 +317,8 @@ def _fit_one(source: RowSource, name: str, *, plan: SplitPlan, params: dict, sea
         deadline = t0 + 0.65 * budget if budget is not None else None
         pipeline, info = fit_in_memory(source, spec, plan=plan, params=params, seed=seed,
                                        jobs=jobs, l2_normalize=l2_normalize, pca=pca, notes=notes,
-                                       runner=runner, deadline=deadline, progress=progress)
+                                       runner=runner, deadline=deadline, progress=progress,
+                                       solver=solver)
     head = Head(model=name, pipeline=pipeline, class_names=list(source.class_names),
                 provenance=_provenance(source))
     t1 = time.perf_counter()
@@ -351,7 +361,7 @@ def _metrics(source: RowSource, head: Head, spec: HeadSpec, *, plan: SplitPlan, 
         "l2_normalize": bool(l2_normalize), "pca": pca,
         "backend": runner.name, "search_backend": info.get("search_backend", "none"),
         "dask": dict(runner.info) if info.get("search_backend") == "dask" else None,
-        "notes": notes,
+        "solver": info.get("solver", "sklearn"), "notes": notes,
         "scores": "probability" if head.calibrated else "softmax of decision margins",
         "created": now_iso(), "versions": versions(),
     }

@@ -25,7 +25,8 @@ from ..errors import ParameterError
 
 __all__ = ["DataShape", "StreamSpec", "HeadSpec", "HEADS", "register_head", "get_head",
            "head_names", "list_heads", "build_pipeline", "parse_params", "check_params",
-           "accepted_params", "import_estimator", "estimator_params"]
+           "accepted_params", "import_estimator", "estimator_params", "resolve_solver",
+           "SOLVERS", "TORCH_MIN_VALUES"]
 
 @dataclass(frozen=True)
 class DataShape:
@@ -77,6 +78,9 @@ class HeadSpec:
     path_param: str | None = None
     # Adjusts the final fit's parameters to its row count; returns notes.
     scale_up: Callable[[dict, int], list[str]] | None = None
+    # The same model solved in torch ("module:Class", a subclass of ``estimator``), used on large
+    # data (see :func:`resolve_solver`).
+    torch_estimator: str | None = None
 
 
 # name -> spec; `fxtl fit-head --model` choices in this order. Private: HEADS is its read-only view.
@@ -222,7 +226,8 @@ def estimator_params(estimator: str) -> set[str]:
 
 def build_pipeline(name: str, *, params: Mapping[str, Any] | None = None, seed: int = 0,
                    l2_normalize: bool = False, pca: int | float | None = None,
-                   stream: bool = False, calibrate: bool | None = None, calibration_cv: int = 5):
+                   stream: bool = False, calibrate: bool | None = None, calibration_cv: int = 5,
+                   solver: str = "sklearn"):
     """The unfitted Pipeline for head ``name``: [l2] -> scale -> [pca] -> est.
 
     Parameters
@@ -239,6 +244,9 @@ def build_pipeline(name: str, *, params: Mapping[str, Any] | None = None, seed: 
         PCA components (int) or explained-variance fraction (float in (0, 1)).
     stream : bool
         Use the scalable stand-in (``partial_fit``) instead of the registry estimator.
+    solver : {"sklearn", "torch"}
+        ``"torch"``: the head's torch estimator (when it has one), given the registry defaults
+        it accepts.
     calibrate : bool, optional
         Wrap the estimator in ``CalibratedClassifierCV(method="sigmoid", ensemble=False)``
         with ``calibration_cv`` stratified folds; default: the registry's choice (SVMs).
@@ -258,6 +266,10 @@ def build_pipeline(name: str, *, params: Mapping[str, Any] | None = None, seed: 
             raise ParameterError("large_threshold", f"head {name!r} has no scalable form for large "
                                  "caches; use logreg, linear-svm or mlp, or raise large_threshold")
         dotted, kwargs = spec.stream.estimator, dict(spec.stream.defaults)
+    elif solver == "torch" and spec.torch_estimator:
+        dotted = spec.torch_estimator
+        own = estimator_params(dotted)
+        kwargs = {k: v for k, v in spec.defaults.items() if k in own}
     else:
         dotted, kwargs = spec.estimator, dict(spec.defaults)
     kwargs.update(params or {})
@@ -279,6 +291,46 @@ def build_pipeline(name: str, *, params: Mapping[str, Any] | None = None, seed: 
                                      cv=StratifiedKFold(calibration_cv, shuffle=True, random_state=seed))
     steps.append(("est", est))
     return Pipeline(steps)
+
+
+SOLVERS = ("auto", "sklearn", "torch")
+# With solver "auto", heads that have a torch estimator use it from this many feature values
+# (rows x dims) on: below, importing torch costs more than it saves.
+TORCH_MIN_VALUES = 3_000_000
+
+
+def resolve_solver(spec: HeadSpec, *, requested: str, n_values: int,
+                   params: Mapping[str, Any], distributed: bool = False) -> tuple[str, list[str]]:
+    """``("sklearn" | "torch", notes)``: which estimator of ``spec`` fits ``n_values`` values.
+
+    ``"auto"`` takes torch from :data:`TORCH_MIN_VALUES` values when every parameter in
+    ``params`` is one the torch estimator accepts and the search is not handed to a Dask cluster.
+    ``"torch"`` forces it where the head has one (others keep scikit-learn, with a note).
+
+    Examples
+    --------
+    >>> resolve_solver(get_head("knn"), requested="auto", n_values=10**8, params={})
+    ('sklearn', [])
+    """
+    if requested not in SOLVERS:
+        raise ParameterError("solver", f"unknown solver {requested!r}; choose one of "
+                             f"{', '.join(SOLVERS)}")
+    if requested == "sklearn" or spec.torch_estimator is None:
+        notes = [f"{spec.name}: no torch solver, fitted with scikit-learn"] if requested == "torch" else []
+        return "sklearn", notes
+    foreign = sorted(set(params) - estimator_params(spec.torch_estimator))
+    if requested == "torch":
+        if foreign:
+            raise ParameterError("params", f"{', '.join(foreign)} is not a parameter of the torch "
+                                 f"solver of {spec.name}; drop it or use solver sklearn")
+        return "torch", []
+    if n_values < TORCH_MIN_VALUES or distributed or foreign:
+        return "sklearn", []
+    try:
+        import torch  # noqa: F401
+    except ImportError:
+        return "sklearn", [f"{spec.name}: torch is not installed, fitted with scikit-learn"]
+    return "torch", []
 
 
 def parse_params(items: Sequence[str]) -> dict[str, Any]:

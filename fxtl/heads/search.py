@@ -24,6 +24,8 @@ from typing import Any, Callable, Iterator, Mapping
 
 import numpy as np
 
+from .grid import (SINGLE_THREADED, GridOutcome, pick_best, prepare_folds, score_grid,
+                   uses_kernel_cache)
 from .registry import HeadSpec, build_pipeline
 
 __all__ = ["Strategy", "choose_strategy", "search_folds", "run_search", "fit_final",
@@ -169,120 +171,65 @@ def jsonable(params: Mapping[str, Any]) -> dict[str, Any]:
     return out
 
 
-@dataclass
-class SearchOutcome:
-    best: dict[str, Any]
-    scores: list[float]  # mean score per candidate tried, in grid order
-    tried: int
-    stopped_by_budget: bool
-    converged_notes: list[str]
-
-
 def run_search(spec: HeadSpec, *, X: np.ndarray, y: np.ndarray,
                folds: list[tuple[np.ndarray, np.ndarray]], candidates: list[dict], fixed: dict,
                seed: int, l2_normalize: bool, pca, jobs: int | None,
                parallel: contextlib.AbstractContextManager | None, deadline: float | None,
                progress: Progress | None, path_param: str | None,
-               rounds: bool = True) -> SearchOutcome:
-    """Score every candidate on ``folds`` (indices into ``X``/``y``); the best mean wins, ties to
-    the first (the grid is ordered most regularised first). Stops between candidates once
-    ``deadline`` (``time.perf_counter()``) has passed, keeping what was tried. ``rounds=False``
-    submits the whole grid at once (a Dask cluster schedules it best; no budget stop then)."""
-    total = len(candidates)
+               rounds: bool = True, small: bool = True, solver: str = "sklearn") -> GridOutcome:
+    """Score every candidate on ``folds`` (indices into ``X``/``y``); the best mean wins (ties:
+    see :func:`fxtl.heads.grid.score_grid`). Stops between candidates once ``deadline``
+    (``time.perf_counter()``) has passed, keeping what was tried.
+
+    By default the candidates are scored in this process (:mod:`fxtl.heads.grid`: each fold
+    preprocessed once, threads for the fits); ``rounds=False`` hands the whole grid to
+    scikit-learn's ``GridSearchCV`` inside ``parallel`` (a Dask cluster schedules it best; no
+    budget stop then). ``small`` data runs ``jobs`` fits side by side on single-threaded BLAS.
+    """
     if path_param == KNN_VOTES:
         return _knn_search(spec, X=X, y=y, folds=folds, candidates=candidates, fixed=fixed,
                            seed=seed, l2_normalize=l2_normalize, pca=pca, progress=progress)
-    if path_param:
-        return _path_search(spec, X=X, y=y, folds=folds, candidates=candidates, fixed=fixed,
-                            seed=seed, l2_normalize=l2_normalize, pca=pca, deadline=deadline,
-                            progress=progress, param=path_param)
+
+    def factory():
+        return build_pipeline(spec.name, params=fixed, seed=seed, l2_normalize=l2_normalize,
+                              pca=pca, calibrate=False, solver=solver)
+
+    if not rounds:
+        return _grid_search_cv(factory(), X=X, y=y, folds=folds, candidates=candidates,
+                               jobs=jobs, parallel=parallel)
+    template = factory().steps[-1][1]
+    prepared = prepare_folds(factory, X=X, y=y, folds=folds,
+                             kernel=uses_kernel_cache(template, candidates,
+                                                      max(len(tr) for tr, _ in folds)))
+    cores = os.cpu_count() or 1
+    workers = cores if jobs is None or jobs < 0 else min(jobs, cores)
+    if not small and type(template).__name__ not in SINGLE_THREADED:
+        workers = 1  # BLAS or torch already use every core
+    return score_grid(spec.name, prepared, candidates, warm=bool(path_param), workers=workers,
+                      deadline=deadline, progress=progress)
+
+
+def _grid_search_cv(pipe, *, X, y, folds, candidates, jobs, parallel) -> GridOutcome:
+    """The grid through scikit-learn's GridSearchCV (for a Dask cluster), chosen as
+    :func:`fxtl.heads.grid.pick_best` chooses in this process."""
     from sklearn.model_selection import GridSearchCV
 
-    pipe = build_pipeline(spec.name, params=fixed, seed=seed, l2_normalize=l2_normalize, pca=pca,
-                          calibrate=False)
-    scores: list[float] = []
-    conv_all: list[str] = []
-    # One candidate per round on one core (the budget and progress see each); else a round per core.
-    cores = os.cpu_count() or 1
-    chunk = 1 if jobs in (None, 1) else max(2, cores if jobs is not None and jobs < 0 else jobs)
-    chunk = chunk if rounds else total
-    stopped = False
-    for start in range(0, total, chunk):
-        if deadline is not None and scores and time.perf_counter() > deadline:
-            stopped = True
-            break
-        part = candidates[start:start + chunk]
-        gs = GridSearchCV(pipe, [{f"est__{k}": [v] for k, v in c.items()} for c in part], cv=folds,
-                          n_jobs=jobs, refit=False, scoring="accuracy", error_score="raise")
-        with parallel or contextlib.nullcontext(), quiet_convergence() as conv:
-            gs.fit(X, y)
-        conv_all += conv
-        # GridSearchCV orders a list of grids as given: one candidate per grid.
-        scores += [float(s) for s in gs.cv_results_["mean_test_score"]]
-        if progress:
-            progress(len(scores), total, spec.name)
-    i_best = int(np.argmax(scores))  # first of the ties
-    return SearchOutcome(candidates[i_best], scores, len(scores), stopped, conv_all)
-
-
-def _path_search(spec: HeadSpec, *, X, y, folds, candidates, fixed, seed, l2_normalize, pca,
-                 deadline, progress, param: str) -> SearchOutcome:
-    """Walk ``param`` (e.g. C, ascending) warm-started: each fit starts where the last ended.
-
-    Candidates tied on accuracy (common on easy or small data) are told apart by their held-out
-    log-loss, a proper score, rather than by grid order: the most regularised end of the path
-    would otherwise win every tie, however badly it is calibrated.
-    """
-    from sklearn.base import clone
-    from sklearn.metrics import log_loss
-
-    total = len(candidates)
-    per_fold: list[list[float]] = []
-    losses: list[list[float]] = []
-    conv_all: list[str] = []
-    stopped = False
-    t_fold = []
-    for f_i, (tr, te) in enumerate(folds):
-        pipe = build_pipeline(spec.name, params={**fixed, "warm_start": True}, seed=seed,
-                              l2_normalize=l2_normalize, pca=pca, calibrate=False)
-        pre = pipe[:-1]
-        Xtr = pre.fit_transform(X[tr]) if len(pipe.steps) > 1 else X[tr]
-        Xte = pre.transform(X[te]) if len(pipe.steps) > 1 else X[te]
-        est = clone(pipe.steps[-1][1])
-        row, loss_row = [], []
-        for i, cand in enumerate(candidates):
-            if deadline is not None and (row or per_fold) and time.perf_counter() > deadline:
-                stopped = True
-                break
-            est.set_params(**cand)
-            with quiet_convergence() as conv:
-                est.fit(Xtr, y[tr])
-            conv_all += conv
-            row.append(float((est.predict(Xte) == y[te]).mean()))
-            if hasattr(est, "predict_proba"):
-                loss_row.append(float(log_loss(y[te], est.predict_proba(Xte), labels=est.classes_)))
-            if progress:
-                progress(f_i * total + len(row), total * len(folds), spec.name)
-        per_fold.append(row)
-        losses.append(loss_row)
-        t_fold.append(len(row))
-        if stopped:
-            break
-    # A candidate counts once every fold scored it (a budget stop may cut the last fold short).
-    complete = [r for r in per_fold if len(r) == len(per_fold[0])] if stopped else per_fold
-    tried = max(1, min(len(r) for r in complete)) if complete else 1
-    scores = [float(np.mean([r[i] for r in per_fold if len(r) > i])) for i in range(tried)]
-    tied = [i for i in range(tried) if scores[i] >= max(scores) - 1e-12]
-    if len(tied) > 1 and all(len(lr) == len(r) for lr, r in zip(losses, per_fold)):
-        mean_loss = {i: float(np.mean([lr[i] for lr in losses if len(lr) > i])) for i in tied}
-        i_best = min(tied, key=lambda i: (mean_loss[i], i))
-    else:
-        i_best = tied[0]
-    return SearchOutcome(candidates[i_best], scores, tried, stopped, conv_all)
+    scoring = {"accuracy": "accuracy"}
+    if hasattr(pipe.steps[-1][1], "predict_proba"):
+        scoring["nll"] = "neg_log_loss"
+    gs = GridSearchCV(pipe, [{f"est__{k}": [v] for k, v in c.items()} for c in candidates],
+                      cv=folds, n_jobs=jobs, refit=False, scoring=scoring, error_score="raise")
+    with parallel or contextlib.nullcontext(), quiet_convergence() as conv:
+        gs.fit(X, y)
+    # GridSearchCV orders a list of grids as given: one candidate per grid.
+    scores = [float(s) for s in gs.cv_results_["mean_test_accuracy"]]
+    losses = ([-float(v) for v in gs.cv_results_["mean_test_nll"]] if "nll" in scoring
+              else [None] * len(scores))
+    return GridOutcome(candidates[pick_best(scores, losses)], scores, len(scores), False, conv)
 
 
 def _knn_search(spec: HeadSpec, *, X, y, folds, candidates, fixed, seed, l2_normalize, pca,
-                progress) -> SearchOutcome:
+                progress) -> GridOutcome:
     """Every (k, weights) candidate from one neighbour query per fold: the k nearest are a
     prefix of the largest k's, so scoring a candidate is a vote, not another search."""
     from sklearn.neighbors import NearestNeighbors
@@ -315,11 +262,11 @@ def _knn_search(spec: HeadSpec, *, X, y, folds, candidates, fixed, seed, l2_norm
     scores = [float(v) for v in np.mean(per_fold, axis=0)]
     if progress:
         progress(len(candidates), len(candidates), spec.name)
-    return SearchOutcome(candidates[int(np.argmax(scores))], scores, len(candidates), False, [])
+    return GridOutcome(candidates[int(np.argmax(scores))], scores, len(candidates), False, [])
 
 
 def fit_final(spec: HeadSpec, *, X_fit: np.ndarray, y_fit: np.ndarray, params: dict, seed: int,
-              l2_normalize: bool, pca, notes: list[str]):
+              l2_normalize: bool, pca, notes: list[str], solver: str = "sklearn"):
     """The final estimator on the fit rows, calibrated once when the head asks for it.
 
     Returns ``(pipeline, rows_used)``: the RBF SVM uses at most :data:`SVM_FIT_ROWS` rows.
@@ -336,7 +283,8 @@ def fit_final(spec: HeadSpec, *, X_fit: np.ndarray, y_fit: np.ndarray, params: d
     cap = spec.max_fit_rows or n
     if not calibrate or (n <= CALIBRATION_SPLIT_ROWS and n <= cap):
         final = build_pipeline(spec.name, params=params, seed=seed, l2_normalize=l2_normalize,
-                               pca=pca, calibrate=calibrate, calibration_cv=min(5, max(smallest, 2)))
+                               pca=pca, calibrate=calibrate, calibration_cv=min(5, max(smallest, 2)),
+                               solver=solver)
         idx = np.arange(n)
         if n > cap:
             idx = _stratified_take(idx, _codes(y_fit), cap, seed)
@@ -356,7 +304,7 @@ def fit_final(spec: HeadSpec, *, X_fit: np.ndarray, y_fit: np.ndarray, params: d
     if len(fit_idx) > cap:
         fit_idx = _stratified_take(np.sort(fit_idx), _codes(y_fit[np.sort(fit_idx)]), cap, seed)
     pipe = build_pipeline(spec.name, params=params, seed=seed, l2_normalize=l2_normalize, pca=pca,
-                          calibrate=False)
+                          calibrate=False, solver=solver)
     with quiet_convergence() as conv:
         pipe.fit(X_fit[fit_idx], y_fit[fit_idx])
     _note_conv(conv, notes)
@@ -379,14 +327,17 @@ def _note_conv(conv: list[str], notes: list[str]) -> None:
 
 def fit_in_memory(source, spec: HeadSpec, *, plan, params: dict, seed: int, jobs: int | None,
                   l2_normalize: bool, pca, notes: list[str], runner,
-                  deadline: float | None = None, progress: Progress | None = None):
+                  deadline: float | None = None, progress: Progress | None = None,
+                  solver: str = "auto"):
     """Search (see :func:`choose_strategy`) and fit the final head on rows held in memory.
 
+    ``solver`` (see :func:`fxtl.heads.registry.resolve_solver`) picks scikit-learn's estimator
+    or the head's torch one, for the search and the final fit alike.
     Returns ``(pipeline, info)``; ``info`` feeds ``metrics.json``.
     """
     from sklearn.model_selection import ParameterGrid
 
-    from .registry import DataShape, estimator_params
+    from .registry import DataShape, estimator_params, resolve_solver
 
     labels, fit_rows = source.labels, plan.fit_rows
     counts = np.bincount(labels[fit_rows])
@@ -404,13 +355,18 @@ def fit_in_memory(source, spec: HeadSpec, *, plan, params: dict, seed: int, jobs
     if pca and isinstance(pca, int) and pca > min(n_min, source.dim):
         notes.append(f"pca {pca} lowered to {min(n_min, source.dim)} (training rows/feature dim)")
         pca = min(n_min, source.dim)
-    accepted = estimator_params(spec.estimator)
+    solver, solver_notes = resolve_solver(spec, requested=solver,
+                                          n_values=len(fit_rows) * source.dim, params=params,
+                                          distributed=runner.name == "dask")
+    notes.extend(solver_notes)
+    dotted = spec.torch_estimator if solver == "torch" else spec.estimator
+    accepted = estimator_params(dotted)
     ignored = sorted(set(params) - accepted)
-    if ignored:  # parameters of the scalable stand-in only
+    if ignored:  # parameters of another form of the head (the large-cache or torch estimator)
         notes.append(f"ignored params {', '.join(ignored)}: not parameters of "
-                     f"{spec.estimator.split(':')[1]} (only of the large-cache estimator)")
+                     f"{dotted.split(':')[1]}")
     params = {k: v for k, v in params.items() if k in accepted}
-    fixed = {**spec.defaults, **params}
+    fixed = {**{k: v for k, v in spec.defaults.items() if k in accepted}, **params}
     notes.extend(spec.adapt(fixed, shape) if spec.adapt else [])
     grid = {k: v for k, v in spec.space(shape).items() if k not in params} if folds else {}
     if folds and params and not grid:
@@ -422,7 +378,8 @@ def fit_in_memory(source, spec: HeadSpec, *, plan, params: dict, seed: int, jobs
     if spec.name == "knn" and runner.name == "loky" and set(grid) <= {"n_neighbors", "weights"} \
             and fixed.get("metric", "minkowski") in ("minkowski", "euclidean") and fixed.get("p", 2) == 2:
         path = KNN_VOTES
-    info: dict[str, Any] = {"selection": strategy.selection if len(candidates) > 1 else "none",
+    info: dict[str, Any] = {"solver": solver,
+                            "selection": strategy.selection if len(candidates) > 1 else "none",
                             "n_candidates": len(candidates), "selection_score": None,
                             "search_backend": "none"}
     t0 = time.perf_counter()
@@ -434,19 +391,19 @@ def fit_in_memory(source, spec: HeadSpec, *, plan, params: dict, seed: int, jobs
         local = [(np.searchsorted(rows, tr), np.searchsorted(rows, te)) for tr, te in folds]
         X_s, y_s = source.features[rows], source.names(labels[rows])
         small = X_s.size < SMALL_VALUES
-        parallel, info["search_backend"] = runner.parallel(small)
-        if path:
-            info["search_backend"] = ("this process (one neighbour query per fold)" if path == KNN_VOTES
-                                      else "this process (warm-started path)")
-        n_jobs = -1 if info["search_backend"] == "dask" else jobs
+        parallel, backend = runner.parallel(small)
+        dask = backend == "dask"
+        info["search_backend"] = "dask" if dask else (
+            "this process (one neighbour query per fold)" if path == KNN_VOTES
+            else "this process (warm-started path)" if path else "threading")
         if progress:  # the clock of the ETA starts now
-            steps = len(candidates) * (len(folds) if path and path != KNN_VOTES else 1)
-            progress(0, steps, spec.name)
-        with _blas_limit(small):
+            progress(0, len(candidates), spec.name)
+        with _blas_limit(small and not dask):
             out = run_search(spec, X=X_s, y=y_s, folds=local, candidates=candidates, fixed=fixed,
-                             seed=seed, l2_normalize=l2_normalize, pca=pca, jobs=n_jobs,
-                             parallel=parallel, deadline=deadline, progress=progress,
-                             path_param=path, rounds=info["search_backend"] != "dask")
+                             seed=seed, l2_normalize=l2_normalize, pca=pca,
+                             jobs=-1 if dask else jobs, parallel=parallel, deadline=deadline,
+                             progress=progress, path_param=path, rounds=not dask, small=small,
+                             solver=solver)
         best = out.best
         info["selection_score"] = round(float(max(out.scores)), 6)
         info["search"] = [{"params": jsonable(c), "mean_score": round(sc, 6)}
@@ -473,7 +430,8 @@ def fit_in_memory(source, spec: HeadSpec, *, plan, params: dict, seed: int, jobs
     with _blas_limit(source.features[:1].size * len(fit_rows) < SMALL_VALUES):
         final, used = fit_final(spec, X_fit=source.features[fit_rows],
                                 y_fit=source.names(labels[fit_rows]), params=final_params,
-                                seed=seed, l2_normalize=l2_normalize, pca=pca, notes=notes)
+                                seed=seed, l2_normalize=l2_normalize, pca=pca, notes=notes,
+                                solver=solver)
     info["refit_seconds"] = time.perf_counter() - t0
     info["best_params"] = jsonable({**params, **best}) if (best or params) else {}
     info["strategy"] = {"kind": strategy.kind, "description": strategy.describe(rows_searched),
@@ -482,7 +440,7 @@ def fit_in_memory(source, spec: HeadSpec, *, plan, params: dict, seed: int, jobs
                         "candidates_tried": info.get("candidates_tried", len(candidates) if len(candidates) > 1 else 0),
                         "stopped_by_budget": bool(info.get("stopped_by_budget", False)),
                         "search_seconds": round(info["search_seconds"], 4),
-                        "final_fit_rows": int(used)}
+                        "final_fit_rows": int(used), "solver": solver}
     return final, info
 
 

@@ -1,0 +1,229 @@
+"""Scoring a head's candidates in this process, each fold's preprocessing done once.
+
+The preprocessing steps of a head (L2, scaling, PCA) are not searched, so :func:`prepare_folds`
+fits them once per fold and every candidate reuses the transformed rows: a grid of 16 candidates
+on 5 folds scales the features 5 times instead of 80. :func:`score_grid` then fits each
+candidate's estimator on every fold:
+
+* warm-started (``warm=True``, e.g. logistic regression's C path): each fold keeps one estimator
+  whose next fit starts from the previous candidate's solution;
+* the RBF SVM on a precomputed kernel: a fold's squared distances are computed once and each
+  ``gamma`` is one ``exp`` of them, so libsvm never recomputes a kernel row;
+* otherwise the fits of a round of candidates run in threads (libsvm, liblinear and BLAS release
+  the GIL): no worker processes to start, none left behind.
+
+Candidates tied on accuracy (frequent on small data) are told apart by their held-out log-loss
+when the estimator gives probabilities, else the first in grid order (most regularised) wins.
+A time budget stops the search between rounds, keeping what every fold scored.
+"""
+from __future__ import annotations
+
+import math
+import queue
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import numpy as np
+
+__all__ = ["PreparedFold", "GridOutcome", "prepare_folds", "score_grid", "pick_best", "rbf_gamma",
+           "SINGLE_THREADED", "map_threads"]
+
+# Estimators whose fit uses one core (libsvm, liblinear): candidates may run side by side even on
+# large data, where BLAS-based estimators already use every core.
+SINGLE_THREADED = frozenset({"SVC", "LinearSVC"})
+
+# A fold's distance matrices are kept up to this many training rows (6,000: 288 MB of float64).
+KERNEL_CACHE_ROWS = 6_000
+
+# (done, total, head name) -> None
+Progress = Callable[[int, int, str], None]
+
+
+@dataclass
+class PreparedFold:
+    """One fold's training and scoring rows after the head's (fixed) preprocessing."""
+
+    X_train: np.ndarray
+    y_train: np.ndarray
+    X_test: np.ndarray
+    y_test: np.ndarray
+    estimator: Any  # unfitted template (the pipeline's last step)
+    # Squared Euclidean distances, for the RBF SVM on a precomputed kernel.
+    d_train: np.ndarray | None = None
+    d_test: np.ndarray | None = None
+
+
+@dataclass
+class GridOutcome:
+    best: dict[str, Any]
+    scores: list[float]  # mean accuracy per candidate tried, in grid order
+    tried: int
+    stopped_by_budget: bool
+    converged_notes: list[str] = field(default_factory=list)
+
+
+def _sq_distances(A: np.ndarray, B: np.ndarray) -> np.ndarray:
+    A = A.astype(np.float64, copy=False)
+    B = B.astype(np.float64, copy=False)
+    d = (A * A).sum(1)[:, None] + (B * B).sum(1)[None, :] - 2.0 * (A @ B.T)
+    return np.maximum(d, 0.0, out=d)
+
+
+def rbf_gamma(gamma, X: np.ndarray) -> float:
+    """``gamma`` as scikit-learn's SVC resolves it on training rows ``X``."""
+    if gamma == "scale":
+        var = float(X.var())
+        return 1.0 / (X.shape[1] * var) if var > 0 else 1.0
+    if gamma == "auto":
+        return 1.0 / X.shape[1]
+    return float(gamma)
+
+
+def uses_kernel_cache(estimator, candidates: list[dict], n_rows: int = 0) -> bool:
+    """True for an RBF ``SVC`` (the only kernel head) fitted on at most
+    :data:`KERNEL_CACHE_ROWS` rows: its folds then keep squared distances."""
+    if type(estimator).__name__ != "SVC" or n_rows > KERNEL_CACHE_ROWS:
+        return False
+    return all(c.get("kernel", estimator.kernel) == "rbf" for c in candidates)
+
+
+def prepare_folds(pipeline_factory: Callable[[], Any], *, X: np.ndarray, y: np.ndarray,
+                  folds: list[tuple[np.ndarray, np.ndarray]], kernel: bool = False) -> list[PreparedFold]:
+    """Fit the pipeline's preprocessing once per fold (``pipeline_factory()`` gives an unfitted
+    Pipeline) and transform its rows; with ``kernel`` also their squared distances."""
+    out = []
+    for tr, te in folds:
+        pipe = pipeline_factory()
+        if len(pipe.steps) > 1:
+            pre = pipe[:-1]
+            Xtr, Xte = pre.fit_transform(X[tr]), pre.transform(X[te])
+        else:
+            Xtr, Xte = X[tr], X[te]
+        fold = PreparedFold(Xtr, y[tr], Xte, y[te], pipe.steps[-1][1])
+        if kernel:
+            fold.d_train, fold.d_test = _sq_distances(Xtr, Xtr), _sq_distances(Xte, Xtr)
+        out.append(fold)
+    return out
+
+
+def _fit_score(est, fold: PreparedFold, cand: dict) -> tuple[float, float | None]:
+    """Fit ``est`` (set to ``cand``) on the fold; its accuracy and log-loss on the fold's test."""
+    from sklearn.metrics import log_loss
+
+    est.set_params(**cand)
+    Xtr, Xte = fold.X_train, fold.X_test
+    if fold.d_train is not None:
+        g = rbf_gamma(est.gamma, fold.X_train)
+        est.set_params(kernel="precomputed")
+        Xtr, Xte = np.exp(-g * fold.d_train), np.exp(-g * fold.d_test)
+    est.fit(Xtr, fold.y_train)
+    acc = float((est.predict(Xte) == fold.y_test).mean())
+    loss = None
+    if hasattr(est, "predict_proba"):  # SVC without probability=True has none
+        loss = float(log_loss(fold.y_test, est.predict_proba(Xte), labels=est.classes_))
+    return acc, loss
+
+
+def score_grid(name: str, prepared: list[PreparedFold], candidates: list[dict], *,
+               warm: bool = False, workers: int = 1, deadline: float | None = None,
+               progress: Progress | None = None) -> GridOutcome:
+    """Mean held-out accuracy of every candidate over ``prepared`` folds (see the module doc)."""
+    from .search import quiet_convergence
+
+    # One warnings context for all threads: catch_warnings swaps process-wide state, so it must
+    # not be entered in each thread.
+    with quiet_convergence() as conv:
+        out = _score_rounds(name, prepared, candidates, warm=warm, workers=workers,
+                            deadline=deadline, progress=progress)
+    out.converged_notes = conv
+    return out
+
+
+def _score_rounds(name, prepared, candidates, *, warm, workers, deadline, progress) -> GridOutcome:
+    from sklearn.base import clone
+
+    total, n_folds = len(candidates), len(prepared)
+    per_warm = [clone(f.estimator).set_params(warm_start=True) for f in prepared] if warm else None
+    # Warm starts chain a fold's fits, so only folds run side by side; else whole candidates too.
+    per_round = 1 if warm else max(1, math.ceil(workers / n_folds))
+    scores: list[float] = []
+    losses: list[float | None] = []
+    stopped = False
+    for start in range(0, total, per_round):
+        if deadline is not None and scores and time.perf_counter() > deadline:
+            stopped = True
+            break
+        part = candidates[start:start + per_round]
+        tasks = [(ci, fi) for ci in range(len(part)) for fi in range(n_folds)]
+
+        def run(task, part=part):
+            ci, fi = task
+            est = per_warm[fi] if warm else clone(prepared[fi].estimator)
+            return _fit_score(est, prepared[fi], part[ci])
+
+        results = map_threads(run, tasks, workers)
+        for ci in range(len(part)):
+            mine = results[ci * n_folds:(ci + 1) * n_folds]
+            scores.append(float(np.mean([r[0] for r in mine])))
+            ls = [r[1] for r in mine]
+            losses.append(float(np.mean(ls)) if all(v is not None for v in ls) else None)
+        if progress:
+            progress(len(scores), total, name)
+    return GridOutcome(candidates[pick_best(scores, losses)], scores, len(scores), stopped)
+
+
+def map_threads(fn: Callable[[Any], Any], tasks: list, workers: int) -> list:
+    """``[fn(t) for t in tasks]``, ``workers`` at a time in daemon threads.
+
+    Daemon threads, and a main thread that waits in short slices, so that Ctrl-C or SIGTERM ends
+    the command at once: an interrupted search leaves no thread (and no process) running.
+    """
+    if workers <= 1 or len(tasks) <= 1:
+        return [fn(t) for t in tasks]
+    todo: queue.SimpleQueue = queue.SimpleQueue()
+    for i, t in enumerate(tasks):
+        todo.put((i, t))
+    results: list = [None] * len(tasks)
+    errors: list[BaseException] = []
+
+    def work():
+        while not errors:
+            try:
+                i, t = todo.get_nowait()
+            except queue.Empty:
+                return
+            try:
+                results[i] = fn(t)
+            except BaseException as exc:  # re-raised in the caller's thread
+                errors.append(exc)
+
+    threads = [threading.Thread(target=work, daemon=True, name=f"fxtl-search-{k}")
+               for k in range(min(workers, len(tasks)))]
+    for th in threads:
+        th.start()
+    for th in threads:
+        while th.is_alive():
+            th.join(0.1)
+    if errors:
+        raise errors[0]
+    return results
+
+
+def pick_best(scores: list[float], losses: list[float | None]) -> int:
+    """The best accuracy; among ties the lowest log-loss when every tied one has one, else the
+    first (the grid is ordered most regularised first).
+
+    Examples
+    --------
+    >>> pick_best([0.9, 0.95, 0.95], [0.3, 0.2, 0.1])
+    2
+    >>> pick_best([0.9, 0.95, 0.95], [None, None, None])
+    1
+    """
+    best = max(scores)
+    tied = [i for i, s in enumerate(scores) if s >= best - 1e-12]
+    if len(tied) > 1 and all(losses[i] is not None for i in tied):
+        return min(tied, key=lambda i: (losses[i], i))
+    return tied[0]
