@@ -27,12 +27,14 @@ from typing import Any, Callable
 
 import numpy as np
 
+from .kernel_svm import sq_distances
+
 __all__ = ["PreparedFold", "GridOutcome", "prepare_folds", "score_grid", "pick_best", "rbf_gamma",
            "SINGLE_THREADED", "map_threads"]
 
 # Estimators whose fit uses one core (libsvm, liblinear): candidates may run side by side even on
 # large data, where BLAS-based estimators already use every core.
-SINGLE_THREADED = frozenset({"SVC", "LinearSVC"})
+SINGLE_THREADED = frozenset({"SVC", "RBFSVC", "LinearSVC"})
 
 # A fold's distance matrices are kept up to this many training rows (6,000: 288 MB of float64).
 KERNEL_CACHE_ROWS = 6_000
@@ -64,13 +66,6 @@ class GridOutcome:
     converged_notes: list[str] = field(default_factory=list)
 
 
-def _sq_distances(A: np.ndarray, B: np.ndarray) -> np.ndarray:
-    A = A.astype(np.float64, copy=False)
-    B = B.astype(np.float64, copy=False)
-    d = (A * A).sum(1)[:, None] + (B * B).sum(1)[None, :] - 2.0 * (A @ B.T)
-    return np.maximum(d, 0.0, out=d)
-
-
 def rbf_gamma(gamma, X: np.ndarray) -> float:
     """``gamma`` as scikit-learn's SVC resolves it on training rows ``X``."""
     if gamma == "scale":
@@ -84,7 +79,9 @@ def rbf_gamma(gamma, X: np.ndarray) -> float:
 def uses_kernel_cache(estimator, candidates: list[dict], n_rows: int = 0) -> bool:
     """True for an RBF ``SVC`` (the only kernel head) fitted on at most
     :data:`KERNEL_CACHE_ROWS` rows: its folds then keep squared distances."""
-    if type(estimator).__name__ != "SVC" or n_rows > KERNEL_CACHE_ROWS:
+    from sklearn.svm import SVC
+
+    if not isinstance(estimator, SVC) or n_rows > KERNEL_CACHE_ROWS:
         return False
     return all(c.get("kernel", estimator.kernel) == "rbf" for c in candidates)
 
@@ -103,7 +100,7 @@ def prepare_folds(pipeline_factory: Callable[[], Any], *, X: np.ndarray, y: np.n
             Xtr, Xte = X[tr], X[te]
         fold = PreparedFold(Xtr, y[tr], Xte, y[te], pipe.steps[-1][1])
         if kernel:
-            fold.d_train, fold.d_test = _sq_distances(Xtr, Xtr), _sq_distances(Xte, Xtr)
+            fold.d_train, fold.d_test = sq_distances(Xtr, Xtr), sq_distances(Xte, Xtr)
         out.append(fold)
     return out
 

@@ -38,6 +38,7 @@ HEAD_FORMAT_VERSION = 2
 # Types a head may hold beyond what skops trusts by default (scikit-learn estimators, numpy):
 # the helpers inside fitted calibrators, kNN trees and MLP optimisers. Nothing here runs code.
 TRUSTED_TYPES = (
+    "fxtl.heads.kernel_svm.RBFSVC",
     "sklearn.calibration._CalibratedClassifier",
     "sklearn.calibration._SigmoidCalibration",
     "sklearn.metrics._dist_metrics.EuclideanDistance64",

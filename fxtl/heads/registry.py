@@ -183,7 +183,7 @@ register_head(HeadSpec(
     description="multinomial logistic regression, L2, C swept log-spaced (warm-started path)",
     stream=_SGD_LOG, path_param="C"))
 register_head(HeadSpec(
-    name="svm", estimator="sklearn.svm:SVC",
+    name="svm", estimator="fxtl.heads.kernel_svm:RBFSVC",
     defaults={"kernel": "rbf", "C": 1.0, "gamma": "scale", "cache_size": 500},
     space=_svm_space, calibrate=True,
     description="RBF-kernel SVM, C and gamma searched (Platt-calibrated probabilities)",
