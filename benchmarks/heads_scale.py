@@ -139,26 +139,31 @@ def run_cli(cache: Path, home: Path, budget: str | None = None) -> dict:
             "runs": json.loads(p.stdout)["runs"], "command": " ".join(cmd[3:])}
 
 
-def exhaustive(cache: Path, model: str) -> dict:
+def exhaustive(cache: Path, model: str, solver: str = "auto") -> dict:
     """The same space searched exhaustively: k-fold CV on every fit row (or the val split as it
-    is), no subsample, no warm start, the final fit on every row, calibrated by k-fold."""
+    is), no subsample, no warm start, no budget, the final fit on every row, calibrated by
+    k-fold; the same solver (scikit-learn or torch) as the run it is compared with. The RBF SVM
+    keeps its row cap (its candidates and final fit see at most ``max_fit_rows`` rows): beyond
+    it a kernel matrix no longer fits in memory, which is why the head has the cap."""
     from fxtl.heads import fitting, search
 
     spec0 = fitting.get_head(model)
     saved = (search.CV_MAX_ROWS, search.PLENTY_PER_CLASS, search.CALIBRATION_SPLIT_ROWS, fitting.get_head)
     search.CV_MAX_ROWS = search.PLENTY_PER_CLASS = search.CALIBRATION_SPLIT_ROWS = 10 ** 12
-    fitting.get_head = lambda name: replace(spec0, search_rows=10 ** 12, max_fit_rows=None,
+    fitting.get_head = lambda name: replace(spec0, search_rows=spec0.max_fit_rows or 10 ** 12,
                                             path_param=None, scale_up=None)
     try:
         t0 = time.perf_counter()
-        res = fitting.fit_head(cache, model=model, jobs=-1, seed=0)
+        res = fitting.fit_head(cache, model=model, jobs=-1, seed=0, solver=solver)
         wall = time.perf_counter() - t0
     finally:
         search.CV_MAX_ROWS, search.PLENTY_PER_CLASS, search.CALIBRATION_SPLIT_ROWS, fitting.get_head = saved
     m = res.metrics
     return {"accuracy": m["accuracy"], "macro_f1": m["macro_f1"], "seconds": round(wall, 2),
             "selection": m["selection"], "best_params": m["best_params"],
-            "candidates": m["n_candidates"]}
+            "candidates": m["n_candidates"], "solver": m.get("solver"),
+            "rows_searched": m["strategy"]["rows_searched"],
+            "final_fit_rows": m["strategy"]["final_fit_rows"]}
 
 
 def plain_logreg(cache: Path) -> dict:
@@ -219,12 +224,13 @@ def main() -> None:
             for r in cli["runs"]:
                 h = {"model": r["model"], "accuracy": r["accuracy"], "macro_f1": r["macro_f1"],
                      "fit_seconds": r["fit_seconds"], "n_fit": r["n_fit"], "split": r["split"],
+                     "solver": r.get("solver"), "estimator": r.get("estimator"),
                      "strategy": r["strategy"], "best_params": r["best_params"]}
                 if times:
                     h.pop("accuracy"), h.pop("macro_f1")  # near-duplicates: not an accuracy
                 elif name not in args.no_reference:
                     print(f"[{name}] exhaustive {r['model']}", file=sys.stderr)
-                    h["exhaustive"] = exhaustive(cache, r["model"])
+                    h["exhaustive"] = exhaustive(cache, r["model"], r.get("solver") or "auto")
                     h["accuracy_gap_points"] = round(100 * (r["accuracy"] - h["exhaustive"]["accuracy"]), 2)
                 entry["heads"].append(h)
                 args.output.write_text(json.dumps(out, indent=2) + "\n")  # partial results survive

@@ -27,8 +27,6 @@ from typing import Any, Callable
 
 import numpy as np
 
-from .kernel_svm import sq_distances
-
 __all__ = ["PreparedFold", "GridOutcome", "prepare_folds", "score_grid", "pick_best", "rbf_gamma",
            "SINGLE_THREADED", "map_threads"]
 
@@ -90,6 +88,8 @@ def prepare_folds(pipeline_factory: Callable[[], Any], *, X: np.ndarray, y: np.n
                   folds: list[tuple[np.ndarray, np.ndarray]], kernel: bool = False) -> list[PreparedFold]:
     """Fit the pipeline's preprocessing once per fold (``pipeline_factory()`` gives an unfitted
     Pipeline) and transform its rows; with ``kernel`` also their squared distances."""
+    from .kernel_svm import sq_distances
+
     out = []
     for tr, te in folds:
         pipe = pipeline_factory()
