@@ -41,16 +41,19 @@ from fxtl.cli import cli
 out = {}
 for name, args in json.loads(sys.argv[1]).items():
     r = CliRunner().invoke(cli, args)
-    out[name] = {"exit": r.exit_code, "torch": "torch" in sys.modules, "output": r.output[-400:]}
+    out[name] = {"exit": r.exit_code, "torch": "torch" in sys.modules,
+                 "sklearn": "sklearn" in sys.modules, "output": r.output[-400:]}
 print(json.dumps(out))
 """
 
 
 @pytest.fixture(scope="module")
-def reader_runs(shapes_cache, tmp_path_factory):
+def reader_runs(shapes_dir, shapes_cache, tmp_path_factory):
     """Each command in its own fresh process (so one command's imports do not mask another's)."""
     tmp = tmp_path_factory.mktemp("reader")
     commands = {"info": ["info", str(shapes_cache), "--json"],
+                "extract-hit": ["extract", str(shapes_dir), "--cache-dir", str(shapes_cache.parent),
+                                "--json"],
                 "export": ["export", str(shapes_cache), "--format", "npz", "-o", str(tmp / "f.npz")],
                 "fit-head": ["fit-head", str(shapes_cache), "--model", "logreg", "--cache-dir",
                              str(tmp), "--json"]}
@@ -63,16 +66,17 @@ def reader_runs(shapes_cache, tmp_path_factory):
     return runs
 
 
-@pytest.mark.parametrize("command", ["info", "export"])
-def test_cache_readers_do_not_import_torch(reader_runs, command):
+@pytest.mark.parametrize("command", ["info", "export", "extract-hit"])
+def test_cache_readers_import_neither_torch_nor_sklearn(reader_runs, command):
     run = reader_runs[command]
     assert run["exit"] == 0, run["output"]
-    assert run["torch"] is False
+    assert run["torch"] is False and run["sklearn"] is False
+    if command == "extract-hit":
+        assert '"cache_hit": true' in run["output"]
 
 
-def test_fit_head_on_a_cache_does_not_import_torch(reader_runs):
+def test_fit_head_on_a_small_cache_does_not_import_torch(reader_runs):
+    """Small data is fitted with scikit-learn (torch solvers start from TORCH_MIN_VALUES)."""
     run = reader_runs["fit-head"]
     assert run["exit"] == 0, run["output"]
-    if run["torch"]:
-        pytest.xfail("fxtl.heads imports torch on fit-head (owned by the heads helper)")
     assert run["torch"] is False
