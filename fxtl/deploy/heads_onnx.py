@@ -25,7 +25,8 @@ import numpy as np
 
 from ..errors import FxtlError
 
-__all__ = ["convert_head", "convert_with_skl2onnx", "UnsupportedHead", "HEAD_INPUT", "HEAD_OUTPUT"]
+__all__ = ["convert_head", "convert_with_skl2onnx", "register_torch_heads", "UnsupportedHead",
+           "HEAD_INPUT", "HEAD_OUTPUT"]
 
 HEAD_INPUT = "features"
 HEAD_OUTPUT = "probabilities"
@@ -204,7 +205,7 @@ def _estimator_scores(b: _Builder, x: str, est, *, probabilities: bool) -> str:
         return b.op("Softmax", d, axis=1)
     if name == "CalibratedClassifierCV":
         return _calibrated_proba(b, x, est)
-    if name == "MLPClassifier":
+    if "MLPClassifier" in {c.__name__ for c in type(est).__mro__}:  # subclasses: same attributes
         return _mlp_proba(b, x, est)
     if _is_linear(est) and not hasattr(est, "support_vectors_"):
         return _linear_proba(b, x, est)
@@ -263,6 +264,30 @@ def convert_head(pipeline, *, class_positions: Sequence[int], n_classes: int, fe
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])
 
 
+def register_torch_heads() -> None:
+    """Tell skl2onnx to convert :mod:`fxtl.heads.torch_heads` estimators with the converters of
+    their scikit-learn parents (they hold the parents' fitted attributes). Idempotent."""
+    from skl2onnx import update_registered_converter
+    from skl2onnx.common.shape_calculator import calculate_linear_classifier_output_shapes
+    from skl2onnx.operator_converters.linear_classifier import convert_sklearn_linear_classifier
+    from skl2onnx.operator_converters.multilayer_perceptron import convert_sklearn_mlp_classifier
+
+    from ..heads.torch_heads import TorchLinearSVC, TorchLogisticRegression, TorchMLPClassifier
+
+    # the options skl2onnx registers for each parent
+    labels = {"zipmap": [True, False, "columns"], "nocl": [True, False],
+              "output_class_labels": [False, True]}
+    for cls, alias, convert, options in (
+            (TorchLogisticRegression, "SklearnLinearClassifier", convert_sklearn_linear_classifier,
+             {**labels, "raw_scores": [True, False]}),
+            (TorchLinearSVC, "SklearnLinearSVC", convert_sklearn_linear_classifier,
+             {"nocl": [True, False], "output_class_labels": [False, True],
+              "raw_scores": [True, False]}),
+            (TorchMLPClassifier, "SklearnMLPClassifier", convert_sklearn_mlp_classifier, labels)):
+        update_registered_converter(cls, alias, calculate_linear_classifier_output_shapes,
+                                    convert, options=options)
+
+
 def convert_with_skl2onnx(pipeline, *, class_positions: Sequence[int], n_classes: int,
                           feature_dim: int, opset: int):
     """``pipeline`` through skl2onnx (RBF SVC, kNN...), renamed to the head's input and output.
@@ -274,6 +299,8 @@ def convert_with_skl2onnx(pipeline, *, class_positions: Sequence[int], n_classes
     except ImportError:
         raise UnsupportedHead("skl2onnx is not installed") from None
     from onnx import compose, helper
+
+    register_torch_heads()
 
     est = _steps(pipeline)[-1]
     try:

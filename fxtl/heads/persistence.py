@@ -36,9 +36,14 @@ HEAD_FORMAT = "fxtl-head"
 # 1: joblib pickle (read only with trust=True); 2: skops.
 HEAD_FORMAT_VERSION = 2
 # Types a head may hold beyond what skops trusts by default (scikit-learn estimators, numpy):
-# the helpers inside fitted calibrators, kNN trees and MLP optimisers. Nothing here runs code.
+# the helpers inside fitted calibrators, kNN trees and MLP optimisers, and fxtl's torch-fitted
+# estimators and its BLAS-kernel SVC (numpy state only; loading them imports scikit-learn, not
+# torch). Nothing here runs code.
 TRUSTED_TYPES = (
     "fxtl.heads.kernel_svm.RBFSVC",
+    "fxtl.heads.torch_heads.TorchLinearSVC",
+    "fxtl.heads.torch_heads.TorchLogisticRegression",
+    "fxtl.heads.torch_heads.TorchMLPClassifier",
     "sklearn.calibration._CalibratedClassifier",
     "sklearn.calibration._SigmoidCalibration",
     "sklearn.metrics._dist_metrics.EuclideanDistance64",
@@ -63,6 +68,10 @@ def skops_io():
         import skops.io as sio
 
         return sio
+    # scipy.stats (imported by scikit-learn) looks torch up in sys.modules while it imports and
+    # fails on the None placeholder: import them before torch is hidden.
+    import sklearn.base  # noqa: F401
+
     sys.modules["torch"] = None  # type: ignore[assignment]  # `import torch` -> ImportError
     try:
         import skops.io as sio
