@@ -80,7 +80,7 @@ class FitResult:
         keys = ("model", "split", "accuracy", "balanced_accuracy", "macro_f1", "n", "fit_seconds",
                 "search_seconds", "predict_seconds", "selection", "selection_score", "best_params",
                 "n_candidates", "trainable_params", "n_fit", "scalable", "estimator", "backend",
-                "search_backend", "strategy", "budget_seconds", "notes")
+                "search_backend", "solver", "strategy", "budget_seconds", "notes")
         d = {k: self.metrics.get(k) for k in keys}
         d["head"] = str(self.head_path) if self.head_path else None
         d["run_dir"] = str(self.run_dir) if self.run_dir else None

@@ -181,7 +181,8 @@ register_head(HeadSpec(
     name="logreg", estimator="sklearn.linear_model:LogisticRegression",
     defaults={"C": 1.0, "max_iter": 2000}, space=_logreg_space,
     description="multinomial logistic regression, L2, C swept log-spaced (warm-started path)",
-    stream=_SGD_LOG, path_param="C"))
+    stream=_SGD_LOG, path_param="C",
+    torch_estimator="fxtl.heads.torch_heads:TorchLogisticRegression"))
 register_head(HeadSpec(
     name="svm", estimator="fxtl.heads.kernel_svm:RBFSVC",
     defaults={"kernel": "rbf", "C": 1.0, "gamma": "scale", "cache_size": 500},
@@ -194,7 +195,8 @@ register_head(HeadSpec(
     defaults={"C": 1e-3, "dual": "auto", "tol": 1e-4, "max_iter": 2000}, space=_linear_svm_space,
     calibrate=True,
     description="linear SVM (liblinear, primal/dual from the shape), C searched (Platt-calibrated)",
-    stream=_SGD_HINGE, search_rows=2_000))
+    stream=_SGD_HINGE, search_rows=2_000, path_param="C",
+    torch_estimator="fxtl.heads.torch_heads:TorchLinearSVC"))
 register_head(HeadSpec(
     name="mlp", estimator="sklearn.neural_network:MLPClassifier",
     # Mini-batches of 64 at a 3e-3 step: sklearn's default batch of 200 is the whole of a small
@@ -206,7 +208,8 @@ register_head(HeadSpec(
     description="one-hidden-layer MLP with early stopping, width and alpha searched",
     stream=StreamSpec("sklearn.neural_network:MLPClassifier",
                       {"hidden_layer_sizes": (256,), "alpha": 1e-4},
-                      {"alpha": [1e-2, 1e-4]}, "MLPClassifier.partial_fit, streamed")))
+                      {"alpha": [1e-2, 1e-4]}, "MLPClassifier.partial_fit, streamed"),
+    torch_estimator="fxtl.heads.torch_heads:TorchMLPClassifier"))
 register_head(HeadSpec(
     name="knn", estimator="sklearn.neighbors:KNeighborsClassifier",
     defaults={"n_neighbors": 5}, space=_knn_space, adapt=_knn_adapt, seeded=False,

@@ -205,7 +205,8 @@ def run_search(spec: HeadSpec, *, X: np.ndarray, y: np.ndarray,
     workers = cores if jobs is None or jobs < 0 else min(jobs, cores)
     if not small and type(template).__name__ not in SINGLE_THREADED:
         workers = 1  # BLAS or torch already use every core
-    return score_grid(spec.name, prepared, candidates, warm=bool(path_param), workers=workers,
+    warm = bool(path_param) and "warm_start" in template.get_params()
+    return score_grid(spec.name, prepared, candidates, warm=warm, workers=workers,
                       deadline=deadline, progress=progress)
 
 
@@ -374,7 +375,7 @@ def fit_in_memory(source, spec: HeadSpec, *, plan, params: dict, seed: int, jobs
     candidates = list(ParameterGrid(grid)) if grid else [{}]
     # The warm-started path runs here; a backend the caller chose explicitly gets the grid.
     path = spec.path_param if (spec.path_param and list(grid) == [spec.path_param]
-                               and runner.name == "loky") else None
+                               and runner.name == "loky" and "warm_start" in accepted) else None
     if spec.name == "knn" and runner.name == "loky" and set(grid) <= {"n_neighbors", "weights"} \
             and fixed.get("metric", "minkowski") in ("minkowski", "euclidean") and fixed.get("p", 2) == 2:
         path = KNN_VOTES
