@@ -158,3 +158,48 @@ def test_knn_votes_score_every_candidate_like_grid_search():
     gs = GridSearchCV(build_pipeline("knn"), [{f"est__{k}": [v] for k, v in c.items()} for c in cands],
                       cv=folds).fit(X, y)
     np.testing.assert_allclose(out.scores, gs.cv_results_["mean_test_score"], atol=1e-12)
+
+
+# ------------------------------------------------------------------------- solver per size
+@pytest.mark.parametrize("model, requested, n_values, params, solver", [
+    ("logreg", "auto", 398 * 1280, {}, "sklearn"),        # hymenoptera: importing torch costs more
+    ("logreg", "auto", 3_500 * 1280, {}, "torch"),        # ~3,500 rows
+    ("mlp", "auto", 22_000 * 1280, {}, "torch"),
+    ("linear-svm", "auto", 22_000 * 1280, {}, "torch"),
+    ("svm", "auto", 22_000 * 1280, {}, "sklearn"),        # no torch form (BLAS kernel instead)
+    ("knn", "torch", 22_000 * 1280, {}, "sklearn"),
+    ("logreg", "auto", 22_000 * 1280, {"solver": "saga"}, "sklearn"),  # a scikit-learn-only param
+    ("logreg", "sklearn", 22_000 * 1280, {}, "sklearn"),
+    ("logreg", "torch", 100, {}, "torch"),
+])
+def test_solver_chosen_at_each_size(model, requested, n_values, params, solver):
+    from fxtl.heads.registry import get_head, resolve_solver
+
+    got, notes = resolve_solver(get_head(model), requested=requested, n_values=n_values, params=params)
+    assert got == solver
+    assert bool(notes) == (requested == "torch" and solver == "sklearn")
+
+
+def test_bad_solver_requests_name_the_parameter():
+    from fxtl.heads.registry import get_head, resolve_solver
+
+    with pytest.raises(ParameterError) as e:
+        resolve_solver(get_head("logreg"), requested="jax", n_values=1, params={})
+    assert e.value.param == "solver"
+    with pytest.raises(ParameterError) as e:
+        resolve_solver(get_head("logreg"), requested="torch", n_values=1, params={"solver": "saga"})
+    assert e.value.param == "params" and "solver" in str(e.value)
+
+
+def test_torch_and_sklearn_solvers_pick_and_score_alike(tmp_path):
+    """The same head, search and splits through both solvers: same choice, same accuracy, and
+    metrics.json says which solver ran."""
+    cache = write_synthetic_cache(tmp_path / "t.h5", splits=(("train", 400), ("test", 200)),
+                                  dim=24, classes=3, sep=0.6)
+    for model in ("logreg", "linear-svm"):
+        sk = fit_head(cache, model=model, seed=0, solver="sklearn")
+        th = fit_head(cache, model=model, seed=0, solver="torch")
+        assert sk.metrics["solver"] == "sklearn" and th.metrics["solver"] == "torch"
+        assert th.metrics["estimator"].startswith("Torch")
+        assert th.metrics["best_params"] == sk.metrics["best_params"]
+        assert abs(th.metrics["accuracy"] - sk.metrics["accuracy"]) <= 1 / 200
