@@ -91,7 +91,7 @@ def _lbfgs(torch, params, objective, *, tol: float, max_iter: int, dtype) -> int
         return loss
 
     opt.step(closure)
-    return int(opt.state[opt._params[0]].get("n_iter", 0))
+    return int(opt.state[params[0]].get("n_iter", 0))
 
 
 def _warm(est, attr: str, shape: tuple) -> np.ndarray | None:
@@ -163,13 +163,46 @@ def _fit_linear(est, X, y, *, loss: str, penalise_intercept: bool) -> int:
     return n_iter
 
 
-class TorchLogisticRegression(LogisticRegression):
+class _TorchLinear:
+    """Parameters, ``fit`` and tags shared by the two linear estimators (listed first in their
+    bases, so scikit-learn reads this ``__init__``'s signature as their parameters)."""
+
+    _loss: str
+    _penalise_intercept: bool
+
+    def __init__(self, C=1.0, *, tol=1e-4, max_iter=1000, warm_start=False, device="auto",
+                 random_state=None):
+        self.C = C
+        self.tol = tol
+        self.max_iter = max_iter
+        self.warm_start = warm_start
+        self.device = device
+        self.random_state = random_state
+
+    def fit(self, X, y, sample_weight=None):
+        """Fit on ``X`` (n, d) and labels ``y``; ``sample_weight`` is not supported."""
+        self._validate_params()
+        if sample_weight is not None:
+            raise ValueError(f"{type(self).__name__} does not support sample_weight")
+        n_iter = _fit_linear(self, X, y, loss=self._loss, penalise_intercept=self._penalise_intercept)
+        # as the parent reports it: LogisticRegression an array of one, LinearSVC an int
+        self.n_iter_ = np.array([n_iter], dtype=np.int32) if self._loss == "log" else n_iter
+        return self
+
+    def __sklearn_tags__(self):
+        tags = super().__sklearn_tags__()
+        tags.input_tags.sparse = False
+        tags.array_api_support = False
+        return tags
+
+
+class TorchLogisticRegression(_TorchLinear, LogisticRegression):
     """``LogisticRegression(solver="lbfgs")`` with an L2 penalty, solved in torch.
 
     Binary problems learn one logit vector (``coef_`` of shape ``(1, d)``), multiclass ones a
     softmax (``(K, d)``), exactly the problem scikit-learn's lbfgs solver minimises; ``tol`` is
     its ``gtol`` on the objective divided by ``C * n``. ``warm_start=True`` starts from the
-    previous ``coef_``/``intercept_`` (a C path walked upwards converges in few iterations).
+    previous ``coef_``/``intercept_`` (a C path walked upwards converges in fewer iterations).
 
     Parameters
     ----------
@@ -187,38 +220,15 @@ class TorchLogisticRegression(LogisticRegression):
         Unused (the problem is convex and the start is zero); kept for fxtl's seeding.
     """
 
+    _loss, _penalise_intercept = "log", False
     _parameter_constraints = _constraints(LogisticRegression, ("C", "tol", "max_iter", "warm_start",
                                                                "random_state"))
     # The parent's parameters that its inherited methods read, fixed to what is solved here.
     penalty, l1_ratio, dual, fit_intercept, intercept_scaling = "l2", 0.0, False, True, 1
     class_weight, solver, verbose, n_jobs = None, "lbfgs", 0, None
 
-    def __init__(self, C=1.0, *, tol=1e-4, max_iter=1000, warm_start=False, device="auto",
-                 random_state=None):
-        self.C = C
-        self.tol = tol
-        self.max_iter = max_iter
-        self.warm_start = warm_start
-        self.device = device
-        self.random_state = random_state
 
-    def fit(self, X, y, sample_weight=None):
-        """Fit on ``X`` (n, d) and labels ``y``; ``sample_weight`` is not supported."""
-        self._validate_params()
-        if sample_weight is not None:
-            raise ValueError(f"{type(self).__name__} does not support sample_weight")
-        self.n_iter_ = np.array([_fit_linear(self, X, y, loss="log", penalise_intercept=False)],
-                                dtype=np.int32)
-        return self
-
-    def __sklearn_tags__(self):
-        tags = super().__sklearn_tags__()
-        tags.input_tags.sparse = False
-        tags.array_api_support = False
-        return tags
-
-
-class TorchLinearSVC(LinearSVC):
+class TorchLinearSVC(_TorchLinear, LinearSVC):
     """``LinearSVC()``'s default problem solved in torch: one-vs-rest squared hinge, L2.
 
     The intercept is penalised like liblinear's (a constant feature of value 1,
@@ -232,32 +242,11 @@ class TorchLinearSVC(LinearSVC):
         As :class:`TorchLogisticRegression`.
     """
 
+    _loss, _penalise_intercept = "squared_hinge", True
     _parameter_constraints = _constraints(LinearSVC, ("C", "tol", "max_iter", "random_state"),
                                           warm_start=["boolean"])
     penalty, loss, dual, multi_class, fit_intercept = "l2", "squared_hinge", False, "ovr", True
     intercept_scaling, class_weight, verbose = 1, None, 0
-
-    def __init__(self, C=1.0, *, tol=1e-4, max_iter=1000, warm_start=False, device="auto",
-                 random_state=None):
-        self.C = C
-        self.tol = tol
-        self.max_iter = max_iter
-        self.warm_start = warm_start
-        self.device = device
-        self.random_state = random_state
-
-    def fit(self, X, y, sample_weight=None):
-        """Fit on ``X`` (n, d) and labels ``y``; ``sample_weight`` is not supported."""
-        self._validate_params()
-        if sample_weight is not None:
-            raise ValueError(f"{type(self).__name__} does not support sample_weight")
-        self.n_iter_ = _fit_linear(self, X, y, loss="squared_hinge", penalise_intercept=True)
-        return self
-
-    def __sklearn_tags__(self):
-        tags = super().__sklearn_tags__()
-        tags.input_tags.sparse = False
-        return tags
 
 
 def _mlp_init(torch, sizes, gen, dev):
