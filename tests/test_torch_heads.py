@@ -222,3 +222,23 @@ def test_onnx_export_gives_predict_proba(kind, digits):
         sess = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
         (p,) = sess.run(["probabilities"], {"features": X[:50]})
         np.testing.assert_allclose(p, pipe.predict_proba(X[:50]), atol=1e-4)
+
+
+@pytest.mark.parametrize("cls", [TorchLogisticRegression, TorchLinearSVC])
+def test_sample_weight_is_row_repetition(cls, digits):
+    X, y = digits
+    X, y = X[:300], y[:300]
+    w = np.random.default_rng(0).integers(0, 3, len(y))
+    weighted = cls(C=0.05, tol=1e-7, device="cpu").fit(X, y, sample_weight=w)
+    repeated = cls(C=0.05, tol=1e-7, device="cpu").fit(np.repeat(X, w, 0), np.repeat(y, w))
+    np.testing.assert_allclose(weighted.coef_, repeated.coef_, atol=1e-4)
+    with pytest.raises(ValueError, match="zero"):
+        cls(device="cpu").fit(X, y, sample_weight=np.zeros(len(y)))
+
+
+def test_mlp_sample_weight(digits):
+    X, y = digits
+    w = (y != 3).astype(float)  # class 3 weighs nothing: it is never learned
+    got = TorchMLPClassifier(hidden_layer_sizes=(16,), batch_size=256, random_state=0,
+                             device="cpu").fit(X, y, sample_weight=w)
+    assert (got.predict(X[y == 3]) == 3).mean() < 0.2 and got.score(X[y != 3], y[y != 3]) > 0.9

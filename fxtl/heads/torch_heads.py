@@ -91,7 +91,22 @@ def _lbfgs(torch, params, objective, *, tol: float, max_iter: int, dtype) -> int
         return loss
 
     opt.step(closure)
-    return int(opt.state[opt._params[0]].get("n_iter", 0))
+    return int(opt.state[params[0]].get("n_iter", 0))
+
+
+def _sample_weight(sample_weight, n: int) -> np.ndarray:
+    """Row weights as float64 (n,), ones by default; refuses negative or all-zero weights."""
+    if sample_weight is None:
+        return np.ones(n)
+    sw = np.asarray(sample_weight, dtype=np.float64)
+    if sw.ndim == 0:
+        sw = np.full(n, float(sw))
+    if sw.shape != (n,):
+        raise ValueError(f"sample_weight.shape == {sw.shape}, expected {(n,)}")
+    if not np.all(np.isfinite(sw)) or (sw < 0).any() or sw.sum() <= 0:
+        raise ValueError("sample_weight must be finite and non-negative, and the weights cannot "
+                         "all be zero")
+    return sw
 
 
 def _warm(est, attr: str, shape: tuple) -> np.ndarray | None:
@@ -105,10 +120,13 @@ def _warm(est, attr: str, shape: tuple) -> np.ndarray | None:
 _LBFGS_STAGES = ("float32", "float64")
 
 
-def _linear_objective(torch, X, y_idx, k: int, *, loss: str, reg: float, penalise_intercept: bool):
-    """``f(w, b)``: the mean loss plus ``reg * ||w||^2`` (and ``||b||^2`` when penalised)."""
+def _linear_objective(torch, X, y_idx, k: int, sw, *, loss: str, reg: float,
+                      penalise_intercept: bool):
+    """``f(w, b)``: the ``sw``-weighted mean loss plus ``reg * ||w||^2`` (and ``||b||^2``
+    when penalised)."""
     F = torch.nn.functional
     n = len(y_idx)
+    sw = (sw / sw.sum()).to(X.dtype)
     if loss == "log" and k > 1:
         target = y_idx
     elif k == 1:  # one margin, positive class = classes_[1]
@@ -120,16 +138,18 @@ def _linear_objective(torch, X, y_idx, k: int, *, loss: str, reg: float, penalis
     def objective(w, b):
         z = torch.addmm(b, X, w.T)
         if loss != "log":
-            data = torch.relu(1.0 - target * z).square().sum() / n
+            per_row = torch.relu(1.0 - target * z).square().sum(1)
         else:
-            data = F.cross_entropy(z, target) if k > 1 else F.softplus(-target * z).mean()
+            per_row = F.cross_entropy(z, target, reduction="none") if k > 1 else \
+                F.softplus(-target * z)[:, 0]
+        data = per_row @ sw
         penalty = w.square().sum() + (b.square().sum() if penalise_intercept else 0.0)
         return data + reg * penalty
 
     return objective
 
 
-def _fit_linear(est, X, y, *, loss: str, penalise_intercept: bool) -> int:
+def _fit_linear(est, X, y, sample_weight, *, loss: str, penalise_intercept: bool) -> int:
     """Shared body of the linear fits: sets ``coef_``, ``intercept_``, ``classes_``; returns
     the L-BFGS iterations used."""
     X, classes, y_idx = _classes(est, X, y)
@@ -141,18 +161,20 @@ def _fit_linear(est, X, y, *, loss: str, penalise_intercept: bool) -> int:
     if prev_w is not None and prev_b is not None:
         w, b = prev_w, prev_b
     yt = torch.as_tensor(y_idx, device=dev)
+    sw = _sample_weight(sample_weight, n)
     X32 = torch.as_tensor(X, device=dev).float()
-    # Divided by C * n (as scikit-learn's lbfgs): mean loss + ||W||^2 / (2 C n).
-    reg = 0.5 / (est.C * n)
+    # Divided by C * sum(sample_weight) (as scikit-learn's lbfgs): mean loss + ||W||^2 / (2 C n).
+    reg = 0.5 / (est.C * float(sw.sum()))
+    sw = torch.as_tensor(sw, device=dev)
     n_iter = 0
     for name in _LBFGS_STAGES:
         if n_iter >= est.max_iter:
             break
         dtype = getattr(torch, name)
-        objective = _linear_objective(torch, X32.to(dtype), yt, k, loss=loss, reg=reg,
+        objective = _linear_objective(torch, X32.to(dtype), yt, k, sw, loss=loss, reg=reg,
                                       penalise_intercept=penalise_intercept)
-        wt = torch.as_tensor(w, dtype=dtype, device=dev).requires_grad_()
-        bt = torch.as_tensor(b, dtype=dtype, device=dev).requires_grad_()
+        wt = torch.tensor(w, dtype=dtype, device=dev, requires_grad=True)
+        bt = torch.tensor(b, dtype=dtype, device=dev, requires_grad=True)
         n_iter += _lbfgs(torch, [wt, bt], lambda: objective(wt, bt), tol=est.tol,
                          max_iter=est.max_iter - n_iter, dtype=dtype)
         w, b = wt.detach().cpu().double().numpy(), bt.detach().cpu().double().numpy()
@@ -163,13 +185,45 @@ def _fit_linear(est, X, y, *, loss: str, penalise_intercept: bool) -> int:
     return n_iter
 
 
-class TorchLogisticRegression(LogisticRegression):
+class _TorchLinear:
+    """Parameters, ``fit`` and tags shared by the two linear estimators (listed first in their
+    bases, so scikit-learn reads this ``__init__``'s signature as their parameters)."""
+
+    _loss: str
+    _penalise_intercept: bool
+
+    def __init__(self, C=1.0, *, tol=1e-4, max_iter=1000, warm_start=False, device="auto",
+                 random_state=None):
+        self.C = C
+        self.tol = tol
+        self.max_iter = max_iter
+        self.warm_start = warm_start
+        self.device = device
+        self.random_state = random_state
+
+    def fit(self, X, y, sample_weight=None):
+        """Fit on ``X`` (n, d) and labels ``y``, rows weighted by ``sample_weight``."""
+        self._validate_params()
+        n_iter = _fit_linear(self, X, y, sample_weight, loss=self._loss,
+                             penalise_intercept=self._penalise_intercept)
+        # as the parent reports it: LogisticRegression an array of one, LinearSVC an int
+        self.n_iter_ = np.array([n_iter], dtype=np.int32) if self._loss == "log" else n_iter
+        return self
+
+    def __sklearn_tags__(self):
+        tags = super().__sklearn_tags__()
+        tags.input_tags.sparse = False
+        tags.array_api_support = False
+        return tags
+
+
+class TorchLogisticRegression(_TorchLinear, LogisticRegression):
     """``LogisticRegression(solver="lbfgs")`` with an L2 penalty, solved in torch.
 
     Binary problems learn one logit vector (``coef_`` of shape ``(1, d)``), multiclass ones a
     softmax (``(K, d)``), exactly the problem scikit-learn's lbfgs solver minimises; ``tol`` is
     its ``gtol`` on the objective divided by ``C * n``. ``warm_start=True`` starts from the
-    previous ``coef_``/``intercept_`` (a C path walked upwards converges in few iterations).
+    previous ``coef_``/``intercept_`` (a C path walked upwards converges in fewer iterations).
 
     Parameters
     ----------
@@ -187,38 +241,15 @@ class TorchLogisticRegression(LogisticRegression):
         Unused (the problem is convex and the start is zero); kept for fxtl's seeding.
     """
 
+    _loss, _penalise_intercept = "log", False
     _parameter_constraints = _constraints(LogisticRegression, ("C", "tol", "max_iter", "warm_start",
                                                                "random_state"))
     # The parent's parameters that its inherited methods read, fixed to what is solved here.
     penalty, l1_ratio, dual, fit_intercept, intercept_scaling = "l2", 0.0, False, True, 1
     class_weight, solver, verbose, n_jobs = None, "lbfgs", 0, None
 
-    def __init__(self, C=1.0, *, tol=1e-4, max_iter=1000, warm_start=False, device="auto",
-                 random_state=None):
-        self.C = C
-        self.tol = tol
-        self.max_iter = max_iter
-        self.warm_start = warm_start
-        self.device = device
-        self.random_state = random_state
 
-    def fit(self, X, y, sample_weight=None):
-        """Fit on ``X`` (n, d) and labels ``y``; ``sample_weight`` is not supported."""
-        self._validate_params()
-        if sample_weight is not None:
-            raise ValueError(f"{type(self).__name__} does not support sample_weight")
-        self.n_iter_ = np.array([_fit_linear(self, X, y, loss="log", penalise_intercept=False)],
-                                dtype=np.int32)
-        return self
-
-    def __sklearn_tags__(self):
-        tags = super().__sklearn_tags__()
-        tags.input_tags.sparse = False
-        tags.array_api_support = False
-        return tags
-
-
-class TorchLinearSVC(LinearSVC):
+class TorchLinearSVC(_TorchLinear, LinearSVC):
     """``LinearSVC()``'s default problem solved in torch: one-vs-rest squared hinge, L2.
 
     The intercept is penalised like liblinear's (a constant feature of value 1,
@@ -232,32 +263,11 @@ class TorchLinearSVC(LinearSVC):
         As :class:`TorchLogisticRegression`.
     """
 
+    _loss, _penalise_intercept = "squared_hinge", True
     _parameter_constraints = _constraints(LinearSVC, ("C", "tol", "max_iter", "random_state"),
                                           warm_start=["boolean"])
     penalty, loss, dual, multi_class, fit_intercept = "l2", "squared_hinge", False, "ovr", True
     intercept_scaling, class_weight, verbose = 1, None, 0
-
-    def __init__(self, C=1.0, *, tol=1e-4, max_iter=1000, warm_start=False, device="auto",
-                 random_state=None):
-        self.C = C
-        self.tol = tol
-        self.max_iter = max_iter
-        self.warm_start = warm_start
-        self.device = device
-        self.random_state = random_state
-
-    def fit(self, X, y, sample_weight=None):
-        """Fit on ``X`` (n, d) and labels ``y``; ``sample_weight`` is not supported."""
-        self._validate_params()
-        if sample_weight is not None:
-            raise ValueError(f"{type(self).__name__} does not support sample_weight")
-        self.n_iter_ = _fit_linear(self, X, y, loss="squared_hinge", penalise_intercept=True)
-        return self
-
-    def __sklearn_tags__(self):
-        tags = super().__sklearn_tags__()
-        tags.input_tags.sparse = False
-        return tags
 
 
 def _mlp_init(torch, sizes, gen, dev):
@@ -324,8 +334,8 @@ class TorchMLPClassifier(MLPClassifier):
         self.random_state = random_state
         self.device = device
 
-    def fit(self, X, y):
-        """Train on ``X`` (n, d) and labels ``y``."""
+    def fit(self, X, y, sample_weight=None):
+        """Train on ``X`` (n, d) and labels ``y``, rows weighted by ``sample_weight``."""
         self._validate_params()
         hidden = list(np.atleast_1d(self.hidden_layer_sizes))
         if any(h <= 0 for h in hidden):
@@ -350,12 +360,13 @@ class TorchMLPClassifier(MLPClassifier):
         self.n_layers_ = len(hidden) + 2
         self.out_activation_ = "logistic" if self.n_outputs_ == 1 else "softmax"
         params = _mlp_init(torch, [X.shape[1], *hidden, self.n_outputs_], gen, dev)
-        best = self._train(torch, dev, gen, params, X, Y, train, val)
+        sw = None if sample_weight is None else _sample_weight(sample_weight, len(y))
+        best = self._train(torch, dev, gen, params, X, Y, sw, train, val)
         self.coefs_ = [p.detach().cpu().double().numpy() for p in best[0::2]]
         self.intercepts_ = [p.detach().cpu().double().numpy() for p in best[1::2]]
         return self
 
-    def _train(self, torch, dev, gen, params, X, Y, train, val):
+    def _train(self, torch, dev, gen, params, X, Y, sw, train, val):
         """Adam epochs over shuffled mini-batches; sets sklearn's bookkeeping attributes and
         returns the weights to keep (the best on validation with early stopping)."""
         F = torch.nn.functional
@@ -364,6 +375,8 @@ class TorchMLPClassifier(MLPClassifier):
         Yt = torch.as_tensor(Y, device=dev).float() if binary else \
             torch.as_tensor(Y.argmax(1), device=dev)
         Xtr, Ytr = Xt[torch.as_tensor(train, device=dev)], Yt[torch.as_tensor(train, device=dev)]
+        W = None if sw is None else torch.as_tensor(sw, device=dev).float()
+        Wtr = None if W is None else W[torch.as_tensor(train, device=dev)]
         n = len(train)
         bs = n if self.batch_size == "auto" and n < 200 else \
             200 if self.batch_size == "auto" else min(self.batch_size, n)
@@ -376,36 +389,42 @@ class TorchMLPClassifier(MLPClassifier):
                                fused=True)
         self.loss_curve_, self.t_, self.n_iter_, self._no_improvement_count = [], 0, 0, 0
         if val is not None:
-            self.validation_scores_, self.best_validation_score_, self.best_loss_ = [], -np.inf, None
+            self.validation_scores_, self.best_validation_score_ = [], -np.inf
+            self.best_loss_ = None
             Xv, Yv = Xt[torch.as_tensor(val, device=dev)], Yt[torch.as_tensor(val, device=dev)]
+            Wv = None if W is None else W[torch.as_tensor(val, device=dev)]
         else:
-            self.validation_scores_, self.best_validation_score_, self.best_loss_ = None, None, np.inf
+            self.validation_scores_ = self.best_validation_score_ = None
+            self.best_loss_ = np.inf
         best = [p.detach().clone() for p in params]
         for epoch in range(self.max_iter):
             perm = torch.randperm(n, generator=gen).to(dev)
-            Xs, Ys = Xtr[perm], Ytr[perm]
+            Xs, Ys, Ws = Xtr[perm], Ytr[perm], None if Wtr is None else Wtr[perm]
             total = torch.zeros((), device=dev)
             for start in range(0, n, bs):
                 xb, yb = Xs[start:start + bs], Ys[start:start + bs]
                 with _autocast(torch, dev):  # per step: autocast caches its weight casts
                     z = _forward(torch, params, xb).float()
-                loss = F.binary_cross_entropy_with_logits(z, yb) if binary else F.cross_entropy(z, yb)
-                opt.param_groups[0]["weight_decay"] = self.alpha / len(xb)
+                loss, size = _batch_loss(F, z, yb, None if Ws is None else Ws[start:start + bs])
+                opt.param_groups[0]["weight_decay"] = self.alpha / size
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 opt.step()
-                total += loss.detach() * len(xb)
+                total += loss.detach() * size
             self.n_iter_, self.t_ = epoch + 1, self.t_ + n
             with torch.no_grad():  # the penalty each batch added, at the epoch's final weights
                 penalty = 0.5 * self.alpha * sum(float(w.square().sum()) for w in weights)
-            self.loss_ = float(total) / n + penalty * math.ceil(n / bs) / n
+            weight = n if Wtr is None else float(Wtr.sum())
+            self.loss_ = float(total) / weight + penalty * math.ceil(n / bs) / weight
             self.loss_curve_.append(self.loss_)
             if val is not None:
                 with torch.no_grad():
                     with _autocast(torch, dev):
                         zv = _forward(torch, params, Xv).float()
                     hit = ((zv[:, 0] > 0).float() == Yv[:, 0]) if binary else zv.argmax(1) == Yv
-                if self._improved(float(hit.float().mean())):
+                    hit = hit.float()
+                    score = hit.mean() if Wv is None else (hit @ Wv) / Wv.sum()
+                if self._improved(float(score)):
                     best = [p.detach().clone() for p in params]
             else:
                 self._improved(None)  # without a hold-out the last weights are kept
@@ -433,15 +452,23 @@ class TorchMLPClassifier(MLPClassifier):
         self._no_improvement_count = self._no_improvement_count + 1 if stalled else 0
         return better
 
-    def partial_fit(self, X, y, classes=None):
-        raise NotImplementedError("TorchMLPClassifier trains with fit only; use MLPClassifier "
-                                  "for partial_fit")
-
     def __sklearn_tags__(self):
         tags = super().__sklearn_tags__()
         tags.input_tags.sparse = False
         tags.classifier_tags.multi_label = False
         return tags
+
+
+def _batch_loss(F, z, yb, wb):
+    """A mini-batch's (weighted) mean log-loss and its size (the weights' sum when weighted)."""
+    binary = yb.ndim == 2  # one logistic output, float targets of shape (n, 1)
+    if wb is None:
+        loss = F.binary_cross_entropy_with_logits(z, yb) if binary else F.cross_entropy(z, yb)
+        return loss, len(yb)
+    per_row = F.binary_cross_entropy_with_logits(z, yb, reduction="none")[:, 0] if binary else \
+        F.cross_entropy(z, yb, reduction="none")
+    size = float(wb.sum())
+    return (per_row @ wb) / max(size, 1e-12), max(size, 1e-12)
 
 
 def _autocast(torch, dev):
