@@ -118,6 +118,10 @@ def _warm(est, attr: str, shape: tuple) -> np.ndarray | None:
 # Full-batch L-BFGS stages: float32 gets close at half the cost per iteration, float64 then
 # converges to ``tol`` (float32 cannot resolve the objective's last changes near the optimum).
 _LBFGS_STAGES = ("float32", "float64")
+# Above this many feature values the float64 stage is skipped: on real 1280-d features its last
+# digits change no prediction (same validation accuracy at 22k rows) but it doubles the time
+# and holds a float64 copy of the data.
+FLOAT64_MAX_VALUES = 8_000_000
 
 
 def _linear_objective(torch, X, y_idx, k: int, sw, *, loss: str, reg: float,
@@ -167,7 +171,8 @@ def _fit_linear(est, X, y, sample_weight, *, loss: str, penalise_intercept: bool
     reg = 0.5 / (est.C * float(sw.sum()))
     sw = torch.as_tensor(sw, device=dev)
     n_iter = 0
-    for name in _LBFGS_STAGES:
+    stages = _LBFGS_STAGES if n * d <= FLOAT64_MAX_VALUES else _LBFGS_STAGES[:1]
+    for name in stages:
         if n_iter >= est.max_iter:
             break
         dtype = getattr(torch, name)
@@ -399,13 +404,13 @@ class TorchMLPClassifier(MLPClassifier):
         best = [p.detach().clone() for p in params]
         for epoch in range(self.max_iter):
             perm = torch.randperm(n, generator=gen).to(dev)
-            Xs, Ys, Ws = Xtr[perm], Ytr[perm], None if Wtr is None else Wtr[perm]
             total = torch.zeros((), device=dev)
             for start in range(0, n, bs):
-                xb, yb = Xs[start:start + bs], Ys[start:start + bs]
+                idx = perm[start:start + bs]  # gathered per batch: no shuffled copy of the data
+                xb, yb = Xtr[idx], Ytr[idx]
                 with _autocast(torch, dev):  # per step: autocast caches its weight casts
                     z = _forward(torch, params, xb).float()
-                loss, size = _batch_loss(F, z, yb, None if Ws is None else Ws[start:start + bs])
+                loss, size = _batch_loss(F, z, yb, None if Wtr is None else Wtr[idx])
                 opt.param_groups[0]["weight_decay"] = self.alpha / size
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
