@@ -125,6 +125,31 @@ def test_nonfinite_rows_refused_by_name_or_dropped(tmp_path):
         assert_one_line_error(r.exit_code, r.stderr, "NaN or infinity", "rows 1")
 
 
+def test_streamed_cache_refuses_nonfinite_rows_by_row_and_path(tmp_path):
+    """Above large_threshold a cache is streamed block by block; each block is checked as it is
+    read and a NaN/inf row is refused by row and path, as the in-memory path refuses it."""
+    from fxtl.heads.source import open_source
+
+    clean = _valid(tmp_path / "clean.h5")
+    src = open_source(clean, large_threshold=2)
+    assert src.features is None  # streamed from the file
+    got = np.concatenate([X for _, X, _ in src.blocks(np.arange(8), block_rows=3)])
+    np.testing.assert_array_equal(got, load_features(clean).features)
+    batches = list(src.shuffled_batches(np.arange(8), rng=np.random.default_rng(0), block_rows=3))
+    assert sorted(np.concatenate([y for _, y in batches]).tolist()) == [0, 0, 0, 0, 1, 1, 1, 1]
+
+    path = _edit(_valid(tmp_path / "c.h5"), _nan_rows)
+    src = open_source(path, large_threshold=2)
+    with pytest.raises(CacheError, match=r"c.h5 is damaged: 1 of 8 feature rows hold NaN or "
+                                         r"infinity \(rows 1 \(c1/1.png\)\)"):
+        list(src.blocks(np.arange(8), block_rows=4))
+    with pytest.raises(CacheError, match=r"rows 5 \(c1/5.png\), 6 \(c0/6.png\)"):
+        list(src.shuffled_batches(np.array([4, 5, 6, 7]), rng=np.random.default_rng(0), block_rows=4))
+    r = CliRunner().invoke(cli, ["fit-head", str(path), "--model", "logreg", "--no-search", "--large-threshold", "2",
+                                 "--cache-dir", str(tmp_path / "home")])
+    assert_one_line_error(r.exit_code, r.stderr, str(path), "NaN or infinity", "rows 1 (c1/1.png)")
+
+
 def test_export_no_longer_labels_rows_unlabelled_when_names_are_short(tmp_path):
     path = _edit(_valid(tmp_path / "c.h5"), _set("class_names", np.array(["ants"], dtype=object)))
     r = CliRunner().invoke(cli, ["export", str(path), "--format", "csv", "-o", str(tmp_path / "o.csv")])
