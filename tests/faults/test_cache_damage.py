@@ -6,6 +6,7 @@ from __future__ import annotations
 import errno
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -148,6 +149,27 @@ def test_streamed_cache_refuses_nonfinite_rows_by_row_and_path(tmp_path):
     r = CliRunner().invoke(cli, ["fit-head", str(path), "--model", "logreg", "--no-search", "--large-threshold", "2",
                                  "--cache-dir", str(tmp_path / "home")])
     assert_one_line_error(r.exit_code, r.stderr, str(path), "NaN or infinity", "rows 1 (c1/1.png)")
+
+
+def test_predict_refuses_a_cache_with_nonfinite_rows_by_row_and_path(tmp_path, genuine):
+    """`predict RUN CACHE` on a cache with 3 NaN/inf rows: one line naming them, no prediction
+    for the others (fxtl never scores a damaged cache), exit 1; the genuine cache still works."""
+    run_dir, cache = genuine
+    ok = CliRunner().invoke(cli, ["predict", str(run_dir), str(cache), "--json"])
+    assert ok.exit_code == 0 and len(json.loads(ok.stdout)["predictions"]) == 120, ok.output
+    damaged = Path(shutil.copy(cache, tmp_path / "nan.h5"))
+
+    def nan_rows(f):
+        X = f["features"][...]
+        X[[3, 70]] = np.nan
+        X[100, 2] = -np.inf
+        f["features"][...] = X
+    _edit(damaged, nan_rows)
+    r = CliRunner().invoke(cli, ["predict", str(run_dir), str(damaged), "--json"])
+    line = assert_one_line_error(r.exit_code, r.stderr, str(damaged), "3 of 120 feature rows hold "
+                                 "NaN or infinity (rows 3 (train/c0/3.png), 70 (val/c1/10.png), "
+                                 "100 (test/c1/10.png))", "re-create it with `fxtl extract`")
+    assert json.loads(r.stdout) == {"error": line[len("fxtl: error: "):], "exit_code": 1}
 
 
 def test_export_no_longer_labels_rows_unlabelled_when_names_are_short(tmp_path):
