@@ -545,7 +545,8 @@ def iter_feature_chunks(path: str | Path, *, rows: int = 8192, split: str | None
             finite = np.isfinite(X).all(axis=1)
             if not finite.all():
                 if nonfinite == "raise":
-                    raise CacheError(nonfinite_message(path, start + np.flatnonzero(~finite), n, None))
+                    raise CacheError(nonfinite_message(path, start + np.flatnonzero(~finite), n,
+                                                       read_strings(f, "paths")))
                 X, y = X[finite], y[finite]
                 keep = finite
             else:

@@ -115,7 +115,7 @@ def test_nonfinite_rows_refused_by_name_or_dropped(tmp_path):
     assert list(fc.labels) == [0, 0, 1, 0, 1] and list(fc.split) == ["train"] * 3 + ["val"] * 2
     from fxtl.features.store import iter_feature_chunks
 
-    with pytest.raises(CacheError, match=r"1 of 8 feature rows .*\(rows 1\)"):
+    with pytest.raises(CacheError, match=r"1 of 8 feature rows .*\(rows 1 \(c1/1.png\)\)"):
         list(iter_feature_chunks(path, rows=4))
     got = list(iter_feature_chunks(path, rows=4, nonfinite="drop", split="train"))
     assert sum(len(y) for _, y in got) == 3
