@@ -89,6 +89,13 @@ def guard_cache(path: str | Path, *, features: bool = True) -> None:
     CacheError
         One line naming the file: the error the checks raised, or that reading it crashed the
         HDF5 library or did not finish, and ``re-create it with `fxtl extract```.
+
+    Examples
+    --------
+    >>> guard_cache("cache/hymenoptera-lite0-0247b4e1abc3e3fb.h5")  # doctest: +SKIP
+    >>> guard_cache("damaged.h5")                                   # doctest: +SKIP
+    Traceback (most recent call last):
+    fxtl.errors.CacheError: damaged.h5 is damaged: reading it crashed the HDF5 library (SIGSEGV); re-create it with `fxtl extract`
     """
     if _in_probe or os.environ.get(PROBE_ENV, "").lower() in ("off", "0", "no"):
         return
@@ -156,16 +163,14 @@ def _child_error(path: Path, exc: BaseException) -> str:
     return f"{path} is damaged ({reason}); {_FIX}"
 
 
-def _crash_message(path: Path, status: int) -> str:
-    if os.WIFSIGNALED(status):
-        sig = os.WTERMSIG(status)
+def _crash_message(path: Path, *, signum: int | None, code: int = 0) -> str:
+    if signum is not None:
         try:
-            name = signal.Signals(sig).name
+            name = signal.Signals(signum).name
         except ValueError:
-            name = f"signal {sig}"
+            name = f"signal {signum}"
         return f"{path} is damaged: reading it crashed the HDF5 library ({name}); {_FIX}"
-    return (f"{path} is damaged: reading it stopped the HDF5 library (exit status "
-            f"{os.WEXITSTATUS(status)}); {_FIX}")
+    return f"{path} is damaged: reading it stopped the HDF5 library (exit status {code}); {_FIX}"
 
 
 def _hang_message(path: Path, limit: float) -> str:
@@ -221,7 +226,9 @@ def _probe_forked(path: Path, level: str, limit: float) -> str | None:
             return None
         if text.startswith("error\t"):
             return text[len("error\t"):]
-        return _crash_message(path, status)
+        if os.WIFSIGNALED(status):
+            return _crash_message(path, signum=os.WTERMSIG(status))
+        return _crash_message(path, signum=None, code=os.WEXITSTATUS(status))
     finally:
         os.close(r)
         if not done:  # a hang, or the parent interrupted (Ctrl-C): the child goes too
@@ -250,9 +257,8 @@ def _probe_spawned(path: Path, level: str, limit: float) -> str | None:
         return None
     if text.startswith("error\t"):
         return text[len("error\t"):]
-    rc = proc.returncode
-    status = (-rc) if rc < 0 else (rc << 8)  # the shape os.waitpid gives, for one message
-    return _crash_message(path, status)
+    rc = proc.returncode  # negative: killed by that signal (POSIX)
+    return _crash_message(path, signum=-rc if rc < 0 else None, code=rc)
 
 
 def _main(argv: list[str]) -> int:
