@@ -37,8 +37,11 @@ _PROBE_BYTES_PER_SECOND = 100 << 20
 _READ_ALL_BYTES = 512 << 20
 _FIX = "re-create it with `fxtl extract`"
 
-# (device, inode, size, mtime_ns) -> "meta" / "all" (read cleanly up to that level) or an error line.
-_verdicts: dict[tuple[int, int, int, int], str] = {}
+# What the child reads, from least to most: the root attribute `format` only (is it fxtl's?), the
+# attributes, checks and small datasets, and all of it with /features.
+LEVELS = ("format", "meta", "all")
+# (device, inode, size, mtime_ns) -> {level: None (read cleanly) or the error line}.
+_verdicts: dict[tuple[int, int, int, int], dict[str, str | None]] = {}
 _in_probe = False  # True inside the child: its own reads must not probe again
 
 
@@ -54,7 +57,7 @@ def remember_written(path: str | Path) -> None:
     """Record that this process has just written the complete cache ``path``: no probe for it."""
     key = _key(Path(path))
     if key is not None:
-        _verdicts[key] = "all"
+        _verdicts[key] = {"all": None}
 
 
 def forget() -> None:
@@ -73,7 +76,7 @@ def probe_seconds(path: Path, *, features: bool) -> float:
     return PROBE_SECONDS + size / _PROBE_BYTES_PER_SECOND
 
 
-def guard_cache(path: str | Path, *, features: bool = True) -> None:
+def guard_cache(path: str | Path, *, features: bool = True, level: str | None = None) -> None:
     """Raise :class:`CacheError` unless a child process reads ``path`` cleanly.
 
     Parameters
@@ -83,6 +86,10 @@ def guard_cache(path: str | Path, *, features: bool = True) -> None:
     features : bool
         Also read ``/features`` (every value up to 512 MiB, else its chunk index and first and
         last blocks); without it, the attributes, the checks and the small datasets only.
+    level : {"format", "meta", "all"}, optional
+        Overrides ``features``: ``"format"`` reads the root attribute ``format`` only (any
+        HDF5 file; used to tell fxtl's files from others), ``"meta"`` and ``"all"`` are
+        ``features=False`` and ``True``.
 
     Raises
     ------
@@ -103,19 +110,19 @@ def guard_cache(path: str | Path, *, features: bool = True) -> None:
     key = _key(path)
     if key is None:
         return
-    level = "all" if features else "meta"
-    known = _verdicts.get(key)
-    if known in ("all", level):
-        return
-    if known is not None and known not in ("all", "meta"):
-        raise CacheError(known)
+    level = level or ("all" if features else "meta")
+    if level not in LEVELS:
+        raise ValueError(f"level must be one of {LEVELS}, got {level!r}")
+    known = _verdicts.setdefault(key, {})
+    if any(known.get(lv, "") is None for lv in LEVELS[LEVELS.index(level):]):
+        return  # read cleanly at this level or a deeper one
+    if known.get(level):
+        raise CacheError(known[level])
     limit = probe_seconds(path, features=features)
     error = _probe_forked(path, level, limit) if _may_fork() else _probe_spawned(path, level, limit)
-    if error is None:
-        _verdicts[key] = level
-        return
-    _verdicts[key] = error
-    raise CacheError(error)
+    known[level] = error
+    if error is not None:
+        raise CacheError(error)
 
 
 def _may_fork() -> bool:
@@ -131,6 +138,12 @@ def read_for_probe(path: Path, level: str) -> None:
 
     from .store import cache_attrs, open_cache, read_strings
 
+    if level == "format":
+        import h5py
+
+        with h5py.File(path, "r") as f:
+            f.attrs.get("format")
+        return
     with open_cache(path, features=False) as f:
         cache_attrs(f)
         # The reads the readers make, in their way: a probe that asked more of a file than they

@@ -160,3 +160,28 @@ def test_probe_off_reads_in_process(tmp_path, monkeypatch):
     monkeypatch.setattr(cache_guard, "_probe_spawned", None)
     copy = shutil.copy(_valid(tmp_path / "valid.h5"), tmp_path / "copy.h5")
     assert load_features(copy).n == 40
+
+
+def test_a_damaged_hdf5_file_in_a_data_folder_does_not_crash_discovery(tmp_path, monkeypatch):
+    """Discovery opens every .h5 in a data folder to see whether fxtl wrote it (its folder is
+    then skipped) after a child process read its `format`: a file on which that crashes is not
+    provably fxtl's, and the walk goes on."""
+    from fxtl.data.discovery import is_artifact_folder
+
+    monkeypatch.setattr(cache_guard, "PROBE_SECONDS", 2.0)
+    # The crash flip spares `format` (fxtl's file: its folder is skipped); the hang flip makes
+    # HDF5 loop while it opens the file (killed after 2 s: not provably fxtl's).
+    for name, flip, ours in (("crash", CRASH_FLIP, True), ("hang", HANG_FLIP, False)):
+        damaged, known = _flipped(tmp_path, f"{name}.h5", flip)
+        folder = tmp_path / name
+        folder.mkdir()
+        shutil.move(damaged, folder / "features.h5")
+        t0 = time.monotonic()
+        assert is_artifact_folder(folder) is ours or not known
+        assert time.monotonic() - t0 < 10
+    assert is_artifact_folder(tmp_path) is True  # valid.h5: a cache fxtl wrote
+    cache_guard.forget()
+    monkeypatch.setattr(cache_guard, "_may_fork", lambda: True)
+    monkeypatch.setattr(cache_guard, "read_for_probe",
+                        lambda path, level: os.kill(os.getpid(), signal.SIGSEGV))
+    assert is_artifact_folder(tmp_path / "crash") is False
