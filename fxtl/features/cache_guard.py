@@ -24,7 +24,7 @@ import time
 import warnings
 from pathlib import Path
 
-from ..errors import CacheError
+from ..errors import CacheError, ParameterError
 
 __all__ = ["guard_cache", "remember_written", "forget", "probe_seconds", "PROBE_ENV"]
 
@@ -112,13 +112,13 @@ def guard_cache(path: str | Path, *, features: bool = True, level: str | None = 
         return
     level = level or ("all" if features else "meta")
     if level not in LEVELS:
-        raise ValueError(f"level must be one of {LEVELS}, got {level!r}")
+        raise ParameterError("level", f"level must be one of {', '.join(LEVELS)}, got {level!r}")
     known = _verdicts.setdefault(key, {})
     if any(known.get(lv, "") is None for lv in LEVELS[LEVELS.index(level):]):
         return  # read cleanly at this level or a deeper one
     if known.get(level):
         raise CacheError(known[level])
-    limit = probe_seconds(path, features=features)
+    limit = probe_seconds(path, features=level == "all")
     error = _probe_forked(path, level, limit) if _may_fork() else _probe_spawned(path, level, limit)
     known[level] = error
     if error is not None:
@@ -195,10 +195,15 @@ def _probe_forked(path: Path, level: str, limit: float) -> str | None:
     """Probe in a forked child; the error line, or None when the child read the file cleanly."""
     global _in_probe
     r, w = os.pipe()
-    with warnings.catch_warnings():
-        # Python 3.12+ warns about forking beside native threads; see _may_fork for why it is safe.
-        warnings.simplefilter("ignore", DeprecationWarning)
-        pid = os.fork()
+    try:
+        with warnings.catch_warnings():
+            # Python 3.12+ warns about forking beside native threads; _may_fork says why it is safe.
+            warnings.simplefilter("ignore", DeprecationWarning)
+            pid = os.fork()
+    except OSError:  # no memory or process slot for a fork: a fresh interpreter may still start
+        os.close(r)
+        os.close(w)
+        return _probe_spawned(path, level, limit)
     if pid == 0:  # the child: never returns, never runs the parent's exit handlers
         code = 0
         try:
