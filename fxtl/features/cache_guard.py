@@ -17,7 +17,6 @@ import faulthandler
 import os
 import select
 import signal
-import subprocess
 import sys
 import threading
 import time
@@ -259,6 +258,7 @@ def _probe_forked(path: Path, level: str, limit: float) -> str | None:
 
 def _probe_spawned(path: Path, level: str, limit: float) -> str | None:
     """Probe in a fresh interpreter (threads are running, or there is no fork)."""
+    import subprocess  # here: most probes fork, and a cache hit should not pay for the import
     root = str(Path(__file__).resolve().parents[2])
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([root] + [p for p in sys.path if p]),
                **{PROBE_ENV: "off"})
