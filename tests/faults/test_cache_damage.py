@@ -6,6 +6,7 @@ from __future__ import annotations
 import errno
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -114,7 +115,7 @@ def test_nonfinite_rows_refused_by_name_or_dropped(tmp_path):
     assert list(fc.labels) == [0, 0, 1, 0, 1] and list(fc.split) == ["train"] * 3 + ["val"] * 2
     from fxtl.features.store import iter_feature_chunks
 
-    with pytest.raises(CacheError, match=r"1 of 8 feature rows .*\(rows 1\)"):
+    with pytest.raises(CacheError, match=r"1 of 8 feature rows .*\(rows 1 \(c1/1.png\)\)"):
         list(iter_feature_chunks(path, rows=4))
     got = list(iter_feature_chunks(path, rows=4, nonfinite="drop", split="train"))
     assert sum(len(y) for _, y in got) == 3
@@ -123,6 +124,52 @@ def test_nonfinite_rows_refused_by_name_or_dropped(tmp_path):
                                                             str(tmp_path / "o.csv"), "--format", "csv"]):
         r = CliRunner().invoke(cli, args)
         assert_one_line_error(r.exit_code, r.stderr, "NaN or infinity", "rows 1")
+
+
+def test_streamed_cache_refuses_nonfinite_rows_by_row_and_path(tmp_path):
+    """Above large_threshold a cache is streamed block by block; each block is checked as it is
+    read and a NaN/inf row is refused by row and path, as the in-memory path refuses it."""
+    from fxtl.heads.source import open_source
+
+    clean = _valid(tmp_path / "clean.h5")
+    src = open_source(clean, large_threshold=2)
+    assert src.features is None  # streamed from the file
+    got = np.concatenate([X for _, X, _ in src.blocks(np.arange(8), block_rows=3)])
+    np.testing.assert_array_equal(got, load_features(clean).features)
+    batches = list(src.shuffled_batches(np.arange(8), rng=np.random.default_rng(0), block_rows=3))
+    assert sorted(np.concatenate([y for _, y in batches]).tolist()) == [0, 0, 0, 0, 1, 1, 1, 1]
+
+    path = _edit(_valid(tmp_path / "c.h5"), _nan_rows)
+    src = open_source(path, large_threshold=2)
+    with pytest.raises(CacheError, match=r"c.h5 is damaged: 1 of 8 feature rows hold NaN or "
+                                         r"infinity \(rows 1 \(c1/1.png\)\)"):
+        list(src.blocks(np.arange(8), block_rows=4))
+    with pytest.raises(CacheError, match=r"rows 5 \(c1/5.png\), 6 \(c0/6.png\)"):
+        list(src.shuffled_batches(np.array([4, 5, 6, 7]), rng=np.random.default_rng(0), block_rows=4))
+    r = CliRunner().invoke(cli, ["fit-head", str(path), "--model", "logreg", "--no-search", "--large-threshold", "2",
+                                 "--cache-dir", str(tmp_path / "home")])
+    assert_one_line_error(r.exit_code, r.stderr, str(path), "NaN or infinity", "rows 1 (c1/1.png)")
+
+
+def test_predict_refuses_a_cache_with_nonfinite_rows_by_row_and_path(tmp_path, genuine):
+    """`predict RUN CACHE` on a cache with 3 NaN/inf rows: one line naming them, no prediction
+    for the others (fxtl never scores a damaged cache), exit 1; the genuine cache still works."""
+    run_dir, cache = genuine
+    ok = CliRunner().invoke(cli, ["predict", str(run_dir), str(cache), "--json"])
+    assert ok.exit_code == 0 and len(json.loads(ok.stdout)["predictions"]) == 120, ok.output
+    damaged = Path(shutil.copy(cache, tmp_path / "nan.h5"))
+
+    def nan_rows(f):
+        X = f["features"][...]
+        X[[3, 70]] = np.nan
+        X[100, 2] = -np.inf
+        f["features"][...] = X
+    _edit(damaged, nan_rows)
+    r = CliRunner().invoke(cli, ["predict", str(run_dir), str(damaged), "--json"])
+    line = assert_one_line_error(r.exit_code, r.stderr, str(damaged), "3 of 120 feature rows hold "
+                                 "NaN or infinity (rows 3 (train/c0/3.png), 70 (val/c1/10.png), "
+                                 "100 (test/c1/10.png))", "re-create it with `fxtl extract`")
+    assert json.loads(r.stdout) == {"error": line[len("fxtl: error: "):], "exit_code": 1}
 
 
 def test_export_no_longer_labels_rows_unlabelled_when_names_are_short(tmp_path):

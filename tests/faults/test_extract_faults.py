@@ -122,3 +122,63 @@ def test_file_size_limit_is_one_line_and_keeps_the_old_cache(tmp_path):
     assert "Traceback" not in proc.stderr and str(home) in lines[0]
     assert Path(old.cache).read_bytes() == before
     assert not [p for p in home.iterdir() if p.name.endswith((".partial", ".tmp"))]
+
+
+_SLOWED_EXTRACT = r"""
+import sys, time
+import fxtl.features.chunks as chunks
+
+stage = sys.argv[1]
+
+
+def slowed(items):
+    for item in items:
+        print("fxtl-test: " + stage, file=sys.stderr, flush=True)
+        time.sleep(60)  # the test interrupts us here
+        yield item
+
+
+name = "embed_paths" if stage == "computing" else "_kept_features"
+original = getattr(chunks, name)
+setattr(chunks, name, lambda *a, **k: slowed(original(*a, **k)))
+from fxtl.cli import main
+
+sys.argv = ["fxtl", *sys.argv[2:]]
+main()
+"""
+
+
+@pytest.mark.parametrize("stage", ["computing", "writing"])
+def test_ctrl_c_during_extract_keeps_the_previous_cache(tmp_path, shapes_dir, tiny, stage):
+    """SIGINT (Ctrl-C) while `extract --force` recomputes the features, or while it writes the
+    new cache: one line, exit 130, the previous cache byte for byte, no temporary file."""
+    import signal
+    import time
+
+    out = tmp_path / "c" / "shapes.h5"
+    args = ["extract", str(shapes_dir), "--backbone", tiny, "-o", str(out), "--workers", "0",
+            "--batch-size", "8"]
+    first = CliRunner().invoke(cli, args)
+    assert first.exit_code == 0, first.output
+    before = out.read_bytes()
+    proc = subprocess.Popen([sys.executable, "-c", _SLOWED_EXTRACT, stage, *args, "--force", "--json"],
+                            stderr=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 120
+        for line in proc.stderr:
+            if f"fxtl-test: {stage}" in line or time.monotonic() > deadline:
+                break
+        proc.send_signal(signal.SIGINT)
+        stdout, rest = proc.communicate(timeout=60)
+    finally:
+        proc.kill()
+    assert proc.returncode == 130, rest
+    assert "Traceback" not in rest
+    message = "interrupted (work done so far is kept; run again to resume)"
+    said = [x for x in rest.replace("\r", "\n").splitlines() if x.startswith("fxtl: ")]
+    assert said == ["fxtl: " + message], rest  # (a progress bar may close after it)
+    assert json.loads(stdout) == {"error": message, "exit_code": 130}
+    assert out.read_bytes() == before
+    assert sorted(p.name for p in out.parent.iterdir() if p.is_file()) == ["shapes.h5", "shapes.h5.lock"] \
+        or sorted(p.name for p in out.parent.iterdir() if p.is_file()) == ["shapes.h5"]
+    assert load_features(out).n == 24

@@ -113,3 +113,23 @@ def test_predict_on_a_killed_finetune_says_what_it_is(tmp_path, shapes_dir):
     (run / "checkpoint-last.pt").write_bytes(b"half a checkpoint")
     line = _one_line(["predict", str(run), str(shapes_dir / "val")])
     assert "did not finish" in line and "--resume" in line and "joblib" not in line
+
+
+def test_a_run_without_weights_sha256_is_refused_unless_trusted(run, shapes_dir):
+    """No `weights_sha256` in `fxtl-model.json` means `model.pt` cannot be checked: refused like
+    an old pickle head, naming the manifest, the field and the fix; `--trust` loads it."""
+    manifest = json.loads((run / "fxtl-model.json").read_text())
+    del manifest["weights_sha256"]
+    (run / "fxtl-model.json").write_text(json.dumps(manifest))
+    with pytest.raises(FxtlError, match=r"fxtl-model.json records no weights_sha256, so nothing "
+                                        r"shows that model.pt is the file the fine-tune wrote; "
+                                        r"re-run the fine-tune, or load it with trust=True") as exc:
+        load_backbone(str(run))
+    assert exc.value.param == "trust"
+    assert load_backbone(str(run), trust=True).categories == ["ants", "bees"]
+    r = CliRunner().invoke(cli, ["predict", str(run), str(shapes_dir / "val"), "--json"])
+    assert r.exit_code == 2 and "Traceback" not in r.output, r.output
+    assert "Invalid value for '--trust'" in r.stderr and "records no weights_sha256" in r.stderr
+    ok = CliRunner().invoke(cli, ["predict", str(run), str(shapes_dir / "val"), "--trust", "--json"])
+    assert ok.exit_code == 0, ok.output
+    assert len(json.loads(ok.stdout)["predictions"]) == 12

@@ -1,0 +1,187 @@
+"""A cache on which libhdf5 itself crashes (SIGSEGV) or loops for ever is refused with one line:
+fxtl reads a cache it did not write in a child process first (fxtl/features/cache_guard.py)."""
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import signal
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from fxtl.errors import CacheError
+from fxtl.features import cache_guard
+from fxtl.features.store import load_features, read_attrs, write_cache
+
+from ._cli import assert_one_line_error, run_fxtl
+
+# One byte flipped in this cache (found by benchmarks/fuzz_cache.py, seeds 1 and 14) makes
+# HDF5 2.0 crash with SIGSEGV, or spin for ever, while h5py reads the root attributes.
+CRASH_FLIP, HANG_FLIP = (13657, 247), (2057, 36)
+# sha256 of the valid file with the HDF5 these flips were found with; elsewhere the layout
+# differs, and the tests check the one-line outcome only.
+LAYOUT_SHA256 = "5e5d1d6581074042220f3525d09889356b990fa2c72dd50a68ab13ddfecda235"
+
+
+def _valid(path: Path) -> Path:
+    """The fuzz benchmark's valid cache, byte for byte (40 rows x 16, three classes)."""
+    rng = np.random.default_rng(0)
+    n, dim = 40, 16
+    return write_cache(path, chunks=[rng.normal(size=(n, dim)).astype(np.float32)], n=n, dim=dim,
+                       labels=[i % 3 for i in range(n)], paths=[f"c{i % 3}/{i}.png" for i in range(n)],
+                       split=["train"] * 24 + ["val"] * 8 + ["test"] * 8,
+                       class_names=["ants", "bees", "wasps"], errors=[("bad.png", "truncated")],
+                       attrs={"backbone": "synthetic", "weights_sha256": "0" * 64,
+                              "preprocessing": {"crop": 8}, "precision": "fp32", "layer": "pooled",
+                              "fingerprint": "f" * 64, "created": "now", "fxtl_version": "fuzz"})
+
+
+def _flipped(tmp_path: Path, name: str, flip: tuple[int, int]) -> tuple[Path, bool]:
+    """A copy of the valid cache with one byte flipped; True if it has the known layout."""
+    data = bytearray(_valid(tmp_path / "valid.h5").read_bytes())
+    known = hashlib.sha256(data).hexdigest() == LAYOUT_SHA256
+    data[flip[0]] ^= flip[1]
+    out = tmp_path / name
+    out.write_bytes(bytes(data))
+    return out, known
+
+
+@pytest.fixture(autouse=True)
+def _fresh_verdicts():
+    cache_guard.forget()
+    yield
+    cache_guard.forget()
+
+
+def _one_line(exc: pytest.ExceptionInfo, path: Path) -> str:
+    msg = str(exc.value)
+    assert "\n" not in msg and str(path) in msg and "re-create it with `fxtl extract`" in msg, msg
+    return msg
+
+
+@pytest.mark.parametrize("how", ["fork", "spawn"])
+def test_a_cache_that_crashes_libhdf5_is_one_line(tmp_path, monkeypatch, how):
+    bad, known = _flipped(tmp_path, "crash.h5", CRASH_FLIP)
+    monkeypatch.setattr(cache_guard, "_may_fork", lambda: how == "fork")
+    t0 = time.monotonic()
+    with pytest.raises(CacheError) as exc:
+        load_features(bad)
+    msg = _one_line(exc, bad)
+    if known:
+        assert "crashed the HDF5 library (SIGSEGV)" in msg
+    assert time.monotonic() - t0 < 10
+    # The verdict is remembered: the same line again, without another child.
+    monkeypatch.setattr(cache_guard, "_probe_forked", None)
+    monkeypatch.setattr(cache_guard, "_probe_spawned", None)
+    with pytest.raises(CacheError, match="re-create it"):
+        read_attrs(bad)
+
+
+def test_a_cache_that_crashes_libhdf5_is_one_line_from_the_cli(tmp_path):
+    bad, known = _flipped(tmp_path, "crash.h5", CRASH_FLIP)
+    for command in (["info"], ["fit-head", "--model", "logreg", "--cache-dir", tmp_path / "c"],
+                    ["export", "--format", "csv", "-o", tmp_path / "x.csv"]):
+        r = run_fxtl(*command[:1], bad, *command[1:], timeout=120)
+        line = assert_one_line_error(r.returncode, r.stderr, str(bad), "fxtl extract")
+        assert "crashed the HDF5 library" in line or not known
+
+
+def test_a_cache_that_hangs_libhdf5_is_one_line_within_seconds(tmp_path, monkeypatch):
+    bad, known = _flipped(tmp_path, "hang.h5", HANG_FLIP)
+    monkeypatch.setattr(cache_guard, "PROBE_SECONDS", 2.0)
+    monkeypatch.setattr(cache_guard, "_may_fork", lambda: True)
+    t0 = time.monotonic()
+    with pytest.raises(CacheError) as exc:
+        load_features(bad)
+    msg = _one_line(exc, bad)
+    assert time.monotonic() - t0 < 10
+    if known:
+        assert "did not finish in 2 s" in msg
+
+
+@pytest.mark.parametrize("fault", ["segfault", "abort", "hang", "exception"])
+def test_whatever_the_child_meets_is_one_line(tmp_path, monkeypatch, fault):
+    """Injected into the child, so it holds whatever HDF5 does with a given file."""
+    good = shutil.copy(_valid(tmp_path / "valid.h5"), tmp_path / "copy.h5")
+
+    def reads(path, level):
+        if fault == "segfault":
+            os.kill(os.getpid(), signal.SIGSEGV)
+        elif fault == "abort":
+            os.abort()
+        elif fault == "hang":
+            time.sleep(60)
+        raise RuntimeError("B-tree signature mismatch\nsecond line")
+
+    monkeypatch.setattr(cache_guard, "read_for_probe", reads)
+    monkeypatch.setattr(cache_guard, "_may_fork", lambda: True)
+    monkeypatch.setattr(cache_guard, "PROBE_SECONDS", 1.0)
+    t0 = time.monotonic()
+    with pytest.raises(CacheError) as exc:
+        load_features(good)
+    msg = _one_line(exc, Path(good))
+    expected = {"segfault": "crashed the HDF5 library (SIGSEGV)",
+                "abort": "crashed the HDF5 library (SIGABRT)",
+                "hang": "did not finish in 1 s",
+                "exception": "is damaged (B-tree signature mismatch)"}[fault]
+    assert expected in msg
+    assert time.monotonic() - t0 < 10
+
+
+def test_probe_runs_once_per_file_and_never_for_a_cache_this_process_wrote(tmp_path, monkeypatch):
+    calls = []
+    real = cache_guard._probe_forked
+
+    def counted(path, level, limit):
+        calls.append((Path(path).name, level))
+        return real(path, level, limit)
+
+    monkeypatch.setattr(cache_guard, "_probe_forked", counted)
+    monkeypatch.setattr(cache_guard, "_may_fork", lambda: True)
+    written = _valid(tmp_path / "valid.h5")
+    assert load_features(written).n == 40 and calls == []  # written here: known good
+    copy = Path(shutil.copy(written, tmp_path / "copy.h5"))
+    read_attrs(copy)
+    read_attrs(copy)
+    assert calls == [("copy.h5", "meta")]  # attributes only: the features are not probed
+    assert load_features(copy).n == 40
+    assert load_features(copy).n == 40
+    assert calls == [("copy.h5", "meta"), ("copy.h5", "all")]
+    os.utime(copy, ns=(time.time_ns(), time.time_ns() + 10**9))  # it may be another file now
+    read_attrs(copy)
+    assert calls[-1] == ("copy.h5", "meta") and len(calls) == 3
+
+
+def test_probe_off_reads_in_process(tmp_path, monkeypatch):
+    monkeypatch.setenv(cache_guard.PROBE_ENV, "off")
+    monkeypatch.setattr(cache_guard, "_probe_forked", None)
+    monkeypatch.setattr(cache_guard, "_probe_spawned", None)
+    copy = shutil.copy(_valid(tmp_path / "valid.h5"), tmp_path / "copy.h5")
+    assert load_features(copy).n == 40
+
+
+def test_a_damaged_hdf5_file_in_a_data_folder_does_not_crash_discovery(tmp_path, monkeypatch):
+    """Discovery opens every .h5 in a data folder to see whether fxtl wrote it (its folder is
+    then skipped) after a child process read its `format`: a file on which that crashes is not
+    provably fxtl's, and the walk goes on."""
+    from fxtl.data.discovery import is_artifact_folder
+
+    monkeypatch.setattr(cache_guard, "PROBE_SECONDS", 2.0)
+    # The crash flip spares `format` (fxtl's file: its folder is skipped); the hang flip makes
+    # HDF5 loop while it opens the file (killed after 2 s: not provably fxtl's).
+    for name, flip, ours in (("crash", CRASH_FLIP, True), ("hang", HANG_FLIP, False)):
+        damaged, known = _flipped(tmp_path, f"{name}.h5", flip)
+        folder = tmp_path / name
+        folder.mkdir()
+        shutil.move(damaged, folder / "features.h5")
+        t0 = time.monotonic()
+        assert is_artifact_folder(folder) is ours or not known
+        assert time.monotonic() - t0 < 10
+    assert is_artifact_folder(tmp_path) is True  # valid.h5: a cache fxtl wrote
+    cache_guard.forget()
+    monkeypatch.setattr(cache_guard, "_may_fork", lambda: True)
+    monkeypatch.setattr(cache_guard, "read_for_probe",
+                        lambda path, level: os.kill(os.getpid(), signal.SIGSEGV))
+    assert is_artifact_folder(tmp_path / "crash") is False
