@@ -325,3 +325,13 @@ def test_cli_plot_embedding(tmp_path, blobs):
     d = json.loads(r.stdout)
     assert d["n"] == 12 and d["n_total"] == 30 and len(d["explained_variance"]) == 2
     assert Path(d["plot"]).parent == tmp_path / "plots"
+
+
+@pytest.mark.parametrize("train, selection", [(8, "train-holdout10"), (6, "train-holdout10")])
+def test_streamed_search_on_a_tiny_cache_selects_or_says_why_not(tmp_path, train, selection):
+    """A hold-out of 10% of 8 rows used to be 0 rows: scikit-learn's ValueError reached the user."""
+    cache = write_synthetic_cache(tmp_path / "t.h5", splits=(("train", train), ("test", 6)),
+                                  dim=8, classes=3, sep=1.0)
+    res = fit_head(cache, model="logreg", large_threshold=2, seed=0)
+    assert res.metrics["scalable"] and 0.0 <= res.metrics["accuracy"] <= 1.0
+    assert res.metrics["selection"] == selection

@@ -73,7 +73,10 @@ def fit_streaming(source: RowSource, spec: HeadSpec, *, plan: SplitPlan, params:
             sel = plan.search_rows[plan.val_fold == 0]
             info["selection"] = "val"
         else:
-            tr, sel = train_test_split(plan.fit_rows, test_size=0.1, random_state=seed,
+            # 10%, and at least a row per class (the plan searches only when every class has 2+)
+            n_classes = len(np.unique(source.labels[plan.fit_rows]))
+            n_sel = max(int(0.1 * len(plan.fit_rows)), n_classes)
+            tr, sel = train_test_split(plan.fit_rows, test_size=n_sel, random_state=seed,
                                        stratify=source.labels[plan.fit_rows])
             info["selection"] = "train-holdout10"
         scaler, ests = fit_on(tr, candidates, seed)
