@@ -265,14 +265,24 @@ def convert_head(pipeline, *, class_positions: Sequence[int], n_classes: int, fe
 
 
 def register_torch_heads() -> None:
-    """Tell skl2onnx to convert :mod:`fxtl.heads.torch_heads` estimators with the converters of
-    their scikit-learn parents (they hold the parents' fitted attributes). Idempotent."""
+    """Tell skl2onnx to convert fxtl's estimators (:mod:`fxtl.heads.torch_heads`, and
+    :class:`~fxtl.heads.kernel_svm.RBFSVC`) with the converters of their scikit-learn parents
+    (they hold the parents' fitted attributes). Idempotent."""
     from skl2onnx import update_registered_converter
     from skl2onnx.common.shape_calculator import calculate_linear_classifier_output_shapes
     from skl2onnx.operator_converters.linear_classifier import convert_sklearn_linear_classifier
     from skl2onnx.operator_converters.multilayer_perceptron import convert_sklearn_mlp_classifier
+    from skl2onnx.operator_converters.support_vector_machines import convert_sklearn_svm_classifier
+    from skl2onnx.shape_calculators.support_vector_machines import calculate_sklearn_svm_output_shapes
 
+    from ..heads.kernel_svm import RBFSVC
     from ..heads.torch_heads import TorchLinearSVC, TorchLogisticRegression, TorchMLPClassifier
+
+    update_registered_converter(RBFSVC, "SklearnSVC", calculate_sklearn_svm_output_shapes,
+                                convert_sklearn_svm_classifier,
+                                options={"zipmap": [True, False, "columns"], "nocl": [True, False],
+                                         "output_class_labels": [False, True],
+                                         "raw_scores": [True, False]})
 
     # the options skl2onnx registers for each parent
     labels = {"zipmap": [True, False, "columns"], "nocl": [True, False],
