@@ -91,3 +91,26 @@ def test_map_threads_keeps_order_and_raises_in_the_caller():
 
     with pytest.raises(ValueError, match="bad candidate"):
         map_threads(boom, list(range(6)), 2)
+
+
+def test_a_path_stops_once_its_scores_fall_past_the_best(monkeypatch):
+    import fxtl.heads.grid as grid
+
+    acc = {0: 0.5, 1: 0.7, 2: 0.9, 3: 0.8, 4: 0.9, 5: 0.85, 6: 0.8, 7: 0.7, 8: 0.99}
+    fitted = []
+
+    def fake(est, fold, cand):
+        fitted.append(cand["C"])
+        return acc[cand["C"]], None
+
+    monkeypatch.setattr(grid, "_fit_score", fake)
+    fold = grid.PreparedFold(np.zeros((2, 1)), np.zeros(2), np.zeros((2, 1)), np.zeros(2),
+                             estimator=get_head("svm").space)  # never fitted: _fit_score is fake
+    cands = [{"C": c} for c in range(9)]
+    monkeypatch.setattr("sklearn.base.clone", lambda e: e)
+    out = score_grid("x", [fold], cands, patience=3)
+    # a tie with the best (C=4) restarts the count; C=5, 6, 7 fall below 0.9: stop before C=8
+    assert out.path_stopped and out.tried == 8 and fitted == list(range(8))
+    assert out.best == {"C": 2} and not out.stopped_by_budget
+    fitted.clear()
+    assert score_grid("x", [fold], cands).tried == 9  # no patience: every candidate

@@ -28,11 +28,16 @@ from typing import Any, Callable
 import numpy as np
 
 __all__ = ["PreparedFold", "GridOutcome", "prepare_folds", "score_grid", "pick_best", "rbf_gamma",
-           "SINGLE_THREADED", "map_threads"]
+           "SINGLE_THREADED", "map_threads", "PATH_PATIENCE"]
 
 # Estimators whose fit uses one core (libsvm, liblinear): candidates may run side by side even on
 # large data, where BLAS-based estimators already use every core.
 SINGLE_THREADED = frozenset({"SVC", "RBFSVC", "LinearSVC"})
+
+# A warm-started path stops once this many candidates in a row score below its best so far: held-out
+# accuracy along an L2 path rises to one peak and falls, and the weakly regularised end, the
+# slowest to fit, only falls further.
+PATH_PATIENCE = 3
 
 # A fold's distance matrices are kept up to this many training rows (6,000: 288 MB of float64).
 KERNEL_CACHE_ROWS = 6_000
@@ -62,6 +67,8 @@ class GridOutcome:
     tried: int
     stopped_by_budget: bool
     converged_notes: list[str] = field(default_factory=list)
+    # A regularisation path ended early: its last ``PATH_PATIENCE`` scores fell below the best.
+    path_stopped: bool = False
 
 
 def rbf_gamma(gamma, X: np.ndarray) -> float:
@@ -125,20 +132,25 @@ def _fit_score(est, fold: PreparedFold, cand: dict) -> tuple[float, float | None
 
 def score_grid(name: str, prepared: list[PreparedFold], candidates: list[dict], *,
                warm: bool = False, workers: int = 1, deadline: float | None = None,
-               progress: Progress | None = None) -> GridOutcome:
-    """Mean held-out accuracy of every candidate over ``prepared`` folds (see the module doc)."""
+               progress: Progress | None = None, patience: int | None = None) -> GridOutcome:
+    """Mean held-out accuracy of every candidate over ``prepared`` folds (see the module doc).
+
+    ``patience``: stop once that many candidates in a row score below the best so far (for a
+    warm-started regularisation path, see :data:`PATH_PATIENCE`).
+    """
     from .search import quiet_convergence
 
     # One warnings context for all threads: catch_warnings swaps process-wide state, so it must
     # not be entered in each thread.
     with quiet_convergence() as conv:
         out = _score_rounds(name, prepared, candidates, warm=warm, workers=workers,
-                            deadline=deadline, progress=progress)
+                            deadline=deadline, progress=progress, patience=patience)
     out.converged_notes = conv
     return out
 
 
-def _score_rounds(name, prepared, candidates, *, warm, workers, deadline, progress) -> GridOutcome:
+def _score_rounds(name, prepared, candidates, *, warm, workers, deadline, progress,
+                  patience) -> GridOutcome:
     from sklearn.base import clone
 
     total, n_folds = len(candidates), len(prepared)
@@ -168,7 +180,20 @@ def _score_rounds(name, prepared, candidates, *, warm, workers, deadline, progre
             losses.append(float(np.mean(ls)) if all(v is not None for v in ls) else None)
         if progress:
             progress(len(scores), total, name)
+        if patience and len(scores) < total and _fell(scores, patience):
+            return GridOutcome(candidates[pick_best(scores, losses)], scores, len(scores), False,
+                               path_stopped=True)
     return GridOutcome(candidates[pick_best(scores, losses)], scores, len(scores), stopped)
+
+
+def _fell(scores: list[float], patience: int) -> bool:
+    """The last ``patience`` scores are all below the best so far.
+
+    >>> _fell([0.7, 0.8, 0.79, 0.78, 0.75], 3), _fell([0.7, 0.8, 0.79, 0.8, 0.75], 3)
+    (True, False)
+    """
+    best = max(scores)
+    return len(scores) > patience and all(s < best - 1e-12 for s in scores[-patience:])
 
 
 def map_threads(fn: Callable[[Any], Any], tasks: list, workers: int) -> list:

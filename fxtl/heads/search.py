@@ -24,7 +24,7 @@ from typing import Any, Callable, Iterator, Mapping
 
 import numpy as np
 
-from .grid import (SINGLE_THREADED, GridOutcome, pick_best, prepare_folds, score_grid,
+from .grid import (PATH_PATIENCE, SINGLE_THREADED, GridOutcome, pick_best, prepare_folds, score_grid,
                    uses_kernel_cache)
 from .registry import HeadSpec, build_pipeline
 
@@ -207,7 +207,8 @@ def run_search(spec: HeadSpec, *, X: np.ndarray, y: np.ndarray,
         workers = 1  # BLAS or torch already use every core
     warm = bool(path_param) and "warm_start" in template.get_params()
     return score_grid(spec.name, prepared, candidates, warm=warm, workers=workers,
-                      deadline=deadline, progress=progress)
+                      deadline=deadline, progress=progress,
+                      patience=PATH_PATIENCE if warm else None)
 
 
 def _grid_search_cv(pipe, *, X, y, folds, candidates, jobs, parallel) -> GridOutcome:
@@ -413,6 +414,10 @@ def fit_in_memory(source, spec: HeadSpec, *, plan, params: dict, seed: int, jobs
         info["stopped_by_budget"] = out.stopped_by_budget
         if out.stopped_by_budget:
             notes.append(f"time budget reached: {out.tried} of {len(candidates)} candidates tried")
+        info["path_stopped"] = out.path_stopped
+        if out.path_stopped:
+            notes.append(f"{spec.path_param} path stopped after {out.tried} of {len(candidates)} "
+                         f"candidates: the last {PATH_PATIENCE} scored below the best")
         if out.converged_notes:
             notes.append(f"{len(out.converged_notes)} search fits did not fully converge "
                          f"({out.converged_notes[0][:80]})")
@@ -440,6 +445,7 @@ def fit_in_memory(source, spec: HeadSpec, *, plan, params: dict, seed: int, jobs
                         "candidates": len(candidates),
                         "candidates_tried": info.get("candidates_tried", len(candidates) if len(candidates) > 1 else 0),
                         "stopped_by_budget": bool(info.get("stopped_by_budget", False)),
+                        "path_stopped": bool(info.get("path_stopped", False)),
                         "search_seconds": round(info["search_seconds"], 4),
                         "final_fit_rows": int(used), "solver": solver}
     return final, info
