@@ -171,6 +171,7 @@ def test_knn_votes_score_every_candidate_like_grid_search():
     ("logreg", "auto", 22_000 * 1280, {"solver": "saga"}, "sklearn"),  # a scikit-learn-only param
     ("logreg", "sklearn", 22_000 * 1280, {}, "sklearn"),
     ("logreg", "torch", 100, {}, "torch"),
+    ("logreg", "auto", 100, {"device": "cpu"}, "torch"),  # only the torch solver has it
 ])
 def test_solver_chosen_at_each_size(model, requested, n_values, params, solver):
     from fxtl.heads.registry import get_head, resolve_solver

@@ -306,8 +306,9 @@ def resolve_solver(spec: HeadSpec, *, requested: str, n_values: int,
                    params: Mapping[str, Any], distributed: bool = False) -> tuple[str, list[str]]:
     """``("sklearn" | "torch", notes)``: which estimator of ``spec`` fits ``n_values`` values.
 
-    ``"auto"`` takes torch from :data:`TORCH_MIN_VALUES` values when every parameter in
-    ``params`` is one the torch estimator accepts and the search is not handed to a Dask cluster.
+    ``"auto"`` takes torch from :data:`TORCH_MIN_VALUES` values (or when ``params`` holds one
+    only the torch estimator has, e.g. ``device``) when every parameter in ``params`` is one the
+    torch estimator accepts and the search is not handed to a Dask cluster.
     ``"torch"`` forces it where the head has one (others keep scikit-learn, with a note).
 
     Examples
@@ -327,7 +328,8 @@ def resolve_solver(spec: HeadSpec, *, requested: str, n_values: int,
             raise ParameterError("params", f"{', '.join(foreign)} is not a parameter of the torch "
                                  f"solver of {spec.name}; drop it or use solver sklearn")
         return "torch", []
-    if n_values < TORCH_MIN_VALUES or distributed or foreign:
+    torch_only = sorted(set(params) - estimator_params(spec.estimator))  # e.g. device
+    if (n_values < TORCH_MIN_VALUES and not torch_only) or distributed or foreign:
         return "sklearn", []
     try:
         import torch  # noqa: F401
@@ -360,8 +362,9 @@ def accepted_params(name: str) -> set[str]:
     """Parameters of head ``name``'s estimator or of its scalable stand-in (large caches)."""
     spec = get_head(name)
     accepted = estimator_params(spec.estimator)
-    if spec.stream is not None:
-        accepted |= estimator_params(spec.stream.estimator)
+    for other in (spec.stream.estimator if spec.stream else None, spec.torch_estimator):
+        if other:
+            accepted |= estimator_params(other)
     return accepted
 
 
@@ -381,6 +384,14 @@ def check_params(models: Sequence[str], params: Mapping[str, Any]) -> None:
             own = {k: v for k, v in params.items() if k in estimator_params(dotted)}
             if own:
                 _check_values(import_estimator(dotted), own, m)
+        if spec.torch_estimator:  # checked without a fit: a fit would import torch
+            own = {k: v for k, v in params.items() if k in estimator_params(spec.torch_estimator)}
+            try:
+                import_estimator(spec.torch_estimator)(**own)._validate_params()
+            except (TypeError, ValueError) as exc:
+                shown = ", ".join(f"{k}={v!r}" for k, v in own.items())
+                first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+                raise ParameterError("params", f"{shown} is not valid for {m}: {first[:200]}") from None
 
 
 def _check_values(cls, params: Mapping[str, Any], model: str) -> None:
