@@ -38,7 +38,7 @@ from .persistence import HEAD_FORMAT, HEAD_FORMAT_VERSION, load_head, save_head
 from .planning import SplitPlan, plan_splits
 from .registry import (HEADS, HeadSpec, accepted_params, build_pipeline, check_params, get_head,
                        head_names, list_heads, parse_params, register_head, SOLVERS)
-from .runs import BackgroundWriter, claim_run_dir, new_run_dir, write_run
+from .runs import claim_run_dir, new_run_dir, write_run
 from .search import Progress, fit_in_memory
 from .source import RowSource, open_source
 from .streaming import fit_streaming
@@ -168,8 +168,7 @@ def fit_heads(cache: str | Path | FeatureCache, *, models: Sequence[str] = ("log
     stamp = time.strftime("%Y%m%d-%H%M%S")
     t_start = time.perf_counter()
     results = []
-    # Each run folder is written (head, plots, predictions) while the next head fits.
-    with contextlib.closing(runner), BackgroundWriter() as writer:
+    with contextlib.closing(runner):
         for i, name in enumerate(names):
             share = None
             if budget_s is not None:
@@ -182,8 +181,7 @@ def fit_heads(cache: str | Path | FeatureCache, *, models: Sequence[str] = ("log
             if where is not None:
                 base = (f"{run_name}-{name}" if len(names) > 1 else run_name) if run_name else \
                     f"{slug(source.dataset)}-{slug(Path(str(source.attrs.get('backbone', 'x'))).name)}-{name}-{stamp}"
-                writer.submit(write_run, res, new_run_dir(where, base, exact=bool(run_name)),
-                              source, plan)
+                write_run(res, new_run_dir(where, base, exact=bool(run_name)), source, plan)
             results.append(res)
     return results
 

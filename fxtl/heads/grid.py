@@ -28,11 +28,14 @@ from typing import Any, Callable
 import numpy as np
 
 __all__ = ["PreparedFold", "GridOutcome", "prepare_folds", "score_grid", "pick_best", "rbf_gamma",
-           "SINGLE_THREADED", "map_threads", "PATH_PATIENCE"]
+           "SINGLE_THREADED", "GIL_BOUND", "map_threads", "PATH_PATIENCE"]
 
 # Estimators whose fit uses one core (libsvm, liblinear): candidates may run side by side even on
 # large data, where BLAS-based estimators already use every core.
 SINGLE_THREADED = frozenset({"SVC", "RBFSVC", "LinearSVC"})
+# Estimators whose fit holds the GIL most of the time (scipy's L-BFGS loop on small data): threads
+# only contend, so their candidates run one after another.
+GIL_BOUND = frozenset({"LogisticRegression"})
 
 # A warm-started path stops once this many candidates in a row score below its best so far: held-out
 # accuracy along an L2 path rises to one peak and falls, and the weakly regularised end, the

@@ -17,7 +17,7 @@ from .source import RowSource
 if TYPE_CHECKING:
     from .fitting import FitResult
 
-__all__ = ["new_run_dir", "write_run", "run_rows", "HEAD_FILE", "BackgroundWriter"]
+__all__ = ["new_run_dir", "write_run", "run_rows", "HEAD_FILE"]
 
 HEAD_FILE = "head.skops"
 
@@ -94,50 +94,3 @@ def write_run(res: "FitResult", run_dir: Path, source: RowSource, plan: SplitPla
     atomic_write_json(run_dir / "metrics.json", m)
 
 
-
-class BackgroundWriter:
-    """Runs ``submit``-ted writes one after another in one thread; leaving the ``with`` block
-    waits for them and re-raises the first error (a failed write is never silent).
-
-    On an exception inside the block (Ctrl-C included) the writes already submitted still
-    finish, so a fitted head's folder is complete or absent, never half-written.
-    """
-
-    def __init__(self) -> None:
-        import queue
-
-        self._todo: queue.SimpleQueue = queue.SimpleQueue()
-        self._error: BaseException | None = None
-        self._thread = None
-
-    def submit(self, fn, *args) -> None:
-        import threading
-
-        if self._error is not None:
-            raise self._error
-        if self._thread is None:
-            self._thread = threading.Thread(target=self._work, name="fxtl-run-writer")
-            self._thread.start()
-        self._todo.put((fn, args))
-
-    def _work(self) -> None:
-        while True:
-            job = self._todo.get()
-            if job is None:
-                return
-            fn, args = job
-            if self._error is None:
-                try:
-                    fn(*args)
-                except BaseException as exc:  # re-raised in the caller's thread
-                    self._error = exc
-
-    def __enter__(self) -> "BackgroundWriter":
-        return self
-
-    def __exit__(self, *exc) -> None:
-        if self._thread is not None:
-            self._todo.put(None)
-            self._thread.join()
-        if self._error is not None and exc[0] is None:
-            raise self._error

@@ -24,7 +24,7 @@ from typing import Any, Callable, Iterator, Mapping
 
 import numpy as np
 
-from .grid import (PATH_PATIENCE, SINGLE_THREADED, GridOutcome, pick_best, prepare_folds, score_grid,
+from .grid import (GIL_BOUND, PATH_PATIENCE, SINGLE_THREADED, GridOutcome, pick_best, prepare_folds, score_grid,
                    uses_kernel_cache)
 from .registry import HeadSpec, build_pipeline
 
@@ -205,6 +205,8 @@ def run_search(spec: HeadSpec, *, X: np.ndarray, y: np.ndarray,
     workers = cores if jobs is None or jobs < 0 else min(jobs, cores)
     if not small and type(template).__name__ not in SINGLE_THREADED:
         workers = 1  # BLAS or torch already use every core
+    if type(template).__name__ in GIL_BOUND:
+        workers = 1
     warm = bool(path_param) and "warm_start" in template.get_params()
     return score_grid(spec.name, prepared, candidates, warm=warm, workers=workers,
                       deadline=deadline, progress=progress,
