@@ -271,28 +271,78 @@ def read_predictions(run_dir: str | Path) -> dict[str, tuple[int, int]] | None:
 
 def plot_confusion(cm: Sequence[Sequence[int]], class_names: Sequence[str], path: Path, *,
                    title: str = "") -> Path:
-    """Write the confusion matrix as a PNG (rows: true class, columns: predicted)."""
-    from .figures import new_figure, save_png
+    """Write the confusion matrix as a PNG (rows: true class, columns: predicted).
 
-    cm = np.asarray(cm)
+    Drawn with Pillow, not matplotlib: a cell grid, its counts and the class names render in
+    milliseconds (matplotlib took about a second for 18 classes, once per head).
+
+    Examples
+    --------
+    >>> import tempfile, pathlib
+    >>> out = plot_confusion([[5, 1], [0, 4]], ["ant", "bee"], pathlib.Path(tempfile.mkdtemp()) / "c.png")
+    >>> out.read_bytes()[:4] == b"\x89PNG"
+    True
+    """
+    from PIL import Image, ImageDraw
+
+    from .._util import atomic_path
+
+    cm = np.asarray(cm, dtype=np.int64)
     k = len(class_names)
-    size = max(3.5, min(0.5 * k + 2, 14))
-    fig = new_figure(figsize=(size, size))
-    ax = fig.add_subplot()
-    ax.imshow(cm, cmap="Blues")
-    ax.set_xticks(range(k), class_names, rotation=45 if k > 4 else 0, ha="right" if k > 4 else "center")
-    ax.set_yticks(range(k), class_names)
-    ax.set_xlabel("predicted")
-    ax.set_ylabel("true")
+    names = [str(n) if len(str(n)) <= 24 else str(n)[:23] + "\u2026" for n in class_names]
+    cell = int(max(22, min(110, 640 // max(k, 1))))
+    small, big = _font(max(10, min(15, cell // 3))), _font(13)
+    label = max((small.getlength(n) for n in names), default=0) + 10
+    upright = label <= cell  # column names fit under their cells; else they are turned
+    pad, title_h = 34, 30 if title else 8
+    left, top = int(label + pad), title_h + 6
+    width = max(left + k * cell + 12, int(big.getlength(title)) + 20 if title else 0)
+    height = top + k * cell + (22 if upright else int(label)) + pad
+    img = Image.new("RGB", (width, height), "white")
+    draw = ImageDraw.Draw(img)
     if title:
-        ax.set_title(title)
-    if k <= 30:
-        hi = cm.max() if cm.size else 0
-        for i in range(k):
-            for j in range(k):
-                ax.text(j, i, str(cm[i, j]), ha="center", va="center",
-                        color="white" if cm[i, j] > hi / 2 else "black", fontsize=8)
-    return save_png(fig, path)
+        draw.text((width / 2, 6), title, fill="black", font=big, anchor="ma")
+    hi = int(cm.max()) if cm.size else 0
+    light, dark = np.array([247, 251, 255]), np.array([8, 48, 107])  # matplotlib's Blues ends
+    for i in range(k):
+        for j in range(k):
+            v = int(cm[i, j])
+            f = v / hi if hi else 0.0
+            x0, y0 = left + j * cell, top + i * cell
+            draw.rectangle([x0, y0, x0 + cell, y0 + cell],
+                           fill=tuple(int(c) for c in light + f * (dark - light)), outline=(220, 220, 220))
+            if k <= 30:
+                draw.text((x0 + cell / 2, y0 + cell / 2), str(v), font=small, anchor="mm",
+                          fill="white" if v > hi / 2 else "black")
+    for i, n in enumerate(names):  # true classes, right-aligned beside their rows
+        draw.text((left - 6, top + i * cell + cell / 2), n, font=small, anchor="rm", fill="black")
+    # predicted classes: under their columns, or each on its own strip turned to read upwards
+    strip_w = int(label) + 4
+    for j, n in enumerate(names):
+        if upright:
+            draw.text((left + j * cell + cell / 2, top + k * cell + 6), n, font=small, anchor="ma",
+                      fill="black")
+            continue
+        strip = Image.new("RGB", (strip_w, cell), "white")
+        ImageDraw.Draw(strip).text((strip_w - 4, cell / 2), n, font=small, anchor="rm", fill="black")
+        img.paste(strip.rotate(90, expand=True), (left + j * cell, top + k * cell + 4))
+    draw.text((left + k * cell / 2, height - 6), "predicted", font=big, anchor="md", fill="black")
+    ylab = Image.new("RGB", (k * cell, 18), "white")
+    ImageDraw.Draw(ylab).text((k * cell / 2, 9), "true", font=big, anchor="mm", fill="black")
+    img.paste(ylab.rotate(90, expand=True), (4, top))
+    with atomic_path(Path(path), suffix=".png") as tmp:
+        img.save(tmp, format="PNG")
+    return Path(path)
+
+
+def _font(size: int):
+    """Pillow's scalable default font (FreeType), else its fixed bitmap font."""
+    from PIL import ImageFont
+
+    try:
+        return ImageFont.load_default(size=size)
+    except (TypeError, OSError):  # Pillow < 10.1 or no FreeType
+        return ImageFont.load_default()
 
 
 def format_metrics(m: dict[str, Any]) -> str:
