@@ -282,7 +282,6 @@ def plot_confusion(cm: Sequence[Sequence[int]], class_names: Sequence[str], path
     >>> out = plot_confusion([[5, 1], [0, 4]], ["ant", "bee"], pathlib.Path(tempfile.mkdtemp()) / "c.png")
     >>> out.read_bytes()[1:4]
     b'PNG'
-    True
     """
     from PIL import Image, ImageDraw
 
