@@ -116,3 +116,18 @@ def keep_freed_memory() -> bool:
         return False
     M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3
     return bool(mallopt(M_MMAP_THRESHOLD, 1 << 30)) and bool(mallopt(M_TRIM_THRESHOLD, (1 << 31) - 1))
+
+
+def release_freed_memory() -> bool:
+    """Hand memory that Python has freed back to the OS now (glibc's ``malloc_trim``).
+
+    Unlike :func:`keep_freed_memory` this changes no setting: it only returns pages that are
+    already free, in every malloc arena (search threads each get one), so a long run of heads
+    does not keep the high-water mark of each one. Returns whether anything was released.
+    """
+    try:
+        import ctypes
+
+        return bool(ctypes.CDLL("libc.so.6").malloc_trim(0))
+    except (OSError, AttributeError):  # not glibc
+        return False

@@ -32,6 +32,7 @@ import numpy as np
 from .._util import now_iso, slug, versions
 from ..errors import FxtlError, ParameterError
 from ..features.store import FeatureCache
+from ..runtime import release_freed_memory
 from .dask_backend import BACKENDS, SearchBackend
 from .model import Head
 from .persistence import HEAD_FORMAT, HEAD_FORMAT_VERSION, load_head, save_head
@@ -183,6 +184,7 @@ def fit_heads(cache: str | Path | FeatureCache, *, models: Sequence[str] = ("log
                     f"{slug(source.dataset)}-{slug(Path(str(source.attrs.get('backbone', 'x'))).name)}-{name}-{stamp}"
                 write_run(res, new_run_dir(where, base, exact=bool(run_name)), source, plan)
             results.append(res)
+            release_freed_memory()  # the next head starts from what is in use, not the peak
     return results
 
 

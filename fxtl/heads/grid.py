@@ -28,7 +28,8 @@ from typing import Any, Callable
 import numpy as np
 
 __all__ = ["PreparedFold", "GridOutcome", "prepare_folds", "score_grid", "pick_best", "rbf_gamma",
-           "SINGLE_THREADED", "GIL_BOUND", "map_threads", "PATH_PATIENCE"]
+           "SINGLE_THREADED", "GIL_BOUND", "map_threads", "PATH_PATIENCE", "fit_pipeline",
+           "fit_transform_steps"]
 
 # Estimators whose fit uses one core (libsvm, liblinear): candidates may run side by side even on
 # large data, where BLAS-based estimators already use every core.
@@ -105,7 +106,8 @@ def prepare_folds(pipeline_factory: Callable[[], Any], *, X: np.ndarray, y: np.n
         pipe = pipeline_factory()
         if len(pipe.steps) > 1:
             pre = pipe[:-1]
-            Xtr, Xte = pre.fit_transform(X[tr]), pre.transform(X[te])
+            Xtr = fit_transform_steps(pre, X[tr])
+            Xte = pre.transform(X[te])
         else:
             Xtr, Xte = X[tr], X[te]
         fold = PreparedFold(Xtr, y[tr], Xte, y[te], pipe.steps[-1][1])
@@ -113,6 +115,33 @@ def prepare_folds(pipeline_factory: Callable[[], Any], *, X: np.ndarray, y: np.n
             fold.d_train, fold.d_test = sq_distances(Xtr, Xtr), sq_distances(Xte, Xtr)
         out.append(fold)
     return out
+
+
+# Rows per block when a StandardScaler is fitted block by block (see fit_transform_steps).
+SCALE_BLOCK = 4096
+
+
+def fit_transform_steps(pre, X: np.ndarray) -> np.ndarray:
+    """``pre.fit_transform(X)`` for a Pipeline of preprocessing steps, with each StandardScaler
+    fitted block by block (``partial_fit``: the same statistics, without the float64 copy of
+    ``X`` a one-shot fit of float32 rows makes: 230 MB at 22k x 1280)."""
+    from sklearn.preprocessing import StandardScaler
+
+    for _, step in pre.steps:
+        if type(step) is StandardScaler and len(X) > SCALE_BLOCK:
+            for a in range(0, len(X), SCALE_BLOCK):
+                step.partial_fit(X[a:a + SCALE_BLOCK])
+            X = step.transform(X)
+        else:
+            X = step.fit_transform(X)
+    return X
+
+
+def fit_pipeline(pipe, X: np.ndarray, y: np.ndarray):
+    """``pipe.fit(X, y)``, preprocessing through :func:`fit_transform_steps`."""
+    Xt = fit_transform_steps(pipe[:-1], X) if len(pipe.steps) > 1 else X
+    pipe.steps[-1][1].fit(Xt, y)
+    return pipe
 
 
 def _fit_score(est, fold: PreparedFold, cand: dict) -> tuple[float, float | None]:

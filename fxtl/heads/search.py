@@ -24,7 +24,7 @@ from typing import Any, Callable, Iterator, Mapping
 
 import numpy as np
 
-from .grid import (GIL_BOUND, PATH_PATIENCE, SINGLE_THREADED, GridOutcome, pick_best, prepare_folds, score_grid,
+from .grid import (GIL_BOUND, fit_pipeline, PATH_PATIENCE, SINGLE_THREADED, GridOutcome, pick_best, prepare_folds, score_grid,
                    uses_kernel_cache)
 from .registry import HeadSpec, build_pipeline
 
@@ -270,12 +270,20 @@ def _knn_search(spec: HeadSpec, *, X, y, folds, candidates, fixed, seed, l2_norm
 
 
 def fit_final(spec: HeadSpec, *, X_fit: np.ndarray, y_fit: np.ndarray, params: dict, seed: int,
-              l2_normalize: bool, pca, notes: list[str], solver: str = "sklearn"):
+              l2_normalize: bool, pca, notes: list[str], solver: str = "sklearn",
+              rows: np.ndarray | None = None):
     """The final estimator on the fit rows, calibrated once when the head asks for it.
 
+    ``rows``: the fit rows are ``X_fit[rows]`` (taken only as needed, so a head that fits on a
+    subsample never copies them all); ``y_fit`` is indexed like ``rows``.
     Returns ``(pipeline, rows_used)``: the RBF SVM uses at most :data:`SVM_FIT_ROWS` rows.
     """
     from sklearn.pipeline import Pipeline
+
+    rows = np.arange(len(y_fit)) if rows is None else np.asarray(rows)
+
+    def take(idx=None):
+        return X_fit[rows] if idx is None else X_fit[rows[idx]]
 
     n = len(y_fit)
     _, counts = np.unique(y_fit, return_counts=True)
@@ -289,14 +297,15 @@ def fit_final(spec: HeadSpec, *, X_fit: np.ndarray, y_fit: np.ndarray, params: d
         final = build_pipeline(spec.name, params=params, seed=seed, l2_normalize=l2_normalize,
                                pca=pca, calibrate=calibrate, calibration_cv=min(5, max(smallest, 2)),
                                solver=solver)
-        idx = np.arange(n)
+        X, y = take(), y_fit
         if n > cap:
-            idx = _stratified_take(idx, _codes(y_fit), cap, seed)
+            idx = _stratified_take(np.arange(n), _codes(y_fit), cap, seed)
+            X, y = take(idx), y_fit[idx]
             notes.append(f"{spec.name}: final fit on a stratified {cap:,} of {n:,} rows")
         with quiet_convergence() as conv:
-            final.fit(X_fit[idx], y_fit[idx])
+            fit_pipeline(final, X, y)
         _note_conv(conv, notes)
-        return final, len(idx)
+        return final, len(y)
     # Fit on most rows, Platt-calibrate once on held-out ones: one fit instead of k + 1.
     from sklearn.calibration import CalibratedClassifierCV
     from sklearn.frozen import FrozenEstimator
@@ -310,10 +319,10 @@ def fit_final(spec: HeadSpec, *, X_fit: np.ndarray, y_fit: np.ndarray, params: d
     pipe = build_pipeline(spec.name, params=params, seed=seed, l2_normalize=l2_normalize, pca=pca,
                           calibrate=False, solver=solver)
     with quiet_convergence() as conv:
-        pipe.fit(X_fit[fit_idx], y_fit[fit_idx])
+        fit_pipeline(pipe, take(fit_idx), y_fit[fit_idx])
     _note_conv(conv, notes)
     cal = CalibratedClassifierCV(FrozenEstimator(pipe.steps[-1][1]), method="sigmoid")
-    cal.fit(pipe[:-1].transform(X_fit[cal_idx]) if len(pipe.steps) > 1 else X_fit[cal_idx],
+    cal.fit(pipe[:-1].transform(take(cal_idx)) if len(pipe.steps) > 1 else take(cal_idx),
             y_fit[cal_idx])
     notes.append(f"{spec.name}: fitted on {len(fit_idx):,} rows, Platt-calibrated on "
                  f"{len(cal_idx):,} held-out rows")
@@ -436,7 +445,7 @@ def fit_in_memory(source, spec: HeadSpec, *, plan, params: dict, seed: int, jobs
         notes.extend(spec.scale_up(final_params, len(fit_rows)))
     t0 = time.perf_counter()
     with _blas_limit(source.features[:1].size * len(fit_rows) < SMALL_VALUES):
-        final, used = fit_final(spec, X_fit=source.features[fit_rows],
+        final, used = fit_final(spec, X_fit=source.features, rows=fit_rows,
                                 y_fit=source.names(labels[fit_rows]), params=final_params,
                                 seed=seed, l2_normalize=l2_normalize, pca=pca, notes=notes,
                                 solver=solver)

@@ -379,9 +379,9 @@ class TorchMLPClassifier(MLPClassifier):
         binary = self.n_outputs_ == 1
         Yt = torch.as_tensor(Y, device=dev).float() if binary else \
             torch.as_tensor(Y.argmax(1), device=dev)
-        Xtr, Ytr = Xt[torch.as_tensor(train, device=dev)], Yt[torch.as_tensor(train, device=dev)]
+        train_t = torch.as_tensor(train, device=dev)  # rows are gathered per batch: no copy
         W = None if sw is None else torch.as_tensor(sw, device=dev).float()
-        Wtr = None if W is None else W[torch.as_tensor(train, device=dev)]
+        Wtr = None if W is None else W[train_t]
         n = len(train)
         bs = n if self.batch_size == "auto" and n < 200 else \
             200 if self.batch_size == "auto" else min(self.batch_size, n)
@@ -407,7 +407,8 @@ class TorchMLPClassifier(MLPClassifier):
             total = torch.zeros((), device=dev)
             for start in range(0, n, bs):
                 idx = perm[start:start + bs]  # gathered per batch: no shuffled copy of the data
-                xb, yb = Xtr[idx], Ytr[idx]
+                rows = train_t[idx]
+                xb, yb = Xt[rows], Yt[rows]
                 with _autocast(torch, dev):  # per step: autocast caches its weight casts
                     z = _forward(torch, params, xb).float()
                 loss, size = _batch_loss(F, z, yb, None if Wtr is None else Wtr[idx])
