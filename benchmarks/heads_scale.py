@@ -191,6 +191,10 @@ def main() -> None:
     ap.add_argument("sizes", nargs="+", help="NAME=CACHE[:ROWS]")
     ap.add_argument("--no-reference", nargs="*", default=[], help="sizes without the exhaustive run")
     ap.add_argument("-o", "--output", type=Path, default=ROOT / "benchmarks/results/heads_scale.json")
+    ap.add_argument("--references-from", type=Path, default=None,
+                    help="an earlier results JSON: sizes in --no-reference take their exhaustive "
+                         "and plain-logreg references from it (same cache and rows; the "
+                         "references do not depend on the head's own search settings)")
     ap.add_argument("--budget", help="passed to fit-head (e.g. 60s): the search stops between "
                                      "candidates once spent; final fits still run")
     args = ap.parse_args()
@@ -201,6 +205,10 @@ def main() -> None:
                      "load average around the run",
            "command": "python " + " ".join([Path(sys.argv[0]).as_posix(), *sys.argv[1:]]),
            "sizes": []}
+    earlier = {}
+    if args.references_from:
+        prev = json.loads(args.references_from.read_text())
+        earlier = {s["name"]: dict(s, git_commit=prev.get("git_commit")) for s in prev["sizes"]}
     with tempfile.TemporaryDirectory() as tmp:
         for item in args.sizes:
             name, _, spec = item.partition("=")
@@ -226,8 +234,14 @@ def main() -> None:
                      "fit_seconds": r["fit_seconds"], "n_fit": r["n_fit"], "split": r["split"],
                      "solver": r.get("solver"), "estimator": r.get("estimator"),
                      "strategy": r["strategy"], "best_params": r["best_params"]}
+                old = {o["model"]: o for o in earlier.get(name, {}).get("heads", [])
+                       if earlier[name].get("rows") == n and "exhaustive" in o}
                 if times:
                     h.pop("accuracy"), h.pop("macro_f1")  # near-duplicates: not an accuracy
+                elif name in args.no_reference and r["model"] in old:
+                    h["exhaustive"] = dict(old[r["model"]]["exhaustive"],
+                                           from_run=earlier[name].get("git_commit"))
+                    h["accuracy_gap_points"] = round(100 * (r["accuracy"] - h["exhaustive"]["accuracy"]), 2)
                 elif name not in args.no_reference:
                     print(f"[{name}] exhaustive {r['model']}", file=sys.stderr)
                     h["exhaustive"] = exhaustive(cache, r["model"], r.get("solver") or "auto")
@@ -236,6 +250,9 @@ def main() -> None:
                 args.output.write_text(json.dumps(out, indent=2) + "\n")  # partial results survive
             if not times and name not in args.no_reference:
                 entry["plain_logreg_cv5"] = plain_logreg(cache)
+            elif earlier.get(name, {}).get("plain_logreg_cv5") and earlier[name].get("rows") == n:
+                entry["plain_logreg_cv5"] = dict(earlier[name]["plain_logreg_cv5"],
+                                                 from_run=earlier[name].get("git_commit"))
             out["load_after"] = os.getloadavg()
             args.output.write_text(json.dumps(out, indent=2) + "\n")
             print(json.dumps({"name": name, "rows": n, **entry["fit_head_all"],

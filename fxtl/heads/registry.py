@@ -188,7 +188,7 @@ register_head(HeadSpec(
     defaults={"kernel": "rbf", "C": 1.0, "gamma": "scale", "cache_size": 500},
     space=_svm_space, calibrate=True,
     description="RBF-kernel SVM, C and gamma searched (Platt-calibrated probabilities)",
-    stream=_SGD_HINGE, search_rows=1_500, max_fit_rows=6_000))
+    stream=_SGD_HINGE, search_rows=3_000, max_fit_rows=6_000))
 register_head(HeadSpec(
     name="linear-svm", estimator="sklearn.svm:LinearSVC",
     # dual="auto": the primal when rows outnumber features (fast, converges), the dual otherwise.
