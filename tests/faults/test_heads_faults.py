@@ -140,3 +140,35 @@ def test_sigterm_mid_search_ends_at_once_and_leaves_no_process(tmp_path):
     for k in left:  # do not leave them spinning if the test fails
         os.kill(k, signal.SIGKILL)
     assert not left, f"processes still running after SIGTERM: {left}"
+
+
+class _Doubler:
+    """A step of a type neither skops nor fxtl trusts (its code would run when built)."""
+
+    def fit(self, X, y=None):
+        return self
+
+    def transform(self, X):
+        return np.asarray(X) * 2.0
+
+
+def test_a_skops_head_with_an_untrusted_type_loads_only_with_trust(tmp_path):
+    """The trust model's third column: without trust the foreign type is named and refused;
+    trust=True builds it (for files you made yourself)."""
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.pipeline import Pipeline
+
+    from fxtl.errors import ProvenanceError
+    from fxtl.heads.model import Head
+    from fxtl.heads.persistence import load_head, save_head
+
+    X = np.random.default_rng(0).normal(size=(20, 3))
+    y = np.arange(20) % 2
+    pipe = Pipeline([("double", _Doubler()), ("est", LogisticRegression())]).fit(X, y)
+    path = save_head(Head(model="logreg", pipeline=pipe, class_names=["a", "b"], provenance={}),
+                     tmp_path / "head.skops")
+    with pytest.raises(ProvenanceError, match=r"_Doubler.*trust=True"):
+        load_head(path)
+    back = load_head(path, trust=True)
+    assert type(back.pipeline[0]).__name__ == "_Doubler"
+    np.testing.assert_array_equal(back.pipeline.predict(X), pipe.predict(X))
