@@ -56,7 +56,8 @@ def reader_runs(shapes_dir, shapes_cache, tmp_path_factory):
                                 "--json"],
                 "export": ["export", str(shapes_cache), "--format", "npz", "-o", str(tmp / "f.npz")],
                 "fit-head": ["fit-head", str(shapes_cache), "--model", "logreg", "--cache-dir",
-                             str(tmp), "--json"]}
+                             str(tmp), "--json"],
+                "compare": ["compare", "--cache-dir", str(tmp), "--json"]}
     runs = {}
     for name, args in commands.items():
         proc = subprocess.run([sys.executable, "-c", _NO_TORCH, json.dumps({name: args})],
@@ -73,6 +74,13 @@ def test_cache_readers_import_neither_torch_nor_sklearn(reader_runs, command):
     assert run["torch"] is False and run["sklearn"] is False
     if command == "extract-hit":
         assert '"cache_hit": true' in run["output"]
+
+
+def test_compare_does_not_import_torch(reader_runs):
+    run = reader_runs["compare"]
+    assert run["exit"] == 0, run["output"]
+    assert '"skipped": [], "groups": ["' in run["output"]  # it compared the head fitted before
+    assert run["torch"] is False
 
 
 def test_fit_head_on_a_small_cache_does_not_import_torch(reader_runs):
