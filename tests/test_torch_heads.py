@@ -107,7 +107,7 @@ def test_clone_and_params():
         assert {k: copy.get_params()[k] for k in params} == params
         assert "device" in copy.get_params() and "solver" not in copy.get_params()
     assert set(TorchLogisticRegression().get_params()) == {
-        "C", "tol", "max_iter", "warm_start", "device", "random_state"}
+        "C", "tol", "max_iter", "warm_start", "device", "random_state", "polish"}
 
 
 @pytest.mark.parametrize("cls,bad", [(TorchLogisticRegression, {"C": -1.0}),
@@ -247,3 +247,16 @@ def test_mlp_sample_weight(digits):
         got = TorchMLPClassifier(hidden_layer_sizes=(16,), batch_size=256, n_iter_no_change=3,
                                  max_iter=25, random_state=0, device="cpu").fit(X, y, sample_weight=w)
     assert (got.predict(X[y == 3]) == 3).mean() < 0.2 and got.score(X[y != 3], y[y != 3]) > 0.9
+
+
+def test_polish_false_stops_in_float32_with_the_same_predictions():
+    """fxtl's search fits candidates without the float64 stage: fewer iterations, same labels."""
+    from sklearn.datasets import load_digits
+    from sklearn.preprocessing import StandardScaler
+
+    X, y = load_digits(return_X_y=True)
+    X = StandardScaler().fit_transform(X)
+    full = TorchLogisticRegression(C=0.1, device="cpu").fit(X[:1000], y[:1000])
+    quick = TorchLogisticRegression(C=0.1, device="cpu", polish=False).fit(X[:1000], y[:1000])
+    assert quick.n_iter_[0] < full.n_iter_[0]
+    assert (quick.predict(X[1000:]) == full.predict(X[1000:])).mean() >= 0.99

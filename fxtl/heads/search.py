@@ -191,8 +191,11 @@ def run_search(spec: HeadSpec, *, X: np.ndarray, y: np.ndarray,
                            seed=seed, l2_normalize=l2_normalize, pca=pca, progress=progress)
 
     def factory():
-        return build_pipeline(spec.name, params=fixed, seed=seed, l2_normalize=l2_normalize,
+        pipe = build_pipeline(spec.name, params=fixed, seed=seed, l2_normalize=l2_normalize,
                               pca=pca, calibrate=False, solver=solver)
+        if "polish" in pipe.steps[-1][1].get_params() and "polish" not in fixed:
+            pipe.steps[-1][1].set_params(polish=False)  # candidates need predictions, not digits
+        return pipe
 
     if not rounds:
         return _grid_search_cv(factory(), X=X, y=y, folds=folds, candidates=candidates,

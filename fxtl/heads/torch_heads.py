@@ -171,7 +171,7 @@ def _fit_linear(est, X, y, sample_weight, *, loss: str, penalise_intercept: bool
     reg = 0.5 / (est.C * float(sw.sum()))
     sw = torch.as_tensor(sw, device=dev)
     n_iter = 0
-    stages = _LBFGS_STAGES if n * d <= FLOAT64_MAX_VALUES else _LBFGS_STAGES[:1]
+    stages = _LBFGS_STAGES if est.polish and n * d <= FLOAT64_MAX_VALUES else _LBFGS_STAGES[:1]
     for name in stages:
         if n_iter >= est.max_iter:
             break
@@ -198,8 +198,9 @@ class _TorchLinear:
     _penalise_intercept: bool
 
     def __init__(self, C=1.0, *, tol=1e-4, max_iter=1000, warm_start=False, device="auto",
-                 random_state=None):
+                 random_state=None, polish=True):
         self.C = C
+        self.polish = polish
         self.tol = tol
         self.max_iter = max_iter
         self.warm_start = warm_start
@@ -244,11 +245,16 @@ class TorchLogisticRegression(_TorchLinear, LogisticRegression):
         Where to fit; ``"auto"`` takes CUDA when torch sees it.
     random_state : None
         Unused (the problem is convex and the start is zero); kept for fxtl's seeding.
+    polish : bool
+        Finish with a float64 L-BFGS stage (on up to :data:`FLOAT64_MAX_VALUES` values), so the
+        solution matches scikit-learn's to ``tol``. fxtl's search turns it off: comparing
+        candidates needs their predictions, not the last digits of their probabilities.
     """
 
     _loss, _penalise_intercept = "log", False
     _parameter_constraints = _constraints(LogisticRegression, ("C", "tol", "max_iter", "warm_start",
-                                                               "random_state"))
+                                                               "random_state"),
+                                          polish=["boolean"])
     # The parent's parameters that its inherited methods read, fixed to what is solved here.
     penalty, l1_ratio, dual, fit_intercept, intercept_scaling = "l2", 0.0, False, True, 1
     class_weight, solver, verbose, n_jobs = None, "lbfgs", 0, None
@@ -264,13 +270,13 @@ class TorchLinearSVC(_TorchLinear, LinearSVC):
 
     Parameters
     ----------
-    C, tol, max_iter, warm_start, device, random_state
+    C, tol, max_iter, warm_start, device, random_state, polish
         As :class:`TorchLogisticRegression`.
     """
 
     _loss, _penalise_intercept = "squared_hinge", True
     _parameter_constraints = _constraints(LinearSVC, ("C", "tol", "max_iter", "random_state"),
-                                          warm_start=["boolean"])
+                                          warm_start=["boolean"], polish=["boolean"])
     penalty, loss, dual, multi_class, fit_intercept = "l2", "squared_hinge", False, "ovr", True
     intercept_scaling, class_weight, verbose = 1, None, 0
 
