@@ -111,7 +111,15 @@ def parse_budget(text: str | float | int | None) -> float | None:
 
 
 def stop_workers() -> None:
-    """Stop joblib's reusable loky worker processes now (they outlive a search otherwise)."""
+    """Stop joblib's reusable loky worker processes now (they outlive a search otherwise).
+
+    fxtl's own search runs in threads; a loky pool exists only if something in this process
+    started one (scikit-learn with ``n_jobs``), and importing loky just to find none costs time.
+    """
+    import sys
+
+    if "joblib.externals.loky.reusable_executor" not in sys.modules:
+        return
     from joblib.externals.loky import get_reusable_executor
 
     with contextlib.suppress(Exception):
