@@ -141,7 +141,8 @@ def run_cli(cache: Path, home: Path, budget: str | None = None) -> dict:
 
 def exhaustive(cache: Path, model: str, solver: str = "auto") -> dict:
     """The same space searched exhaustively: k-fold CV on every fit row (or the val split as it
-    is), no subsample, no warm start, no budget, the final fit on every row, calibrated by
+    is), no subsample, no warm start or early end of a path, no budget, the final fit on every
+    row, calibrated by
     k-fold; the same solver (scikit-learn or torch) as the run it is compared with. The RBF SVM
     keeps its row cap (its candidates and final fit see at most ``max_fit_rows`` rows): beyond
     it a kernel matrix no longer fits in memory, which is why the head has the cap."""
@@ -150,8 +151,10 @@ def exhaustive(cache: Path, model: str, solver: str = "auto") -> dict:
     spec0 = fitting.get_head(model)
     saved = (search.CV_MAX_ROWS, search.PLENTY_PER_CLASS, search.CALIBRATION_SPLIT_ROWS, fitting.get_head)
     search.CV_MAX_ROWS = search.PLENTY_PER_CLASS = search.CALIBRATION_SPLIT_ROWS = 10 ** 12
+    # scale_up stays: it sets fixed parameters (the MLP's batch size) from the rows fitted, which
+    # are the same here; the searched space and the rows are what the reference widens.
     fitting.get_head = lambda name: replace(spec0, search_rows=spec0.max_fit_rows or 10 ** 12,
-                                            path_param=None, scale_up=None)
+                                            path_param=None)
     try:
         t0 = time.perf_counter()
         res = fitting.fit_head(cache, model=model, jobs=-1, seed=0, solver=solver)
@@ -195,6 +198,9 @@ def main() -> None:
                     help="an earlier results JSON: sizes in --no-reference take their exhaustive "
                          "and plain-logreg references from it (same cache and rows; the "
                          "references do not depend on the head's own search settings)")
+    ap.add_argument("--complete-references", action="store_true",
+                    help="with --references-from: no new timing; add the exhaustive and plain-logreg "
+                         "references that run lacks (e.g. ones stopped for time) and write it to -o")
     ap.add_argument("--budget", help="passed to fit-head (e.g. 60s): the search stops between "
                                      "candidates once spent; final fits still run")
     args = ap.parse_args()
@@ -208,7 +214,11 @@ def main() -> None:
     earlier = {}
     if args.references_from:
         prev = json.loads(args.references_from.read_text())
+        prev["completed_by"] = commit
         earlier = {s["name"]: dict(s, git_commit=prev.get("git_commit")) for s in prev["sizes"]}
+    if args.complete_references:
+        complete_references(args, prev)
+        return
     with tempfile.TemporaryDirectory() as tmp:
         for item in args.sizes:
             name, _, spec = item.partition("=")
@@ -260,6 +270,27 @@ def main() -> None:
                                         for h in entry["heads"]},
                               "plain_logreg": entry.get("plain_logreg_cv5", {}).get("accuracy")}),
                   file=sys.stderr)
+
+
+def complete_references(args, prev: dict) -> None:
+    """Fill in the references a results file lacks, for the sizes named (NAME=CACHE[:ROWS])."""
+    with tempfile.TemporaryDirectory() as tmp:
+        for item in args.sizes:
+            name, _, spec = item.partition("=")
+            path, _, rows = spec.partition(":")
+            cache = cut_cache(Path(path), int(rows), Path(tmp) / f"{name}.h5") if rows else Path(path)
+            entry = next(s for s in prev["sizes"] if s["name"] == name)
+            for h in entry["heads"]:
+                if "exhaustive" not in h and "accuracy" in h:
+                    print(f"[{name}] exhaustive {h['model']}", file=sys.stderr)
+                    h["exhaustive"] = dict(exhaustive(cache, h["model"], h.get("solver") or "auto"),
+                                           added_by=prev.get("completed_by"))
+                    h["accuracy_gap_points"] = round(100 * (h["accuracy"] - h["exhaustive"]["accuracy"]), 2)
+                    args.output.write_text(json.dumps(prev, indent=2) + "\n")
+            if not entry.get("plain_logreg_cv5"):
+                print(f"[{name}] plain LogisticRegressionCV", file=sys.stderr)
+                entry["plain_logreg_cv5"] = plain_logreg(cache)
+            args.output.write_text(json.dumps(prev, indent=2) + "\n")
 
 
 if __name__ == "__main__":
