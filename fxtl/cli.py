@@ -512,7 +512,7 @@ import signal  # noqa: E402
 import time  # noqa: E402
 
 from .heads.dask_backend import BACKENDS  # noqa: E402
-from .heads.fitting import LARGE_ROWS  # noqa: E402
+from .heads.source import LARGE_ROWS  # noqa: E402
 from .heads.registry import head_names  # noqa: E402 - the registry gives --model its choices
 from .report.plots import METHODS as EMBEDDING_METHODS  # noqa: E402
 

@@ -118,6 +118,8 @@ def guard_cache(path: str | Path, *, features: bool = True, level: str | None = 
     if known.get(level):
         raise CacheError(known[level])
     limit = probe_seconds(path, features=level == "all")
+    import h5py  # noqa: F401  (the reader needs it anyway; a forked child then inherits it)
+
     error = _probe_forked(path, level, limit) if _may_fork() else _probe_spawned(path, level, limit)
     known[level] = error
     if error is not None:

@@ -7,13 +7,25 @@ Modules, by concern: :mod:`~fxtl.heads.registry` (names, estimators, search spac
 (head.skops + head.json), :mod:`~fxtl.heads.runs` (the run folder) and
 :mod:`~fxtl.heads.fitting` (:func:`fit_head` / :func:`fit_heads`).
 """
-from .fitting import FitResult, fit_head, fit_heads, parse_budget
-from .model import Head
-from .persistence import load_head, save_head
-from .planning import SplitPlan, plan_splits
-from .registry import HeadSpec, build_pipeline, get_head, head_names, list_heads, register_head
-from .search import choose_strategy
+import importlib
 
-__all__ = ["FitResult", "fit_head", "fit_heads", "parse_budget", "Head", "load_head", "save_head",
-           "SplitPlan", "plan_splits", "HeadSpec", "build_pipeline", "get_head", "head_names",
-           "list_heads", "register_head", "choose_strategy"]
+# public name -> submodule (imported on first use: ``import fxtl.heads.registry``, which the CLI
+# does for --model's choices, must not pull in the search and its estimators)
+_API = {"FitResult": "fitting", "fit_head": "fitting", "fit_heads": "fitting",
+        "parse_budget": "fitting", "Head": "model", "load_head": "persistence",
+        "save_head": "persistence", "SplitPlan": "planning", "plan_splits": "planning",
+        "HeadSpec": "registry", "build_pipeline": "registry", "get_head": "registry",
+        "head_names": "registry", "list_heads": "registry", "register_head": "registry",
+        "choose_strategy": "search"}
+
+__all__ = list(_API)
+
+
+def __getattr__(name: str):
+    if name in _API:
+        return getattr(importlib.import_module(f".{_API[name]}", __name__), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_API))

@@ -41,7 +41,7 @@ from .registry import (HEADS, HeadSpec, accepted_params, build_pipeline, check_p
                        head_names, list_heads, parse_params, register_head, SOLVERS)
 from .runs import claim_run_dir, new_run_dir, write_run
 from .search import Progress, fit_in_memory
-from .source import RowSource, open_source
+from .source import LARGE_ROWS, RowSource, open_source
 from .streaming import fit_streaming
 
 __all__ = ["FitResult", "fit_head", "fit_heads", "parse_budget", "stop_workers", "LARGE_ROWS",
@@ -50,8 +50,6 @@ __all__ = ["FitResult", "fit_head", "fit_heads", "parse_budget", "stop_workers",
            "SplitPlan", "build_pipeline", "check_params", "get_head", "head_names", "list_heads",
            "load_head", "parse_params", "plan_splits", "register_head", "save_head"]
 
-# Above this many rows heads are fitted with streaming, scalable estimators.
-LARGE_ROWS = 100_000
 
 
 @dataclass

@@ -13,6 +13,9 @@ from .model import Head
 
 __all__ = ["RowSource", "open_source"]
 
+# Above this many rows heads are fitted with streaming, scalable estimators.
+LARGE_ROWS = 100_000
+
 
 class RowSource:
     """Rows of a cache, in memory (small caches) or streamed from the HDF5 file (large ones)."""
