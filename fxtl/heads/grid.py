@@ -27,7 +27,7 @@ from typing import Any, Callable
 
 import numpy as np
 
-__all__ = ["PreparedFold", "GridOutcome", "prepare_folds", "score_grid", "pick_best", "rbf_gamma",
+__all__ = ["PreparedFold", "GridOutcome", "prepare_folds", "score_grid", "pick_best",
            "SINGLE_THREADED", "GIL_BOUND", "map_threads", "PATH_PATIENCE", "fit_pipeline",
            "fit_transform_steps"]
 
@@ -73,16 +73,6 @@ class GridOutcome:
     converged_notes: list[str] = field(default_factory=list)
     # A regularisation path ended early: its last ``PATH_PATIENCE`` scores fell below the best.
     path_stopped: bool = False
-
-
-def rbf_gamma(gamma, X: np.ndarray) -> float:
-    """``gamma`` as scikit-learn's SVC resolves it on training rows ``X``."""
-    if gamma == "scale":
-        var = float(X.var())
-        return 1.0 / (X.shape[1] * var) if var > 0 else 1.0
-    if gamma == "auto":
-        return 1.0 / X.shape[1]
-    return float(gamma)
 
 
 def uses_kernel_cache(estimator, candidates: list[dict], n_rows: int = 0) -> bool:
@@ -151,6 +141,8 @@ def _fit_score(est, fold: PreparedFold, cand: dict) -> tuple[float, float | None
     est.set_params(**cand)
     Xtr, Xte = fold.X_train, fold.X_test
     if fold.d_train is not None:
+        from .kernel_svm import rbf_gamma
+
         g = rbf_gamma(est.gamma, fold.X_train)
         est.set_params(kernel="precomputed")
         Xtr, Xte = np.exp(-g * fold.d_train), np.exp(-g * fold.d_test)

@@ -20,7 +20,7 @@ from __future__ import annotations
 import numpy as np
 from sklearn.svm import SVC
 
-__all__ = ["RBFSVC", "sq_distances"]
+__all__ = ["RBFSVC", "sq_distances", "rbf_gamma"]
 
 # Rows of a prediction's kernel block (rows x support vectors float64) at a time.
 PREDICT_BLOCK = 2048
@@ -35,6 +35,17 @@ def sq_distances(A: np.ndarray, B: np.ndarray) -> np.ndarray:
     d += (A * A).sum(1)[:, None]
     d += (B * B).sum(1)[None, :]
     return np.maximum(d, 0.0, out=d)
+
+
+def rbf_gamma(gamma, X: np.ndarray) -> float:
+    """``gamma`` as scikit-learn's SVC resolves it on training rows ``X`` ("scale", "auto" or a
+    number)."""
+    if gamma == "scale":
+        var = float(X.var())
+        return 1.0 / (X.shape[1] * var) if var > 0 else 1.0
+    if gamma == "auto":
+        return 1.0 / X.shape[1]
+    return float(gamma)
 
 
 def _rbf(A: np.ndarray, B: np.ndarray, gamma: float) -> np.ndarray:
@@ -58,9 +69,7 @@ class RBFSVC(SVC):
         from sklearn.utils.validation import validate_data
 
         X, y = validate_data(self, X, y, dtype=np.float64, order="C", accept_sparse=False)
-        var = float(X.var())
-        gamma = ({"scale": 1.0 / (X.shape[1] * var) if var > 0 else 1.0,
-                  "auto": 1.0 / X.shape[1]}.get(self.gamma, self.gamma))
+        gamma = rbf_gamma(self.gamma, X)
         inner = SVC(kernel="precomputed", C=self.C, tol=self.tol, shrinking=self.shrinking,
                     cache_size=self.cache_size, class_weight=self.class_weight,
                     max_iter=self.max_iter, decision_function_shape=self.decision_function_shape,
