@@ -389,9 +389,7 @@ def check_params(models: Sequence[str], params: Mapping[str, Any]) -> None:
             try:
                 import_estimator(spec.torch_estimator)(**own)._validate_params()
             except (TypeError, ValueError) as exc:
-                shown = ", ".join(f"{k}={v!r}" for k, v in own.items())
-                first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-                raise ParameterError("params", f"{shown} is not valid for {m}: {first[:200]}") from None
+                raise _invalid(own, m, exc) from None
 
 
 def _check_values(cls, params: Mapping[str, Any], model: str) -> None:
@@ -408,6 +406,11 @@ def _check_values(cls, params: Mapping[str, Any], model: str) -> None:
     except (TypeError, ValueError) as exc:
         if type(exc).__name__ != "InvalidParameterError" and not isinstance(exc, TypeError):
             return  # a valid value the toy data cannot take (e.g. more neighbours than rows)
-        first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        shown = ", ".join(f"{k}={v!r}" for k, v in params.items())
-        raise ParameterError("params", f"{shown} is not valid for {model}: {first[:200]}") from None
+        raise _invalid(params, model, exc) from None
+
+
+def _invalid(params: Mapping[str, Any], model: str, exc: Exception) -> ParameterError:
+    """The one-line usage error for ``params`` that ``model``'s estimator refused."""
+    first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+    shown = ", ".join(f"{k}={v!r}" for k, v in params.items())
+    return ParameterError("params", f"{shown} is not valid for {model}: {first[:200]}")
