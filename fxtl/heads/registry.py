@@ -137,10 +137,12 @@ def _mlp_space(shape: DataShape) -> dict[str, list]:
 
 
 def _mlp_scale_up(params: dict, n_rows: int) -> list[str]:
-    # Many rows: bigger mini-batches and a shorter patience keep epochs few and cheap.
+    # Many rows: bigger mini-batches and a shorter patience keep epochs few and cheap. Applied to
+    # every fit on that many rows: the final fit, and search candidates when the subsample cap
+    # is raised (an exhaustive reference).
     if n_rows > 8_000 and params.get("batch_size") == 64:
         params.update(batch_size=256, n_iter_no_change=5)
-        return [f"mlp: batch_size 256, n_iter_no_change 5 for the final fit on {n_rows:,} rows"]
+        return [f"mlp: batch_size 256, n_iter_no_change 5 for fits on {n_rows:,} rows (over 8,000)"]
     return []
 
 

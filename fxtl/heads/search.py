@@ -384,6 +384,8 @@ def fit_in_memory(source, spec: HeadSpec, *, plan, params: dict, seed: int, jobs
     params = {k: v for k, v in params.items() if k in accepted}
     fixed = {**{k: v for k, v in spec.defaults.items() if k in accepted}, **params}
     notes.extend(spec.adapt(fixed, shape) if spec.adapt else [])
+    if spec.scale_up and folds:  # candidates fitted on many rows (a large subsample cap) too
+        notes.extend(spec.scale_up(fixed, int(n_min)))
     grid = {k: v for k, v in spec.space(shape).items() if k not in params} if folds else {}
     if folds and params and not grid:
         notes.append("every searched parameter was fixed by params: no search")
