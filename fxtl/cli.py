@@ -819,8 +819,9 @@ class _Trainable(click.ParamType):
 def finetune(data_dir, run_name, resume, cache_dir, as_json, no_flip, patience, **options):
     """Fine-tune the backbone on DATA_DIR (same splits and metrics as fit-head).
 
-    Trains on train, keeps the best epoch on val, reports on test (else val; with only train, it
-    reports on fit-head's stratified hold-out and selects on a second one). The run folder
+    Trains on train, keeps the best epoch on val and reports on test. With two splits the second
+    is only reported on and the last epoch is kept; with only train, it reports on fit-head's
+    stratified hold-out and selects on a second one. No image both selects and reports. The run folder
     <cache-dir>/runs/<run>/ holds the model (usable as --backbone and by predict), metrics.json,
     rows.json, learning curves and confusion matrix.
 

@@ -30,6 +30,16 @@ def shapes_dir(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def shapes3_dir(tmp_path_factory) -> Path:
+    """train/val/test split folders, 2 classes, 6 images each per split: a fine-tune early-stops
+    on val and reports on test (with train/val only, val is reported on and selects nothing)."""
+    from fxtl.data.samples import write_shapes
+
+    return write_shapes(tmp_path_factory.mktemp("shapes3"), per_class=6,
+                        splits=("train", "val", "test"))
+
+
+@pytest.fixture(scope="session")
 def digits_dir(tmp_path_factory) -> Path:
     """scikit-learn digits 0-2 as PNG folders: 12 per class, train/val."""
     from fxtl.data.samples import write_digits

@@ -54,10 +54,12 @@ def test_run_folder_and_metrics(run2, shapes_dir):
     assert np.asarray(m["confusion_matrix"]).sum() == 12
     assert set(m["per_class"]) == {"circle", "square"} and m["class_names"] == ["circle", "square"]
     assert m["epochs"] == 2 and [h["epoch"] for h in m["history"]] == [1, 2]
-    assert all({"train_loss", "train_accuracy", "val_loss", "val_accuracy"} <= set(h) for h in m["history"])
-    assert 1 <= m["best_epoch"] <= 2
-    best = m["history"][m["best_epoch"] - 1]["val_accuracy"]
-    assert m["accuracy"] == pytest.approx(best)  # the kept epoch is the one reported
+    # train + val: val is the reported split, so it selects nothing (no early stopping on the
+    # images reported on): no per-epoch val score, the last epoch is kept
+    assert all({"train_loss", "train_accuracy"} <= set(h) and "val_accuracy" not in h
+               for h in m["history"])
+    assert m["best_epoch"] == 2 and m["selection_split"] is None
+    assert any("val is the reported split" in n for n in m["notes"])
     model = fxtl.load_backbone("lite0").model
     assert m["trainable_params"] == m["total_params"] == \
         sum(p.numel() for n, p in model.named_parameters() if not n.startswith("classifier")) + 1281 * 2
@@ -218,9 +220,9 @@ def test_bad_images_are_skipped(shapes_dir, tmp_path, tiny):
     assert res.metrics["history"][0]["train_images"] == 12
 
 
-def test_early_stopping_keeps_best_epoch(shapes_dir, tmp_path, tiny):
+def test_early_stopping_keeps_best_epoch(shapes3_dir, tmp_path, tiny):
     # A learning rate too small to change anything: no val loss improvement after epoch 1.
-    res = finetune(shapes_dir, backbone=tiny, trainable="head", epochs=4, lr=1e-12, patience=1,
+    res = finetune(shapes3_dir, backbone=tiny, trainable="head", epochs=4, lr=1e-12, patience=1,
                    monitor="loss", cache_dir=tmp_path, **TINY)
     assert res.stopped_early and res.epochs == 2 and res.best_epoch == 1
 

@@ -3,10 +3,16 @@
 =====================  ==============================  =========================
 dataset splits         early stopping / selection on   reported on
 =====================  ==============================  =========================
-train + val [+ test]   ``val``                         ``test`` if present else ``val``
+train + val + test     ``val``                         ``test``
+train + val            none (last epoch is kept)       ``val``
 train + test           none (last epoch is kept)       ``test``
 train only             a 2nd hold-out of the rest      ``holdout``
 =====================  ==============================  =========================
+
+No split both selects and reports: with two splits the second is the reported one (as in
+``fit-head``, which then selects by k-fold CV on train), so the fine-tune runs its epochs and
+keeps the last (the cosine schedule has decayed to zero there) rather than early-stopping on the
+images it reports on.
 
 The reported hold-out is :func:`fxtl.data.splits.stratified_holdout` of the train rows
 (``test_size``, ``seed``), the call ``fit-head`` makes, so both paths report on the same images
@@ -46,12 +52,13 @@ def plan_splits(images: ImageSet, *, seed: int, test_size: float) -> Splits:
     if not len(rows["train"]):
         raise DataError(f"{images.root} has no train split; fine-tuning needs training images "
                         "(put them in train/<class>/)")
-    if len(rows["val"]):
-        report, name = (rows["test"], "test") if len(rows["test"]) else (rows["val"], "val")
-        return Splits(rows["train"], rows["val"], "val", report, name)
-    if len(rows["test"]):
-        return Splits(rows["train"], None, "", rows["test"], "test",
-                       ("no val split: no early stopping, the last epoch is kept",))
+    if len(rows["val"]) and len(rows["test"]):
+        return Splits(rows["train"], rows["val"], "val", rows["test"], "test")
+    if len(rows["val"]) or len(rows["test"]):
+        name = "test" if len(rows["test"]) else "val"
+        return Splits(rows["train"], None, "", rows[name], name,
+                      (f"train + {name} only: {name} is the reported split, so it selects nothing; "
+                       "no early stopping, the last epoch is kept",))
     # Report on exactly the rows fit-head reports on (same call, same seed), and select (early
     # stopping) on a second hold-out of what remains, so no image both selects and reports.
     rest, held = stratified_holdout(rows["train"], labels, test_size=test_size, seed=seed,
