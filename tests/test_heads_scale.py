@@ -53,6 +53,32 @@ def test_large_fit_searches_a_subsample_and_refits_on_all_rows(tmp_path):
     assert res.metrics["selection"] == "holdout20" and res.metrics["accuracy"] > 0.8
 
 
+def test_many_row_settings_reach_search_candidates_fitted_on_many_rows(tmp_path, monkeypatch):
+    """scale_up (the MLP's batch 256 beyond 8,000 rows) is a rule of the rows a fit sees: with
+    the subsample cap raised (as an exhaustive reference does) candidates get it too."""
+    from dataclasses import replace
+
+    from fxtl.heads import fitting
+
+    seen = []
+
+    def scale_up(params, n_rows):
+        seen.append(n_rows)
+        if n_rows > 150 and params.get("batch_size") == 64:
+            params.update(batch_size=32)
+            return [f"batch_size 32 for fits on {n_rows} rows"]
+        return []
+
+    spec = replace(fitting.get_head("mlp"), scale_up=scale_up, search_rows=10 ** 6)
+    monkeypatch.setattr(fitting, "get_head", lambda name: spec)
+    cache = write_synthetic_cache(tmp_path / "m.h5", splits=(("train", 240), ("val", 60), ("test", 30)),
+                                  dim=8, classes=3, sep=3.0)
+    res = fit_head(cache, model="mlp", seed=0, solver="sklearn")
+    assert seen[0] == 240  # the candidates' training rows (val selects)
+    assert res.estimator.steps[-1][1].batch_size == 32
+    assert any("batch_size 32 for fits on 240 rows" in n for n in res.metrics["notes"])
+
+
 def test_svm_final_fit_is_capped_and_calibrated_once(tmp_path, monkeypatch):
     from fxtl.heads import search
 
