@@ -204,6 +204,7 @@ def test_paired_mcnemar_best_head_vs_best_finetune(tmp_path):
     assert (p["n"], p["a_only_correct"], p["b_only_correct"]) == (20, 5, 1)
     assert p["p_value"] == pytest.approx(14 / 64) and p["test"] == "mcnemar-exact"
     assert "0.900 vs 0.700 on 20 test images: not significant, p = 0.22" in p["text"]
+    assert "5 images right only for the first, 1 only for the second" in p["text"]
     ft_row = next(r for r in res.rows if r["kind"] == "finetune")
     assert ft_row["macro_f1_ci95"] is not None  # bootstrapped from predictions.csv
     r = CliRunner().invoke(cli, ["compare", "--cache-dir", str(cache), "--json",

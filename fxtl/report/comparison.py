@@ -299,8 +299,9 @@ def describe_pair(pair: dict[str, Any]) -> str:
     split = f" {pair['split']}" if pair.get("split") else ""
     return (f"{pair['a_method']} vs {pair['b_method']}: {pair['a_accuracy']:.3f} vs "
             f"{pair['b_accuracy']:.3f} on {pair['n']}{split} images: {verdict}, "
-            f"{_fmt_p(pair['p_value'])} (exact McNemar; {pair['a_only_correct']} images right "
-            f"only for the first, {pair['b_only_correct']} only for the second)")
+            f"{_fmt_p(pair['p_value'])} (exact McNemar; {pair['a_only_correct']} "
+            f"image{'' if pair['a_only_correct'] == 1 else 's'} right only for the first, "
+            f"{pair['b_only_correct']} only for the second)")
 
 
 def paired_test(a: dict[str, Any], b: dict[str, Any]) -> dict[str, Any]:
