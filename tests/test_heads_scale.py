@@ -42,7 +42,13 @@ def test_search_folds_subsample_is_stratified_and_disjoint():
     assert np.bincount(labels[tr]).tolist() == [250] * 4
 
 
-def test_large_fit_searches_a_subsample_and_refits_on_all_rows(tmp_path):
+def test_large_fit_searches_a_subsample_and_refits_on_all_rows(tmp_path, monkeypatch):
+    from dataclasses import replace
+
+    from fxtl.heads import fitting
+
+    spec = replace(fitting.get_head("logreg"), search_rows=4_000)  # logreg's own cap is 8,000
+    monkeypatch.setattr(fitting, "get_head", lambda name: spec)
     cache = write_synthetic_cache(tmp_path / "big.h5", splits=(("train", 6_000), ("test", 300)),
                                   dim=16, classes=4, sep=1.0)
     res = fit_head(cache, model="logreg", seed=0)
