@@ -7,7 +7,7 @@ For hymenoptera, trashnet, chest_xray and omniglot (``../shared/datasets``) and 
 handwritten digits (the demo's 600: 60 per class) this runs ``advise``, then on the same
 train / val / test rows:
 
-* heads on the frozen features (logreg, svm, knn; hyper-parameters searched on ``val``, refit
+* heads on the frozen features (all five; hyper-parameters searched on ``val``, refit
   on train+val); the *best head* is the one with the best selection score (``val``), never
   chosen on test;
 * the fine-tune the advice recommends (scenario 1 recommends none, so its counterpart is the
@@ -20,7 +20,7 @@ train / val / test rows:
 
 Every dataset gets a test split no run selects on: hymenoptera's ``val`` folder becomes the test
 split and 20% of its ``train`` the val split; the class-folder sets are split 60/15/25 per class
-(seed 0), through a CSV manifest beside symlinks to the files.
+(``--seed``, default 0), through a CSV manifest beside symlinks to the files.
 
 Then the similarity threshold (``fxtl.advice.SIMILAR_AT``): with every dataset small, the
 threshold alone moves a dataset between scenario 1 (head) and 3 (fine-tune). A threshold
@@ -54,7 +54,7 @@ if not SHARED.is_dir():  # a throwaway worktree elsewhere than beside shared/
 RESULTS = HERE / "results" / "advise_calibration.json"
 # Cheapest first, so that a run cut short by the clock has measured the most datasets.
 DATASETS = ("chest_xray", "trashnet", "digits", "hymenoptera", "omniglot")
-HEADS = ("logreg", "svm", "knn")
+HEADS = ("logreg", "svm", "linear-svm", "mlp", "knn")  # every head, as advise --run fits
 
 
 # ----------------------------------------------------------------------------- data
@@ -100,13 +100,14 @@ def split_manifest(name: str, out: Path, *, seed: int = 0, per_class: int | None
     return manifest
 
 
-def _data(name: str, tmp: Path, per_class: int | None) -> Path:
+def _data(name: str, tmp: Path, per_class: int | None, seed: int = 0) -> Path:
+    """The dataset with its train / val / test split (drawn with ``seed``)."""
     if name == "digits":
         from fxtl.data.samples import write_digits
 
         return write_digits(tmp / "digits", classes=10, per_class=per_class or 60,
-                            val_fraction=0.25, test_fraction=0.25, seed=0)
-    return split_manifest(name, tmp, per_class=per_class)
+                            val_fraction=0.25, test_fraction=0.25, seed=seed)
+    return split_manifest(name, tmp, per_class=per_class, seed=seed)
 
 
 # ----------------------------------------------------------------------------- one dataset
@@ -131,7 +132,7 @@ def run_dataset(name: str, *, tmp: Path, cache: Path, epochs: int, image_size: i
     from fxtl.training.loop import finetune
 
     t0 = time.perf_counter()
-    data = _data(name, tmp, per_class)
+    data = _data(name, tmp, per_class, seed)
     a = advise(data, seed=seed, sample=sample)
     log(f"{name}: scenario {a.scenario}, similarity {a.similarity['score']:.3f} "
         f"{a.similarity.get('score_ci95')} ({a.seconds:.0f} s)")
@@ -226,10 +227,10 @@ def _env() -> dict:
         except OSError:  # pragma: no cover
             return ""
     return {"commit": git("rev-parse", "--short", "HEAD"),
-            "leak_fix": git("log", "--oneline", "--grep", "LEAK-FIX", "-n", "3").splitlines(),
             "python": platform.python_version(), "cpus": os.cpu_count(),
             "argv": " ".join(sys.argv[1:]), "measured": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
-            "load": "2-core machine shared with other jobs: seconds are under load"}
+            "load_average": [round(x, 2) for x in os.getloadavg()],
+            "load": "seconds depend on what else ran on the machine (load_average: at the end)"}
 
 
 def _table(rows: list[dict]) -> str:
@@ -269,7 +270,9 @@ def main() -> None:
     ap.add_argument("--sample", type=int, default=240, help="advise's similarity sample")
     ap.add_argument("--merge", action="store_true",
                     help="keep the other datasets' rows already in --output (replace these)")
-    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--seed", type=int, default=0,
+                    help="seeds the splits (and digits drawn), advise's sample, the heads and the "
+                         "fine-tune; another seed is another draw of every test set")
     ap.add_argument("--output", type=Path, default=RESULTS)
     args = ap.parse_args()
     from fxtl.advice import SIMILAR_AT

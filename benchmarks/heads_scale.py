@@ -169,9 +169,12 @@ def exhaustive(cache: Path, model: str, solver: str = "auto") -> dict:
             "final_fit_rows": m["strategy"]["final_fit_rows"]}
 
 
-def plain_logreg(cache: Path) -> dict:
-    """StandardScaler + LogisticRegression, C by 5-fold CV on the fit rows (LogisticRegressionCV)."""
+def plain_logreg(cache: Path, shuffle_seed: int | None = None) -> dict:
+    """StandardScaler + LogisticRegression, C by 5-fold CV on the fit rows (LogisticRegressionCV;
+    its default folds are StratifiedKFold without shuffling, so they follow the cache's row order;
+    ``shuffle_seed`` shuffles them instead)."""
     from sklearn.linear_model import LogisticRegressionCV
+    from sklearn.model_selection import StratifiedKFold
     from sklearn.pipeline import make_pipeline
     from sklearn.preprocessing import StandardScaler
 
@@ -181,12 +184,13 @@ def plain_logreg(cache: Path) -> dict:
     c = load_features(cache)
     plan = plan_splits(c.labels, c.split, seed=0)
     t0 = time.perf_counter()
-    pipe = make_pipeline(StandardScaler(), LogisticRegressionCV(Cs=np.logspace(-4, 2, 13), cv=5,
+    cv = 5 if shuffle_seed is None else StratifiedKFold(5, shuffle=True, random_state=shuffle_seed)
+    pipe = make_pipeline(StandardScaler(), LogisticRegressionCV(Cs=np.logspace(-4, 2, 13), cv=cv,
                                                                 max_iter=2000, n_jobs=-1))
     pipe.fit(c.features[plan.fit_rows], c.labels[plan.fit_rows])
     acc = float((pipe.predict(c.features[plan.eval_rows]) == c.labels[plan.eval_rows]).mean())
     return {"accuracy": round(acc, 6), "seconds": round(time.perf_counter() - t0, 2),
-            "C": float(pipe[-1].C_[0])}
+            "C": float(pipe[-1].C_[0]), **({} if shuffle_seed is None else {"fold_seed": shuffle_seed})}
 
 
 def main() -> None:
@@ -201,6 +205,9 @@ def main() -> None:
     ap.add_argument("--complete-references", action="store_true",
                     help="with --references-from: no new timing; add the exhaustive and plain-logreg "
                          "references that run lacks (e.g. ones stopped for time) and write it to -o")
+    ap.add_argument("--lrcv-fold-seeds", type=int, nargs="*", default=[],
+                    help="with --complete-references: also LogisticRegressionCV on shuffled folds, "
+                         "one run per seed (how much its score owes to which rows share a fold)")
     ap.add_argument("--budget", help="passed to fit-head (e.g. 60s): the search stops between "
                                      "candidates once spent; final fits still run")
     args = ap.parse_args()
@@ -290,6 +297,11 @@ def complete_references(args, prev: dict) -> None:
             if not entry.get("plain_logreg_cv5"):
                 print(f"[{name}] plain LogisticRegressionCV", file=sys.stderr)
                 entry["plain_logreg_cv5"] = plain_logreg(cache)
+            done = {r["fold_seed"] for r in entry.get("plain_logreg_cv5_shuffled", [])}
+            for seed in (s for s in args.lrcv_fold_seeds if s not in done):
+                print(f"[{name}] LogisticRegressionCV, folds shuffled with seed {seed}", file=sys.stderr)
+                entry.setdefault("plain_logreg_cv5_shuffled", []).append(plain_logreg(cache, seed))
+                args.output.write_text(json.dumps(prev, indent=2) + "\n")
             args.output.write_text(json.dumps(prev, indent=2) + "\n")
 
 
