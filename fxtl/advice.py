@@ -407,10 +407,11 @@ def run_plan(advice: Advice, *, cache_dir: str | Path | None = None, device: str
     logistic-regression head (LP-FT, crop scale :data:`LP_FT_CROP_SCALE`, at the input size the
     head was fitted at, so ``image_size`` does not apply to it). The same splits are used
     throughout, so ``compare`` lines the results up. Ends with the paired test of the best head
-    against the fine-tune on the same images (``paired``: exact McNemar) and whether the advice
+    (best on its search score, not on test: ``best_head``) against the fine-tune on the same
+    images (``paired``: exact McNemar) and whether the advice
     held, tied or failed (``verdict``, :func:`advice_verdict`).
     """
-    from .report.comparison import compare
+    from .report.comparison import compare, pick_by_selection
     from .features.extraction import extract
     from .training.loop import finetune
     from .heads.fitting import fit_heads
@@ -429,7 +430,8 @@ def run_plan(advice: Advice, *, cache_dir: str | Path | None = None, device: str
         out["runs"].append({"kind": "head", "model": m["model"], "accuracy": m["accuracy"],
                             "accuracy_ci95": m.get("accuracy_ci95"), "macro_f1": m["macro_f1"],
                             "macro_f1_ci95": m.get("macro_f1_ci95"), "split": m["split"],
-                            "run_dir": str(res.run_dir)})
+                            "selection_score": m.get("selection_score"),
+                            "train_seconds": m.get("fit_seconds"), "run_dir": str(res.run_dir)})
         out["summary"].append(f"head {m['model']}: {m['split']} accuracy {m['accuracy']:.3f} ({res.run_dir})")
     if advice.scenario != 1:
         trainable = "last:2" if advice.scenario == 3 else "all"
@@ -452,7 +454,10 @@ def run_plan(advice: Advice, *, cache_dir: str | Path | None = None, device: str
                             "macro_f1": ft.macro_f1, "macro_f1_ci95": ft.metrics.get("macro_f1_ci95"),
                             "split": ft.split, "run_dir": str(ft.run_dir)})
         out["summary"].append(f"finetune {trainable}{how}: {ft.split} accuracy {ft.accuracy:.3f} ({ft.run_dir})")
-    best_head = max((r for r in out["runs"] if r["kind"] == "head"), key=lambda r: r["accuracy"])
+    # The head that stands against the fine-tune is picked on its search score, never on the
+    # test score the paired test is then run on (that would favour the head).
+    best_head, picked_by = pick_by_selection([r for r in out["runs"] if r["kind"] == "head"])
+    out["best_head"] = {"run_dir": best_head["run_dir"], "picked_by": picked_by}
     tuned = next((r for r in out["runs"] if r["kind"] == "finetune"), None)
     if tuned is not None:  # the paired test needs its per-image predictions
         write_missing_predictions(tuned["run_dir"], like=best_head["run_dir"], data=data,

@@ -219,6 +219,43 @@ def test_paired_mcnemar_best_head_vs_best_finetune(tmp_path):
     assert bad.exit_code == 2 and "nope" in bad.output
 
 
+def test_paired_runs_are_picked_on_their_selection_scores_not_on_test(tmp_path):
+    """The head and fine-tune that are tested against each other are the best on their own
+    selection split: picking the larger test score and testing it on the same images would
+    favour it (issue 13)."""
+    cache = tmp_path / "cache"
+    truth = [0, 1] * 10
+    lucky = _write_run(cache, "lucky", kind="head", model="knn", accuracy=0.9, n=20, split="test",
+                       selection_score=0.60, fit_seconds=0.1)
+    _predict(lucky, truth, [True] * 18 + [False] * 2)
+    chosen = _write_run(cache, "chosen", kind="head", model="logreg", accuracy=0.8, n=20,
+                        split="test", selection_score=0.85, fit_seconds=0.5)
+    _predict(chosen, truth, [True] * 16 + [False] * 4)
+    ft_hist = [{"val_accuracy": 0.7}, {"val_accuracy": 0.9}, {"val_accuracy": 0.8}]
+    ft = _write_run(cache, "ft", kind="finetune", model="finetune:all", accuracy=0.7, n=20,
+                    split="test", selection_split="val", best_epoch=2, history=ft_hist)
+    _predict(ft, truth, [True] * 14 + [False] * 6)
+    ft_test = _write_run(cache, "ft-test", kind="finetune", model="finetune:last:2", accuracy=0.75,
+                         n=20, split="test", selection_split="val", best_epoch=1, history=ft_hist)
+    _predict(ft_test, truth, [True] * 15 + [False] * 5)
+    res = compare(cache_dir=cache, chart=False)
+    rows = {Path(r["run_dir"]).name: r for r in res.rows}
+    assert rows["chosen"]["selection_score"] == 0.85 and rows["ft"]["selection_score"] == 0.9
+    assert rows["ft-test"]["selection_score"] == 0.7
+    (p,) = res.paired
+    assert (Path(p["a"]).name, Path(p["b"]).name) == ("chosen", "ft")
+    assert p["picked_by"] == "selection score"
+    assert "[picked by selection score]" in format_table(res.rows, paired=res.paired)
+    # without any selection score (old runs, fit-head --no-search) the reported score decides
+    for run in (lucky, chosen):
+        m = json.loads((run / "metrics.json").read_text())
+        del m["selection_score"]
+        (run / "metrics.json").write_text(json.dumps(m))
+    (p,) = compare(cache_dir=cache, chart=False).paired
+    assert Path(p["a"]).name == "lucky"
+    assert p["picked_by"] == "head: reported accuracy (no selection score); fine-tune: selection score"
+
+
 def test_compare_flags_a_run_learned_on_another_runs_report_rows(tmp_path):
     cache = tmp_path / "cache"
     fp = "ab" * 32

@@ -26,7 +26,11 @@ makes one row per run and draws a bar chart. The columns:
 =======================  ====================================================================
 
 ``paired`` holds the exact McNemar tests: per group the best head against the best fine-tune,
-plus any pair asked for, on the images both runs scored (``predictions.csv``).
+plus any pair asked for, on the images both runs scored (``predictions.csv``). "Best" is by
+each run's *selection* score (a head's search score, a fine-tune's accuracy on the split it
+early-stopped on), never by the reported score the test is then run on: picking the larger of
+several test scores and testing it on the same images would favour it (``picked_by`` says
+which; only runs without a selection score fall back to the reported accuracy).
 """
 from __future__ import annotations
 
@@ -42,7 +46,7 @@ from .._util import default_cache_dir
 from ..errors import FxtlError, ParameterError
 from .metrics import bootstrap_macro_f1, mcnemar_exact, read_predictions, wilson_interval
 
-__all__ = ["collect_runs", "comparison_rows", "format_table", "plot_comparison", "compare",
+__all__ = ["collect_runs", "comparison_rows", "selection_score", "pick_by_selection", "format_table", "plot_comparison", "compare",
            "paired_test", "describe_pair", "CompareResult", "SIGNIFICANCE"]
 
 log = logging.getLogger(__name__)
@@ -210,6 +214,40 @@ def _intervals(m: dict[str, Any], facts: _Facts, acc: float,
     return acc_ci, f1_ci
 
 
+def selection_score(m: dict[str, Any]) -> float | None:
+    """The score a run was selected on, from its ``metrics.json``: a head's best search score,
+    a fine-tune's accuracy on its selection split at the kept epoch; ``None`` when the run
+    selected nothing (no search, or no selection split).
+
+    >>> selection_score({"kind": "head", "selection_score": 0.8})
+    0.8
+    >>> selection_score({"kind": "finetune", "selection_split": "val", "best_epoch": 2,
+    ...                  "history": [{"val_accuracy": 0.7}, {"val_accuracy": 0.75}]})
+    0.75
+    >>> selection_score({"kind": "finetune", "selection_split": None, "best_epoch": 2}) is None
+    True
+    """
+    if m.get("kind") == "finetune":
+        best, history = m.get("best_epoch"), m.get("history") or []
+        if not m.get("selection_split") or not isinstance(best, int) or not 1 <= best <= len(history):
+            return None
+        return _number((history[best - 1] or {}).get("val_accuracy"))
+    return _number(m.get("selection_score"))
+
+
+def pick_by_selection(rows: Sequence[dict[str, Any]]) -> tuple[dict[str, Any] | None, str]:
+    """The row to stand for a kind of method: the best ``selection_score`` (ties: the one that
+    took less time to train); without any selection score, the best reported accuracy.
+    Returns ``(row, picked_by)``."""
+    scored = [r for r in rows if r.get("selection_score") is not None]
+    if scored:
+        return max(scored, key=lambda r: (r["selection_score"], -(r.get("train_seconds") or 0.0))), \
+            "selection score"
+    if rows:
+        return max(rows, key=lambda r: r["accuracy"]), "reported accuracy (no selection score)"
+    return None, ""
+
+
 def _row(m: dict[str, Any], facts: _Facts) -> dict[str, Any]:
     kind = m["kind"]
     model = str(m.get("model", "?"))
@@ -228,6 +266,7 @@ def _row(m: dict[str, Any], facts: _Facts) -> dict[str, Any]:
         "method": method, "kind": kind, "backbone": m.get("backbone"), "dataset": m.get("dataset"),
         "split": m.get("split"), "n": m.get("n"), "trainable_params": m.get("trainable_params"),
         "accuracy": acc, "accuracy_ci95": acc_ci, "macro_f1": f1, "macro_f1_ci95": f1_ci,
+        "selection_score": selection_score(m),
         "train_seconds": fit + (extract or 0.0), "fit_seconds": fit, "extract_seconds": extract,
         "epochs": m.get("epochs") if kind == "finetune" else None,
         "inference_images_per_second": float(infer) if infer else None,
@@ -353,14 +392,15 @@ def _find(rows: Sequence[dict[str, Any]], key: str | Path) -> dict[str, Any]:
                          + (" (that method has several runs: name the folder)" if by_method else ""))
 
 
-def _auto_pairs(rows: Sequence[dict[str, Any]]) -> list[tuple[dict, dict]]:
-    """Per group: the best head against the best fine-tune (rows come best first)."""
+def _auto_pairs(rows: Sequence[dict[str, Any]]) -> list[tuple[dict, dict, str]]:
+    """Per group: the best head against the best fine-tune, each picked on its selection score
+    (:func:`pick_by_selection`); the third item says how they were picked."""
     pairs = []
     for g in dict.fromkeys(r["group"] for r in rows):
-        head = next((r for r in rows if r["group"] == g and r["kind"] == "head"), None)
-        ft = next((r for r in rows if r["group"] == g and r["kind"] == "finetune"), None)
+        head, how_h = pick_by_selection([r for r in rows if r["group"] == g and r["kind"] == "head"])
+        ft, how_f = pick_by_selection([r for r in rows if r["group"] == g and r["kind"] == "finetune"])
         if head and ft:
-            pairs.append((head, ft))
+            pairs.append((head, ft, how_h if how_h == how_f else f"head: {how_h}; fine-tune: {how_f}"))
     return pairs
 
 
@@ -405,7 +445,9 @@ def format_table(rows: Sequence[dict[str, Any]], *, paired: Sequence[dict[str, A
                          f"{r['train_seconds']:>9.1f} {infer:>11}{flags}")
         for p in paired:
             if any(str(p["a"]) == str(r["run_dir"]) for r in members):
-                lines.append("paired: " + describe_pair(p))
+                how = p.get("picked_by")
+                lines.append("paired: " + describe_pair(p)
+                             + (f" [picked by {how}]" if how and how != "asked for" else ""))
         lines.append("")
     if len(groups) > 1:
         lines.append(f"{len(groups)} tables: rows scored on different images are never ranked together.")
@@ -555,12 +597,12 @@ def compare(*, cache_dir: str | Path | None = None, runs: Sequence[str | Path] =
         for leak in r["leaked_from"]:
             notes.append(f"{Path(str(r['run_dir'])).name} reports on {leak['images']} images that "
                          f"{Path(str(leak['run_dir'])).name} learned from: not held out between them")
-    todo = _auto_pairs(rows) + [(_find(rows, a), _find(rows, b)) for a, b in pairs]
+    todo = _auto_pairs(rows) + [(_find(rows, a), _find(rows, b), "asked for") for a, b in pairs]
     paired, seen = [], set()
-    for a, b in todo:
+    for a, b, how in todo:
         if (a["run_dir"], b["run_dir"]) not in seen and a is not b:
             seen.add((a["run_dir"], b["run_dir"]))
-            paired.append(paired_test(a, b))
+            paired.append({**paired_test(a, b), "picked_by": how})
     path = None
     if chart:
         datasets = sorted({str(r["dataset"]) for r in rows})
