@@ -265,8 +265,8 @@ def convert_head(pipeline, *, class_positions: Sequence[int], n_classes: int, fe
 
 
 def register_torch_heads() -> None:
-    """Tell skl2onnx to convert fxtl's estimators (:mod:`fxtl.heads.torch_heads`, and
-    :class:`~fxtl.heads.kernel_svm.RBFSVC`) with the converters of their scikit-learn parents
+    """Tell skl2onnx to convert fxtl's estimators (:mod:`fxtl.heads.torch_heads`,
+    :class:`~fxtl.heads.kernel_svm.RBFSVC` and :class:`~fxtl.heads.mlp.MLPClassifier`) with the converters of their scikit-learn parents
     (they hold the parents' fitted attributes). Idempotent."""
     from skl2onnx import update_registered_converter
     from skl2onnx.common.shape_calculator import calculate_linear_classifier_output_shapes
@@ -276,6 +276,7 @@ def register_torch_heads() -> None:
     from skl2onnx.shape_calculators.support_vector_machines import calculate_sklearn_svm_output_shapes
 
     from ..heads.kernel_svm import RBFSVC
+    from ..heads.mlp import MLPClassifier
     from ..heads.torch_heads import TorchLinearSVC, TorchLogisticRegression, TorchMLPClassifier
 
     update_registered_converter(RBFSVC, "SklearnSVC", calculate_sklearn_svm_output_shapes,
@@ -293,7 +294,8 @@ def register_torch_heads() -> None:
             (TorchLinearSVC, "SklearnLinearSVC", convert_sklearn_linear_classifier,
              {"nocl": [True, False], "output_class_labels": [False, True],
               "raw_scores": [True, False]}),
-            (TorchMLPClassifier, "SklearnMLPClassifier", convert_sklearn_mlp_classifier, labels)):
+            (TorchMLPClassifier, "SklearnMLPClassifier", convert_sklearn_mlp_classifier, labels),
+            (MLPClassifier, "SklearnMLPClassifier", convert_sklearn_mlp_classifier, labels)):
         update_registered_converter(cls, alias, calculate_linear_classifier_output_shapes,
                                     convert, options=options)
 

@@ -462,6 +462,10 @@ class TorchMLPClassifier(MLPClassifier):
             if better:
                 self.best_loss_ = last
         self._no_improvement_count = self._no_improvement_count + 1 if stalled else 0
+        if score is not None and self.best_validation_score_ >= 1.0:
+            # a perfect validation score cannot be beaten: the kept weights are final
+            # (as fxtl.heads.mlp.MLPClassifier)
+            self._no_improvement_count = self.n_iter_no_change + 1
         return better
 
     def __sklearn_tags__(self):
