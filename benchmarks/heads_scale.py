@@ -296,11 +296,12 @@ def complete_references(args, prev: dict) -> None:
                     args.output.write_text(json.dumps(prev, indent=2) + "\n")
             if not entry.get("plain_logreg_cv5"):
                 print(f"[{name}] plain LogisticRegressionCV", file=sys.stderr)
-                entry["plain_logreg_cv5"] = plain_logreg(cache)
+                entry["plain_logreg_cv5"] = dict(plain_logreg(cache), added_by=prev.get("completed_by"))
             done = {r["fold_seed"] for r in entry.get("plain_logreg_cv5_shuffled", [])}
             for seed in (s for s in args.lrcv_fold_seeds if s not in done):
                 print(f"[{name}] LogisticRegressionCV, folds shuffled with seed {seed}", file=sys.stderr)
-                entry.setdefault("plain_logreg_cv5_shuffled", []).append(plain_logreg(cache, seed))
+                entry.setdefault("plain_logreg_cv5_shuffled", []).append(
+                    dict(plain_logreg(cache, seed), added_by=prev.get("completed_by")))
                 args.output.write_text(json.dumps(prev, indent=2) + "\n")
             args.output.write_text(json.dumps(prev, indent=2) + "\n")
 
