@@ -125,8 +125,12 @@ def test_file_size_limit_is_one_line_and_keeps_the_old_cache(tmp_path):
 
 
 _SLOWED_EXTRACT = r"""
-import sys, time
+import signal, sys, time
 import fxtl.features.chunks as chunks
+
+# Python leaves SIGINT ignored when it starts ignored (a shell's background job, nohup): this
+# test is about what fxtl does on Ctrl-C, so the child takes Ctrl-C as a terminal's would.
+signal.signal(signal.SIGINT, signal.default_int_handler)
 
 stage = sys.argv[1]
 
