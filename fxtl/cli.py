@@ -793,9 +793,11 @@ class _Trainable(click.ParamType):
               help=f"BatchNorm statistics; auto freezes them when a class has under "
                    f"{BN_FROZEN_BELOW} training images.")
 @click.option("--patience", type=click.IntRange(min=0), default=3, show_default=True,
-              help="Early stopping: epochs without val improvement (0: never stop early).")
+              help="Early stopping: epochs without improvement on the selection split (val "
+                   "when a test split reports; a hold-out of train with train only; none with "
+                   "two splits) (0: never stop early).")
 @click.option("--monitor", type=click.Choice(MONITORS), default="accuracy", show_default=True,
-              help="Val metric for early stopping and for the kept epoch (ties: lower loss).")
+              help="Selection-split metric for early stopping and the kept epoch (ties: lower loss).")
 @click.option("--crop-scale", type=click.FloatRange(0, 1, min_open=True), nargs=2, default=(0.25, 1.0),
               show_default=True, help="Area fraction range of the random resized crop.")
 @click.option("--no-flip", "no_flip", is_flag=True,
