@@ -266,7 +266,8 @@ def convert_head(pipeline, *, class_positions: Sequence[int], n_classes: int, fe
 
 def register_torch_heads() -> None:
     """Tell skl2onnx to convert fxtl's estimators (:mod:`fxtl.heads.torch_heads`,
-    :class:`~fxtl.heads.kernel_svm.RBFSVC` and :class:`~fxtl.heads.mlp.MLPClassifier`) with the converters of their scikit-learn parents
+    :class:`~fxtl.heads.kernel_svm.RBFSVC` and :class:`~fxtl.heads.mlp.MLPClassifier`) with the
+    converters of their scikit-learn parents
     (they hold the parents' fitted attributes). Idempotent."""
     from skl2onnx import update_registered_converter
     from skl2onnx.common.shape_calculator import calculate_linear_classifier_output_shapes

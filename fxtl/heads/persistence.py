@@ -37,8 +37,8 @@ HEAD_FORMAT = "fxtl-head"
 HEAD_FORMAT_VERSION = 2
 # Types a head may hold beyond what skops trusts by default (scikit-learn estimators, numpy):
 # the helpers inside fitted calibrators, kNN trees and MLP optimisers, and fxtl's torch-fitted
-# estimators, its BLAS-kernel SVC and its early-ending MLP (numpy state only; loading them imports scikit-learn, not
-# torch). Nothing here runs code.
+# estimators, its BLAS-kernel SVC and its early-ending MLP (numpy state only; loading them
+# imports scikit-learn, not torch). Nothing here runs code.
 TRUSTED_TYPES = (
     "fxtl.heads.kernel_svm.RBFSVC",
     "fxtl.heads.mlp.MLPClassifier",

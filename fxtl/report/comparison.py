@@ -46,7 +46,8 @@ from .._util import default_cache_dir
 from ..errors import FxtlError, ParameterError
 from .metrics import bootstrap_macro_f1, mcnemar_exact, read_predictions, wilson_interval
 
-__all__ = ["collect_runs", "comparison_rows", "selection_score", "pick_by_selection", "format_table", "plot_comparison", "compare",
+__all__ = ["collect_runs", "comparison_rows", "selection_score", "pick_by_selection",
+           "format_table", "plot_comparison", "compare",
            "paired_test", "describe_pair", "CompareResult", "SIGNIFICANCE"]
 
 log = logging.getLogger(__name__)
