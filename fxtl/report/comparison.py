@@ -11,6 +11,8 @@ makes one row per run and draws a bar chart. The columns:
 ``trainable_params``     numbers the method learned (head coefficients; network weights)
 ``accuracy``, ``macro_f1``  on the run's reported split (``split``), each with its 95% interval
                          (``accuracy_ci95``: Wilson; ``macro_f1_ci95``: bootstrap over images)
+``selection_score``      the score the run was selected on (:func:`selection_score`; ``None``
+                         when it selected nothing): what picks the pair to test, below
 ``train_seconds``        wall-clock training: for a head, the feature extraction (counted once,
                          the same cache serves every head) plus its own fit; for a fine-tune,
                          its epochs including their validation passes
