@@ -9,11 +9,13 @@ import signal
 import time
 from pathlib import Path
 
-import numpy as np
 import pytest
 from fxtl.errors import CacheError
 from fxtl.features import cache_guard
-from fxtl.features.store import load_features, read_attrs, write_cache
+from fxtl.features.store import load_features, read_attrs
+
+# The fuzz benchmark's valid cache: the file the flips below were found in, byte for byte.
+from benchmarks.fuzz_cache import valid_cache as _valid
 
 from ._cli import assert_one_line_error, run_fxtl
 
@@ -23,19 +25,6 @@ CRASH_FLIP, HANG_FLIP = (13657, 247), (2057, 36)
 # sha256 of the valid file with the HDF5 these flips were found with; elsewhere the layout
 # differs, and the tests check the one-line outcome only.
 LAYOUT_SHA256 = "5e5d1d6581074042220f3525d09889356b990fa2c72dd50a68ab13ddfecda235"
-
-
-def _valid(path: Path) -> Path:
-    """The fuzz benchmark's valid cache, byte for byte (40 rows x 16, three classes)."""
-    rng = np.random.default_rng(0)
-    n, dim = 40, 16
-    return write_cache(path, chunks=[rng.normal(size=(n, dim)).astype(np.float32)], n=n, dim=dim,
-                       labels=[i % 3 for i in range(n)], paths=[f"c{i % 3}/{i}.png" for i in range(n)],
-                       split=["train"] * 24 + ["val"] * 8 + ["test"] * 8,
-                       class_names=["ants", "bees", "wasps"], errors=[("bad.png", "truncated")],
-                       attrs={"backbone": "synthetic", "weights_sha256": "0" * 64,
-                              "preprocessing": {"crop": 8}, "precision": "fp32", "layer": "pooled",
-                              "fingerprint": "f" * 64, "created": "now", "fxtl_version": "fuzz"})
 
 
 def _flipped(tmp_path: Path, name: str, flip: tuple[int, int]) -> tuple[Path, bool]:
