@@ -2,8 +2,8 @@
 
     .venv/bin/python benchmarks/onnx_export.py [--data ../shared/datasets/hymenoptera]
 
-1. ``fxtl.extract`` the dataset with lite0 at fp32 (reused when the cache exists), fit a
-   ``logreg`` and an ``mlp`` head, and fine-tune lite0 for ``--epochs`` epochs.
+1. ``fxtl.extract`` the dataset with lite0 at fp32 (reused when the cache exists), fit every
+   head kind (logreg, linear-svm, mlp, svm, knn), and fine-tune lite0 for ``--epochs`` epochs.
 2. ``fxtl.deploy.export_model`` each run to ``.onnx``.
 3. On val (153 images): ``fxtl.predict(run, [val], precision="fp32")`` and
    ``fxtl.deploy.predict_onnx(file, [val])``, both at batch 32 on CPU: top-1 label equal for
@@ -90,7 +90,7 @@ def make_runs(data: Path, cache_dir: Path, epochs: int) -> dict[str, Path]:
 
     ext = fxtl.extract(data, backbone="lite0", precision="fp32", cache_dir=cache_dir, progress=False)
     runs = {}
-    for model in ("logreg", "mlp"):
+    for model in ("logreg", "linear-svm", "mlp", "svm", "knn"):
         runs[model] = fxtl.fit_head(ext.cache, model=model, cache_dir=cache_dir, jobs=1).run_dir
     ft = fxtl.finetune(data, backbone="lite0", epochs=epochs, cache_dir=cache_dir, progress=False,
                        device="cpu", precision="fp32")

@@ -68,7 +68,7 @@ def test_export_gives_the_answers_of_predict(kind, runs, digits_dir, tmp_path):
     val = sorted((digits_dir / "val").rglob("*.png"))
     res = export_model(runs[kind], output=tmp_path / "m.onnx")
     assert res.kind == ("finetune" if kind == "finetune" else "head")
-    assert res.converter == {"svm": "skl2onnx", "knn": "skl2onnx", "finetune": "torch"}.get(kind, "exact")
+    assert res.converter == {"svm": "skl2onnx", "finetune": "torch"}.get(kind, "exact")
     assert res.class_names == ["0", "1", "2"] and res.max_abs_diff < 1e-4
     _assert_same(runs[kind], res.output, val)
     # dynamic batch: a batch of one gives the row it gets in a batch of five
@@ -117,11 +117,11 @@ def test_refused_head_kind_says_which_heads_export(runs, tmp_path, monkeypatch):
         raise heads_onnx.UnsupportedHead("skl2onnx is not installed")
 
     monkeypatch.setattr(onnx_graph, "convert_with_skl2onnx", no_skl2onnx)
-    r = CliRunner().invoke(cli, ["export-model", str(runs["knn"]), "-o", str(tmp_path / "k.onnx")])
+    r = CliRunner().invoke(cli, ["export-model", str(runs["svm"]), "-o", str(tmp_path / "k.onnx")])
     assert r.exit_code == 1
     lines = r.stderr.strip().splitlines()
-    assert len(lines) == 1 and "knn head cannot be exported" in lines[0]
-    assert "logreg, linear-svm, mlp (exact)" in lines[0] and "Traceback" not in r.output
+    assert len(lines) == 1 and "svm head cannot be exported" in lines[0]
+    assert "logreg, linear-svm, mlp, knn (exact)" in lines[0] and "Traceback" not in r.output
     assert not (tmp_path / "k.onnx").exists()
 
 

@@ -9,11 +9,13 @@ not by fxtl internals, so any Pipeline of the supported steps converts:
 * ``CalibratedClassifierCV(method="sigmoid")`` around a linear estimator (``LinearSVC``,
   ``SGDClassifier``...): Platt's sigmoid per class, normalised as scikit-learn does;
 * any other estimator exposing ``coef_``, ``intercept_`` and ``classes_``: softmax
-  probabilities (a sigmoid when binary).
+  probabilities (a sigmoid when binary);
+* ``KNeighborsClassifier`` (euclidean, uniform or distance weights): the training rows are
+  constants of the graph, neighbours found by ``TopK``.
 
 A pipeline without ``predict_proba`` scores with a softmax of its decision margins (binary:
 ``[-d, d]``), the rule of fxtl's ``Head.scores``. Pipelines with steps outside this list (an RBF
-``SVC``, ``KNeighborsClassifier``) go through ``skl2onnx`` when it is installed
+``SVC``) go through ``skl2onnx`` when it is installed
 (:func:`convert_with_skl2onnx`); :func:`convert_head` raises :class:`UnsupportedHead` otherwise.
 All arithmetic is float32, the precision of the features.
 """
@@ -57,6 +59,15 @@ class _Builder:
         name = self.name(stem)
         self.inits.append(numpy_helper.from_array(arr, name))
         return name
+
+    def node_outputs(self, op_type: str, *inputs: str, n: int, stem: str | None = None,
+                     **attrs) -> list[str]:
+        """A node with ``n`` outputs (TopK: values, indices)."""
+        from onnx import helper
+
+        outs = [self.name(stem or op_type.lower()) for _ in range(n)]
+        self.nodes.append(helper.make_node(op_type, list(inputs), outs, **attrs))
+        return outs
 
     def op(self, op_type: str, *inputs: str, stem: str | None = None, **attrs) -> str:
         from onnx import helper
@@ -194,6 +205,39 @@ def _scatter(b: _Builder, p: str, columns: Sequence[int], k: int) -> str:
     return b.op("MatMul", p, b.const(m, "place"))
 
 
+def _knn_proba(b: _Builder, x: str, est) -> str:
+    """``KNeighborsClassifier.predict_proba`` (euclidean, uniform or distance weights), exactly.
+
+    skl2onnx's converter weighs every neighbour alike whatever ``weights`` says, so kNN is built
+    here: squared distances by one MatMul, the ``k`` nearest by TopK, one-hot labels gathered.
+    """
+    metric = est.effective_metric_
+    if metric not in ("euclidean", "minkowski") or est.effective_metric_params_.get("p", 2) != 2 \
+            or est.weights not in ("uniform", "distance") or est.outputs_2d_:
+        raise UnsupportedHead(f"KNeighborsClassifier(metric={metric!r}, weights={est.weights!r})")
+    train = np.asarray(est._fit_X, dtype=np.float64)
+    k = int(min(est.n_neighbors, len(train)))
+    onehot = np.zeros((len(train), len(est.classes_)))
+    onehot[np.arange(len(train)), np.asarray(est._y, dtype=np.int64)] = 1.0
+    axis1 = b.const(np.array([1], dtype=np.int64), "axis")
+    # |x|^2 - 2 x.t + |t|^2, clipped at 0 as scikit-learn's euclidean_distances does
+    sq = b.op("ReduceSum", b.op("Mul", x, x), axis1, keepdims=1)
+    cross = b.op("MatMul", x, b.const(-2.0 * train.T, "train_t"))
+    d2 = b.op("Add", b.op("Add", sq, cross), b.const((train ** 2).sum(1)[None, :], "train_sq"))
+    d2 = b.op("Max", d2, b.const(np.zeros((1, 1)), "zero"))
+    neg_top = b.node_outputs("TopK", b.op("Neg", d2), b.const(np.array([k], dtype=np.int64), "k"),
+                             n=2, stem="nearest", axis=1, largest=1, sorted=1)
+    votes = b.op("Gather", b.const(onehot, "onehot"), neg_top[1], axis=0)  # [N, k, K]
+    if est.weights == "uniform":
+        summed = b.op("ReduceSum", votes, axis1, keepdims=0)
+    else:  # 1 / distance; a neighbour at distance 0 outweighs every other one
+        dist = b.op("Sqrt", b.op("Neg", neg_top[0]))
+        w = b.op("Reciprocal", b.op("Max", dist, b.const(np.full((1, 1), 1e-12), "eps")))
+        w = b.op("Unsqueeze", w, b.const(np.array([2], dtype=np.int64), "axis2"))
+        summed = b.op("ReduceSum", b.op("Mul", votes, w), axis1, keepdims=0)
+    return _normalise_rows(b, summed, len(est.classes_))
+
+
 def _estimator_scores(b: _Builder, x: str, est, *, probabilities: bool) -> str:
     name = type(est).__name__
     if not probabilities:  # fxtl's rule: softmax of the decision margins
@@ -209,6 +253,8 @@ def _estimator_scores(b: _Builder, x: str, est, *, probabilities: bool) -> str:
         return _mlp_proba(b, x, est)
     if _is_linear(est) and not hasattr(est, "support_vectors_"):
         return _linear_proba(b, x, est)
+    if "KNeighborsClassifier" in {c.__name__ for c in type(est).__mro__}:
+        return _knn_proba(b, x, est)
     raise UnsupportedHead(name)
 
 

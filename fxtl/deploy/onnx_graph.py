@@ -8,7 +8,7 @@ written in the model's metadata and in a sidecar JSON for the caller to apply.
 
 A head run becomes the backbone (same weights, layer and BatchNorm folding as ``fxtl predict``)
 followed by the head as exact tensor ops (:mod:`fxtl.deploy.heads_onnx`), or skl2onnx's graph
-for an RBF SVM or kNN. A fine-tuned run becomes its network with a softmax. Every export is run
+for an RBF SVM. A fine-tuned run becomes its network with a softmax. Every export is run
 once under onnxruntime on random images and compared with fxtl's own scores before it is kept.
 """
 from __future__ import annotations
@@ -25,6 +25,7 @@ import numpy as np
 
 from .._util import atomic_write_bytes, atomic_write_json, now_iso, sha256_file
 from ..errors import FxtlError, ParameterError
+from ..heads.model import class_positions
 from .heads_onnx import HEAD_INPUT, HEAD_OUTPUT, UnsupportedHead, convert_head, convert_with_skl2onnx
 
 __all__ = ["export_model", "ExportResult", "require_onnx", "ONNX_FORMAT", "ONNX_FORMAT_VERSION",
@@ -36,8 +37,8 @@ INPUT_NAME = "image"
 OUTPUT_NAME = HEAD_OUTPUT
 INPUT_DTYPES = ("uint8", "float32")
 # head kinds fxtl's registry makes, by how they export (the converter itself goes by class)
-EXACT_HEADS = ("logreg", "linear-svm", "mlp")
-SKL2ONNX_HEADS = ("svm", "knn")
+EXACT_HEADS = ("logreg", "linear-svm", "mlp", "knn")
+SKL2ONNX_HEADS = ("svm",)
 # an export whose probabilities differ more than this from fxtl's on the check batch is refused
 CHECK_TOLERANCE = 1e-4
 _EXTRA = "pip install 'fxtl[onnx]' (onnx, onnxruntime, skl2onnx)"
@@ -186,8 +187,9 @@ def _backbone_graph(src, *, size: int, input_dtype: str, opset: int):
 def _head_graph(src, *, opset: int):
     """The head as exact tensor ops, else through skl2onnx, else a one-line refusal."""
     pipeline = src.head
-    classes = np.asarray(getattr(pipeline, "classes_", np.arange(len(src.class_names))))
-    kw = dict(class_positions=[int(c) for c in classes], n_classes=len(src.class_names),
+    classes = getattr(pipeline, "classes_", np.arange(len(src.class_names)))
+    kw = dict(class_positions=class_positions(classes, list(src.class_names)),
+              n_classes=len(src.class_names),
               feature_dim=int(src.backbone.feature_dim), opset=opset)
     try:
         return convert_head(pipeline, **kw), "exact"

@@ -16,7 +16,7 @@ import numpy as np
 
 from ..errors import ProvenanceError
 
-__all__ = ["Head", "softmax", "MATCH_KEYS", "score_matrix"]
+__all__ = ["Head", "softmax", "MATCH_KEYS", "score_matrix", "class_positions"]
 
 # Provenance keys a head must share with the features it is applied to.
 MATCH_KEYS = ("backbone", "weights_sha256", "layer", "preprocessing")
@@ -44,12 +44,30 @@ def score_matrix(estimator: Any, X: np.ndarray, class_names: list[str]) -> np.nd
     else:
         d = estimator.decision_function(X)
         s = softmax(np.c_[-d, d] if d.ndim == 1 else d)
-    index = {name: i for i, name in enumerate(class_names)}
-    cols = [int(c) if isinstance(c, (int, np.integer)) else index[str(c)]
-            for c in np.asarray(estimator.classes_).tolist()]
+    cols = class_positions(estimator.classes_, class_names)
     out = np.zeros((len(X), len(class_names)), dtype=np.float64)
     out[:, cols] = s
     return out
+
+
+def class_positions(classes: Any, class_names: list[str]) -> list[int]:
+    """Column of each of an estimator's ``classes_`` in ``class_names``.
+
+    Heads are fitted on class *names* (``"ants"``, ``"5"``); heads written before that layout
+    hold integer indices. A name is looked up first, so a class named ``"5"`` among three names
+    is its position, not index 5. Raises :class:`ProvenanceError` for a class that is not listed.
+    """
+    index = {name: i for i, name in enumerate(class_names)}
+    cols = []
+    for c in np.asarray(classes).tolist():
+        if isinstance(c, str) and c in index:
+            cols.append(index[c])
+        elif isinstance(c, int) and not isinstance(c, bool) and 0 <= c < len(class_names):
+            cols.append(c)
+        else:
+            raise ProvenanceError(f"the head's class {c!r} is not among its {len(class_names)} "
+                                  f"class names {class_names[:5]}...; refit the head")
+    return cols
 
 
 @dataclass
