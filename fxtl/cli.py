@@ -511,9 +511,12 @@ import contextlib  # noqa: E402
 import signal  # noqa: E402
 import time  # noqa: E402
 
+from .heads.config import HeadConfig  # noqa: E402
 from .heads.dask_backend import BACKENDS  # noqa: E402
+from .heads.fitting import fit_heads, stop_workers  # noqa: E402
+from .heads.runs import check_destination, destination, save_runs  # noqa: E402
 from .heads.source import LARGE_ROWS  # noqa: E402
-from .heads.registry import head_names  # noqa: E402 - the registry gives --model its choices
+from .heads.registry import head_names, parse_params  # noqa: E402 - --model's choices
 from .report.plots import METHODS as EMBEDDING_METHODS  # noqa: E402
 
 
@@ -595,7 +598,7 @@ def _fmt_params(p: dict) -> str:
 @click.option("--jobs", "-j", type=int, default=-1, show_default=True, callback=_jobs_value,
               help="Parallel search jobs (joblib); -1 uses every core.")
 @click.option("--test-size", type=click.FloatRange(0, 1, min_open=True, max_open=True), default=0.2,
-              show_default=True, help="Stratified hold-out fraction when the cache has only train.")
+              show_default=True, help="Hold-out fraction (per class) when the cache has only train.")
 @click.option("--cv-folds", type=click.IntRange(min=2), default=5, show_default=True,
               help="k of the stratified k-fold CV used when there is no val split to select on.")
 @click.option("--l2-normalize", is_flag=True, help="L2-normalise feature rows before scaling.")
@@ -625,25 +628,27 @@ def fit_head(cache, models, params, no_search, seed, jobs, test_size, cv_folds, 
     """Fit scikit-learn heads on a feature CACHE and report honest scores.
 
     Hyper-parameters are selected on val when a test split exists, else by stratified k-fold
-    CV on train; scores are reported on test, else val, else a stratified hold-out. Each head
+    CV on train; scores are reported on test, else val, else a seeded hold-out of train. Each head
     is saved in <cache-dir>/runs/<run>/ with metrics.json, rows.json, confusion.png and
     head.skops. Large data is searched on a subsample with one held-out split, then refitted on
     every row; metrics.json's "strategy" says what was done.
     """
-    from .heads.fitting import check_params, fit_heads, parse_budget, parse_params, stop_workers
-
-    names = head_names() if "all" in models else list(dict.fromkeys(models))
-    parsed = parse_params(params)
-    check_params(names, parsed)
     if scheduler and backend != "dask":
         raise click.BadParameter("needs --backend dask", param_hint="--scheduler")
-    with _workers_stopped_on_exit(stop_workers):
-        results = fit_heads(cache, models=names, params=parsed, search=not no_search, seed=seed,
-                            jobs=jobs, test_size=test_size, cv_folds=cv_folds,
-                            l2_normalize=l2_normalize, pca=pca, large_threshold=large_threshold,
-                            cache_dir=resolve_cache_dir(cache_dir), run_name=run_name,
-                            backend=backend, scheduler=scheduler, budget=parse_budget(budget),
-                            progress=_ProgressBar(), solver=solver, log=log)
+    config = HeadConfig(models=models, params=parse_params(params), search=not no_search,
+                        seed=seed, jobs=jobs, test_size=test_size, cv_folds=cv_folds,
+                        l2_normalize=l2_normalize, pca=pca, large_threshold=large_threshold,
+                        backend=backend, scheduler=scheduler, budget=budget, solver=solver)
+    where = destination(cache_dir=resolve_cache_dir(cache_dir), run_name=run_name)
+    check_destination(where, config.models)  # before the fit: a taken name costs no fitting
+    try:
+        with _workers_stopped_on_exit(stop_workers):
+            results = fit_heads(cache, config=config, progress=_ProgressBar(), log=log)
+            save_runs(results, where)
+    except KeyboardInterrupt:
+        raise Failure("interrupted; no run folder was written (a head's folder appears only "
+                      "whole, once every head is fitted): running the command again fits them "
+                      "from the start", exit_code=130, prefix="fxtl: ") from None
     runs = [r.to_dict() for r in results]
     for r in runs:
         for note in r["notes"] or []:

@@ -18,15 +18,18 @@ from __future__ import annotations
 import contextlib
 import os
 import time
-import warnings
 from dataclasses import dataclass
-from typing import Any, Callable, Iterator, Mapping
+from typing import Any, Callable, Mapping
 
 import numpy as np
 
-from .grid import (GIL_BOUND, fit_pipeline, PATH_PATIENCE, SINGLE_THREADED, GridOutcome, pick_best, prepare_folds, score_grid,
-                   uses_kernel_cache)
-from .registry import HeadSpec, build_pipeline
+from .grid import (GIL_BOUND, PATH_PATIENCE, SINGLE_THREADED, GridOutcome, fit_pipeline,
+                   pick_best, prepare_folds, quiet_convergence, score_grid, uses_kernel_cache)
+from .config import HeadConfig
+from .dask_backend import SearchBackend
+from .planning import HeadPlan
+from .registry import DataShape, HeadSpec, build_pipeline, estimator_params, resolve_solver
+from .source import RowSource
 
 __all__ = ["Strategy", "choose_strategy", "search_folds", "run_search", "fit_final",
            "quiet_convergence", "jsonable", "CV_MAX_ROWS", "PLENTY_PER_CLASS", "SVM_FIT_ROWS",
@@ -143,22 +146,6 @@ def search_folds(strategy: Strategy, *, fit_rows: np.ndarray, labels: np.ndarray
         rows = _stratified_take(rows, labels[rows], strategy.subsample, seed)
     skf = StratifiedKFold(n_splits=strategy.folds, shuffle=True, random_state=seed)
     return [(rows[a], rows[b]) for a, b in skf.split(rows, labels[rows])]
-
-
-@contextlib.contextmanager
-def quiet_convergence() -> Iterator[list[str]]:
-    """Collect ConvergenceWarnings (reported as one note) instead of spamming stderr."""
-    from sklearn.exceptions import ConvergenceWarning
-
-    caught: list[str] = []
-    with warnings.catch_warnings(record=True) as record:
-        warnings.simplefilter("always", ConvergenceWarning)
-        yield caught
-    for w in record:
-        if issubclass(w.category, ConvergenceWarning):
-            caught.append(str(w.message).splitlines()[0])
-        else:
-            warnings.showwarning(w.message, w.category, w.filename, w.lineno)
 
 
 def jsonable(params: Mapping[str, Any]) -> dict[str, Any]:
@@ -341,20 +328,21 @@ def _note_conv(conv: list[str], notes: list[str]) -> None:
         notes.append(f"final fit did not fully converge ({conv[0][:80]}); consider a larger max_iter")
 
 
-def fit_in_memory(source, spec: HeadSpec, *, plan, params: dict, seed: int, jobs: int | None,
-                  l2_normalize: bool, pca, notes: list[str], runner,
-                  deadline: float | None = None, progress: Progress | None = None,
-                  solver: str = "auto"):
+def fit_in_memory(source: RowSource, spec: HeadSpec, *, plan: HeadPlan, config: HeadConfig,
+                  notes: list[str], runner: SearchBackend, deadline: float | None = None,
+                  progress: Progress | None = None):
     """Search (see :func:`choose_strategy`) and fit the final head on rows held in memory.
 
-    ``solver`` (see :func:`fxtl.heads.registry.resolve_solver`) picks scikit-learn's estimator
-    or the head's torch one, for the search and the final fit alike.
+    ``config`` is the head's own (:meth:`HeadConfig.for_model`): its params are fixed, its
+    seed, jobs, l2_normalize, pca and solver apply (``solver``, see
+    :func:`fxtl.heads.registry.resolve_solver`, picks scikit-learn's estimator or the head's
+    torch one, for the search and the final fit alike).
     Returns ``(pipeline, info)``; ``info`` feeds ``metrics.json``.
     """
     from sklearn.model_selection import ParameterGrid
 
-    from .registry import DataShape, estimator_params, resolve_solver
-
+    params, seed, jobs = dict(config.params), config.seed, config.jobs
+    l2_normalize, pca, solver = config.l2_normalize, config.pca, config.solver
     labels, fit_rows = source.labels, plan.fit_rows
     counts = np.bincount(labels[fit_rows])
     train_rows = val_rows = None
