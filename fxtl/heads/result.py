@@ -6,7 +6,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-
 from ..data.splits import RunRows
 from .config import HeadConfig
 from .model import Head

@@ -92,11 +92,14 @@ def check_destination(dest: Destination | None, models: Sequence[str]) -> None:
     if dest.run_dir is not None and len(models) > 1:
         raise ParameterError("run_dir", f"run_dir holds one head; {len(models)} models were "
                              "given: pass runs_dir to save each in its own folder")
+    if dest.run_dir is not None and _taken(dest.run_dir):
+        raise ParameterError("run_dir", f"{dest.run_dir} already exists and is not an empty "
+                             "folder (another run's files are never overwritten); pass a new folder")
     for folder in dest.exact_folders(models):
         if _taken(folder):
             raise FxtlError(f"run folder {folder} already exists (another run's files are never "
                             "overwritten); choose another run_name or delete the folder",
-                            param="run_dir" if dest.run_dir is not None else "run_name")
+                            param="run_name")
 
 
 def save_runs(results: Sequence[FitResult], dest: Destination) -> list[Path]:
