@@ -641,14 +641,17 @@ def fit_head(cache, models, params, no_search, seed, jobs, test_size, cv_folds, 
                         backend=backend, scheduler=scheduler, budget=budget, solver=solver)
     where = destination(cache_dir=resolve_cache_dir(cache_dir), run_name=run_name)
     check_destination(where, config.models)  # before the fit: a taken name costs no fitting
+    results = []
     try:
         with _workers_stopped_on_exit(stop_workers):
             results = fit_heads(cache, config=config, progress=_ProgressBar(), log=log)
             save_runs(results, where)
     except KeyboardInterrupt:
-        raise Failure("interrupted; no run folder was written (a head's folder appears only "
-                      "whole, once every head is fitted): running the command again fits them "
-                      "from the start", exit_code=130, prefix="fxtl: ") from None
+        saved = [r.run_dir.name for r in results if r.run_dir is not None]
+        kept = f"kept {', '.join(saved)}; the others were not written" if saved else \
+            "no run folder was written (a head's folder appears only whole, after the fit)"
+        raise Failure(f"interrupted; {kept}: running the command again fits the heads from "
+                      "the start", exit_code=130, prefix="fxtl: ") from None
     runs = [r.to_dict() for r in results]
     for r in runs:
         for note in r["notes"] or []:

@@ -160,6 +160,6 @@ def test_sigterm_says_what_a_rerun_does(tmp_path, slow_cache):
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == 130, err
     last = err.strip().splitlines()[-1]
-    assert "no run folder was written" in last and "fits them from the start" in last
+    assert "no run folder was written" in last and "fits the heads from the start" in last
     assert "resume" not in last
     assert not (home / "runs" / "r").exists()
