@@ -12,15 +12,15 @@ from pathlib import Path
 PACKAGE = Path(__file__).resolve().parents[1] / "fxtl"
 
 
-def _module_name(path: Path) -> str:
-    parts = list(path.relative_to(PACKAGE.parent).with_suffix("").parts)
+def _module_name(path: Path, package: Path) -> str:
+    parts = list(path.relative_to(package.parent).with_suffix("").parts)
     if parts[-1] == "__init__":
         parts.pop()
     return ".".join(parts)
 
 
-def _modules() -> dict[str, Path]:
-    return {_module_name(p): p for p in sorted(PACKAGE.rglob("*.py"))}
+def _modules(package: Path = PACKAGE) -> dict[str, Path]:
+    return {_module_name(p, package): p for p in sorted(package.rglob("*.py"))}
 
 
 def _resolve(module: str, path: Path, node: ast.ImportFrom) -> str:
@@ -33,16 +33,17 @@ def _resolve(module: str, path: Path, node: ast.ImportFrom) -> str:
 
 
 def _imports(modules: dict[str, Path]) -> list[tuple[str, str, str | None, int]]:
-    """``(importer, imported module, imported name or None, line)`` for every fxtl import."""
+    """``(importer, imported module, imported name or None, line)`` for every import of the
+    package's own modules."""
     out = []
     for module, path in modules.items():
         for node in ast.walk(ast.parse(path.read_text(), str(path))):
             if isinstance(node, ast.Import):
                 out += [(module, a.name, None, node.lineno) for a in node.names
-                        if a.name.split(".")[0] == "fxtl"]
+                        if a.name.split(".")[0] == module.split(".")[0]]
             elif isinstance(node, ast.ImportFrom):
                 target = _resolve(module, path, node)
-                if target.split(".")[0] != "fxtl":
+                if target.split(".")[0] != module.split(".")[0]:
                     continue
                 for a in node.names:
                     sub = f"{target}.{a.name}"
@@ -98,15 +99,19 @@ def _cycles(graph: dict[str, set[str]]) -> list[list[str]]:
     return found
 
 
-def test_the_walk_sees_function_level_imports_and_relative_ones():
-    """The checks below can fail: a cycle through a function-level import is found."""
-    graph = {"a": {"b"}, "b": {"a"}, "c": {"a"}}
-    assert _cycles(graph) == [["a", "b"]]
-    modules = _modules()
-    imports = {(i, t) for i, t, _, _ in _imports(modules)}
-    assert ("fxtl.features.store", "fxtl.features.cache_check") in imports  # relative, top level
-    assert ("fxtl.cli", "fxtl.features.extraction") in imports  # inside a command function
-    assert len(modules) > 60
+def test_the_walk_sees_function_level_imports_and_private_names(tmp_path):
+    """The checks below can fail: a cycle through a function-level import is found, and so is
+    a private name imported from a sibling."""
+    pkg = tmp_path / "pkg"
+    (pkg / "sub").mkdir(parents=True)
+    (pkg / "__init__.py").write_text("")
+    (pkg / "sub" / "__init__.py").write_text("")
+    (pkg / "a.py").write_text("from .sub import b\n_x = 1\n")
+    (pkg / "sub" / "b.py").write_text("def f():\n    from ..a import _x\n    return _x\n")
+    modules = _modules(pkg)
+    assert _cycles(_graph(modules)) == [["pkg.a", "pkg.sub.b"]]
+    assert [(i, t, n) for i, t, n, _ in _imports(modules) if n] == [("pkg.sub.b", "pkg.a", "_x")]
+    assert len(_modules()) > 60
 
 
 def test_no_import_cycles():
