@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 __all__ = ["FORMAT", "FORMAT_VERSION", "READABLE_VERSIONS", "SPLITS",
            "REQUIRED_ATTRS", "JSON_ATTRS", "STRING_ATTRS", "PROVENANCE_KEYS", "ROW_DATASETS",
-           "Element", "ELEMENTS", "CHUNK_BYTES", "MAX_EXPANSION", "EXPANSION_SLACK_BYTES", "PROBE_READ_ALL_BYTES"]
+           "Element", "ELEMENTS", "element", "CHUNK_BYTES", "MAX_EXPANSION", "EXPANSION_SLACK_BYTES", "PROBE_READ_ALL_BYTES"]
 
 FORMAT = "fxtl-features"
 FORMAT_VERSION = 2
@@ -55,6 +55,12 @@ ELEMENTS = (
     Element("/errors/path", "string-array", "2", required=False),
     Element("/errors/reason", "string-array", "2", required=False),
 )
+_BY_PATH = {e.path: e for e in ELEMENTS}
+
+
+def element(path: str) -> Element:
+    """The registry's entry for the element at ``path`` (``"/features"``); KeyError if none."""
+    return _BY_PATH[path]
 
 # Rows per HDF5 chunk of /features are chosen so that one chunk is about 1 MiB.
 CHUNK_BYTES = 1 << 20

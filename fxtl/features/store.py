@@ -27,7 +27,7 @@ from .cache_guard import guard_cache, remember_written
 from .cache_text import (ESCAPED_ATTR, cache_attrs, decode_attr, encode_text, fixed_utf8,
                          read_strings)
 from .spec import (CHUNK_BYTES, FORMAT, FORMAT_VERSION, JSON_ATTRS, PROVENANCE_KEYS,
-                   READABLE_VERSIONS, REQUIRED_ATTRS, SPLITS)
+                   READABLE_VERSIONS, REQUIRED_ATTRS, SPLITS, element)
 
 __all__ = ["FORMAT", "FORMAT_VERSION", "READABLE_VERSIONS", "REQUIRED_ATTRS", "PROVENANCE_KEYS",
            "FeatureCache", "load_features", "write_cache", "open_cache", "read_attrs",
@@ -39,9 +39,11 @@ _NO_SPACE_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
 _NO_SPACE_TEXT = ("No space left on device", "Disk quota exceeded", "File too large")
 
 
-def _stamp(obj, encoding_type: str, version: str) -> None:
-    obj.attrs["encoding-type"] = encoding_type
-    obj.attrs["encoding-version"] = version
+def _stamp(obj) -> None:
+    """The element's ``encoding-type`` and ``encoding-version``, as the spec's registry says."""
+    spec = element(obj.name)
+    obj.attrs["encoding-type"] = spec.encoding_type
+    obj.attrs["encoding-version"] = spec.encoding_version
 
 
 # ----------------------------------------------------------------------------- writer
@@ -131,7 +133,7 @@ def _write_file(tmp: Path, *, chunks, n, dim, labels, paths, split, class_names,
     try:
         feats = f.create_dataset("features", shape=(n, dim), dtype="<f4",
                                  chunks=(rows_per_chunk, dim) if n and dim else None)
-        _stamp(feats, "dense-array", "1")
+        _stamp(feats)
         row = 0
         for block in chunks:
             block = np.asarray(block, dtype=np.float32)
@@ -142,12 +144,11 @@ def _write_file(tmp: Path, *, chunks, n, dim, labels, paths, split, class_names,
             row += len(block)
         if row != n:
             raise CacheError(f"internal: wrote {row} feature rows, expected {n}")
-        _stamp(f.create_dataset("labels", data=np.asarray(labels, dtype="<i8").reshape(-1)),
-               "dense-array", "1")
+        _stamp(f.create_dataset("labels", data=np.asarray(labels, dtype="<i8").reshape(-1)))
         _string_dataset(f, "paths", paths, escaped)
         _string_dataset(f, "split", split, escaped)
         g = f.create_group("errors")
-        _stamp(g, "errors-table", "2")
+        _stamp(g)
         _string_dataset(g, "path", [p for p, _ in errors], escaped)
         _string_dataset(g, "reason", [r for _, r in errors], escaped)
         for key, value in attrs.items():
@@ -170,7 +171,7 @@ def _string_dataset(parent, name: str, values: Sequence[str], escaped: list[str]
     texts, any_escaped = encode_text(values)
     data, dtype = fixed_utf8(texts)
     ds = parent.create_dataset(name, data=data, dtype=dtype, shape=(len(texts),))
-    _stamp(ds, "string-array", "2")
+    _stamp(ds)
     ds.attrs["_Encoding"] = "utf-8"  # xarray/netCDF decode the bytes to str with this (CF)
     if any_escaped:
         escaped.append(ds.name)
