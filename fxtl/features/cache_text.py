@@ -13,6 +13,7 @@ import json
 import re
 from typing import Any, Sequence
 
+import h5py
 import numpy as np
 
 from .spec import JSON_ATTRS
@@ -71,8 +72,6 @@ def decode_text(text: str, escaped: bool) -> str:
 
 def fixed_utf8(texts: Sequence[str]):
     """``(array, dtype)`` of fixed-length UTF-8 strings sized to the longest value (at least 1)."""
-    import h5py
-
     raw = [t.encode("utf-8") for t in texts]
     dtype = h5py.string_dtype("utf-8", length=max([1] + [len(b) for b in raw]))
     return np.array(raw, dtype=dtype).reshape(len(raw)), dtype
