@@ -44,7 +44,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
-from .._util import default_cache_dir
+from .._util import default_cache_dir, read_json
 from ..errors import FxtlError, ParameterError
 from .metrics import bootstrap_macro_f1, mcnemar_exact, read_predictions, wilson_interval
 
@@ -69,7 +69,7 @@ def _read_metrics(path: Path) -> tuple[dict[str, Any] | None, str | None]:
     """(metrics, None) for a usable run; (None, reason) for a damaged one; (None, None) for a
     ``metrics.json`` that belongs to no head or fine-tune run."""
     try:
-        m = json.loads(path.read_text())
+        m = read_json(path)
     except (OSError, ValueError) as exc:
         return None, f"unreadable ({exc})"
     if not isinstance(m, dict) or m.get("kind") not in _KINDS or "accuracy" not in m:
