@@ -21,7 +21,6 @@ Examples
 """
 from __future__ import annotations
 
-import json
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,7 +28,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from ._util import say
+from ._util import read_json, say
 from .backbones.registry import MODEL_MANIFEST
 from .data.discovery import walk_images
 from .errors import FxtlError, ParameterError, ProvenanceError
@@ -310,7 +309,7 @@ def _predict_finetuned(run: Path, images: list[Path], *, top_k: int, device: str
     from .backbones.registry import load_backbone
 
     try:
-        manifest = json.loads((run / MODEL_MANIFEST).read_text())
+        manifest = read_json(run / MODEL_MANIFEST)
     except (OSError, ValueError) as exc:
         raise FxtlError(f"{run / MODEL_MANIFEST} is unreadable ({exc}); re-run the fine-tune") from None
     bb = load_backbone(str(run), inference=True, trust=trust)

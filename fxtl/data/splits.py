@@ -166,13 +166,13 @@ def save_rows(run_dir: str | Path, rows: RunRows) -> Path:
 
 def load_rows(run_dir: str | Path) -> RunRows | None:
     """The run's :class:`RunRows`, or ``None`` for a run made before fxtl recorded them."""
-    import json
+    from .._util import read_json
 
     path = Path(run_dir) / ROWS_FILE
     if not path.exists():
         return None
     try:
-        d = json.loads(path.read_text())
+        d = read_json(path)
     except (OSError, ValueError) as exc:
         raise DataError(f"{path} cannot be read ({exc}); re-run the command that made it") from None
     return RunRows.from_dict(d, source=str(path))

@@ -7,14 +7,13 @@ does not check raises :class:`~fxtl.errors.ProvenanceError`.
 """
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np
 
-from .._util import sha256_file
+from .._util import read_json, sha256_file
 from ..errors import FxtlError, ProvenanceError
 
 __all__ = ["RunSource", "load_run"]
@@ -82,7 +81,7 @@ def _load_finetuned(run: Path, manifest_path: Path) -> RunSource:
     from ..backbones.registry import load_backbone
 
     try:
-        manifest = json.loads(manifest_path.read_text())
+        manifest = read_json(manifest_path)
         weights = run / manifest.get("state_dict", "model.pt")
         recorded = manifest["weights_sha256"]
     except (OSError, ValueError, KeyError, TypeError) as exc:

@@ -45,6 +45,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from .._util import default_cache_dir, read_json
+from ..backbones.registry import MODEL_MANIFEST
 from ..errors import FxtlError, ParameterError
 from .metrics import bootstrap_macro_f1, mcnemar_exact, read_predictions, wilson_interval
 
@@ -74,6 +75,11 @@ def _read_metrics(path: Path) -> tuple[dict[str, Any] | None, str | None]:
         return None, f"unreadable ({exc})"
     if not isinstance(m, dict) or m.get("kind") not in _KINDS or "accuracy" not in m:
         return None, None
+    # A fine-tune writes its manifest last (metrics.json and plots come first): a folder without
+    # it stopped part-way (a full disk, a kill) and `predict` refuses it too.
+    if m["kind"] == "finetune" and not (path.parent / MODEL_MANIFEST).is_file():
+        return None, (f"a fine-tune that did not finish (no {MODEL_MANIFEST}); resume it with "
+                      f"`fxtl finetune DATA_DIR --resume --run-name {path.parent.name}`")
     acc = _number(m["accuracy"])
     if acc is None or not 0.0 <= acc <= 1.0:
         return None, f"accuracy is {m['accuracy']!r}, not a fraction in [0, 1]"

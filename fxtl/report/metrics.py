@@ -33,6 +33,8 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from .._util import read_json
+
 __all__ = ["classification_metrics", "plot_confusion", "format_metrics", "wilson_interval",
            "bootstrap_macro_f1", "mcnemar_exact", "write_predictions", "read_predictions",
            "PREDICTIONS_FILE", "Z95", "BOOTSTRAP_RESAMPLES"]
@@ -242,15 +244,13 @@ def read_predictions(run_dir: str | Path) -> dict[str, tuple[int, int]] | None:
     (else by first appearance, which keeps equality of labels). ``None`` when the run has no
     readable predictions file (runs made before fxtl wrote one for fine-tunes).
     """
-    import json
-
     run_dir = Path(run_dir)
     path = run_dir / PREDICTIONS_FILE
     if not path.is_file():
         return None
     index: dict[str, int] = {}
     try:
-        names = json.loads((run_dir / "metrics.json").read_text()).get("class_names") or []
+        names = read_json(run_dir / "metrics.json").get("class_names") or []
         index = {str(c): i for i, c in enumerate(names)}
     except (OSError, ValueError, AttributeError):
         pass

@@ -101,3 +101,78 @@ def test_deeply_nested_json_is_unreadable_not_a_recursion_error(tmp_path, genuin
     else:
         r = _invoke("compare", copy)  # the run is skipped as damaged, with a warning
         assert_one_line_error(r.exit_code, r.stderr, "1 skipped as damaged")
+
+
+# ----------------------------------------------------------------------------- 5, 13, 16: fine-tunes
+@pytest.fixture(scope="module")
+def finetuned(tmp_path_factory):
+    """A finished fine-tune (one epoch, timm's tiny test network) and the images it learned."""
+    import timm
+    import torch
+
+    from fxtl.data.samples import write_shapes
+
+    base = tmp_path_factory.mktemp("ft")
+    torch.manual_seed(0)
+    weights = base / "test_efficientnet.pth"
+    torch.save(timm.create_model("test_efficientnet").state_dict(), weights)
+    data = write_shapes(base / "data", per_class=4)
+    r = _invoke("finetune", data, "--backbone", f"timm:test_efficientnet={weights}", "--cache-dir",
+                base / "home", "--epochs", "1", "--image-size", "32", "--batch-size", "4",
+                "--workers", "0", "--precision", "fp32", "--trainable", "head", "--json")
+    assert r.exit_code == 0, r.stderr[-2000:]
+    return Path(json.loads(r.stdout)["run_dir"]), data
+
+
+def _predict_args(run: Path, data: Path) -> list:
+    return ["predict", run, data / "val", "--device", "cpu", "--workers", "0"]
+
+
+@pytest.mark.parametrize("edit", ["swap", "one", "preprocessing"])
+def test_edited_finetune_manifest_is_refused(tmp_path, finetuned, edit):
+    """Swapped class names would invert every prediction: refused, not silently used."""
+    run, data = finetuned
+    copy = _copy_run(run, tmp_path)
+    manifest = json.loads((copy / "fxtl-model.json").read_text())
+    if edit == "swap":
+        manifest["class_names"] = manifest["class_names"][::-1]
+    elif edit == "one":
+        manifest["class_names"], manifest["num_classes"] = manifest["class_names"][:1], 1
+    else:
+        manifest["preprocessing"]["crop"] = 64
+    (copy / "fxtl-model.json").write_text(json.dumps(manifest))
+    r = _invoke(*_predict_args(copy, data))
+    assert_one_line_error(r.exit_code, r.stderr, "fxtl-model.json", "edited")
+
+
+def test_untouched_finetune_predicts_its_own_class_names(finetuned):
+    run, data = finetuned
+    r = _invoke(*_predict_args(run, data), "--json")
+    assert r.exit_code == 0, r.stderr[-2000:]
+    assert {p["label"] for p in json.loads(r.stdout)["predictions"]} <= {"circle", "square"}
+    assert len(json.loads(r.stdout)["predictions"]) == 8
+
+
+def test_deeply_nested_finetune_manifest_is_unreadable(tmp_path, finetuned):
+    run, data = finetuned
+    copy = _copy_run(run, tmp_path)
+    (copy / "fxtl-model.json").write_text("[" * 100000)
+    r = _invoke(*_predict_args(copy, data))
+    assert_one_line_error(r.exit_code, r.stderr, "fxtl-model.json", "unreadable")
+
+
+def test_finetune_without_its_last_file_is_unfinished_for_compare_and_predict(tmp_path, finetuned):
+    """A disk that filled before fxtl-model.json (written last) leaves metrics.json, model.pt and
+    the checkpoint: compare must not list it as finished while predict calls it unfinished."""
+    run, data = finetuned
+    home = tmp_path / "home"
+    copy = _copy_run(run, home / "runs")
+    (copy / "fxtl-model.json").unlink()
+    assert (copy / "metrics.json").is_file() and (copy / "checkpoint-last.pt").is_file()
+    r = _invoke(*_predict_args(copy, data))
+    assert_one_line_error(r.exit_code, r.stderr, "did not finish", "--resume")
+    r = _invoke("compare", "--cache-dir", home, "--json")
+    assert r.exit_code == 1, r.stdout
+    assert "no usable head or fine-tune runs" in json.loads(r.stdout)["error"]
+    r = _invoke("compare", copy, "--json")
+    assert r.exit_code == 1 and "1 skipped" in json.loads(r.stdout)["error"], r.stdout
