@@ -8,6 +8,7 @@ with a short reason instead of crashing the run.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -38,6 +39,8 @@ UNDECODABLE_EXTENSIONS = (".heic", ".heif", ".jxl") + (() if ".avif" in IMAGE_EX
                                                        else (".avif",))
 # Larger images are refused as decompression bombs (Pillow's own default warns at ~89 Mpx).
 MAX_PIXELS = 100_000_000
+# Largest resize/crop side a recorded recipe may name (far above any network's input).
+MAX_SIDE = 8192
 
 INTERPOLATION = {"bicubic": Image.Resampling.BICUBIC, "bilinear": Image.Resampling.BILINEAR,
            "nearest": Image.Resampling.NEAREST, "lanczos": Image.Resampling.LANCZOS}
@@ -78,7 +81,29 @@ class Preprocessing:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "Preprocessing":
-        return cls(resize=int(d["resize"]), crop=int(d["crop"]), interpolation=str(d["interpolation"]),
+        """The recipe a file recorded; :class:`ValueError` naming the first field that is not
+        usable (a file's metadata is input like any other: never a KeyError or TypeError)."""
+        if not isinstance(d, dict):
+            raise ValueError(f"preprocessing must be a JSON object, got {type(d).__name__}")
+        missing = [k for k in ("resize", "crop", "interpolation", "mean", "std") if k not in d]
+        if missing:
+            raise ValueError(f"preprocessing has no {missing[0]!r}")
+        for key in ("resize", "crop"):
+            v = d[key]
+            if isinstance(v, bool) or not isinstance(v, int) or not 0 < v <= MAX_SIDE:
+                raise ValueError(f"preprocessing {key} must be a whole number of pixels in "
+                                 f"1..{MAX_SIDE}, got {v!r:.40}")
+        if d["interpolation"] not in INTERPOLATION:
+            raise ValueError(f"preprocessing interpolation must be one of {', '.join(INTERPOLATION)}, "
+                             f"got {d['interpolation']!r:.40}")
+        for key in ("mean", "std"):
+            v = d[key]
+            if not isinstance(v, (list, tuple)) or len(v) != 3 or not all(
+                    isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+                    and (key == "mean" or x > 0) for x in v):
+                raise ValueError(f"preprocessing {key} must be 3 finite numbers"
+                                 f"{' above 0' if key == 'std' else ''}, got {v!r:.60}")
+        return cls(resize=d["resize"], crop=d["crop"], interpolation=d["interpolation"],
                    mean=tuple(float(v) for v in d["mean"]), std=tuple(float(v) for v in d["std"]),
                    jpeg_draft=bool(d.get("jpeg_draft", True)))
 

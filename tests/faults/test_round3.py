@@ -176,3 +176,66 @@ def test_finetune_without_its_last_file_is_unfinished_for_compare_and_predict(tm
     assert "no usable head or fine-tune runs" in json.loads(r.stdout)["error"]
     r = _invoke("compare", copy, "--json")
     assert r.exit_code == 1 and "1 skipped" in json.loads(r.stdout)["error"], r.stdout
+
+
+# ----------------------------------------------------------------------------- 6: .onnx metadata
+@pytest.fixture(scope="module")
+def exported(finetuned, tmp_path_factory):
+    pytest.importorskip("onnxruntime")
+    pytest.importorskip("onnx")
+    run, data = finetuned
+    out = tmp_path_factory.mktemp("onnx") / "m.onnx"
+    r = _invoke("export-model", run, "-o", out)
+    assert r.exit_code == 0, r.stderr[-2000:]
+    return out, data
+
+
+def _with_metadata(src: Path, dst: Path, **changes: str) -> Path:
+    """A copy of ``src`` whose metadata entries ``changes`` are replaced (no sidecar beside it)."""
+    import onnx
+
+    model = onnx.load(str(src))
+    for prop in model.metadata_props:
+        if prop.key in changes:
+            prop.value = changes[prop.key]
+    onnx.save(model, str(dst))
+    return dst
+
+
+@pytest.mark.parametrize("key,value,fragment", [
+    ("class_names", '["only"]', "names 1 classes but the graph outputs 2"),
+    ("class_names", '{"a": 1}', "class_names must be a JSON list"),
+    ("class_names", "not json", "class_names must be a JSON list"),
+    ("class_names", '["a", "a"]', "twice"),
+    ("class_names", "[" * 100000, "class_names must be a JSON list"),
+    ("preprocessing", '{"resize": -5, "crop": 32, "interpolation": "bicubic", "mean": [0, 0, 0], '
+                      '"std": [1, 1, 1]}', "resize must be a whole number"),
+    ("preprocessing", "garbage", "preprocessing must be a JSON object"),
+    ("preprocessing", '{"resize": 36}', "preprocessing has no 'crop'"),
+    ("output_name", '"elsewhere"', "output_name"),
+])
+def test_onnx_metadata_is_validated(tmp_path, exported, key, value, fragment):
+    out, data = exported
+    bad = _with_metadata(out, tmp_path / "bad.onnx", **{key: value})
+    r = _invoke("predict", bad, data / "val")
+    assert_one_line_error(r.exit_code, r.stderr, "bad.onnx", fragment)
+
+
+def test_onnx_bytes_changed_after_export_are_refused_by_the_sidecar(tmp_path, exported):
+    out, data = exported
+    copy = tmp_path / "m.onnx"
+    blob = bytearray(out.read_bytes())
+    blob[-40] ^= 0x01  # a weight bit near the end of the file
+    copy.write_bytes(bytes(blob))
+    shutil.copy(out.with_name("m.onnx.json"), tmp_path / "m.onnx.json")
+    r = _invoke("predict", copy, data / "val")
+    assert_one_line_error(r.exit_code, r.stderr, "onnx_sha256", "m.onnx.json")
+    (tmp_path / "m.onnx.json").unlink()  # without its sidecar the file runs on its own metadata
+    assert _invoke("predict", copy, data / "val").exit_code == 0
+
+
+def test_exported_onnx_predicts_as_before(exported):
+    out, data = exported
+    r = _invoke("predict", out, data / "val", "--json")
+    assert r.exit_code == 0, r.stderr[-2000:]
+    assert {p["label"] for p in json.loads(r.stdout)["predictions"]} <= {"circle", "square"}
