@@ -19,6 +19,7 @@ __all__ = [
     "atomic_write_bytes", "atomic_write_json", "atomic_path", "sha256_file", "default_cache_dir",
     "file_lock", "versions", "now_iso", "json_default", "unique_dir", "say",
     "slug", "current_umask", "read_json", "loads_json", "dumps_json", "meaning_sha256",
+    "csv_cell", "csv_text",
 ]
 
 
@@ -184,6 +185,23 @@ def meaning_sha256(record: dict[str, Any], keys: tuple[str, ...]) -> str:
     canon = json.dumps({k: record.get(k) for k in keys}, sort_keys=True, separators=(",", ":"),
                        ensure_ascii=True, default=json_default)
     return hashlib.sha256(canon.encode()).hexdigest()
+
+
+# A text cell starting with one of these is read as a formula by spreadsheets (CSV injection);
+# OWASP's advice: prefix such cells with a single quote. A quote is escaped too, so reading back
+# (csv_text) is exact.
+_FORMULA_START = ("=", "+", "-", "@", "\t", "\r", "'")
+
+
+def csv_cell(text: str) -> str:
+    """``text`` as a CSV text cell no spreadsheet runs as a formula (``=1+2`` -> ``'=1+2``)."""
+    text = str(text)
+    return "'" + text if text.startswith(_FORMULA_START) else text
+
+
+def csv_text(cell: str) -> str:
+    """The text :func:`csv_cell` wrote (drops the one quote it may have added)."""
+    return cell[1:] if cell.startswith("'") else cell
 
 
 def sha256_file(path: Path, chunk: int = 1 << 20) -> str:

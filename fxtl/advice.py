@@ -39,7 +39,6 @@ fine-tune), is in docs/advise.md.
 """
 from __future__ import annotations
 
-import json
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -47,6 +46,7 @@ from typing import Any
 
 import numpy as np
 
+from ._util import csv_text, read_json
 from .backbones.registry import DEFAULT_BACKBONE, load_backbone
 from .data.discovery import ImageSet, discover
 from .errors import FxtlError, ParameterError
@@ -383,7 +383,7 @@ def write_missing_predictions(run_dir: str | Path, *, like: str | Path, data: st
     if (run_dir / PREDICTIONS_FILE).exists() or not (like / PREDICTIONS_FILE).exists():
         return False
     with open(like / PREDICTIONS_FILE, newline="") as fh:
-        rows = [(r["path"], r["label"]) for r in csv.DictReader(fh)]
+        rows = [(csv_text(r["path"]), csv_text(r["label"])) for r in csv.DictReader(fh)]
     root = discover(data).root
     res = predict(run_dir, [root / p for p, _ in rows], device=device, precision=precision)
     by_path = {str(Path(e["path"]).resolve()): e["label"] for e in res.predictions}
@@ -393,7 +393,7 @@ def write_missing_predictions(run_dir: str | Path, *, like: str | Path, data: st
     index = {n: i for i, n in enumerate(names)}
     write_predictions(run_dir, paths=[p for p, _, _ in kept], y_true=[index[t] for _, t, _ in kept],
                       y_pred=[index[q] for _, _, q in kept], class_names=names,
-                      split=str(json.loads((run_dir / "metrics.json").read_text()).get("split")))
+                      split=str(read_json(run_dir / "metrics.json").get("split")))
     return True
 
 

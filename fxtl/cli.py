@@ -366,15 +366,18 @@ def info(cache, as_json):
 
 @cli.command()
 @click.argument("cache", type=click.Path(exists=True, dir_okay=False, path_type=Path))
-@click.option("--format", "fmt", type=click.Choice(["npz", "csv", "parquet"]), default="npz", show_default=True)
+@click.option("--format", "fmt", type=click.Choice(["npz", "csv", "parquet"]), default=None,
+              help="npz, csv or parquet [default: the one the --output suffix names, else npz].")
 @click.option("--output", "-o", type=click.Path(dir_okay=False, path_type=Path), default=None,
-              help="Output file [default: the cache path with the format's suffix].")
+              help="Output file [default: the cache path with the format's suffix]; never an "
+                   "fxtl cache, head or run file.")
 @json_option
 @handle_errors
 def export(cache, fmt, output, as_json):
     """Write a cache's features, labels, paths and split as npz, csv or parquet."""
-    from .features.export import export_cache
+    from .features.export import export_cache, export_format
 
+    fmt = export_format(fmt, output)
     out = export_cache(cache, fmt=fmt, output=output)
     emit({"output": str(out), "format": fmt}, as_json, lambda d: d["output"])
 

@@ -239,3 +239,85 @@ def test_exported_onnx_predicts_as_before(exported):
     r = _invoke("predict", out, data / "val", "--json")
     assert r.exit_code == 0, r.stderr[-2000:]
     assert {p["label"] for p in json.loads(r.stdout)["predictions"]} <= {"circle", "square"}
+
+
+# ----------------------------------------------------------------------------- 7, 8, 9: export
+HOSTILE = ["=1+2", "@SUM(A1)", "-2+3"]
+
+
+@pytest.fixture(scope="module")
+def hostile_cache(tmp_path_factory) -> Path:
+    """A cache whose class names and paths a spreadsheet would run as formulas."""
+    from fxtl.features.store import write_cache
+
+    from ..test_heads import PRE
+
+    rng = np.random.default_rng(0)
+    y = np.repeat(np.arange(3), 10)
+    X = (rng.normal(size=(3, 4))[y] * 4 + rng.normal(size=(30, 4))).astype(np.float32)
+    split = ["train"] * 6 + ["test"] * 4
+    path = tmp_path_factory.mktemp("hostile") / "hostile.h5"
+    attrs = {"backbone": "synthetic", "weights_sha256": "0" * 64, "preprocessing": PRE,
+             "precision": "fp32", "layer": "pooled", "fingerprint": "fp-hostile",
+             "created": "2025-01-01T00:00:00", "fxtl_version": "test", "dataset_name": "hostile"}
+    return write_cache(path, chunks=[X], n=30, dim=4, labels=y.tolist(),
+                       paths=[f"{HOSTILE[c]}/+{i}.png" for i, c in enumerate(y)],
+                       split=split * 3, class_names=HOSTILE, errors=[], attrs=attrs)
+
+
+def test_export_csv_escapes_formula_cells(tmp_path, hostile_cache):
+    out = tmp_path / "x.csv"
+    r = _invoke("export", hostile_cache, "--format", "csv", "-o", out)
+    assert r.exit_code == 0, r.stderr
+    rows = list(csv.DictReader(out.open(newline="", encoding="utf-8")))
+    assert [row["label_name"] for row in rows[::10]] == ["'=1+2", "'@SUM(A1)", "'-2+3"]
+    assert rows[0]["path"] == "'=1+2/+0.png" and rows[0]["label"] == "0"
+    assert rows[0]["f0"].lstrip("-")[0].isdigit()  # numbers stay numbers
+
+
+def test_predictions_csv_escapes_formula_cells_and_reads_back(tmp_path, hostile_cache):
+    from fxtl.report.metrics import read_predictions
+
+    r = _invoke("fit-head", hostile_cache, "--no-search", "--cache-dir", tmp_path, "--json")
+    assert r.exit_code == 0, r.stderr[-2000:]
+    run = Path(json.loads(r.stdout)["runs"][0]["run_dir"])
+    rows = list(csv.DictReader((run / "predictions.csv").open(newline="")))
+    assert rows and all(row["label"] in ("'" + n for n in HOSTILE) for row in rows)
+    assert all(row["path"].startswith("'") for row in rows)
+    back = read_predictions(run)
+    assert set(back) == {f"{HOSTILE[c]}/+{i}.png" for i, c in enumerate(np.repeat(np.arange(3), 10))
+                         if i % 10 >= 6}
+    assert sorted({t for t, _ in back.values()}) == [0, 1, 2]
+
+
+def test_export_format_follows_the_output_suffix(tmp_path, genuine):
+    _, cache = genuine
+    r = _invoke("export", cache, "-o", tmp_path / "x.csv", "--json")
+    assert r.exit_code == 0, r.stderr
+    assert json.loads(r.stdout)["format"] == "csv"
+    assert (tmp_path / "x.csv").read_text().startswith("path,split,label,label_name,f0")
+    r = _invoke("export", cache, "--format", "npz", "-o", tmp_path / "y.csv")
+    assert r.exit_code == 2 and "Invalid value for '--format'" in r.stderr, r.stderr
+    assert "names the csv format" in r.stderr and not (tmp_path / "y.csv").exists()
+
+
+@pytest.mark.parametrize("target", ["other_cache", "head_file", "run_metrics", "new_in_run"])
+def test_export_never_overwrites_an_fxtl_artifact(tmp_path, genuine, target):
+    run, cache = genuine
+    copy = _copy_run(run, tmp_path)
+    other = write_synthetic_cache(tmp_path / "other.h5", seed=3)
+    out = {"other_cache": other, "head_file": copy / "head.skops",
+           "run_metrics": copy / "metrics.json", "new_in_run": copy / "features.npz"}[target]
+    before = out.read_bytes() if out.exists() else None
+    r = _invoke("export", cache, "--format", "npz", "-o", out)
+    assert r.exit_code == 2 and "Invalid value for '--output' / '-o'" in r.stderr, r.stderr
+    assert "never" in r.stderr
+    assert (out.read_bytes() if out.exists() else None) == before
+
+
+def test_export_may_replace_its_own_earlier_export(tmp_path, genuine):
+    _, cache = genuine
+    out = tmp_path / "x.npz"
+    assert _invoke("export", cache, "-o", out).exit_code == 0
+    assert _invoke("export", cache, "-o", out).exit_code == 0
+    assert np.load(out)["features"].shape[0] == 120
