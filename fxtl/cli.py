@@ -17,14 +17,19 @@ from typing import Any, Callable
 import click
 from PIL import Image
 
-from ._util import default_cache_dir, json_default
+from ._util import default_cache_dir, dumps_json
 from .errors import FxtlError, FxtlWarning, ParameterError
+from .heads.params import MAX_SEED
 from .runtime import DEVICES, PRECISIONS
 
 __all__ = ["main", "cli"]
 
 
 # ----------------------------------------------------------------------------- shared options
+# Every --seed: numpy and scikit-learn take 0 .. 2**32 - 1, so every command refuses the same.
+SEED = click.IntRange(0, MAX_SEED)
+
+
 def json_option(f: Callable) -> Callable:
     return click.option("--json", "as_json", is_flag=True,
                         help="Print one JSON object with the results on stdout (logs go to stderr).")(f)
@@ -64,7 +69,12 @@ def resolve_cache_dir(cache_dir: Path | None) -> Path:
 def emit(result: dict[str, Any], as_json: bool, human: Callable[[dict[str, Any]], str]) -> None:
     """Print ``result`` as one JSON object, or as the human text ``human(result)``."""
     if as_json:
-        click.echo(json.dumps(result, default=json_default))
+        try:
+            text = dumps_json(result)
+        except ValueError as exc:  # NaN is not JSON: a strict reader would reject the output
+            raise Failure(f"the result holds a number JSON cannot carry ({exc}); please report "
+                          "this, with the command") from None
+        click.echo(text)
     else:
         click.echo(human(result))
 
@@ -412,7 +422,7 @@ def backbones(layers_of, as_json):
               help="Images decoded to estimate similarity (stratified; the rest are only counted).")
 @click.option("--large-per-class", type=click.IntRange(min=1), default=1000, show_default=True,
               help="Median training images per class from which a dataset counts as large.")
-@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--seed", type=SEED, default=0, show_default=True)
 @click.option("--run", "run_plan", is_flag=True, help="Execute the recommended commands, then compare.")
 @device_options
 @cache_dir_option
@@ -468,7 +478,7 @@ def advise(data_dir, backbone, sample, large_per_class, seed, run_plan, device, 
 @click.option("--image-size", type=click.IntRange(min=32), default=128, show_default=True,
               help="Input side of a fine-tune from a zero classifier (small keeps it quick on a CPU); "
                    "the digits land in scenario 3, whose LP-FT fine-tune runs at the head's input size.")
-@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--seed", type=SEED, default=0, show_default=True)
 @device_options
 @cache_dir_option
 @json_option
@@ -594,7 +604,7 @@ def _fmt_params(p: dict) -> str:
 @click.option("--param", "params", multiple=True, metavar="KEY=VALUE",
               help="Estimator parameter, fixed (not searched), e.g. --param C=0.1; repeatable.")
 @click.option("--no-search", is_flag=True, help="Fit the default parameters, no hyper-parameter search.")
-@click.option("--seed", type=int, default=0, show_default=True, help="Seeds folds, hold-out and estimators.")
+@click.option("--seed", type=SEED, default=0, show_default=True, help="Seeds folds, hold-out and estimators.")
 @click.option("--jobs", "-j", type=int, default=-1, show_default=True, callback=_jobs_value,
               help="Parallel search jobs (joblib); -1 uses every core.")
 @click.option("--test-size", type=click.FloatRange(0, 1, min_open=True, max_open=True), default=0.2,
@@ -729,7 +739,7 @@ def predict(model, inputs, top_k, trust, device, precision, batch_size, workers,
               help="Only this split [default: all, told apart by marker].")
 @click.option("--output", "-o", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="PNG path [default: <cache-dir>/plots/<cache>-<method>.png].")
-@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--seed", type=SEED, default=0, show_default=True)
 @click.option("--max-points", type=click.IntRange(min=3), default=5000, show_default=True,
               help="Subsample larger caches (stratified by class).")
 @click.option("--perplexity", type=click.FloatRange(min=1.0), default=30.0, show_default=True,
@@ -807,7 +817,7 @@ class _Trainable(click.ParamType):
               help="No random horizontal flips (for data where a mirror image is another class: digits, text).")
 @click.option("--init-head", type=click.Path(exists=True, path_type=Path), default=None,
               help="Start the classifier from a fit-head logreg run (LP-FT, Kumar et al. 2022).")
-@click.option("--seed", type=int, default=0, show_default=True,
+@click.option("--seed", type=SEED, default=0, show_default=True,
               help="Seeds the classifier, shuffling, augmentation and hold-out.")
 @click.option("--test-size", type=click.FloatRange(0, 1, min_open=True, max_open=True), default=0.2,
               show_default=True, help="Stratified hold-out fraction when DATA_DIR has only train.")

@@ -321,3 +321,65 @@ def test_export_may_replace_its_own_earlier_export(tmp_path, genuine):
     assert _invoke("export", cache, "-o", out).exit_code == 0
     assert _invoke("export", cache, "-o", out).exit_code == 0
     assert np.load(out)["features"].shape[0] == 120
+
+
+# ----------------------------------------------------------------------------- 14, 15: --param, --seed
+@pytest.mark.parametrize("model,param,fragment", [
+    ("logreg", "penalty=l1", "solver 'lbfgs' takes penalty 'l2' or None; add solver=saga"),
+    ("logreg", "penalty=elasticnet", "add solver=saga"),
+    ("svm", "kernel=precomputed", "not on a kernel matrix"),
+    ("svm", "gamma=-1", "gamma=-1 is not valid for svm: it must be above 0"),
+    ("logreg", "C=1e400", "C=inf is not valid for logreg: it must be a finite number"),
+    ("mlp", "alpha=-1e400", "alpha=-inf is not valid for mlp: it must be a finite number"),
+])
+def test_param_values_scikit_learn_would_fail_on_are_usage_errors(genuine, model, param, fragment):
+    _, cache = genuine
+    r = _invoke("fit-head", cache, "-m", model, "--param", param, "--no-search")
+    assert r.exit_code == 2 and "Traceback" not in r.stderr, (r.exit_code, r.stderr[-2000:])
+    assert "Invalid value for '--param'" in r.stderr and fragment in r.stderr, r.stderr
+
+
+def test_valid_penalty_with_its_solver_fits(tmp_path, genuine):
+    _, cache = genuine
+    r = _invoke("fit-head", cache, "-m", "logreg", "--param", "penalty=l1", "--param",
+                "solver=saga", "--no-search", "--cache-dir", tmp_path, "--json")
+    assert r.exit_code == 0, r.stderr[-2000:]
+    assert json.loads(r.stdout)["runs"][0]["accuracy"] == 1.0
+
+
+@pytest.mark.parametrize("command", ["fit-head", "advise", "finetune", "plot-embedding"])
+def test_negative_seed_is_refused_the_same_way_by_every_command(tmp_path, genuine, command):
+    _, cache = genuine
+    target = cache if command in ("fit-head", "plot-embedding") else tmp_path
+    r = _invoke(command, target, "--seed", "-1")
+    assert r.exit_code == 2 and "Traceback" not in r.stderr, r.stderr[-2000:]
+    assert "Invalid value for '--seed': -1 is not in the range 0<=x<=4294967295" in r.stderr
+
+
+def test_library_advise_refuses_a_negative_seed(tmp_path):
+    from fxtl.advice import advise
+    from fxtl.errors import ParameterError
+
+    with pytest.raises(ParameterError, match="seed must be a whole number") as info:
+        advise(tmp_path, seed=-1)
+    assert info.value.param == "seed"
+
+
+# ----------------------------------------------------------------------------- 11: no NaN
+def test_advise_on_one_image_per_class_says_too_few(tmp_path):
+    from fxtl.data.samples import write_shapes
+
+    data = write_shapes(tmp_path / "one", per_class=1, splits=("train",))
+    r = _invoke("advise", data, "--json")
+    assert r.exit_code == 1, r.stdout
+    out = json.loads(r.stdout, parse_constant=lambda c: pytest.fail(f"{c} in JSON output"))
+    assert "too few images to measure similarity" in out["error"]
+    assert "have 1 training image" in out["error"]
+
+
+def test_json_output_never_holds_nan():
+    from fxtl._util import dumps_json
+
+    assert dumps_json({"a": [1.0, 0.5]}) == '{"a": [1.0, 0.5]}'
+    with pytest.raises(ValueError, match=r"similarity\.score"):
+        dumps_json({"similarity": {"score": float("nan")}})
