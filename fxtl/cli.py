@@ -105,13 +105,55 @@ class Failure(click.ClickException):
         click.echo(f"{self.prefix}{self.format_message()}", err=True)
 
 
+# ``name=value`` in a library message: True, a quoted string or a bare word/number.
+_ASSIGNMENT = re.compile(r"(?<![\w/.-])([a-z][a-z0-9_]*)=(True|'[^']*'|\"[^\"]*\"|[\w.-]+)")
+
+
+def _flag(option: click.Parameter) -> str | None:
+    opts = [o for o in getattr(option, "opts", []) if o.startswith("--")]
+    return max(opts, key=len) if opts else None  # --cache-dir rather than -c
+
+
 def _in_flags(exc: FxtlError) -> str:
-    """The library's message, with the parameter it names shown as this command's option."""
+    """The library's message, speaking this command's options instead of Python parameters.
+
+    ``force=True`` -> ``--force``; ``device='cpu'`` -> ``--device cpu``; a ``name=value`` hint
+    naming no option of this command (``nonfinite='drop'`` is Python only) is dropped with the
+    clause it sits in; ``run_name`` (a Python name with an underscore) -> ``--run-name``; and
+    the parameter the error is about (``exc.param``), at its last mention, becomes its option.
+    """
     text = str(exc)
+
+    def assignment(m: re.Match) -> str:
+        option = _option_for(m.group(1))
+        flag = _flag(option) if option is not None else None
+        if flag is None:
+            return m.group(0)
+        value = m.group(2).strip("'\"")
+        return flag if getattr(option, "is_flag", False) else f"{flag} {value}"
+
+    def python_only(m: re.Match) -> bool:
+        option = _option_for(m.group(1))
+        return option is None or _flag(option) is None
+
+    # A fix that only the Python API offers: drop its clause (", or load it with x='y' ...").
+    for m in reversed([m for m in _ASSIGNMENT.finditer(text) if python_only(m)]):
+        comma, bare = text.rfind(", or ", 0, m.start()), text.rfind(" or ", 0, m.start())
+        start = comma if comma >= 0 and bare == comma + 1 else max(comma, bare)
+        end = text.find(";", m.end())
+        end = len(text) if end < 0 else end
+        if start >= 0 and text.rfind(";", start, m.start()) < 0:
+            text = text[:start] + text[end:]
+    text = _ASSIGNMENT.sub(assignment, text)
+    for option in (click.get_current_context(silent=True).command.params
+                   if click.get_current_context(silent=True) else []):
+        flag = _flag(option)
+        if flag and option.name and "_" in option.name:
+            text = re.sub(rf"(?<![\w/.-]){re.escape(option.name)}(?![\w/.-])", flag, text)
     option = _option_for(exc.param) if exc.param else None
-    if option is None or not getattr(option, "opts", None):
+    flag = _flag(option) if option is not None else None
+    if flag is None or flag in text:  # already named as an option (by a name=value hint)
         return text
-    flag = max(option.opts, key=len)  # --cache-dir rather than -c
     # the last mention: messages end with the fix; a path holding the same word is left alone
     spots = list(re.finditer(rf"(?<![\w/.-]){re.escape(exc.param)}(?![\w/.-])", text))
     return text if not spots else text[:spots[-1].start()] + flag + text[spots[-1].end():]
@@ -131,7 +173,7 @@ def handle_errors(f: Callable) -> Callable:
         except ParameterError as exc:
             option = _option_for(exc.param)
             if option is not None:
-                raise click.BadParameter(str(exc), param=option) from None
+                raise click.BadParameter(_in_flags(exc), param=option) from None
             raise Failure(_in_flags(exc)) from None
         except FxtlError as exc:
             raise Failure(_in_flags(exc)) from None

@@ -383,3 +383,82 @@ def test_json_output_never_holds_nan():
     assert dumps_json({"a": [1.0, 0.5]}) == '{"a": [1.0, 0.5]}'
     with pytest.raises(ValueError, match=r"similarity\.score"):
         dumps_json({"similarity": {"score": float("nan")}})
+
+
+# ----------------------------------------------------------------------------- 22: flags, not parameters
+_PYTHON_SPELLINGS = ("force=True", "trust=True", "nonfinite=", "device='cpu'", "run_name", "cache_dir")
+
+
+def _speaks_flags(text: str) -> None:
+    import re
+
+    for spelling in _PYTHON_SPELLINGS:  # as a word, not inside a path
+        assert not re.search(rf"(?<![\w/.-]){re.escape(spelling)}", text), f"{spelling!r} in {text!r}"
+
+
+def test_extract_over_a_foreign_file_says_force_flag(tmp_path):
+    from fxtl.data.samples import write_shapes
+
+    data = write_shapes(tmp_path / "data", per_class=2)
+    other = tmp_path / "other.h5"
+    other.write_bytes(b"not a cache")
+    r = _invoke("extract", data, "-o", other, "--backbone", "lite0")
+    assert r.exit_code == 2, r.stderr
+    assert "pass --force to replace it or choose another --output" in r.stderr, r.stderr
+    _speaks_flags(r.stderr)
+
+
+def test_nonfinite_cache_gives_no_python_only_fix(tmp_path):
+    import h5py
+
+    cache = write_synthetic_cache(tmp_path / "c.h5")
+    with h5py.File(cache, "r+") as f:
+        f["features"][3, 0] = np.nan
+    r = _invoke("info", cache)
+    line = assert_one_line_error(r.exit_code, r.stderr, "NaN or infinity", "re-create it with `fxtl extract`")
+    _speaks_flags(line)
+
+
+def test_pickle_head_names_the_trust_flag(tmp_path, genuine):
+    _, cache = genuine
+    run = tmp_path / "old"
+    run.mkdir()
+    (run / "head.joblib").write_bytes(b"not even a pickle")
+    r = _invoke("predict", run, cache)
+    assert r.exit_code == 2 and "read only with --trust" in r.stderr, r.stderr
+    _speaks_flags(r.stderr)
+
+
+def test_edited_head_names_the_trust_flag_in_predict_only(tmp_path, genuine):
+    run, cache = genuine
+    copy = _copy_run(run, tmp_path)
+    with open(copy / "head.skops", "ab") as fh:
+        fh.write(b"\0")
+    r = _invoke("predict", copy, cache)
+    line = assert_one_line_error(r.exit_code, r.stderr, "sha256", "load it with --trust")
+    _speaks_flags(line)
+    r = _invoke("export-model", copy, "-o", tmp_path / "m.onnx")
+    line = assert_one_line_error(r.exit_code, r.stderr, "sha256", "refit the head")
+    assert "trust" not in line  # export-model has no --trust: the fix is not offered
+    _speaks_flags(line)
+
+
+def test_taken_run_name_names_the_run_name_flag(tmp_path, genuine):
+    _, cache = genuine
+    (tmp_path / "runs" / "mine").mkdir(parents=True)
+    r = _invoke("fit-head", cache, "--run-name", "mine", "--no-search", "--cache-dir", tmp_path)
+    line = assert_one_line_error(r.exit_code, r.stderr, "--run-name")
+    _speaks_flags(line)
+
+
+def test_cuda_on_a_machine_without_it_says_device_cpu(tmp_path):
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    from fxtl.data.samples import write_shapes
+
+    data = write_shapes(tmp_path / "data", per_class=2)
+    r = _invoke("advise", data, "--device", "cuda")
+    assert r.exit_code == 2 and "use --device cpu" in r.stderr, r.stderr
+    _speaks_flags(r.stderr)
