@@ -462,3 +462,72 @@ def test_cuda_on_a_machine_without_it_says_device_cpu(tmp_path):
     r = _invoke("advise", data, "--device", "cuda")
     assert r.exit_code == 2 and "use --device cpu" in r.stderr, r.stderr
     _speaks_flags(r.stderr)
+
+
+# ----------------------------------------------------------------------------- 12: merge
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory):
+    """Shards 0/2 and 1/2 of a tiny dataset (timm's test network), written once by the CLI."""
+    import timm
+    import torch
+
+    from fxtl.data.samples import write_shapes
+
+    base = tmp_path_factory.mktemp("shards")
+    torch.manual_seed(0)
+    weights = base / "w.pth"
+    torch.save(timm.create_model("test_efficientnet").state_dict(), weights)
+    data = write_shapes(base / "d", per_class=3)
+    files = []
+    for i in (0, 1):
+        r = _invoke("extract", data, "--cache-dir", base / "c", "--shard", f"{i}/2", "--json",
+                    "-b", f"timm:test_efficientnet={weights}", "--precision", "fp32",
+                    "--batch-size", "4", "--workers", "0")
+        assert r.exit_code == 0, r.stderr[-2000:]
+        files.append(Path(json.loads(r.stdout)["shard_file"]))
+    return files
+
+
+def _copy_shards(files: list[Path], dest: Path) -> Path:
+    folder = dest / files[0].parent.name
+    folder.mkdir(parents=True)
+    for f in files:
+        shutil.copy2(f, folder / f.name)
+    return folder
+
+
+def test_merge_refuses_a_shard_holding_nan(tmp_path, shards):
+    import h5py
+
+    folder = _copy_shards(shards, tmp_path)
+    with h5py.File(folder / shards[1].name, "r+") as f:
+        f["features"][2, 5] = np.nan
+    r = _invoke("merge", folder)
+    assert_one_line_error(r.exit_code, r.stderr, shards[1].name, "row 2", "NaN or infinity")
+    assert sorted(p.name for p in folder.iterdir()) == sorted(f.name for f in shards)  # kept
+    assert not folder.with_name(folder.name.removesuffix(".shards")).exists()
+
+
+def test_merge_refuses_a_shard_whose_features_are_an_external_link(tmp_path, shards):
+    import h5py
+
+    folder = _copy_shards(shards, tmp_path)
+    outside = tmp_path / "outside.h5"
+    with h5py.File(outside, "w") as f:
+        f["x"] = np.ones((8, 32), np.float32)
+    with h5py.File(folder / shards[0].name, "r+") as f:
+        del f["features"]
+        f["features"] = h5py.ExternalLink(str(outside), "x")
+    r = _invoke("merge", folder)
+    assert_one_line_error(r.exit_code, r.stderr, shards[0].name, "/features is not a dataset stored in the file")
+
+
+def test_merging_the_shards_folder_twice_is_a_no_op(tmp_path, shards):
+    folder = _copy_shards(shards, tmp_path)
+    first = _invoke("merge", folder, "--json")
+    assert first.exit_code == 0, first.stderr[-2000:]
+    assert not folder.exists() and json.loads(first.stdout)["cache_hit"] is False
+    again = _invoke("merge", folder, "--json")
+    assert again.exit_code == 0, again.stderr[-2000:]
+    d = json.loads(again.stdout)
+    assert d["cache_hit"] is True and d["cache"] == json.loads(first.stdout)["cache"] and d["n"] == 12
