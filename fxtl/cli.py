@@ -17,7 +17,7 @@ from typing import Any, Callable
 import click
 from PIL import Image
 
-from ._util import default_cache_dir, dumps_json
+from ._util import default_cache_dir, dumps_json, say
 from .errors import FxtlError, FxtlWarning, ParameterError
 from .heads.params import MAX_SEED
 from .runtime import DEVICES, PRECISIONS
@@ -191,7 +191,7 @@ def _wants_json(args: list[str]) -> bool:
 def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
     """fxtl's own warnings as one ``fxtl: warning:`` line; others as Python shows them."""
     if issubclass(category, FxtlWarning):
-        click.echo(f"fxtl: warning: {message}", err=True)
+        say(f"fxtl: warning: {message}")  # on its own line, even while a progress bar is drawn
     else:
         click.echo(warnings.formatwarning(message, category, filename, lineno, line).rstrip("\n"),
                    err=True)

@@ -9,12 +9,15 @@ with a short reason instead of crashing the run.
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
+
+from ..errors import FxtlWarning
 
 __all__ = ["Preprocessing", "open_image", "EvalTransform", "ImageDecodeError", "MAX_PIXELS",
            "IMAGE_EXTENSIONS", "UNDECODABLE_EXTENSIONS", "to_chw", "stack_images", "collate_images"]
@@ -141,7 +144,7 @@ def open_image(path: str | Path, *, draft_size: int | None = None,
             bits = _bit_depth(im)
             im.load()
             im = ImageOps.exif_transpose(im)
-            return _to_rgb(im, bits=bits)
+            return _to_rgb(im, bits=bits, where=path)
     except ImageDecodeError:
         raise
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
@@ -157,6 +160,22 @@ def open_image(path: str | Path, *, draft_size: int | None = None,
         if "truncated" in msg.lower() or isinstance(exc, EOFError):
             raise ImageDecodeError(f"truncated image ({msg})") from None
         raise ImageDecodeError(f"cannot decode ({msg})") from None
+
+
+def _scale_float(arr: np.ndarray, where: Path | None) -> np.ndarray:
+    """A float image stretched to 0..255 over its finite values; NaN and infinite pixels are
+    kept as black, with one warning saying so (numpy's own RuntimeWarnings would say nothing
+    of which file, nor of what was kept)."""
+    finite = np.isfinite(arr)
+    bad = int(arr.size - finite.sum())
+    if bad:
+        kept = "the whole image is black" if bad == arr.size else "the rest is scaled as usual"
+        warnings.warn(f"{where or 'a float image'}: {bad} of {arr.size} pixels are NaN or "
+                      f"infinite; kept as black ({kept})", FxtlWarning, stacklevel=2)
+    if not finite.any():
+        return np.zeros(arr.shape, dtype=np.float64)
+    lo, hi = float(arr[finite].min()), float(arr[finite].max())
+    return np.where(finite, (arr.astype(np.float64) - lo) / (hi - lo or 1.0) * 255.0, 0.0)
 
 
 def _bit_depth(im: Image.Image) -> int:
@@ -180,15 +199,14 @@ def _bit_depth(im: Image.Image) -> int:
     return bits - 1 if signed else bits
 
 
-def _to_rgb(im: Image.Image, *, bits: int = 8) -> Image.Image:
+def _to_rgb(im: Image.Image, *, bits: int = 8, where: Path | None = None) -> Image.Image:
     mode = im.mode
     if mode == "RGB":
         return im
     if mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
         arr = np.asarray(im)
         if arr.dtype.kind == "f":
-            lo, hi = float(np.nanmin(arr)), float(np.nanmax(arr))
-            arr = (arr - lo) / (hi - lo or 1.0) * 255.0
+            arr = _scale_float(arr, where)
         else:
             # Full scale of the file's bit depth is white: 0..65535 -> 0..255 for 16 bits,
             # whatever the brightest pixel happens to be.
