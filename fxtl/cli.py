@@ -744,8 +744,8 @@ def fit_head(cache, models, params, no_search, seed, jobs, test_size, cv_folds, 
 @json_option
 @handle_errors
 def predict(model, inputs, top_k, trust, device, precision, batch_size, workers, cache_dir, as_json):
-    """Label images with a saved head (MODEL: a fit-head run folder or head.joblib) or a
-    fine-tuned run folder (fxtl-model.json).
+    """Label images with a saved head (MODEL: a fit-head run folder or its head.skops), a
+    fine-tuned run folder (fxtl-model.json) or an exported model.onnx (`fxtl export-model`).
 
     INPUTS are image files, folders (searched recursively) or feature caches (.h5, heads only).
     The head's backbone runs with the same weights, preprocessing, layer and precision (auto =
