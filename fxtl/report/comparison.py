@@ -37,7 +37,6 @@ which; only runs without a selection score fall back to the reported accuracy).
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
 import math
 from dataclasses import dataclass, field
