@@ -123,6 +123,8 @@ def _in_flags(exc: FxtlError) -> str:
     the parameter the error is about (``exc.param``), at its last mention, becomes its option.
     """
     text = str(exc)
+    if exc.param == "params":  # its KEY=VALUE are --param values (solver=saga), not options
+        return text
 
     def assignment(m: re.Match) -> str:
         option = _option_for(m.group(1))
