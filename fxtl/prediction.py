@@ -21,14 +21,13 @@ Examples
 """
 from __future__ import annotations
 
-import json
 import time
 from pathlib import Path
 from typing import Sequence
 
 import numpy as np
 
-from ._util import say
+from ._util import read_json, say
 from .backbones.registry import MODEL_MANIFEST, load_backbone
 from .deploy.runtime import predict_onnx
 from .errors import FxtlError, ParameterError
@@ -195,7 +194,7 @@ def _predict_finetuned(run: Path, images: list[Path], *, top_k: int, device: str
                        precision: str | None, batch_size: int | None, workers: int | None,
                        progress: bool, notes: list[str], trust: bool = False) -> PredictResult:
     try:
-        manifest = json.loads((run / MODEL_MANIFEST).read_text())
+        manifest = read_json(run / MODEL_MANIFEST)
     except (OSError, ValueError) as exc:
         raise FxtlError(f"{run / MODEL_MANIFEST} is unreadable ({exc}); re-run the fine-tune") from None
     bb = load_backbone(str(run), inference=True, trust=trust)

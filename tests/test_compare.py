@@ -22,6 +22,8 @@ def _write_run(cache: Path, name: str, **metrics) -> Path:
     base = {"split": "val", "dataset": "ds", "backbone": "lite0", "macro_f1": 0.5, "n": 10,
             "dataset_fingerprint": "ab" * 32, "trainable_params": 100}
     (run / "metrics.json").write_text(json.dumps({**base, **metrics}))
+    if metrics.get("kind") == "finetune":  # a finished fine-tune holds its manifest
+        (run / "fxtl-model.json").write_text("{}")
     return run
 
 

@@ -34,7 +34,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .._util import atomic_write_json
+from .._util import atomic_write_json, read_json
 from ..errors import DataError, FxtlError, ParameterError
 
 __all__ = ["SplitPlan", "plan_splits", "hash_holdout", "RowSet", "RunRows", "run_rows",
@@ -320,7 +320,7 @@ def load_rows(run_dir: str | Path) -> RunRows | None:
     if not path.exists():
         return None
     try:
-        d = json.loads(path.read_text())
+        d = read_json(path)
     except (OSError, ValueError) as exc:
         raise DataError(f"{path} cannot be read ({exc}); re-run the command that made it") from None
     return RunRows.from_dict(d, source=str(path))

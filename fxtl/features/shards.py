@@ -131,7 +131,7 @@ def _read_shard(path: Path) -> _ShardInfo:
             if int(attrs["format_version"]) > FORMAT_VERSION:
                 raise CacheError(f"{path} has format_version {attrs['format_version']}, this fxtl "
                                  f"reads up to {FORMAT_VERSION}; upgrade fxtl (pip install -U fxtl)")
-            n, dim = f["features"].shape
+            n, dim = _check_shard_storage(f, path)
     except OSError as exc:
         raise CacheError(f"{path} cannot be read as HDF5 ({exc}); delete it and re-run its "
                          "`fxtl extract --shard I/N`") from None
@@ -139,6 +139,31 @@ def _read_shard(path: Path) -> _ShardInfo:
                       fingerprint=str(attrs["fingerprint"]), row_start=int(attrs["row_start"]),
                       row_stop=int(attrs["row_stop"]), n_total=int(attrs["n_total"]), n=int(n),
                       dim=int(dim), attrs=attrs)
+
+
+def _check_shard_storage(f: Any, path: Path) -> tuple[int, int]:
+    """``(n, dim)`` of a shard whose datasets are its own: no links, external or virtual
+    storage (a shard could otherwise bring another file's bytes into the merged cache), and
+    per-row datasets as long as ``/features``."""
+    import h5py
+
+    for name in ("features", "labels", "paths", "split"):
+        link = f.get(name, getlink=True)
+        ds = f.get(name) if isinstance(link, h5py.HardLink) else None
+        if not isinstance(ds, h5py.Dataset) or ds.external or ds.is_virtual:
+            raise CacheError(f"{path}: /{name} is not a dataset stored in the file (a link, "
+                             "external or virtual storage); delete it and re-run its "
+                             "`fxtl extract --shard I/N`")
+    shape = f["features"].shape
+    if len(shape) != 2:
+        raise CacheError(f"{path}: /features has shape {shape}, not [rows, dim]; delete it and "
+                         "re-run its `fxtl extract --shard I/N`")
+    other = [name for name in ("labels", "paths", "split") if f[name].shape[:1] != shape[:1]]
+    if other:
+        raise CacheError(f"{path}: /{other[0]} has {f[other[0]].shape[0] if f[other[0]].shape else 0} "
+                         f"rows but /features {shape[0]}; delete it and re-run its "
+                         "`fxtl extract --shard I/N`")
+    return int(shape[0]), int(shape[1])
 
 
 def _shard_hit(job: ExtractJob, spath: Path, index: int, count: int, lo: int, hi: int) -> ExtractResult | None:
@@ -280,13 +305,14 @@ def merge_shards(sources: Sequence[str | Path], *, output: str | Path | None = N
     t0 = time.perf_counter()
     if not sources:
         raise CacheError("no shard files given; pass the shard files, their .shards folder or the cache path")
-    if len(sources) == 1 and Path(sources[0]).is_file() and not shards_dir(Path(sources[0])).exists():
+    merged = _already_merged(Path(sources[0])) if len(sources) == 1 else None
+    if merged is not None:
         try:  # a cache that is already merged: merging again is a no-op (scripts can re-run)
-            fp = read_attrs(Path(sources[0])).get("fingerprint")
+            fp = read_attrs(merged).get("fingerprint")
         except CacheError:
             fp = None
-        if fp and (output is None or Path(output) == Path(sources[0])):
-            hit = cache_hit(Path(sources[0]), fp, t0)
+        if fp and (output is None or Path(output) == merged):
+            hit = cache_hit(merged, fp, t0)
             if hit is not None:
                 return hit
     files, implied = _resolve_sources(sources)
@@ -307,6 +333,19 @@ def merge_shards(sources: Sequence[str | Path], *, output: str | Path | None = N
     if not keep_shards:
         _remove_shards(ordered)
     return res
+
+
+def _already_merged(source: Path) -> Path | None:
+    """The cache ``source`` names when its shards are gone (merged): the cache path itself, or a
+    ``<cache>.shards`` folder deleted by the merge that made ``<cache>``; else None."""
+    from ..distributed import shards_dir
+
+    if source.is_file() and not shards_dir(source).exists():
+        return source
+    if source.name.endswith(".shards") and not source.exists():
+        cache = source.with_name(source.name[:-len(".shards")])
+        return cache if cache.is_file() else None
+    return None
 
 
 # Rows copied per block while merging: about 20 MiB of float32 at D = 1280.
@@ -343,7 +382,14 @@ def _merge_locked(ordered: list[_ShardInfo], out: Path, t0: float) -> ExtractRes
             with h5py.File(s.path, "r") as f:
                 ds = f["features"]
                 for a in range(0, s.n, _MERGE_BLOCK_ROWS):
-                    yield ds[a:a + _MERGE_BLOCK_ROWS]
+                    block = ds[a:a + _MERGE_BLOCK_ROWS]
+                    bad = np.flatnonzero(~np.isfinite(block).all(axis=1))
+                    if len(bad):  # the merged cache would be refused by every reader
+                        raise CacheError(f"{s.path} is damaged: its feature row {a + int(bad[0])} "
+                                         f"holds NaN or infinity ({len(bad)} row(s) in this "
+                                         "block); delete it and re-run its `fxtl extract --shard "
+                                         "I/N` (nothing was merged)")
+                    yield block
 
     runs = [s.timings for s in ordered]
     skip = set(_SHARD_ATTRS) | {"format", "format_version", "complete", "n", "dim", "class_names",

@@ -22,6 +22,7 @@ from typing import Any, Callable, Mapping, Sequence
 import numpy as np
 
 from ..errors import ParameterError
+from .params import check_values
 
 __all__ = ["DataShape", "StreamSpec", "HeadSpec", "HEADS", "register_head", "get_head",
            "head_names", "list_heads", "build_pipeline", "parse_params", "check_params",
@@ -389,6 +390,7 @@ def check_params(models: Sequence[str], params: Mapping[str, Any]) -> None:
         for dotted in [spec.estimator] + ([spec.stream.estimator] if spec.stream else []):
             own = {k: v for k, v in params.items() if k in estimator_params(dotted)}
             if own:
+                check_values(own, estimator=dotted, model=m)  # what the toy fit lets through
                 _check_values(import_estimator(dotted), own, m)
         if spec.torch_estimator:  # checked without a fit: a fit would import torch
             own = {k: v for k, v in params.items() if k in estimator_params(spec.torch_estimator)}

@@ -13,7 +13,8 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from .._util import atomic_path, ensure_dir, unique_dir
+from .._util import atomic_path, ensure_dir, meaning_sha256, unique_dir
+from ..backbones.registry import RUN_MEANING_KEYS
 from ..data.splits import check_run_name
 from ..errors import FxtlError, ProvenanceError
 from .config import RESUME_KEYS
@@ -23,7 +24,7 @@ if TYPE_CHECKING:
 
 __all__ = ["CHECKPOINT_FORMAT", "CHECKPOINT_VERSION", "TrainState", "rng_state", "set_rng_state",
            "torch_save", "load_checkpoint", "choose_run_dir", "discard_unfinished", "initial_state",
-           "RUN_FILES"]
+           "RUN_FILES", "manifest_digest"]
 
 CHECKPOINT_FORMAT = "fxtl-finetune-checkpoint"
 CHECKPOINT_VERSION = 1
@@ -98,6 +99,12 @@ def load_checkpoint(path: Path) -> dict[str, Any]:
         raise FxtlError(f"{path} has checkpoint version {ckpt.get('format_version')}, this fxtl "
                         f"reads up to {CHECKPOINT_VERSION}; upgrade fxtl")
     return ckpt
+
+
+def manifest_digest(manifest: dict[str, Any]) -> str:
+    """The ``meaning_sha256`` of a run's ``fxtl-model.json``: covers its class names,
+    preprocessing, backbone and weights hash, so an edit to any of them is refused on load."""
+    return meaning_sha256(manifest, RUN_MEANING_KEYS)
 
 
 def choose_run_dir(runs: Path, base: str, *, run_name: str | None, resume: bool) -> Path:

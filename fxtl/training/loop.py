@@ -68,7 +68,7 @@ from ..errors import ParameterError
 from ..runtime import resolve_device, resolve_precision
 from .augment import TrainTransform, epoch_sampler
 from .blocks import block_groups
-from .checkpoints import (CHECKPOINT_FORMAT, CHECKPOINT_VERSION, choose_run_dir,
+from .checkpoints import (CHECKPOINT_FORMAT, CHECKPOINT_VERSION, choose_run_dir, manifest_digest,
                           discard_unfinished, initial_state)
 from .config import (BN_FROZEN_BELOW, BN_MODES, DEFAULT_LR, MONITORS, OPTIMIZERS, FinetuneConfig,
                      parse_trainable)
@@ -293,6 +293,7 @@ def write_outputs(run_dir: Path, metrics: dict[str, Any], bb: Backbone, *, pre: 
         "config": metrics["config"], "created": metrics["created"], "fxtl_version": __version__,
         "versions": metrics["versions"],
     }
+    manifest["meaning_sha256"] = manifest_digest(manifest)
     atomic_write_json(run_dir / MODEL_MANIFEST, manifest)
 
 
