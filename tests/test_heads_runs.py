@@ -10,13 +10,12 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
 import pytest
 from click.testing import CliRunner
 
 from fxtl.cli import cli
 from fxtl.data.splits import check_run_name, load_rows
-from fxtl.errors import FxtlError, ParameterError
+from fxtl.errors import ParameterError
 from fxtl.heads import HeadConfig, destination, fit_head, fit_heads, save_runs
 from fxtl.heads.registry import head_names
 from fxtl.training.checkpoints import choose_run_dir

@@ -11,7 +11,7 @@ import pytest
 from fxtl.data.splits import load_rows
 from fxtl.errors import ParameterError
 from fxtl.heads import choose_strategy, fit_head, parse_budget
-from fxtl.heads.search import CV_MAX_ROWS, search_folds
+from fxtl.heads.search import search_folds
 
 from .test_heads import write_synthetic_cache
 

@@ -26,7 +26,6 @@ images an earlier step learned from (:func:`leaked_rows`).
 from __future__ import annotations
 
 import hashlib
-import json
 import re
 from collections.abc import Collection, Sequence
 from dataclasses import dataclass, replace

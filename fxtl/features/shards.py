@@ -300,7 +300,6 @@ def merge_shards(sources: Sequence[str | Path], *, output: str | Path | None = N
     >>> merge_shards(["cache/hymenoptera-lite0-1e2b80d0e2303460.h5.shards"]).n   # doctest: +SKIP
     398
     """
-    from ..distributed import shards_dir
 
     t0 = time.perf_counter()
     if not sources:

@@ -6,6 +6,7 @@ reports on; then its scaler and coefficients fold into one linear layer.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import warnings
 from pathlib import Path

@@ -17,7 +17,7 @@ import pytest
 from click.testing import CliRunner
 
 from fxtl.cli import cli
-from fxtl.errors import CacheError, FxtlError
+from fxtl.errors import CacheError
 from fxtl.features.store import load_features, open_cache, write_cache
 
 from ._cli import ROOT, assert_one_line_error
