@@ -234,9 +234,9 @@ def _refuse_unfinished_finetune(model: Path) -> None:
     if model.is_dir() and not (model / MODEL_MANIFEST).exists() and \
             (model / _FINETUNE_CHECKPOINT).is_file():
         raise FxtlError(f"{model} is a fine-tune that did not finish (it holds "
-                        f"{_FINETUNE_CHECKPOINT} but no {MODEL_MANIFEST}); finish it with `fxtl "
-                        f"finetune DATA_DIR --resume --run-name {model.name}` (same options), or "
-                        "re-run the fine-tune")
+                        f"{_FINETUNE_CHECKPOINT} but no {MODEL_MANIFEST}); finish it with "
+                        f"finetune(data, resume=True, run_name={model.name!r}) and the same options, "
+                        "or re-run the fine-tune")
 
 
 def _predict_cache(head, cache_path: Path, res: PredictResult, *, top_k: int) -> None:

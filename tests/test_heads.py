@@ -161,7 +161,8 @@ def test_each_model_fits_a_tiny_cache(tmp_path, blobs, model):
     head = load_head(run)
     c = load_features(blobs)
     test_rows = np.flatnonzero(c.split == "test")
-    assert (head.predict(c.features[test_rows]) == res.predictions["y_pred"]).all()
+    names = np.array(c.class_names)
+    assert (head.predict(c.features[test_rows]) == names[res.predictions["y_pred"]]).all()
     scores = head.scores(c.features[test_rows])
     np.testing.assert_allclose(scores.sum(axis=1), 1.0, rtol=1e-6)
 

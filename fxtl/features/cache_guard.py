@@ -9,7 +9,7 @@ file and the fix; only a file the child read cleanly is opened in this process.
 
 The verdict is remembered for the life of the process, per file (device, inode, size, mtime),
 and a cache this process wrote itself is known good: a cache hit pays for one probe at most.
-``FXTL_CACHE_PROBE=off`` in the environment reads in-process only (what fxtl did before).
+``FXTL_CACHE_PROBE=off`` in the environment reads in-process only, without the child.
 """
 from __future__ import annotations
 
@@ -270,7 +270,7 @@ def _probe_spawned(path: Path, level: str, limit: float) -> str | None:
     except subprocess.TimeoutExpired:
         return _hang_message(path, limit)
     except OSError:
-        return None  # no child can be started here: the caller reads in-process as before
+        return None  # no child can be started here: the caller reads in-process, unguarded
     lines = proc.stdout.decode("utf-8", "surrogateescape").strip().splitlines()
     text = lines[-1] if lines else ""
     if proc.returncode == 0 and text == "ok":

@@ -45,7 +45,7 @@ from .source import LARGE_ROWS, RowSource, open_source
 from .streaming import fit_streaming
 
 __all__ = ["FitResult", "fit_head", "fit_heads", "parse_budget", "stop_workers", "LARGE_ROWS",
-           # kept importable from here for callers written before the split
+           # also here, so code importing the head API from this module keeps working
            "HEADS", "BACKENDS", "HEAD_FORMAT", "HEAD_FORMAT_VERSION", "Head", "HeadSpec",
            "SplitPlan", "build_pipeline", "check_params", "get_head", "head_names", "list_heads",
            "load_head", "parse_params", "plan_splits", "register_head", "save_head"]
