@@ -24,6 +24,7 @@ Examples
 """
 from __future__ import annotations
 
+import contextlib
 import math
 import warnings
 from types import MappingProxyType
@@ -40,6 +41,8 @@ from sklearn.utils._param_validation import StrOptions
 from sklearn.utils.metaestimators import available_if
 from sklearn.utils.multiclass import check_classification_targets
 from sklearn.utils.validation import validate_data
+
+from ..errors import ParameterError
 
 __all__ = ["TorchLogisticRegression", "TorchLinearSVC", "TorchMLPClassifier", "TORCH_HEADS"]
 
@@ -58,8 +61,6 @@ def _torch_device(device: str):
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
     if device == "cuda" and not torch.cuda.is_available():
-        from ..errors import ParameterError
-
         raise ParameterError("device", "device='cuda' but torch sees no CUDA device; "
                              "use device='auto' or 'cpu'")
     return torch, torch.device(device)
@@ -507,8 +508,6 @@ def _batch_loss(F, z, yb, wb):
 
 def _autocast(torch, dev):
     """bfloat16 matmuls where the hardware has them (accumulation stays float32)."""
-    import contextlib
-
     if _MLP_BF16 and dev.type == "cpu":
         return torch.autocast("cpu", dtype=torch.bfloat16)
     return contextlib.nullcontext()
