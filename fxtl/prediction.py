@@ -39,7 +39,8 @@ from .inference import (PredictResult, collect_images, finish_result, head_backb
                         resolve_model, score_entry)
 from .runtime import resolve_device, resolve_precision
 
-# PredictResult, collect_images and resolve_model are fxtl.inference's, named here as before.
+# PredictResult, collect_images and resolve_model are fxtl.inference's, named here too so that
+# code importing them from fxtl.prediction keeps working.
 __all__ = ["predict", "PredictResult", "collect_images", "resolve_model"]
 # What a fine-tune leaves in its run folder before it writes its manifest (fxtl.training).
 _FINETUNE_CHECKPOINT = "checkpoint-last.pt"

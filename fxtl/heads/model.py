@@ -53,8 +53,8 @@ def score_matrix(estimator: Any, X: np.ndarray, class_names: list[str]) -> np.nd
 def class_positions(classes: Any, class_names: list[str]) -> list[int]:
     """Column of each of an estimator's ``classes_`` in ``class_names``.
 
-    Heads are fitted on class *names* (``"ants"``, ``"5"``); heads written before that layout
-    hold integer indices. A name is looked up first, so a class named ``"5"`` among three names
+    Heads are fitted on class *names* (``"ants"``, ``"5"``); heads saved by older fxtl hold
+    integer indices. A name is looked up first, so a class named ``"5"`` among three names
     is its position, not index 5. Raises :class:`ProvenanceError` for a class that is not listed.
     """
     index = {name: i for i, name in enumerate(class_names)}
