@@ -114,27 +114,27 @@ def _read_shard(path: Path) -> _ShardInfo:
     try:
         if not h5py.is_hdf5(path):
             raise CacheError(f"{path} is not an HDF5 file; pass shard files written by "
-                             "`fxtl extract --shard I/N`")
+                             "extract(shard=(I, N))")
         with h5py.File(path, "r") as f:
             attrs = cache_attrs(f)
             fmt = attrs.get("format")
             if fmt != SHARD_FORMAT:
                 what = "a finished cache, not a shard" if fmt == "fxtl-features" else f"not a shard file (format={fmt!r})"
                 raise CacheError(f"{path} is {what}; pass shard files written by "
-                                 "`fxtl extract --shard I/N` (or their .shards folder)")
+                                 "extract(shard=(I, N)) (or their .shards folder)")
             missing = [k for k in _SHARD_ATTRS + ("fingerprint", "format_version", "complete")
                        if k not in attrs] + [f"/{d}" for d in ("features", "labels", "paths", "split")
                                              if d not in f]
             if missing or not attrs.get("complete"):
                 raise CacheError(f"{path} is damaged (missing {', '.join(missing) or 'complete'}); "
-                                 "delete it and re-run its `fxtl extract --shard I/N`")
+                                 "delete it and re-run its extract(shard=(I, N))")
             if int(attrs["format_version"]) > FORMAT_VERSION:
                 raise CacheError(f"{path} has format_version {attrs['format_version']}, this fxtl "
                                  f"reads up to {FORMAT_VERSION}; upgrade fxtl (pip install -U fxtl)")
             n, dim = _check_shard_storage(f, path)
     except OSError as exc:
         raise CacheError(f"{path} cannot be read as HDF5 ({exc}); delete it and re-run its "
-                         "`fxtl extract --shard I/N`") from None
+                         "extract(shard=(I, N))") from None
     return _ShardInfo(path=path, index=int(attrs["shard_index"]), count=int(attrs["shard_count"]),
                       fingerprint=str(attrs["fingerprint"]), row_start=int(attrs["row_start"]),
                       row_stop=int(attrs["row_stop"]), n_total=int(attrs["n_total"]), n=int(n),
@@ -202,7 +202,7 @@ def _resolve_sources(sources: Sequence[str | Path]) -> tuple[list[Path], Path | 
             found = sorted(q for q in p.iterdir() if SHARD_RE.fullmatch(q.name))
             if not found:
                 raise CacheError(f"{p} holds no shard files (shard-IIIII-of-NNNNN.h5); write them "
-                                 "with `fxtl extract DATA_DIR --shard I/N` first")
+                                 "with extract(data, shard=(I, N)) first")
             files += found
             if p.name.endswith(".shards") and implied is None:
                 implied = p.with_name(p.name[:-len(".shards")])
@@ -210,14 +210,14 @@ def _resolve_sources(sources: Sequence[str | Path]) -> tuple[list[Path], Path | 
             found = sorted(q for q in shards_dir(p).iterdir() if SHARD_RE.fullmatch(q.name))
             if not found:
                 raise CacheError(f"{shards_dir(p)} holds no shard files; write them with "
-                                 "`fxtl extract DATA_DIR --shard I/N` first")
+                                 "extract(data, shard=(I, N)) first")
             files += found
             implied = implied or p
         elif p.is_file():
             files.append(p)
         else:
             raise CacheError(f"{p}: no such shard file, folder or {shards_dir(p).name}/; pass the "
-                             "shard files `fxtl extract --shard I/N` wrote, or their folder")
+                             "shard files extract(shard=(I, N)) wrote, or their folder")
     unique: dict[Path, Path] = {}
     for f in files:
         unique.setdefault(f.resolve(), f)
@@ -249,11 +249,11 @@ def _check_shards(infos: list[_ShardInfo]) -> list[_ShardInfo]:
 
         folder = ref.path.parent
         names = ", ".join(str(folder / SHARD_NAME.format(index=i, count=ref.count)) for i in missing)
-        root = ref.attrs.get("dataset_root") or "DATA_DIR"
+        root = repr(str(ref.attrs["dataset_root"])) if ref.attrs.get("dataset_root") else "data"
         ids = " ".join(str(i) for i in missing)
-        raise CacheError(f"missing {len(missing)} of {ref.count} shards: {names}; run `fxtl extract "
-                         f"{root} --shard I/{ref.count}` with the same options for I in {ids}, "
-                         "then merge again")
+        raise CacheError(f"missing {len(missing)} of {ref.count} shards: {names}; run "
+                         f"extract({root}, shard=(I, {ref.count})) with the same options for "
+                         f"I in {ids}, then merge again")
     ordered = [by_index[i] for i in range(ref.count)]
     row = 0
     for s in ordered:

@@ -186,8 +186,8 @@ register_head(HeadSpec(
     description="multinomial logistic regression, L2, C swept log-spaced (warm-started path)",
     stream=_SGD_LOG, path_param="C",
     # Its warm-started path is the cheapest search per row, so it searches twice the default
-    # subsample: C chosen on 4,000 of 19,860 training rows was a half-decade too weak for the
-    # refit on 22,428 rows (benchmarks/heads_scale.py, 27,804 rows), on 8,000 it was not.
+    # subsample: the best C grows with the rows, and one chosen on too few is too weak for the
+    # refit on all of them (measured in benchmarks/heads_scale.py).
     search_rows=8_000,
     torch_estimator="fxtl.heads.torch_heads:TorchLogisticRegression"))
 register_head(HeadSpec(

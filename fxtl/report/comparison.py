@@ -591,7 +591,8 @@ def compare(*, cache_dir: str | Path | None = None, runs: Sequence[str | Path] =
         what = f" of dataset {dataset!r}" if dataset else ""
         raise FxtlError(f"no usable head or fine-tune runs{what} in {where}"
                         + (f" ({len(skipped)} skipped as damaged)" if skipped else "")
-                        + "; run `fxtl fit-head` or `fxtl finetune` first (or pass --cache-dir)")
+                        + "; fit a head or a fine-tune first (or pass the cache_dir holding them)",
+                        param="cache_dir")
     rows = comparison_rows(found)
     groups = list(dict.fromkeys(r["group"] for r in rows))
     if len(groups) > 1:
