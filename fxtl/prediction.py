@@ -33,6 +33,7 @@ from ._util import say
 from .backbones.registry import MODEL_MANIFEST
 from .data.discovery import walk_images
 from .errors import FxtlError, ParameterError, ProvenanceError
+from .tables import records_frame
 
 __all__ = ["predict", "PredictResult", "collect_images", "resolve_model"]
 
@@ -56,6 +57,12 @@ class PredictResult:
     precision: str = ""
     notes: list[str] = field(default_factory=list)
 
+    def to_frame(self):
+        """A pandas DataFrame, one row per prediction (``path``, ``label``, ``probability``,
+        ``index``, ``top_k``...). Needs pandas."""
+        frame = records_frame(self.predictions, first=("path", "label", "probability"))
+        return frame.reindex(columns=["path", "label", "probability"]) if frame.empty else frame
+
     def to_dict(self) -> dict[str, Any]:
         return {"model": self.model, "kind": self.kind, "class_names": self.class_names,
                 "predictions": self.predictions, "errors": self.errors,
@@ -70,6 +77,8 @@ def collect_images(inputs: Sequence[str | Path]) -> tuple[list[Path], list[Path]
     Returns ``(images, caches, errors)``; a missing path or an empty folder is an error entry,
     not an exception, so one bad argument does not stop the others.
     """
+    if isinstance(inputs, (str, Path)):  # one path, not a sequence of its characters
+        inputs = [inputs]
     images: list[Path] = []
     caches: list[Path] = []
     errors: list[dict[str, str]] = []
@@ -135,7 +144,7 @@ def _resolve_precision(wanted: str | None, device: str, notes: list[str]) -> str
         return fallback
 
 
-def predict(model: str | Path, inputs: Sequence[str | Path], *, top_k: int = 1,
+def predict(model: str | Path, inputs: str | Path | Sequence[str | Path], *, top_k: int = 1,
             trust: bool = False, device: str = "auto", precision: str | None = None,
             batch_size: int | None = None, workers: int | None = None,
             cache_dir: str | Path | None = None, progress: bool = False) -> PredictResult:
@@ -146,7 +155,7 @@ def predict(model: str | Path, inputs: Sequence[str | Path], *, top_k: int = 1,
     model : path
         A ``fit-head`` run folder or ``head.joblib``, or a fine-tuned run folder
         (``fxtl-model.json``).
-    inputs : sequence of paths
+    inputs : path or sequence of paths
         Image files, folders of images, or ``.h5`` feature caches (heads only).
     top_k : int
         How many best classes each prediction lists in ``top_k``.

@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-__all__ = ["Preprocessing", "open_image", "EvalTransform", "ImageDecodeError", "MAX_PIXELS",
+__all__ = ["Preprocessing", "open_image", "to_rgb", "EvalTransform", "ImageDecodeError", "MAX_PIXELS",
            "IMAGE_EXTENSIONS", "UNDECODABLE_EXTENSIONS", "to_chw", "stack_images", "collate_images"]
 
 
@@ -132,6 +132,12 @@ def open_image(path: str | Path, *, draft_size: int | None = None,
         if "truncated" in msg.lower() or isinstance(exc, EOFError):
             raise ImageDecodeError(f"truncated image ({msg})") from None
         raise ImageDecodeError(f"cannot decode ({msg})") from None
+
+
+def to_rgb(im: Image.Image) -> Image.Image:
+    """An image already in memory as 8-bit RGB, converted exactly as :func:`open_image` converts
+    a file's pixels (EXIF orientation, grayscale, palette, alpha on white, 16-bit...)."""
+    return _to_rgb(ImageOps.exif_transpose(im), bits=_bit_depth(im))
 
 
 def _bit_depth(im: Image.Image) -> int:
