@@ -6,8 +6,11 @@ Exit codes: 0 success, 1 runtime failure with a one-line reason, 2 usage error.
 """
 from __future__ import annotations
 
+import csv
 import functools
+import io
 import json
+import logging
 import re
 import sys
 import warnings
@@ -69,8 +72,20 @@ def emit(result: dict[str, Any], as_json: bool, human: Callable[[dict[str, Any]]
         click.echo(human(result))
 
 
+# Set by the group's --quiet/--verbose for the command it runs.
+_VERBOSITY = {"quiet": False, "verbose": False}
+
+
 def log(msg: str) -> None:
-    click.echo(msg, err=True)
+    """A note on stderr (none under --quiet; warnings and errors print either way)."""
+    if not _VERBOSITY["quiet"]:
+        click.echo(msg, err=True)
+
+
+def show_progress(as_json: bool = False) -> bool:
+    """Progress bars and per-epoch lines: not under --quiet (bars only on a terminal, which the
+    library's bars check themselves)."""
+    return not _VERBOSITY["quiet"] and not as_json
 
 
 def _option_for(param: str) -> click.Parameter | None:
@@ -189,12 +204,32 @@ class FxtlGroup(click.Group):
 @click.group(cls=FxtlGroup,
              context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
 @click.version_option(package_name="fxtl")
-def cli() -> None:
+@click.option("-q", "--quiet", is_flag=True,
+              help="No progress bars or notes on stderr (warnings and errors still print).")
+@click.option("-v", "--verbose", is_flag=True, help="Also fxtl's debug log on stderr.")
+def cli(quiet: bool, verbose: bool) -> None:
     """fxtl: transfer learning on images.
 
     Extract frozen-CNN features once, fit scikit-learn heads on them in seconds, fine-tune the
     same backbone for comparison, and ask `fxtl advise` which fits your data.
+
+    Progress bars are drawn only when stderr is a terminal; elsewhere (CI logs) a fine-tune
+    prints one plain line per epoch.
     """
+    if quiet and verbose:
+        raise click.UsageError("--quiet and --verbose cannot be combined; pick one")
+    _VERBOSITY.update(quiet=quiet, verbose=verbose)
+    logger = logging.getLogger("fxtl")
+    for h in [h for h in logger.handlers if getattr(h, "_fxtl_cli", False)]:
+        logger.removeHandler(h)
+    if verbose:
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("fxtl: %(name)s: %(message)s"))
+        handler._fxtl_cli = True
+        logger.addHandler(handler)
+        logger.setLevel(logging.DEBUG)
+    else:
+        logger.setLevel(logging.NOTSET)
 
 
 def main() -> None:
@@ -270,7 +305,7 @@ def extract(data_dir, backbone, layer, device, precision, batch_size, workers, o
     _prepare_compute_process()
     res = run_extract(data_dir, backbone=backbone, layer=layer, precision=precision, device=device,
                       batch_size=batch_size, workers=workers, cache_dir=resolve_cache_dir(cache_dir),
-                      output=output, force=force, shard=shard, progress=True)
+                      output=output, force=force, shard=shard, progress=show_progress())
     if res.rank != 0:  # under torchrun only rank 0 reports, so stdout holds one result
         return
 
@@ -421,7 +456,8 @@ def advise(data_dir, backbone, sample, large_per_class, seed, run_plan, device, 
     from .advice import advise as run_advise
 
     a = run_advise(data_dir, backbone=backbone, sample=sample, large_per_class=large_per_class,
-                   seed=seed, device=device, precision=precision, progress=not as_json)
+                   seed=seed, device=device, precision=precision,
+                   progress=show_progress(as_json))
     d = a.to_dict()
     if run_plan:
         from .advice import run_plan as execute
@@ -643,7 +679,8 @@ def fit_head(cache, models, params, no_search, seed, jobs, test_size, cv_folds, 
                             l2_normalize=l2_normalize, pca=pca, large_threshold=large_threshold,
                             cache_dir=resolve_cache_dir(cache_dir), run_name=run_name,
                             backend=backend, scheduler=scheduler, budget=parse_budget(budget),
-                            progress=_ProgressBar(), solver=solver, log=log)
+                            progress=_ProgressBar() if show_progress() else None, solver=solver,
+                            log=log)
     runs = [r.to_dict() for r in results]
     for r in runs:
         for note in r["notes"] or []:
@@ -685,10 +722,15 @@ def fit_head(cache, models, params, no_search, seed, jobs, test_size, cv_folds, 
 @click.option("--batch-size", type=click.IntRange(min=1), default=None,
               help="Images per forward pass [default: 128 on CUDA; on CPU 16 at bf16, 4 at fp32].")
 @click.option("--workers", type=click.IntRange(min=0), default=None, help="Decoding processes.")
+@click.option("--format", "fmt", type=click.Choice(["text", "csv"]), default="text",
+              show_default=True,
+              help="csv: one row per input on stdout (path,label,probability,top_k,error); "
+                   "--json overrides it.")
 @cache_dir_option
 @json_option
 @handle_errors
-def predict(model, inputs, top_k, trust, device, precision, batch_size, workers, cache_dir, as_json):
+def predict(model, inputs, top_k, trust, device, precision, batch_size, workers, fmt, cache_dir,
+            as_json):
     """Label images with a saved head (MODEL: a fit-head run folder or head.joblib) or a
     fine-tuned run folder (fxtl-model.json).
 
@@ -701,7 +743,7 @@ def predict(model, inputs, top_k, trust, device, precision, batch_size, workers,
     _prepare_compute_process()
     res = run_predict(model, inputs, top_k=top_k, trust=trust, device=device, precision=precision,
                       batch_size=batch_size, workers=workers, cache_dir=resolve_cache_dir(cache_dir),
-                      progress=not as_json)
+                      progress=show_progress(as_json))
     for note in res.notes:
         log(f"fxtl: {note}")
 
@@ -716,7 +758,21 @@ def predict(model, inputs, top_k, trust, device, precision, batch_size, workers,
         lines += [f"skipped {e['path']}: {e['reason']}" for e in d["errors"]]
         return "\n".join(lines)
 
-    emit(res.to_dict(), as_json, human)
+    emit(res.to_dict(), as_json, _predictions_csv if fmt == "csv" else human)
+
+
+def _predictions_csv(d: dict[str, Any]) -> str:
+    """``fxtl predict --format csv``: a header, one row per prediction, then one per skipped
+    input (empty label, the reason in ``error``); ``top_k`` holds ``label=p;label=p``."""
+    buf = io.StringIO()
+    w = csv.writer(buf, lineterminator="\n")
+    w.writerow(["path", "label", "probability", "top_k", "error"])
+    for p in d["predictions"]:
+        w.writerow([p["path"], p["label"], f"{p['probability']:.6f}",
+                    ";".join(f"{t['label']}={t['probability']:.6f}" for t in p["top_k"]), ""])
+    for e in d["errors"]:
+        w.writerow([e["path"], "", "", "", e["reason"]])
+    return buf.getvalue().rstrip("\n")
 
 
 @cli.command("plot-embedding")
@@ -843,7 +899,7 @@ def finetune(data_dir, run_name, resume, cache_dir, as_json, no_flip, patience, 
     # Every other option is a FinetuneConfig field of the same name.
     config = FinetuneConfig(flip=not no_flip, patience=patience or None, **options)
     res = run_finetune(data_dir, config=config, cache_dir=resolve_cache_dir(cache_dir),
-                       run_name=run_name, resume=resume, progress=True)
+                       run_name=run_name, resume=resume, progress=show_progress())
     if res.rank != 0:  # under torchrun only rank 0 reports, so stdout holds one result
         return
     for note in res.metrics.get("notes", []):

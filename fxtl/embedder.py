@@ -66,7 +66,9 @@ def image_items(images: Any, *, param: str = "images") -> tuple[list[str | Image
     if isinstance(images, (str, os.PathLike, Image.Image)):
         images = [images]
     elif isinstance(images, np.ndarray):
-        if images.ndim == 4:
+        if images.dtype.kind in "UO" and images.ndim == 1:  # paths (scikit-learn may pass these)
+            images = images.tolist()
+        elif images.ndim == 4:
             images = list(images)
         elif images.ndim in (2, 3):
             images = [images]

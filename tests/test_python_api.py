@@ -241,3 +241,83 @@ def test_plot_embedding_returns_the_figure(cache, tmp_path):
     out = fxtl.plot_embedding(cache, output=tmp_path / "e.png")
     assert out.plot.is_file() and out.figure.axes[0].get_title().endswith("PCA")
     assert "figure" not in out.to_dict()
+
+
+# ----------------------------------------------------------------------------- terminal
+def test_predict_format_csv(head_run, bugs, tmp_path):
+    import csv
+    import io
+
+    from click.testing import CliRunner
+
+    from fxtl.cli import cli
+
+    bad = tmp_path / "broken.png"
+    bad.write_bytes(b"no png")
+    r = CliRunner().invoke(cli, ["predict", str(head_run), str(bugs / "val"), str(bad),
+                                 "--format", "csv", "--top-k", "2"])
+    assert r.exit_code == 0, r.output
+    rows = list(csv.DictReader(io.StringIO(r.stdout)))
+    assert len(rows) == 10 and set(rows[0]) == {"path", "label", "probability", "top_k", "error"}
+    assert {row["label"] for row in rows[:9]} <= set(NAMES)
+    assert rows[0]["top_k"].count("=") == 2 and 0 < float(rows[0]["probability"]) <= 1
+    assert rows[9]["path"] == str(bad) and rows[9]["label"] == "" and "not an image" in rows[9]["error"]
+
+
+def test_quiet_verbose_and_compare_rows_naming_their_run(cache, head_run, tmp_path):
+    import shutil
+
+    from click.testing import CliRunner
+
+    from fxtl.cli import cli
+
+    home = tmp_path / "home"
+    loud = CliRunner().invoke(cli, ["fit-head", str(cache.path), "--cache-dir", str(home),
+                                    "--run-name", "a"])
+    assert loud.exit_code == 0 and "fxtl: logreg:" in loud.stderr  # the search's progress line
+    quiet = CliRunner().invoke(cli, ["--quiet", "fit-head", str(cache.path), "--cache-dir",
+                                     str(home), "--run-name", "b"])
+    assert quiet.exit_code == 0 and quiet.stderr == "" and "logreg" in quiet.stdout
+    shutil.copytree(head_run, home / "runs" / head_run.name)
+    table = CliRunner().invoke(cli, ["compare", "--cache-dir", str(home)]).stdout.splitlines()
+    assert table[1].split()[:2] == ["run", "method"]
+    assert {line.split()[0] for line in table[3:6]} == {"a", "b", head_run.name[:11] + ".." +
+                                                        head_run.name[-11:]}
+    both = CliRunner().invoke(cli, ["-q", "-v", "compare", "--cache-dir", str(home)])
+    assert both.exit_code == 2 and "cannot be combined" in both.stderr
+
+
+def test_progress_bars_only_on_a_terminal():
+    from fxtl.features.embedding import progress_bar
+
+    assert progress_bar(3, "x", True).disable  # pytest's stderr is not a terminal
+    assert progress_bar(3, "x", False).disable
+
+
+def test_locks_are_exclusive_and_leave_no_file(tmp_path):
+    import threading
+    import time
+
+    from fxtl._util import file_lock
+
+    lock, inside, overlaps = tmp_path / "x.h5.lock", [], []
+
+    def work():
+        for _ in range(5):
+            with file_lock(lock, what="x"):
+                inside.append(1)
+                if len(inside) > 1:
+                    overlaps.append(len(inside))
+                time.sleep(0.005)
+                inside.pop()
+
+    threads = [threading.Thread(target=work) for _ in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert overlaps == [] and not lock.exists()
+
+
+def test_extract_leaves_no_lock_file(bugs, tiny, cache):
+    assert not list(cache.path.parent.glob("*.lock"))

@@ -426,7 +426,7 @@ def _fmt_score(v: float | None, ci: list[float] | None) -> str:
 def format_table(rows: Sequence[dict[str, Any]], *, paired: Sequence[dict[str, Any]] = ()) -> str:
     """The comparison as text: one table per group of rows scored on the same images (each
     ranked on its own), accuracy and macro-F1 with their 95% intervals, then the paired tests."""
-    head = (f"{'method':<22} {'backbone':<12} {'params':>8} {'accuracy [95% CI]':>22} "
+    head = (f"{'run':<24} {'method':<22} {'backbone':<12} {'params':>8} {'accuracy [95% CI]':>22} "
             f"{'macro-F1 [95% CI]':>22} {'train s':>9} {'infer img/s':>11}")
     groups = list(dict.fromkeys(r.get("group", f"{r['dataset']} {r['split']}") for r in rows))
     lines: list[str] = []
@@ -443,7 +443,9 @@ def format_table(rows: Sequence[dict[str, Any]], *, paired: Sequence[dict[str, A
             if r.get("leaked_from"):
                 flags += "  LEAK: learned-on by " + ", ".join(
                     Path(str(x["run_dir"])).name for x in r["leaked_from"])
-            lines.append(f"{r['method'][:22]:<22} {backbone:<12} {_fmt_int(r['trainable_params']):>8} "
+            run = Path(str(r.get("run_dir", ""))).name
+            run = run if len(run) <= 24 else run[:11] + ".." + run[-11:]  # the name's two ends
+            lines.append(f"{run:<24} {r['method'][:22]:<22} {backbone:<12} {_fmt_int(r['trainable_params']):>8} "
                          f"{_fmt_score(r['accuracy'], r.get('accuracy_ci95'))} "
                          f"{_fmt_score(r['macro_f1'], r.get('macro_f1_ci95'))} "
                          f"{r['train_seconds']:>9.1f} {infer:>11}{flags}")
