@@ -1,6 +1,6 @@
 """``fxtl.embed`` vs ``fxtl extract`` on the same 398 hymenoptera images (issue 24's speed bar).
 
-    PYTHONPATH=. .venv/bin/python benchmarks/embed_speed.py [--data DIR] [--rounds 2]
+    PYTHONPATH=. .venv/bin/python benchmarks/embed_speed.py [--data DIR] [--rounds 2] [--output F]
 
 Both run back to back in one process (the machine may be shared: alternate them and keep
 every round), on the same lite0 network and precision, with the network built before the clock
@@ -31,6 +31,7 @@ def main() -> None:
     ap.add_argument("--data", type=Path, default=DEFAULT_DATA)
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--precision", default="auto")
+    ap.add_argument("--output", type=Path, default=HERE / "results" / "embed_speed.json")
     args = ap.parse_args()
     keep_freed_memory()  # what the `fxtl` command does for extract
     tmp = Path(tempfile.mkdtemp())
@@ -53,8 +54,8 @@ def main() -> None:
     out = {"data": str(args.data), "precision": emb.precision, "device": emb.device,
            "batch_size": emb.batch_size, "machine": platform.processor() or platform.machine(),
            "rounds": rounds, "images_computed": emb.images_computed}
-    (HERE / "results").mkdir(exist_ok=True)
-    (HERE / "results" / "embed_speed.json").write_text(json.dumps(out, indent=2))
+    args.output.parent.mkdir(parents=True, exist_ok=True)
+    args.output.write_text(json.dumps(out, indent=2))
     print(json.dumps(out, indent=2))
 
 
