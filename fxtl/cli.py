@@ -22,6 +22,7 @@ from PIL import Image
 
 from ._util import default_cache_dir, json_default
 from .errors import FxtlError, FxtlWarning, ParameterError
+from .features.cache_guard import CacheGuard
 from .runtime import DEVICES, PRECISIONS
 
 __all__ = ["main", "cli"]
@@ -207,7 +208,16 @@ class FxtlGroup(click.Group):
 @click.option("-q", "--quiet", is_flag=True,
               help="No progress bars or notes on stderr (warnings and errors still print).")
 @click.option("-v", "--verbose", is_flag=True, help="Also fxtl's debug log on stderr.")
-def cli(quiet: bool, verbose: bool) -> None:
+@click.option("--cache-probe/--no-cache-probe", default=True, envvar="FXTL_CACHE_PROBE",
+              show_envvar=True,
+              help="Read each feature cache in a child process first, so a file that crashes "
+                   "the HDF5 library is one error line [default: on].")
+@click.option("--malloc-tuning/--no-malloc-tuning", default=True, envvar="FXTL_MALLOC_TUNING",
+              show_envvar=True, hidden=True,
+              help="Let malloc keep freed activation buffers in commands that run a network.")
+@click.pass_context
+def cli(ctx: click.Context, quiet: bool, verbose: bool, cache_probe: bool,
+        malloc_tuning: bool) -> None:
     """fxtl: transfer learning on images.
 
     Extract frozen-CNN features once, fit scikit-learn heads on them in seconds, fine-tune the
@@ -230,6 +240,9 @@ def cli(quiet: bool, verbose: bool) -> None:
         logger.setLevel(logging.DEBUG)
     else:
         logger.setLevel(logging.NOTSET)
+    # One guard per command: each cache is probed once, and the verdicts end with the command.
+    ctx.with_resource(CacheGuard(isolate=cache_probe))
+    ctx.obj = {"malloc_tuning": malloc_tuning}
 
 
 def main() -> None:
@@ -249,7 +262,9 @@ def _prepare_compute_process() -> None:
 
     from .runtime import keep_freed_memory
 
-    keep_freed_memory()
+    ctx = click.get_current_context(silent=True)
+    if ctx is None or (ctx.find_root().obj or {}).get("malloc_tuning", True):
+        keep_freed_memory()
     if hasattr(signal, "SIGXFSZ"):
         try:
             signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
@@ -547,9 +562,12 @@ import contextlib  # noqa: E402
 import signal  # noqa: E402
 import time  # noqa: E402
 
+from .heads.config import HeadConfig  # noqa: E402
 from .heads.dask_backend import BACKENDS  # noqa: E402
+from .heads.fitting import fit_heads, stop_workers  # noqa: E402
+from .heads.runs import check_destination, destination, save_runs  # noqa: E402
 from .heads.source import LARGE_ROWS  # noqa: E402
-from .heads.registry import head_names  # noqa: E402 - the registry gives --model its choices
+from .heads.registry import head_names, parse_params  # noqa: E402 - --model's choices
 from .report.plots import METHODS as EMBEDDING_METHODS  # noqa: E402
 
 
@@ -631,7 +649,7 @@ def _fmt_params(p: dict) -> str:
 @click.option("--jobs", "-j", type=int, default=-1, show_default=True, callback=_jobs_value,
               help="Parallel search jobs (joblib); -1 uses every core.")
 @click.option("--test-size", type=click.FloatRange(0, 1, min_open=True, max_open=True), default=0.2,
-              show_default=True, help="Stratified hold-out fraction when the cache has only train.")
+              show_default=True, help="Hold-out fraction (per class) when the cache has only train.")
 @click.option("--cv-folds", type=click.IntRange(min=2), default=5, show_default=True,
               help="k of the stratified k-fold CV used when there is no val split to select on.")
 @click.option("--l2-normalize", is_flag=True, help="L2-normalise feature rows before scaling.")
@@ -661,26 +679,31 @@ def fit_head(cache, models, params, no_search, seed, jobs, test_size, cv_folds, 
     """Fit scikit-learn heads on a feature CACHE and report honest scores.
 
     Hyper-parameters are selected on val when a test split exists, else by stratified k-fold
-    CV on train; scores are reported on test, else val, else a stratified hold-out. Each head
+    CV on train; scores are reported on test, else val, else a seeded hold-out of train. Each head
     is saved in <cache-dir>/runs/<run>/ with metrics.json, rows.json, confusion.png and
     head.skops. Large data is searched on a subsample with one held-out split, then refitted on
     every row; metrics.json's "strategy" says what was done.
     """
-    from .heads.fitting import check_params, fit_heads, parse_budget, parse_params, stop_workers
-
-    names = head_names() if "all" in models else list(dict.fromkeys(models))
-    parsed = parse_params(params)
-    check_params(names, parsed)
     if scheduler and backend != "dask":
         raise click.BadParameter("needs --backend dask", param_hint="--scheduler")
-    with _workers_stopped_on_exit(stop_workers):
-        results = fit_heads(cache, models=names, params=parsed, search=not no_search, seed=seed,
-                            jobs=jobs, test_size=test_size, cv_folds=cv_folds,
-                            l2_normalize=l2_normalize, pca=pca, large_threshold=large_threshold,
-                            cache_dir=resolve_cache_dir(cache_dir), run_name=run_name,
-                            backend=backend, scheduler=scheduler, budget=parse_budget(budget),
-                            progress=_ProgressBar() if show_progress() else None, solver=solver,
-                            log=log)
+    config = HeadConfig(models=models, params=parse_params(params), search=not no_search,
+                        seed=seed, jobs=jobs, test_size=test_size, cv_folds=cv_folds,
+                        l2_normalize=l2_normalize, pca=pca, large_threshold=large_threshold,
+                        backend=backend, scheduler=scheduler, budget=budget, solver=solver)
+    where = destination(cache_dir=resolve_cache_dir(cache_dir), run_name=run_name)
+    check_destination(where, config.models)  # before the fit: a taken name costs no fitting
+    results = []
+    try:
+        with _workers_stopped_on_exit(stop_workers):
+            results = fit_heads(cache, config=config, log=log,
+                                progress=_ProgressBar() if show_progress() else None)
+            save_runs(results, where)
+    except KeyboardInterrupt:
+        saved = [r.run_dir.name for r in results if r.run_dir is not None]
+        kept = f"kept {', '.join(saved)}; the others were not written" if saved else \
+            "no run folder was written (a head's folder appears only whole, after the fit)"
+        raise Failure(f"interrupted; {kept}: running the command again fits the heads from "
+                      "the start", exit_code=130, prefix="fxtl: ") from None
     runs = [r.to_dict() for r in results]
     for r in runs:
         for note in r["notes"] or []:

@@ -28,7 +28,7 @@ from .embedder import Embedder, image_items, run_batches
 from .errors import FxtlError, ParameterError
 from .heads.model import Head
 from .heads.persistence import load_head
-from .prediction import head_backbone, resolve_model
+from .inference import head_backbone, resolve_model
 from .runtime import resolve_device, resolve_precision
 
 __all__ = ["load_model", "LoadedModel"]

@@ -10,8 +10,11 @@ from click.testing import CliRunner
 
 from fxtl.cli import cli
 from fxtl.errors import CacheError, FxtlError, ProvenanceError
-from fxtl.heads.fitting import (HEADS, build_pipeline, check_params, fit_head, fit_heads, get_head,
-                        load_head, parse_params, plan_splits, register_head)
+from fxtl.heads.fitting import fit_head, fit_heads
+from fxtl.heads.persistence import load_head
+from fxtl.heads.planning import plan_head
+from fxtl.heads.registry import (HEADS, build_pipeline, check_params, get_head, parse_params,
+                                 register_head)
 from fxtl.features.store import load_features, write_cache
 
 PRE = {"resize": 256, "crop": 224, "interpolation": "bicubic", "mean": [0.5] * 3, "std": [0.5] * 3}
@@ -90,20 +93,26 @@ def test_parse_and_check_params():
 def test_plan_never_shares_rows_with_the_reported_split(layout, selection, reported):
     split = np.array([s for s in layout for _ in range(30)])
     labels = np.tile(np.arange(3), len(split) // 3)
-    plan = plan_splits(labels, split, seed=1, test_size=0.2)
+    paths = [f"{s}/c{y}/{i}.png" for i, (s, y) in enumerate(zip(split, labels))]
+    plan = plan_head(labels, split, paths=paths, seed=1, test_size=0.2)
     assert (plan.selection, plan.eval_split) == (selection, reported)
     assert not set(plan.eval_rows) & set(plan.search_rows)
     assert not set(plan.eval_rows) & set(plan.fit_rows)
     if reported in ("test", "val"):
         assert set(plan.eval_rows) == set(np.flatnonzero(split == reported))
-    else:
-        assert len(plan.eval_rows) == 6  # 20% of 30, stratified
-        assert np.bincount(labels[plan.eval_rows]).tolist() == [2, 2, 2]
+    else:  # each image placed by a hash of its path: about 20%, every class on both sides
+        assert len(plan.eval_rows) + len(plan.fit_rows) == 30 and 2 <= len(plan.eval_rows) <= 12
+        assert sorted(set(labels[plan.eval_rows])) == sorted(set(labels[plan.fit_rows])) == [0, 1, 2]
+        # An image's side does not depend on the others: drop five rows, the rest stay put.
+        keep = np.arange(5, 30)
+        again = plan_head(labels[keep], split[keep], paths=[paths[i] for i in keep], seed=1,
+                          test_size=0.2)
+        assert set(keep[again.eval_rows]) == set(plan.eval_rows) - set(range(5))
 
 
 def test_plan_refuses_a_cache_without_train():
     with pytest.raises(CacheError, match="no labelled train rows"):
-        plan_splits(np.array([0, 1]), np.array(["val", "val"]))
+        plan_head(np.array([0, 1]), np.array(["val", "val"]))
 
 
 @pytest.mark.parametrize("layout", [
@@ -115,7 +124,7 @@ def test_selection_never_touches_the_reported_split(tmp_path, layout):
     """Poison the reported rows' features: search, chosen parameters and fitted head must not move."""
     clean = write_synthetic_cache(tmp_path / "clean.h5", splits=layout, sep=1.0)
     c = load_features(clean)
-    plan = plan_splits(c.labels, c.split, seed=0)
+    plan = plan_head(c.labels, c.split, paths=c.paths, seed=0)
     poisoned_rows = plan.eval_rows
     X = c.features.copy()
     X[poisoned_rows] = np.random.default_rng(9).normal(size=(len(poisoned_rows), c.dim)) * 50
@@ -180,7 +189,8 @@ def test_holdout_when_only_train_and_seeded(tmp_path):
     path = write_synthetic_cache(tmp_path / "t.h5", splits=(("train", 100),), sep=1.5)
     a = fit_head(path, model="mlp", test_size=0.2, seed=4, save=False)
     b = fit_head(path, model="mlp", test_size=0.2, seed=4, save=False)
-    assert a.metrics["split"] == "holdout" and a.metrics["n"] == 20 and a.metrics["n_fit"] == 80
+    assert a.metrics["split"] == "holdout" and a.metrics["n"] + a.metrics["n_fit"] == 100
+    assert 10 <= a.metrics["n"] <= 30  # each image placed by a hash of its path: about 20%
     assert a.head.pipeline.named_steps["est"].early_stopping
     assert a.metrics["best_params"] == b.metrics["best_params"]
     np.testing.assert_array_equal(a.predictions["scores"], b.predictions["scores"])

@@ -14,7 +14,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from .._util import atomic_path, ensure_dir, unique_dir
-from ..errors import FxtlError, ParameterError, ProvenanceError
+from ..data.splits import check_run_name
+from ..errors import FxtlError, ProvenanceError
 from .config import RESUME_KEYS
 
 if TYPE_CHECKING:
@@ -104,9 +105,7 @@ def choose_run_dir(runs: Path, base: str, *, run_name: str | None, resume: bool)
     else a new ``base``, ``base-2``, ... folder."""
     ensure_dir(runs)
     if run_name:
-        if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", run_name):
-            raise ParameterError("run_name", f"run_name {run_name!r}: use letters, digits, '.', '_' "
-                                             "and '-' only")
+        check_run_name(run_name)
         run_dir = runs / run_name
         _check_reusable(run_dir, resume=resume)
         return run_dir

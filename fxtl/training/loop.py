@@ -213,7 +213,9 @@ def finetune(data: str | Path, *, config: FinetuneConfig | None = None,
             metrics, resumed_from = _train(run, trainer, run_dir, record, group=group, resume=resume,
                                            on_step=on_step, init_info=init_info)
             if group.is_primary:
-                save_rows(run_dir, run_rows(images, splits))
+                failed = {e["path"] for e in metrics["errors"]}  # absolute, as decoded
+                unread = {s.path for s in images.samples if str(images.abspath(s)) in failed}
+                save_rows(run_dir, run_rows(images, splits, unread=unread))
                 write_outputs(run_dir, metrics, bb, pre=pre, images=images)
         except BaseException:
             if fresh and group.is_primary:
