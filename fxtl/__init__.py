@@ -41,6 +41,8 @@ _API = {
     "advise": "advice",
     "export_cache": "features.export",
     "export_model": "deploy.onnx_graph",
+    "embed": "embedder", "Embedder": "embedder", "ImageEmbedder": "embedder",
+    "load_model": "models",
 }
 # public module -> where it lives
 _MODULES = {"datasets": "data.samples"}

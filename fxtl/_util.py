@@ -217,31 +217,55 @@ def file_lock(path: Path, *, timeout: float = 3600.0, what: str = "file") -> Ite
     """Exclusive advisory lock on ``path`` (created if needed); waits up to ``timeout`` s.
 
     Used so that two runs on the same cache never write the same file: the second waits for the
-    first and then finds its finished result.
+    first and then finds its finished result. The holder removes the file when it is done, so
+    no ``.lock`` is left beside caches and runs: a waiter that then gets the lock of a removed
+    file sees that ``path`` is no longer that file and locks the path afresh.
     """
-    ensure_dir(Path(path).parent)
-    fh = open(path, "a+")
-    try:
-        start = time.monotonic()
-        warned = False
-        while True:
-            try:
-                fcntl.flock(fh.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
-                break
-            except BlockingIOError:
-                if not warned:
-                    import sys
+    path = Path(path)
+    ensure_dir(path.parent)
+    start = time.monotonic()
+    warned = False
+    while True:
+        fh = open(path, "a+")
+        try:
+            while True:
+                try:
+                    fcntl.flock(fh.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+                    break
+                except BlockingIOError:
+                    if not warned:
+                        import sys
 
-                    print(f"fxtl: waiting for another process working on {what} ({path})",
-                          file=sys.stderr)
-                    warned = True
-                if time.monotonic() - start > timeout:
-                    raise FxtlError(f"timed out waiting for the lock {path}; another fxtl "
-                                    "process is still running on it") from None
-                time.sleep(0.2)
+                        print(f"fxtl: waiting for another process working on {what} ({path})",
+                              file=sys.stderr)
+                        warned = True
+                    if time.monotonic() - start > timeout:
+                        raise FxtlError(f"timed out waiting for the lock {path}; another fxtl "
+                                        "process is still running on it") from None
+                    time.sleep(0.2)
+            if _same_file(fh, path):
+                break
+        except BaseException:
+            fh.close()
+            raise
+        fh.close()  # the holder removed it while this process waited: lock the new one
+    try:
         yield
     finally:
+        try:
+            path.unlink()  # before the unlock: a waiter then sees a removed file and retries
+        except OSError:
+            pass  # a read-only folder keeps its lock file; the lock is still released
         fh.close()
+
+
+def _same_file(fh, path: Path) -> bool:
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        return False
+    mine = os.fstat(fh.fileno())
+    return (st.st_dev, st.st_ino) == (mine.st_dev, mine.st_ino)
 
 
 def say(msg: str) -> None:

@@ -6,8 +6,11 @@ Exit codes: 0 success, 1 runtime failure with a one-line reason, 2 usage error.
 """
 from __future__ import annotations
 
+import csv
 import functools
+import io
 import json
+import logging
 import re
 import sys
 import warnings
@@ -80,8 +83,20 @@ def emit(result: dict[str, Any], as_json: bool, human: Callable[[dict[str, Any]]
         click.echo(human(result))
 
 
+# Set by the group's --quiet/--verbose for the command it runs.
+_VERBOSITY = {"quiet": False, "verbose": False}
+
+
 def log(msg: str) -> None:
-    click.echo(msg, err=True)
+    """A note on stderr (none under --quiet; warnings and errors print either way)."""
+    if not _VERBOSITY["quiet"]:
+        click.echo(msg, err=True)
+
+
+def show_progress(as_json: bool = False) -> bool:
+    """Progress bars and per-epoch lines: not under --quiet (bars only on a terminal, which the
+    library's bars check themselves)."""
+    return not _VERBOSITY["quiet"] and not as_json
 
 
 def _option_for(param: str) -> click.Parameter | None:
@@ -244,6 +259,9 @@ class FxtlGroup(click.Group):
 @click.group(cls=FxtlGroup,
              context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
 @click.version_option(package_name="fxtl")
+@click.option("-q", "--quiet", is_flag=True,
+              help="No progress bars or notes on stderr (warnings and errors still print).")
+@click.option("-v", "--verbose", is_flag=True, help="Also fxtl's debug log on stderr.")
 @click.option("--cache-probe/--no-cache-probe", default=True, envvar="FXTL_CACHE_PROBE",
               show_envvar=True,
               help="Read each feature cache in a child process first, so a file that crashes "
@@ -252,12 +270,30 @@ class FxtlGroup(click.Group):
               show_envvar=True, hidden=True,
               help="Let malloc keep freed activation buffers in commands that run a network.")
 @click.pass_context
-def cli(ctx: click.Context, cache_probe: bool, malloc_tuning: bool) -> None:
+def cli(ctx: click.Context, quiet: bool, verbose: bool, cache_probe: bool,
+        malloc_tuning: bool) -> None:
     """fxtl: transfer learning on images.
 
     Extract frozen-CNN features once, fit scikit-learn heads on them in seconds, fine-tune the
     same backbone for comparison, and ask `fxtl advise` which fits your data.
+
+    Progress bars are drawn only when stderr is a terminal; elsewhere (CI logs) a fine-tune
+    prints one plain line per epoch.
     """
+    if quiet and verbose:
+        raise click.UsageError("--quiet and --verbose cannot be combined; pick one")
+    _VERBOSITY.update(quiet=quiet, verbose=verbose)
+    logger = logging.getLogger("fxtl")
+    for h in [h for h in logger.handlers if getattr(h, "_fxtl_cli", False)]:
+        logger.removeHandler(h)
+    if verbose:
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("fxtl: %(name)s: %(message)s"))
+        handler._fxtl_cli = True
+        logger.addHandler(handler)
+        logger.setLevel(logging.DEBUG)
+    else:
+        logger.setLevel(logging.NOTSET)
     # One guard per command: each cache is probed once, and the verdicts end with the command.
     ctx.with_resource(CacheGuard(isolate=cache_probe))
     ctx.obj = {"malloc_tuning": malloc_tuning}
@@ -338,7 +374,7 @@ def extract(data_dir, backbone, layer, device, precision, batch_size, workers, o
     _prepare_compute_process()
     res = run_extract(data_dir, backbone=backbone, layer=layer, precision=precision, device=device,
                       batch_size=batch_size, workers=workers, cache_dir=resolve_cache_dir(cache_dir),
-                      output=output, force=force, shard=shard, progress=True)
+                      output=output, force=force, shard=shard, progress=show_progress())
     if res.rank != 0:  # under torchrun only rank 0 reports, so stdout holds one result
         return
 
@@ -415,8 +451,8 @@ def info(cache, as_json):
         pre = d.get("preprocessing") or {}
         lines = [f"{d['cache']}  ({d['format']} v{d['format_version']})",
                  f"  rows x dim     {d['n']} x {d['dim']}",
-                 f"  splits         " + ", ".join(f"{k} {v}" for k, v in d["splits"].items()),
-                 f"  classes        " + ", ".join(f"{c} ({n})" for c, n in d["class_counts"].items()),
+                 "  splits         " + ", ".join(f"{k} {v}" for k, v in d["splits"].items()),
+                 "  classes        " + ", ".join(f"{c} ({n})" for c, n in d["class_counts"].items()),
                  f"  backbone       {d.get('backbone')}  layer {d.get('layer')}  precision {d.get('precision')}",
                  f"  weights sha256 {d.get('weights_sha256')}",
                  f"  preprocessing  resize {pre.get('resize')} ({pre.get('interpolation')}), crop {pre.get('crop')}, "
@@ -492,7 +528,8 @@ def advise(data_dir, backbone, sample, large_per_class, seed, run_plan, device, 
     from .advice import advise as run_advise
 
     a = run_advise(data_dir, backbone=backbone, sample=sample, large_per_class=large_per_class,
-                   seed=seed, device=device, precision=precision, progress=not as_json)
+                   seed=seed, device=device, precision=precision,
+                   progress=show_progress(as_json))
     d = a.to_dict()
     if run_plan:
         from .advice import run_plan as execute
@@ -715,7 +752,8 @@ def fit_head(cache, models, params, no_search, seed, jobs, test_size, cv_folds, 
     results = []
     try:
         with _workers_stopped_on_exit(stop_workers):
-            results = fit_heads(cache, config=config, progress=_ProgressBar(), log=log)
+            results = fit_heads(cache, config=config, log=log,
+                                progress=_ProgressBar() if show_progress() else None)
             save_runs(results, where)
     except KeyboardInterrupt:
         saved = [r.run_dir.name for r in results if r.run_dir is not None]
@@ -764,10 +802,15 @@ def fit_head(cache, models, params, no_search, seed, jobs, test_size, cv_folds, 
 @click.option("--batch-size", type=click.IntRange(min=1), default=None,
               help="Images per forward pass [default: 128 on CUDA; on CPU 16 at bf16, 4 at fp32].")
 @click.option("--workers", type=click.IntRange(min=0), default=None, help="Decoding processes.")
+@click.option("--format", "fmt", type=click.Choice(["text", "csv"]), default="text",
+              show_default=True,
+              help="csv: one row per input on stdout (path,label,probability,top_k,error); "
+                   "--json overrides it.")
 @cache_dir_option
 @json_option
 @handle_errors
-def predict(model, inputs, top_k, trust, device, precision, batch_size, workers, cache_dir, as_json):
+def predict(model, inputs, top_k, trust, device, precision, batch_size, workers, fmt, cache_dir,
+            as_json):
     """Label images with a saved head (MODEL: a fit-head run folder or its head.skops), a
     fine-tuned run folder (fxtl-model.json) or an exported model.onnx (`fxtl export-model`).
 
@@ -780,7 +823,7 @@ def predict(model, inputs, top_k, trust, device, precision, batch_size, workers,
     _prepare_compute_process()
     res = run_predict(model, inputs, top_k=top_k, trust=trust, device=device, precision=precision,
                       batch_size=batch_size, workers=workers, cache_dir=resolve_cache_dir(cache_dir),
-                      progress=not as_json)
+                      progress=show_progress(as_json))
     for note in res.notes:
         log(f"fxtl: {note}")
 
@@ -795,7 +838,21 @@ def predict(model, inputs, top_k, trust, device, precision, batch_size, workers,
         lines += [f"skipped {e['path']}: {e['reason']}" for e in d["errors"]]
         return "\n".join(lines)
 
-    emit(res.to_dict(), as_json, human)
+    emit(res.to_dict(), as_json, _predictions_csv if fmt == "csv" else human)
+
+
+def _predictions_csv(d: dict[str, Any]) -> str:
+    """``fxtl predict --format csv``: a header, one row per prediction, then one per skipped
+    input (empty label, the reason in ``error``); ``top_k`` holds ``label=p;label=p``."""
+    buf = io.StringIO()
+    w = csv.writer(buf, lineterminator="\n")
+    w.writerow(["path", "label", "probability", "top_k", "error"])
+    for p in d["predictions"]:
+        w.writerow([p["path"], p["label"], f"{p['probability']:.6f}",
+                    ";".join(f"{t['label']}={t['probability']:.6f}" for t in p["top_k"]), ""])
+    for e in d["errors"]:
+        w.writerow([e["path"], "", "", "", e["reason"]])
+    return buf.getvalue().rstrip("\n")
 
 
 @cli.command("plot-embedding")
@@ -922,7 +979,7 @@ def finetune(data_dir, run_name, resume, cache_dir, as_json, no_flip, patience, 
     # Every other option is a FinetuneConfig field of the same name.
     config = FinetuneConfig(flip=not no_flip, patience=patience or None, **options)
     res = run_finetune(data_dir, config=config, cache_dir=resolve_cache_dir(cache_dir),
-                       run_name=run_name, resume=resume, progress=True)
+                       run_name=run_name, resume=resume, progress=show_progress())
     if res.rank != 0:  # under torchrun only rank 0 reports, so stdout holds one result
         return
     for note in res.metrics.get("notes", []):

@@ -62,7 +62,7 @@ def _resolve_precision(wanted: str | None, device: str, notes: list[str]) -> str
         return fallback
 
 
-def predict(model: str | Path, inputs: Sequence[str | Path], *, top_k: int = 1,
+def predict(model: str | Path, inputs: str | Path | Sequence[str | Path], *, top_k: int = 1,
             trust: bool = False, device: str = "auto", precision: str | None = None,
             batch_size: int | None = None, workers: int | None = None,
             cache_dir: str | Path | None = None, progress: bool = False) -> PredictResult:
@@ -73,7 +73,7 @@ def predict(model: str | Path, inputs: Sequence[str | Path], *, top_k: int = 1,
     model : path
         A ``fit-head`` run folder or ``head.joblib``, or a fine-tuned run folder
         (``fxtl-model.json``).
-    inputs : sequence of paths
+    inputs : path or sequence of paths
         Image files, folders of images, or ``.h5`` feature caches (heads only).
     top_k : int
         How many best classes each prediction lists in ``top_k``.

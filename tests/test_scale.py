@@ -211,8 +211,7 @@ def test_torchrun_two_processes_equal_single_process(data, reference, tmp_path):
     assert [(s["index"], s["rows"], s["images_computed"]) for s in d["shard_runs"]] == \
         [(0, [0, 4], 4), (1, [4, 12], 8)]
     assert_same_cache(load_features(d["cache"]), reference, exact=False)
-    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([Path(d["cache"]).name,
-                                                                 Path(d["cache"]).name + ".lock"])
+    assert sorted(p.name for p in tmp_path.iterdir()) == [Path(d["cache"]).name]  # no .lock left
 
 
 def test_torchrun_rerun_computes_only_the_missing_shard(data, shard_files, reference, tmp_path):

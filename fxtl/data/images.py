@@ -19,9 +19,8 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 
 from ..errors import FxtlWarning
 
-__all__ = ["Preprocessing", "open_image", "EvalTransform", "ImageDecodeError", "MAX_PIXELS",
+__all__ = ["Preprocessing", "open_image", "to_rgb", "EvalTransform", "ImageDecodeError", "MAX_PIXELS",
            "IMAGE_EXTENSIONS", "UNDECODABLE_EXTENSIONS", "to_chw", "stack_images", "collate_images"]
-
 
 
 def _avif_decodable() -> bool:
@@ -176,6 +175,12 @@ def _scale_float(arr: np.ndarray, where: Path | None) -> np.ndarray:
         return np.zeros(arr.shape, dtype=np.float64)
     lo, hi = float(arr[finite].min()), float(arr[finite].max())
     return np.where(finite, (arr.astype(np.float64) - lo) / (hi - lo or 1.0) * 255.0, 0.0)
+
+
+def to_rgb(im: Image.Image) -> Image.Image:
+    """An image already in memory as 8-bit RGB, converted exactly as :func:`open_image` converts
+    a file's pixels (EXIF orientation, grayscale, palette, alpha on white, 16-bit...)."""
+    return _to_rgb(ImageOps.exif_transpose(im), bits=_bit_depth(im))
 
 
 def _bit_depth(im: Image.Image) -> int:
