@@ -1,7 +1,7 @@
 """Does the default fine-tune land below the head it could start from?  (issue 23, item 4)
 
     .venv/bin/python benchmarks/finetune_default.py [--only NAME ...] [--epochs 5]
-        [--image-size PX] [--cap NAME=N ...] [--zero] [--output FILE]
+        [--image-size PX] [--cap NAME=N ...] [--zero] [--output FILE [--append]]
 
 For each dataset, on one train / selection / report split:
 
@@ -146,6 +146,8 @@ def main() -> None:
     ap.add_argument("--zero", action="store_true", help="Also run the zero-start recipe (before).")
     ap.add_argument("--cache-dir", type=Path, default=None)
     ap.add_argument("--output", type=Path, default=RESULTS)
+    ap.add_argument("--append", action="store_true",
+                    help="Keep the datasets already in --output (same settings) and add these.")
     args = ap.parse_args()
     caps = {k: int(v) for k, v in (c.split("=", 1) for c in args.cap)}
 
@@ -158,6 +160,10 @@ def main() -> None:
                            "seed": args.seed, "backbone": "lite0", "precision": "auto (bf16 on this CPU)",
                            "command": " ".join(["benchmarks/finetune_default.py", *sys.argv[1:]])},
               "machine": {"cpu": platform.machine(), "cores": os.cpu_count()}, "datasets": []}
+    if args.append and args.output.is_file():
+        before = json.loads(args.output.read_text())
+        result["datasets"] = [r for r in before["datasets"] if r["dataset"] not in (args.only or ())]
+        result["settings"]["command"] = [before["settings"]["command"], result["settings"]["command"]]
     for name in args.only or DATASETS:
         row = run_dataset(name, out=tmp, cache=cache, epochs=args.epochs, image_size=args.image_size,
                           cap=caps.get(name), seed=args.seed, zero=args.zero, log=log)

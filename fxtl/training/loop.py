@@ -1,8 +1,10 @@
 """Fine-tune a pretrained backbone on a DATA_DIR (``fxtl finetune``): the comparison path.
 
-The same backbone registry, discovery, splits and bad-image handling as ``extract``; a fresh
-linear classifier replaces the ImageNet one (or starts from a fitted logistic-regression head
-refitted on the fine-tune's training rows, ``init_head``: LP-FT, Kumar et al. 2022). What trains
+The same backbone registry, discovery, splits and bad-image handling as ``extract``; a new
+linear classifier replaces the ImageNet one. By default it starts from a logistic-regression
+probe fitted on the training rows' own features (``init="probe"``: LP-FT, Kumar et al. 2022),
+kept as epoch 0 unless a trained epoch beats it on the selection split; ``init_head`` starts from
+a ``fit-head`` run refitted on those rows instead, ``init="zero"`` from zeros. What trains
 is ``trainable``: ``all`` (the default), ``head`` (the new classifier only) or ``last:N`` (the
 last N blocks, :func:`~fxtl.training.blocks.block_groups`, and the classifier).
 
