@@ -25,6 +25,7 @@ import numpy as np
 from ..backbones.registry import replace_linear
 from ..data.discovery import ImageSet
 from ..errors import FxtlError, ProvenanceError
+from ..heads.persistence import load_head
 from ..runtime import autocast
 from .trainer import note_errors
 
@@ -96,8 +97,6 @@ def linear_head_weights(pipeline, head_classes: Sequence[str], class_names: Sequ
 
 def load_linear_head(run: str | Path, bb: Backbone) -> Any:
     """The ``Head`` of a ``fit-head`` run, checked against the backbone."""
-    from .. import load_head
-
     head = load_head(run)
     prov = head.provenance
     for key, mine in (("backbone", bb.spec.name), ("weights_sha256", bb.weights_sha256),
