@@ -18,7 +18,8 @@ from .errors import FxtlError
 __all__ = [
     "atomic_write_bytes", "atomic_write_json", "atomic_path", "sha256_file", "default_cache_dir",
     "file_lock", "versions", "now_iso", "json_default", "unique_dir", "say",
-    "slug", "current_umask",
+    "slug", "current_umask", "read_json", "loads_json", "dumps_json", "meaning_sha256",
+    "csv_cell", "csv_text",
 ]
 
 
@@ -135,6 +136,72 @@ def json_default(obj: Any) -> Any:
 
 def atomic_write_json(path: Path, obj: Any) -> None:
     atomic_write_bytes(path, (json.dumps(obj, indent=2, default=json_default) + "\n").encode())
+
+
+def loads_json(text: str | bytes) -> Any:
+    """``json.loads``, with nesting too deep for Python's parser (``'[' * 100000``) reported as
+    the ``ValueError`` every other malformed text raises, so readers need one ``except``."""
+    try:
+        return json.loads(text)
+    except RecursionError:
+        raise ValueError("JSON nested too deeply to read") from None
+
+
+def read_json(path: Path) -> Any:
+    """The JSON value in the file ``path``; :class:`OSError` or :class:`ValueError` when it
+    cannot be had (see :func:`loads_json`)."""
+    return loads_json(Path(path).read_text())
+
+
+def dumps_json(obj: Any, **kwargs: Any) -> str:
+    """``json.dumps`` that refuses NaN and infinity (JSON has no such numbers: ``NaN`` in the
+    output would make it unreadable to strict parsers); a ValueError names the first one."""
+    try:
+        return json.dumps(obj, allow_nan=False, default=json_default, **kwargs)
+    except ValueError:
+        raise ValueError(f"not JSON: a NaN or infinite number at {_first_nonfinite(obj)}") from None
+
+
+def _first_nonfinite(obj: Any, where: str = "") -> str:
+    import math
+
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return where or "top level"
+    items = obj.items() if isinstance(obj, dict) else enumerate(obj) if isinstance(obj, (list, tuple)) else ()
+    for key, value in items:
+        found = _first_nonfinite(value, f"{where}.{key}" if where else str(key))
+        if found:
+            return found
+    return ""
+
+
+def meaning_sha256(record: dict[str, Any], keys: tuple[str, ...]) -> str:
+    """sha256 of ``record``'s ``keys`` (absent ones as null) as canonical JSON.
+
+    Stored beside an artifact's file hash, it covers what the file alone does not: the class
+    names, preprocessing, backbone and weights hash its answers depend on. An edited sidecar no
+    longer matches it. It detects edits and damage, not forgery (anyone can recompute it).
+    """
+    canon = json.dumps({k: record.get(k) for k in keys}, sort_keys=True, separators=(",", ":"),
+                       ensure_ascii=True, default=json_default)
+    return hashlib.sha256(canon.encode()).hexdigest()
+
+
+# A text cell starting with one of these is read as a formula by spreadsheets (CSV injection);
+# OWASP's advice: prefix such cells with a single quote. A quote is escaped too, so reading back
+# (csv_text) is exact.
+_FORMULA_START = ("=", "+", "-", "@", "\t", "\r", "'")
+
+
+def csv_cell(text: str) -> str:
+    """``text`` as a CSV text cell no spreadsheet runs as a formula (``=1+2`` -> ``'=1+2``)."""
+    text = str(text)
+    return "'" + text if text.startswith(_FORMULA_START) else text
+
+
+def csv_text(cell: str) -> str:
+    """The text :func:`csv_cell` wrote (drops the one quote it may have added)."""
+    return cell[1:] if cell.startswith("'") else cell
 
 
 def sha256_file(path: Path, chunk: int = 1 << 20) -> str:

@@ -174,7 +174,7 @@ def test_merge_refuses_a_missing_shard(shard_files, tmp_path):
     assert r.exit_code == 1
     lines = [l for l in r.output.splitlines() if l.strip()]
     assert len(lines) == 1 and lines[0].startswith("fxtl: error: missing 1 of 2 shards")
-    assert str(folder / "shard-00001-of-00002.h5") in lines[0] and "--shard I/2" in lines[0]
+    assert str(folder / "shard-00001-of-00002.h5") in lines[0] and "shard=(I, 2)" in lines[0]
     assert not list(tmp_path.glob("*.h5"))  # nothing written
     assert (folder / shard_files[0].name).exists()  # and nothing deleted
 

@@ -37,14 +37,14 @@ which; only runs without a selection score fall back to the reported accuracy).
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
-from .._util import default_cache_dir
+from .._util import default_cache_dir, read_json
+from ..backbones.registry import MODEL_MANIFEST
 from ..errors import FxtlError, ParameterError
 from .metrics import bootstrap_macro_f1, mcnemar_exact, read_predictions, wilson_interval
 
@@ -69,11 +69,16 @@ def _read_metrics(path: Path) -> tuple[dict[str, Any] | None, str | None]:
     """(metrics, None) for a usable run; (None, reason) for a damaged one; (None, None) for a
     ``metrics.json`` that belongs to no head or fine-tune run."""
     try:
-        m = json.loads(path.read_text())
+        m = read_json(path)
     except (OSError, ValueError) as exc:
         return None, f"unreadable ({exc})"
     if not isinstance(m, dict) or m.get("kind") not in _KINDS or "accuracy" not in m:
         return None, None
+    # A fine-tune writes its manifest last (metrics.json and plots come first): a folder without
+    # it stopped part-way (a full disk, a kill) and `predict` refuses it too.
+    if m["kind"] == "finetune" and not (path.parent / MODEL_MANIFEST).is_file():
+        return None, (f"a fine-tune that did not finish (no {MODEL_MANIFEST}); resume it with "
+                      f"`fxtl finetune DATA_DIR --resume --run-name {path.parent.name}`")
     acc = _number(m["accuracy"])
     if acc is None or not 0.0 <= acc <= 1.0:
         return None, f"accuracy is {m['accuracy']!r}, not a fraction in [0, 1]"
@@ -586,7 +591,8 @@ def compare(*, cache_dir: str | Path | None = None, runs: Sequence[str | Path] =
         what = f" of dataset {dataset!r}" if dataset else ""
         raise FxtlError(f"no usable head or fine-tune runs{what} in {where}"
                         + (f" ({len(skipped)} skipped as damaged)" if skipped else "")
-                        + "; run `fxtl fit-head` or `fxtl finetune` first (or pass --cache-dir)")
+                        + "; fit a head or a fine-tune first (or pass the cache_dir holding them)",
+                        param="cache_dir")
     rows = comparison_rows(found)
     groups = list(dict.fromkeys(r["group"] for r in rows))
     if len(groups) > 1:
