@@ -882,7 +882,7 @@ def plot_embedding(cache, method, split, output, seed, max_points, perplexity, c
 
 
 # ============================================================================ finetune stage
-from .training.config import BN_FROZEN_BELOW, BN_MODES, MONITORS, OPTIMIZERS  # noqa: E402
+from .training.config import BN_FROZEN_BELOW, BN_MODES, INITS, MONITORS, OPTIMIZERS  # noqa: E402
 
 
 class _Trainable(click.ParamType):
@@ -908,7 +908,8 @@ class _Trainable(click.ParamType):
 @click.option("--epochs", type=click.IntRange(min=0), default=10, show_default=True,
               help="Epochs (0: only evaluate the initial model, e.g. an --init-head probe).")
 @click.option("--lr", type=click.FloatRange(min=0, min_open=True), default=None,
-              help="Peak learning rate of the classifier [default: 5e-4 adamw, 1e-2 sgd].")
+              help="Peak learning rate of the classifier [default: 5e-4 adamw, 1e-2 sgd; 0.4x "
+                   "that from the probe].")
 @click.option("--batch-size", type=click.IntRange(min=1), default=32, show_default=True,
               help="Images per optimizer step; under torchrun, of all processes together "
                    "(each takes batch-size / world-size).")
@@ -938,8 +939,13 @@ class _Trainable(click.ParamType):
               show_default=True, help="Area fraction range of the random resized crop.")
 @click.option("--no-flip", "no_flip", is_flag=True,
               help="No random horizontal flips (for data where a mirror image is another class: digits, text).")
+@click.option("--init", type=click.Choice(INITS), default="probe", show_default=True,
+              help="How the classifier starts: probe = a logistic regression fitted on the "
+                   "training images' features (LP-FT, Kumar et al. 2022; kept as epoch 0 unless "
+                   "an epoch beats it on val); zero = a zero classifier.")
 @click.option("--init-head", type=click.Path(exists=True, path_type=Path), default=None,
-              help="Start the classifier from a fit-head logreg run (LP-FT, Kumar et al. 2022).")
+              help="Start the classifier from a fit-head logreg run refitted on the training "
+                   "images (LP-FT with that head's settings; overrides --init).")
 @click.option("--seed", type=SEED, default=0, show_default=True,
               help="Seeds the classifier, shuffling, augmentation and hold-out.")
 @click.option("--test-size", type=click.FloatRange(0, 1, min_open=True, max_open=True), default=0.2,
@@ -957,7 +963,9 @@ class _Trainable(click.ParamType):
 def finetune(data_dir, run_name, resume, cache_dir, as_json, no_flip, patience, **options):
     """Fine-tune the backbone on DATA_DIR (same splits and metrics as fit-head).
 
-    Trains on train, keeps the best epoch on val and reports on test. With two splits the second
+    The classifier starts from a logistic regression fitted on the training images' features
+    (--init zero: from zeros). Trains on train, keeps the best epoch on val (epoch 0 is that
+    start) and reports on test. With two splits the second
     is only reported on and the last epoch is kept; with only train, it reports on fit-head's
     stratified hold-out and selects on a second one. No image both selects and reports. The run folder
     <cache-dir>/runs/<run>/ holds the model (usable as --backbone and by predict), metrics.json,

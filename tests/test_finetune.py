@@ -222,8 +222,9 @@ def test_bad_images_are_skipped(shapes_dir, tmp_path, tiny):
 
 def test_early_stopping_keeps_best_epoch(shapes3_dir, tmp_path, tiny):
     # A learning rate too small to change anything: no val loss improvement after epoch 1.
+    # From a zero classifier (from the probe, epoch 0 would be the one kept: see below).
     res = finetune(shapes3_dir, backbone=tiny, trainable="head", epochs=4, lr=1e-12, patience=1,
-                   monitor="loss", cache_dir=tmp_path, **TINY)
+                   monitor="loss", init="zero", cache_dir=tmp_path, **TINY)
     assert res.stopped_early and res.epochs == 2 and res.best_epoch == 1
 
 
@@ -346,12 +347,12 @@ def test_config_is_validated_and_errors_name_parameters(shapes_dir, tmp_path):
         assert err.value.param == param and "--" not in str(err.value) and param in str(err.value)
     with pytest.raises(TypeError, match="unknown fine-tune option"):
         finetune(shapes_dir, cache_dir=tmp_path, learning_rate=1e-3)
-    cfg = FinetuneConfig(epochs=3, init_head=None, trainable="LAST:2")
+    cfg = FinetuneConfig(epochs=3, init_head=None, trainable="LAST:2", init="zero")
     assert cfg.trainable == "last:2" and cfg.peak_lr == 5e-4
     with pytest.raises(dataclasses.FrozenInstanceError):
         cfg.epochs = 4  # type: ignore[misc]
     rec = cfg.record(data_fingerprint="f")
-    assert set(rec) == set(RESUME_KEYS) - {"flip"} and "device" not in rec and "workers" not in rec
+    assert set(rec) == set(RESUME_KEYS) - {"flip", "init"} and "device" not in rec and "workers" not in rec
     assert cfg.replace(flip=False).record(data_fingerprint="f")["flip"] is False
     r = CliRunner().invoke(cli, ["finetune", str(shapes_dir), "--cache-dir", str(tmp_path),
                                  "--test-size", "0.999999", "--patience", "-1"])
@@ -399,3 +400,77 @@ def test_depthwise_convs_train_in_fp32_and_infer_in_bf16():
     assert dtypes == [torch.float32, torch.bfloat16]
     assert out.dtype == torch.bfloat16 and net[1].weight.grad is not None
     assert list(net.state_dict()) == ["0.weight", "0.bias", "1.weight", "1.bias", "2.weight", "2.bias"]
+
+
+# ----------------------------------------------------------------------------- the default start
+def _classifier(run_dir: Path) -> torch.Tensor:
+    return torch.load(run_dir / "model.pt", weights_only=True)["classifier.weight"]
+
+
+def test_default_starts_from_a_probe_fitted_on_the_training_rows_only(shapes3_dir, tmp_path, tiny):
+    """The probe learns from train alone: scrambling val and test leaves it unchanged."""
+    res = finetune(shapes3_dir, backbone=tiny, epochs=0, cache_dir=tmp_path / "a", **TINY)
+    m = res.metrics
+    assert m["config"]["init"] == "probe" and m["config"]["lr"] == pytest.approx(2e-4)
+    probe = m["init_probe"]
+    assert probe["refit_rows"] == m["n_train"] == 12 and probe["refit_split"] == "train"
+    assert probe["folds"] == 5 and probe["C"] in [pytest.approx(c) for c in
+                                                  np.logspace(-4, 2, 13)]
+    assert res.best_epoch == 0 and m["initial"]["val_accuracy"] is not None
+    w = _classifier(res.run_dir)
+    assert w.abs().sum() > 0  # not the zero start
+    # val and test with every label flipped: same training rows, so the same probe
+    data = tmp_path / "flipped"
+    for split in ("train", "val", "test"):
+        for cls in ("circle", "square"):
+            other = {"circle": "square", "square": "circle"}[cls] if split != "train" else cls
+            shutil.copytree(shapes3_dir / split / cls, data / split / other)
+    again = finetune(data, backbone=tiny, epochs=0, cache_dir=tmp_path / "b", **TINY)
+    assert torch.allclose(_classifier(again.run_dir), w)
+    assert again.accuracy == pytest.approx(1 - res.accuracy)
+
+
+def test_epoch_0_is_kept_unless_an_epoch_beats_it_on_val(shapes3_dir, tmp_path, tiny):
+    # A rate too small to change anything: no trained epoch beats the probe, which is kept.
+    res = finetune(shapes3_dir, backbone=tiny, trainable="head", epochs=3, lr=1e-12, patience=1,
+                   monitor="loss", cache_dir=tmp_path, **TINY)
+    assert res.best_epoch == 0 and res.stopped_early and res.epochs == 1
+    probe = finetune(shapes3_dir, backbone=tiny, epochs=0, cache_dir=tmp_path, **TINY)
+    assert torch.equal(_classifier(res.run_dir), _classifier(probe.run_dir))
+    assert res.accuracy == probe.accuracy
+    assert res.metrics["initial"]["val_loss"] == pytest.approx(res.metrics["history"][0]["val_loss"],
+                                                              abs=1e-4)
+    # A rate that learns: a trained epoch beats the start on val and is kept.
+    fast = finetune(shapes3_dir, backbone=tiny, trainable="head", epochs=2, lr=0.05, patience=None,
+                    monitor="loss", cache_dir=tmp_path, **TINY)
+    losses = [h["val_loss"] for h in fast.metrics["history"]]
+    assert fast.best_epoch == (int(np.argmin(losses)) + 1 if min(losses) <
+                               fast.metrics["initial"]["val_loss"] - 1e-4 else 0)
+
+
+def test_init_zero_is_the_recipe_before(shapes_dir, tmp_path, tiny):
+    res = finetune(shapes_dir, backbone=tiny, epochs=0, init="zero", cache_dir=tmp_path, **TINY)
+    assert torch.count_nonzero(_classifier(res.run_dir)) == 0
+    m = res.metrics
+    assert "init" not in m["config"] and m["config"]["lr"] == 5e-4 and "init_probe" not in m
+    r = CliRunner().invoke(cli, ["finetune", str(shapes_dir), "--init", "nope"])
+    assert r.exit_code == 2 and "--init" in r.output
+    with pytest.raises(fxtl.ParameterError) as err:
+        finetune(shapes_dir, init="nope", cache_dir=tmp_path)
+    assert err.value.param == "init"
+
+
+def test_fit_probe_chooses_c_by_cv_on_its_rows_and_falls_back_on_tiny_classes():
+    from fxtl.training.lpft import fit_probe
+
+    rng = np.random.default_rng(0)
+    X = rng.normal(size=(60, 8))
+    y = (X[:, 0] > 0).astype(int)
+    pipe, info = fit_probe(X, y, seed=0)
+    assert info["folds"] == 5 and info["refit_rows"] == 60 and info["cv_accuracy"] > 0.8
+    assert (pipe.predict(X) == y).mean() > 0.9
+    y1 = y.copy()
+    y1[:] = 0
+    y1[0] = 1  # one row in class 1: no folds, C stays 1
+    _, info1 = fit_probe(X, y1, seed=0)
+    assert info1["folds"] == 0 and info1["C"] == 1.0

@@ -203,9 +203,11 @@ def run_search(spec: HeadSpec, *, X: np.ndarray, y: np.ndarray,
     if type(template).__name__ in GIL_BOUND:
         workers = 1
     warm = bool(path_param) and "warm_start" in template.get_params()
+    # A regularisation path (ascending) stops once it falls, warm-started or not: the weakly
+    # regularised end is the slowest to fit (liblinear's iterations grow with C).
     return score_grid(spec.name, prepared, candidates, warm=warm, workers=workers,
                       deadline=deadline, progress=progress,
-                      patience=PATH_PATIENCE if warm else None)
+                      patience=PATH_PATIENCE if path_param else None)
 
 
 def _grid_search_cv(pipe, *, X, y, folds, candidates, jobs, parallel) -> GridOutcome:
@@ -390,9 +392,10 @@ def fit_in_memory(source: RowSource, spec: HeadSpec, *, plan: HeadPlan, config: 
     if folds and params and not grid:
         notes.append("every searched parameter was fixed by params: no search")
     candidates = list(ParameterGrid(grid)) if grid else [{}]
-    # The warm-started path runs here; a backend the caller chose explicitly gets the grid.
+    # The path (warm-started where the estimator can) runs here; a backend the caller chose
+    # explicitly gets the grid.
     path = spec.path_param if (spec.path_param and list(grid) == [spec.path_param]
-                               and runner.name == "loky" and "warm_start" in accepted) else None
+                               and runner.name == "loky") else None
     if spec.name == "knn" and runner.name == "loky" and set(grid) <= {"n_neighbors", "weights"} \
             and fixed.get("metric", "minkowski") in ("minkowski", "euclidean") and fixed.get("p", 2) == 2:
         path = KNN_VOTES
@@ -413,7 +416,8 @@ def fit_in_memory(source: RowSource, spec: HeadSpec, *, plan: HeadPlan, config: 
         dask = backend == "dask"
         info["search_backend"] = "dask" if dask else (
             "this process (one neighbour query per fold)" if path == KNN_VOTES
-            else "this process (warm-started path)" if path else "threading")
+            else "this process (warm-started path)" if path and "warm_start" in accepted
+            else f"threading ({path} path)" if path else "threading")
         if progress:  # the clock of the ETA starts now
             progress(0, len(candidates), spec.name)
         with _blas_limit(small and not dask):

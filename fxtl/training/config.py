@@ -17,7 +17,7 @@ from typing import Any
 from ..errors import ParameterError
 
 __all__ = ["FinetuneConfig", "RESUME_KEYS", "BN_FROZEN_BELOW", "OPTIMIZERS", "BN_MODES", "MONITORS",
-           "DEFAULT_LR", "SELECTION_HOLDOUT", "parse_trainable"]
+           "INITS", "DEFAULT_LR", "PROBE_LR_FACTOR", "SELECTION_HOLDOUT", "parse_trainable"]
 
 # bn="auto" freezes BatchNorm statistics when the smallest class has fewer training images than
 # this: statistics of a few batches are noisier than the pretrained ones.
@@ -25,8 +25,16 @@ BN_FROZEN_BELOW = 200
 OPTIMIZERS = ("adamw", "sgd")
 BN_MODES = ("auto", "train", "frozen")
 MONITORS = ("accuracy", "loss")
+# How the new classifier starts: a logistic-regression probe fitted on the training rows' own
+# features (LP-FT), or zeros.
+INITS = ("probe", "zero")
 # Default peak learning rate (the classifier's) per optimizer (benchmarks/finetune_accuracy.py).
 DEFAULT_LR = {"adamw": 5e-4, "sgd": 1e-2}
+# From a fitted classifier the default rate is this fraction of DEFAULT_LR: the classifier needs
+# no large steps, and Adam's steps do not shrink with the small gradients of a good start, so
+# the full rate moves the pretrained features away from what the probe was fitted on
+# (docs/finetune.md).
+PROBE_LR_FACTOR = 0.4
 # The selection split's name when the data has only train (the report hold-out is "holdout").
 SELECTION_HOLDOUT = "holdout-selection"
 
@@ -75,9 +83,16 @@ class FinetuneConfig:
         Area fraction range of the random resized crop.
     flip : bool
         Random horizontal flips (turn off where a mirror image is another class: digits, text).
+    init : {"probe", "zero"}
+        How the new classifier starts. ``probe`` (the default, LP-FT): a standardised logistic
+        regression fitted on the training rows' features (one pass of the pretrained network,
+        no augmentation; C by cross-validation on those rows), folded into the classifier; when
+        a selection split exists that start is epoch 0, kept unless a trained epoch beats it.
+        ``zero``: a zero classifier (the recipe before LP-FT became the default).
     init_head : path, optional
         A ``fit-head`` logistic-regression run on this backbone's features: the classifier starts
-        from it refitted on this fine-tune's training rows (LP-FT).
+        from it refitted on this fine-tune's training rows (LP-FT with that head's
+        hyper-parameters; overrides ``init``).
     seed : int
         Seeds the classifier, the shuffling, the augmentation and the hold-outs.
     test_size : float
@@ -90,8 +105,8 @@ class FinetuneConfig:
     Examples
     --------
     >>> cfg = FinetuneConfig(epochs=3, trainable="last:2")
-    >>> cfg.epochs, cfg.crop_scale
-    (3, (0.25, 1.0))
+    >>> cfg.epochs, cfg.crop_scale, cfg.init, cfg.peak_lr
+    (3, (0.25, 1.0), 'probe', 0.0002)
     >>> dataclasses.replace(cfg, lr=-1)
     Traceback (most recent call last):
     ...
@@ -115,6 +130,7 @@ class FinetuneConfig:
     monitor: str = "accuracy"
     crop_scale: tuple[float, float] = (0.25, 1.0)
     flip: bool = True
+    init: str = "probe"
     init_head: str | None = None
     seed: int = 0
     test_size: float = 0.2
@@ -123,7 +139,8 @@ class FinetuneConfig:
     workers: int | None = field(default=None, metadata={_NOT_COMPARED: False})
 
     def __post_init__(self) -> None:
-        for name, allowed in (("optimizer", OPTIMIZERS), ("bn", BN_MODES), ("monitor", MONITORS)):
+        for name, allowed in (("optimizer", OPTIMIZERS), ("bn", BN_MODES), ("monitor", MONITORS),
+                              ("init", INITS)):
             if getattr(self, name) not in allowed:
                 _fail(name, f"unknown {name} {getattr(self, name)!r}; use one of {', '.join(allowed)}")
         trainable = str(self.trainable).strip().lower()
@@ -166,15 +183,25 @@ class FinetuneConfig:
                 _fail(name, f"{name} {rule}, got {getattr(self, name)!r}")
 
     @property
+    def starts_fitted(self) -> bool:
+        """Does the classifier start from a fitted head (``init_head`` or the probe)?"""
+        return self.init_head is not None or self.init == "probe"
+
+    @property
     def peak_lr(self) -> float:
-        """``lr``, or the optimizer's default."""
-        return DEFAULT_LR[self.optimizer] if self.lr is None else float(self.lr)
+        """``lr``, or the optimizer's default (times :data:`PROBE_LR_FACTOR` from the probe;
+        an ``init_head`` start keeps the rate advise's LP-FT plan was measured with)."""
+        if self.lr is not None:
+            return float(self.lr)
+        probe = self.init == "probe" and self.init_head is None
+        return DEFAULT_LR[self.optimizer] * (PROBE_LR_FACTOR if probe else 1.0)
 
     def record(self, *, data_fingerprint: str) -> dict[str, Any]:
         """The stored form (``metrics.json["config"]``, the checkpoint): every compared field.
 
-        ``flip`` appears only when off, so runs and checkpoints made before the option keep their
-        names and resume.
+        ``flip`` appears only when off and ``init`` only when not ``zero``, so runs and
+        checkpoints made before those options keep their names and resume with the settings they
+        were made with.
         """
         d: dict[str, Any] = {f.name: getattr(self, f.name) for f in fields(self)
                              if f.metadata.get(_NOT_COMPARED, True)}
@@ -185,6 +212,8 @@ class FinetuneConfig:
         d["crop_scale"] = list(self.crop_scale)
         if self.flip:
             del d["flip"]
+        if self.init == "zero" or self.init_head is not None:
+            del d["init"]
         d["data_fingerprint"] = data_fingerprint
         return d
 

@@ -114,6 +114,27 @@ class EpochRunner:
                            batch_size=self.batch_size * 2, device=self.device,
                            workers=self.workers, persistent=persistent)
 
+    def train_rows_loader(self):
+        """The training images in order, evaluation preprocessing, every row on every rank
+        (the probe's features: each rank fits the same probe)."""
+        return make_loader(ImageDataset([self.paths[i] for i in self.splits.train], self.pre),
+                           batch_size=self.batch_size * 2, device=self.device,
+                           workers=self.workers, persistent=False)
+
+    def keep_initial(self, trainer: Trainer, state: TrainState, run_dir: Path) -> dict[str, Any] | None:
+        """Epoch 0: score the fitted start on the selection split and keep it as the best so far,
+        so a trained epoch is kept only if it beats it there (None: no selection split)."""
+        if self.val_loader is None:
+            return None
+        ev = self.evaluate(trainer, self.splits.val, self.val_loader, state.errors)
+        state.best = {"epoch": 0, "accuracy": ev["accuracy"], "loss": ev["loss"]}
+        if self.group.is_primary:
+            torch_save(trainer.net.state_dict(), run_dir / "model.pt")
+        if self.progress:
+            print(f"fxtl: epoch 0 (the fitted start): val loss {ev['loss']:.4f}, val accuracy "
+                  f"{ev['accuracy']:.4f}", file=sys.stderr)
+        return {"val_loss": ev["loss"], "val_accuracy": ev["accuracy"]}
+
     def _train_steps(self, trainer: Trainer, epoch: int, errors: dict[str, str],
                      on_step: Callable[[dict[str, Any]], None] | None) -> EpochTotals:
         """Every optimizer step of one epoch; the totals of all ranks."""

@@ -1,8 +1,10 @@
 """Fine-tune a pretrained backbone on a DATA_DIR (``fxtl finetune``): the comparison path.
 
-The same backbone registry, discovery, splits and bad-image handling as ``extract``; a fresh
-linear classifier replaces the ImageNet one (or starts from a fitted logistic-regression head
-refitted on the fine-tune's training rows, ``init_head``: LP-FT, Kumar et al. 2022). What trains
+The same backbone registry, discovery, splits and bad-image handling as ``extract``; a new
+linear classifier replaces the ImageNet one. By default it starts from a logistic-regression
+probe fitted on the training rows' own features (``init="probe"``: LP-FT, Kumar et al. 2022),
+kept as epoch 0 unless a trained epoch beats it on the selection split; ``init_head`` starts from
+a ``fit-head`` run refitted on those rows instead, ``init="zero"`` from zeros. What trains
 is ``trainable``: ``all`` (the default), ``head`` (the new classifier only) or ``last:N`` (the
 last N blocks, :func:`~fxtl.training.blocks.block_groups`, and the classifier).
 
@@ -74,7 +76,7 @@ from .config import (BN_FROZEN_BELOW, BN_MODES, DEFAULT_LR, MONITORS, OPTIMIZERS
                      parse_trainable)
 from .curves import plot_learning_curves
 from .epochs import EpochRunner
-from .lpft import linear_head_weights, new_classifier
+from .lpft import linear_head_weights, new_classifier, probe_classifier
 from .rows import plan_splits, run_rows
 from .trainer import Trainer
 
@@ -195,6 +197,8 @@ def finetune(data: str | Path, *, config: FinetuneConfig | None = None,
         record = cfg.record(data_fingerprint=fingerprint(images))
         init_info = new_classifier(bb, images.class_names, cfg.init_head, images=images,
                                    train_rows=splits.train)
+        if init_info is not None:
+            init_info["kind"] = "init_head"
         run = EpochRunner(images, splits, labels, pre=pre, cfg=cfg, record=record, device=device,
                           progress=progress, group=group)
         trainer = Trainer(bb, groups=groups, n_train_blocks=n_train_blocks, cfg=cfg, device=device,
@@ -211,7 +215,7 @@ def finetune(data: str | Path, *, config: FinetuneConfig | None = None,
         fresh = not (run_dir / "checkpoint-last.pt").exists()
         try:
             metrics, resumed_from = _train(run, trainer, run_dir, record, group=group, resume=resume,
-                                           on_step=on_step, init_info=init_info)
+                                           on_step=on_step, init_info=init_info, cfg=cfg)
             if group.is_primary:
                 failed = {e["path"] for e in metrics["errors"]}  # absolute, as decoded
                 unread = {s.path for s in images.samples if str(images.abspath(s)) in failed}
@@ -234,23 +238,48 @@ def finetune(data: str | Path, *, config: FinetuneConfig | None = None,
 
 
 def _train(run: EpochRunner, trainer: Trainer, run_dir: Path, record: dict[str, Any], *,
-           group: TrainingGroup, resume: bool, on_step, init_info: dict[str, Any] | None
-           ) -> tuple[dict[str, Any], int]:
-    """The epochs still to run, then the report: ``(metrics, epoch resumed from)``."""
+           group: TrainingGroup, resume: bool, on_step, init_info: dict[str, Any] | None,
+           cfg: FinetuneConfig) -> tuple[dict[str, Any], int]:
+    """The fitted start (a fresh run), the epochs still to run, then the report:
+    ``(metrics, epoch resumed from)``."""
     lock = file_lock(run_dir / ".lock", what=f"the run {run_dir.name}") if group.is_primary \
         else contextlib.nullcontext()
+    initial = None
     with lock:
         state = initial_state(trainer, run_dir / "checkpoint-last.pt", record, resume=resume,
                               quiet=not group.is_primary)
         resumed_from = int(state.epoch)
+        if state.epoch == 0 and state.best is None:  # a fresh start (a resumed one has its weights)
+            if cfg.init == "probe" and cfg.init_head is None:
+                init_info = probe_classifier(trainer, run.train_rows_loader(),
+                                             run.labels[run.splits.train], run.images.class_names,
+                                             errors=state.errors, seed=cfg.seed,
+                                             paths=[run.paths[i] for i in run.splits.train])
+                if init_info is not None:
+                    init_info["kind"] = "probe"
+            if init_info is not None:
+                initial = run.keep_initial(trainer, state, run_dir)
         while not state.done and state.epoch < record["epochs"]:
             run.train_epoch(trainer, state, run_dir, on_step=on_step)
         metrics = run.report(trainer, state, run_dir)
-    if init_info is not None:
+    if initial is not None:
+        metrics["initial"] = initial
+    if init_info is not None and init_info["kind"] == "init_head":
         metrics["init_head"] = init_info
         metrics["notes"].append(
             f"init_head refitted on this fine-tune's {init_info['refit_rows']} training images "
             "only (same hyper-parameters), so it has not seen the selection or report images")
+    elif init_info is not None:
+        metrics["init_probe"] = init_info
+        metrics["notes"].append(
+            f"the classifier started from a logistic-regression probe fitted on this fine-tune's "
+            f"{init_info['refit_rows']} training images only (C={init_info['C']:g} by "
+            f"{init_info['folds']}-fold CV on them)" + (
+                "; that start is epoch 0, kept unless a trained epoch beats it on "
+                f"{run.splits.val_name}" if initial is not None else ""))
+    elif cfg.init == "probe" and cfg.init_head is None and resumed_from == 0:
+        metrics["notes"].append("fewer than two classes have a readable training image: the "
+                                "classifier started at zero")
     return metrics, resumed_from
 
 

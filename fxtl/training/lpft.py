@@ -1,13 +1,21 @@
 """LP-FT (Kumar et al. 2022): start the new classifier from a fitted logistic-regression head.
 
-The head is refitted (a ``sklearn.base.clone``, same hyper-parameters) on the fine-tune's
-training rows of its own feature cache, so it has never seen the images the fine-tune selects or
-reports on; then its scaler and coefficients fold into one linear layer.
+Two starts, both fitted on the fine-tune's training rows only, so the head has never seen the
+images the fine-tune selects or reports on; its scaler and coefficients then fold into one linear
+layer:
+
+* the probe (the default, :func:`probe_classifier`): the network's own features of the
+  training images (evaluation preprocessing at the run's input size, no augmentation), a
+  standardised logistic regression with C chosen by stratified k-fold cross-validation on those
+  rows;
+* ``init_head``: a ``fit-head`` run refitted (a ``sklearn.base.clone``, same hyper-parameters)
+  on the training rows of its own feature cache.
 """
 from __future__ import annotations
 
 import contextlib
 import json
+import time
 import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Sequence
@@ -19,12 +27,20 @@ from ..data.discovery import ImageSet
 from .._util import read_json
 from ..errors import FxtlError, ProvenanceError
 from ..heads.persistence import load_head
+from ..runtime import autocast
+from .trainer import note_errors
 
 if TYPE_CHECKING:
     from ..backbones.registry import Backbone
+    from .trainer import Trainer
 
 __all__ = ["linear_head_weights", "load_linear_head", "head_cache", "refit_on_train_rows",
-           "new_classifier"]
+           "new_classifier", "fit_probe", "probe_classifier", "PROBE_CS", "PROBE_FOLDS"]
+
+# The probe's C grid (fit-head's logreg grid) and its cross-validation folds (fewer when the
+# smallest class has fewer training rows).
+PROBE_CS = tuple(float(c) for c in np.logspace(-4, 2, 13))
+PROBE_FOLDS = 5
 
 
 def linear_head_weights(pipeline, head_classes: Sequence[str], class_names: Sequence[str],
@@ -179,3 +195,80 @@ def new_classifier(bb: Backbone, class_names: Sequence[str], init_head: str | Pa
     return info
 
 
+
+
+def fit_probe(features: np.ndarray, labels: np.ndarray, *, seed: int) -> tuple[Any, dict[str, Any]]:
+    """A ``StandardScaler -> LogisticRegression`` fitted on these rows; C by stratified k-fold CV.
+
+    Only the rows given take part (the fine-tune's training rows): the folds choose C, then the
+    model is refitted on all of them. With fewer than two rows in some class C stays at 1.
+
+    Returns ``(pipeline, info)``; ``info`` holds ``C``, ``folds``, ``rows`` and the CV accuracy.
+    """
+    from sklearn.linear_model import LogisticRegression, LogisticRegressionCV
+    from sklearn.model_selection import StratifiedKFold
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+
+    counts = np.bincount(labels)
+    folds = int(min(PROBE_FOLDS, counts[counts > 0].min()))
+    if folds >= 2:
+        est = LogisticRegressionCV(Cs=list(PROBE_CS), max_iter=2000,
+                                   cv=StratifiedKFold(folds, shuffle=True, random_state=seed))
+    else:
+        est = LogisticRegression(C=1.0, max_iter=2000)
+    pipeline = make_pipeline(StandardScaler(), est)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # convergence and deprecation notes of a throwaway fit
+        pipeline.fit(features, labels)
+    info: dict[str, Any] = {"head": "probe", "refit_rows": int(len(labels)), "refit_split": "train",
+                            "C": 1.0, "folds": folds if folds >= 2 else 0}
+    if folds >= 2:
+        info["C"] = float(np.ravel(est.C_)[0])
+        info["cv_accuracy"] = float(np.max(np.mean(next(iter(est.scores_.values())), axis=0)))
+    return pipeline, info
+
+
+def probe_classifier(trainer: Trainer, loader, labels: np.ndarray, class_names: Sequence[str], *,
+                     errors: dict[str, str], paths: Sequence[str], seed: int) -> dict[str, Any] | None:
+    """Fit the probe on the training images of ``loader`` and fold it into the classifier.
+
+    ``loader`` yields ``ImageDataset`` items of the training rows in order (evaluation
+    preprocessing); ``labels`` are theirs. Every process computes the same features and the same
+    fit, so under torchrun the ranks stay identical. Returns the probe's info, or None when fewer
+    than two classes have a readable training image (the classifier then stays at zero).
+    """
+    import torch
+
+    classifier = trainer.net.get_submodule(trainer.bb.classifier_name)
+    captured: list = []
+    hook = classifier.register_forward_pre_hook(lambda module, args: captured.append(args[0]))
+    feats = np.zeros((len(labels), classifier.in_features), dtype=np.float32)
+    seen = np.zeros(len(labels), dtype=bool)
+    t0 = time.perf_counter()
+    trainer.net.eval()
+    try:
+        with torch.inference_mode(), autocast(trainer.device, trainer.precision):
+            for x, idx, errs in loader:
+                keep = note_errors(idx, errs, errors, paths)
+                if not keep.any():
+                    continue
+                x = x[torch.from_numpy(keep)].to(trainer.device, non_blocking=True)
+                captured.clear()
+                trainer.logits(x.contiguous(memory_format=torch.channels_last))
+                rows = idx.numpy()[keep]
+                feats[rows] = captured[0].float().cpu().numpy()
+                seen[rows] = True
+    finally:
+        hook.remove()
+    y = labels[seen]
+    if len(np.unique(y)) < 2:
+        return None
+    pipeline, info = fit_probe(feats[seen], y, seed=seed)
+    W, b = linear_head_weights(pipeline, list(class_names), class_names,
+                               feature_dim=classifier.in_features)
+    with torch.no_grad():
+        classifier.weight.copy_(torch.from_numpy(W))
+        classifier.bias.copy_(torch.from_numpy(b))
+    info["seconds"] = round(time.perf_counter() - t0, 3)
+    return info
