@@ -65,11 +65,12 @@ def tutorial_loop(data: Path) -> dict:
     import timm
     from torchvision import datasets, transforms
 
-    from fxtl.backbones.registry import _lite0_file, _map_by_order, _torch_load
+    from fxtl.backbones.registry import get_backbone
+    from fxtl.backbones.weights import map_by_order, package_file, torch_load
 
     t0 = time.perf_counter()
     model = timm.create_model("tf_efficientnet_lite0", pretrained=False)
-    model.load_state_dict(_map_by_order(_torch_load(_lite0_file()), model))
+    model.load_state_dict(map_by_order(torch_load(package_file(get_backbone("lite0"))), model))
     model.reset_classifier(0)
     model.eval()
     tf = transforms.Compose([

@@ -18,8 +18,8 @@ from ..data.discovery import ImageDataset
 from ..data.images import collate_images
 from ..runtime import autocast, resolve_device, resolve_precision
 
-if TYPE_CHECKING:  # the class is built lazily (importing it imports torch)
-    from ..backbones.registry import Backbone
+if TYPE_CHECKING:  # importing the class imports torch
+    from ..backbones.network import Backbone
 
 __all__ = ["embed_paths", "default_batch_size", "default_workers", "ThreadedBatches"]
 

@@ -14,7 +14,7 @@ from ..errors import CacheError
 from .store import read_attrs, summarize
 
 if TYPE_CHECKING:
-    from ..backbones.registry import Backbone
+    from ..backbones.network import Backbone
 
 __all__ = ["ExtractResult", "ExtractJob", "make_result", "cache_hit", "reuse_or_compute",
            "count_splits", "rate"]
