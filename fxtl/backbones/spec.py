@@ -8,10 +8,13 @@ from typing import Any, Mapping
 
 from ..data.images import Preprocessing
 
-__all__ = ["BackboneSpec", "MODEL_MANIFEST"]
+__all__ = ["BackboneSpec", "MODEL_MANIFEST", "AUTO_LAYERS"]
 
 # File that marks a directory as a model fine-tuned by fxtl (usable as a backbone).
 MODEL_MANIFEST = "fxtl-model.json"
+# Names the rule ``layers="auto"`` picks layers by (network.auto_layers: the stages at stride 8
+# and beyond) in a cache's fingerprint, so a cache hit needs no network built to know them.
+AUTO_LAYERS = "auto:stages-stride8"
 
 
 def _frozen_meta(meta: Mapping[str, Any] | None) -> Mapping[str, Any]:

@@ -1,4 +1,4 @@
-"""The HDF5 feature cache: writer and reader of format ``fxtl-features`` (version 2; reads 1).
+"""The HDF5 feature cache: writer and reader of format ``fxtl-features`` (version 3; reads 1, 2).
 
 The spec lives in ``docs/cache-format.md``; this module mirrors it. Writers stamp every element
 with ``encoding-type``/``encoding-version``; :func:`open_cache` checks a file against the spec
@@ -14,7 +14,7 @@ import os
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Iterator, Sequence
+from typing import Any, Iterable, Iterator, Mapping, Sequence
 
 import numpy as np
 
@@ -27,12 +27,17 @@ from .cache_text import (ESCAPED_ATTR, decode_text, encode_text, escaped_names, 
 __all__ = ["FORMAT", "FORMAT_VERSION", "READABLE_VERSIONS", "REQUIRED_ATTRS", "PROVENANCE_KEYS",
            "FeatureCache", "load_features", "write_cache", "open_cache", "read_attrs",
            "cache_attrs", "decode_attr", "iter_feature_chunks", "summarize", "read_errors",
-           "read_strings", "provenance", "nonfinite_message", "reading_cache"]
+           "read_strings", "provenance", "nonfinite_message", "reading_cache", "LAYERS_GROUP",
+           "LAYER_POOLING", "read_layer"]
 
 FORMAT = "fxtl-features"
-FORMAT_VERSION = 2
+FORMAT_VERSION = 3
 # Every version this module reads (docs/cache-format.md, "Versioning").
-READABLE_VERSIONS = (1, 2)
+READABLE_VERSIONS = (1, 2, 3)
+# The group holding further layers' features, one [N, D_layer] dataset per layer, and how each
+# was reduced to one vector per image (docs/cache-format.md, "Layers").
+LAYERS_GROUP = "layers"
+LAYER_POOLING = "global-average"
 # Rows per HDF5 chunk of /features are chosen so that one chunk is about 1 MiB.
 _CHUNK_BYTES = 1 << 20
 SPLITS = ("train", "val", "test")
@@ -44,7 +49,7 @@ REQUIRED_ATTRS = ("format", "format_version", "class_names", "backbone", "weight
 # Attributes holding JSON text, decoded by the reader.
 _JSON_ATTRS = ("preprocessing", "versions", "timings")
 # What an artifact made from a cache records about where its features came from.
-PROVENANCE_KEYS = ("backbone", "weights_sha256", "preprocessing", "precision", "layer", "graph",
+PROVENANCE_KEYS = ("backbone", "weights_sha256", "preprocessing", "precision", "layer", "layers", "graph",
                    "fingerprint", "data_fingerprint", "fxtl_version", "versions", "dataset_root",
                    "created")
 # Errors a file system gives when it cannot take more bytes (full disk, quota, size limit).
@@ -69,14 +74,16 @@ def _stamp(obj, encoding_type: str, version: str) -> None:
 def write_cache(path: Path, *, chunks: Iterable[np.ndarray], n: int, dim: int,
                 labels: Sequence[int], paths: Sequence[str], split: Sequence[str],
                 class_names: Sequence[str], errors: Sequence[tuple[str, str]],
-                attrs: dict[str, Any]) -> Path:
-    """Write a complete cache (format version 2) at ``path`` atomically.
+                attrs: dict[str, Any],
+                layers: Mapping[str, tuple[int, Iterable[np.ndarray]]] | None = None) -> Path:
+    """Write a complete cache (format version 3) at ``path`` atomically.
 
     ``chunks`` yields float32 arrays whose rows, concatenated, are the ``n`` feature rows in
     order; they are streamed to disk, so memory does not grow with ``n``. The file first exists
     as a temporary sibling and replaces ``path`` in one rename when everything is written, so a
     previous cache at ``path`` survives any failure. Strings (paths may hold surrogate escapes
-    from ``os.fsdecode``) are stored as the spec's "Text" section says.
+    from ``os.fsdecode``) are stored as the spec's "Text" section says. ``layers`` maps a layer
+    name to ``(D_layer, chunks)``, streamed like the features into ``/layers/<name>``.
 
     Raises
     ------
@@ -84,7 +91,9 @@ def write_cache(path: Path, *, chunks: Iterable[np.ndarray], n: int, dim: int,
         When the disk is full or the file would exceed a size limit ("no space"), naming ``path``.
     """
     path = Path(path)
-    need = _size_estimate(n=n, dim=dim, paths=paths, split=split, errors=errors)
+    layers = dict(layers or {})
+    need = _size_estimate(n=n, dim=dim + sum(d for d, _ in layers.values()), paths=paths,
+                          split=split, errors=errors)
     _check_space(path, need)
     with atomic_path(path) as tmp:
         try:
@@ -92,7 +101,7 @@ def write_cache(path: Path, *, chunks: Iterable[np.ndarray], n: int, dim: int,
             # here, cleanly, instead of inside libhdf5, which cannot recover from a failed write.
             _reserve(tmp, need)
             _write_file(tmp, chunks=chunks, n=n, dim=dim, labels=labels, paths=paths, split=split,
-                        class_names=class_names, errors=errors, attrs=attrs)
+                        class_names=class_names, errors=errors, attrs=attrs, layers=layers)
         except (OSError, RuntimeError) as exc:
             if _is_no_space(exc):
                 raise CacheError(f"cannot write {path}: no space ({_no_space_reason(exc)}); free "
@@ -145,25 +154,22 @@ def _first_line(exc: BaseException) -> str:
     return ((str(exc).strip().splitlines() or [type(exc).__name__])[0])[:160]
 
 
-def _write_file(tmp: Path, *, chunks, n, dim, labels, paths, split, class_names, errors, attrs) -> None:
+def _write_file(tmp: Path, *, chunks, n, dim, labels, paths, split, class_names, errors, attrs,
+                layers) -> None:
     h5py = _h5()
-    rows_per_chunk = max(1, min(max(n, 1), _CHUNK_BYTES // (4 * max(dim, 1))))
     escaped: list[str] = []
     f = h5py.File(tmp, "w")
     try:
-        feats = f.create_dataset("features", shape=(n, dim), dtype="<f4",
-                                 chunks=(rows_per_chunk, dim) if n and dim else None)
-        _stamp(feats, "dense-array", "1")
-        row = 0
-        for block in chunks:
-            block = np.asarray(block, dtype=np.float32)
-            if block.ndim != 2 or block.shape[1] != dim:
-                raise CacheError(f"internal: feature block of shape {block.shape}, expected (*, {dim})")
-            if len(block):
-                feats[row:row + len(block)] = block
-            row += len(block)
-        if row != n:
-            raise CacheError(f"internal: wrote {row} feature rows, expected {n}")
+        _stamp(_float_rows(f, "features", chunks, n, dim), "dense-array", "1")
+        if layers:
+            group = f.create_group(LAYERS_GROUP)
+            _stamp(group, "layer-set", "1")
+            group.attrs["names"] = np.array(list(layers), dtype=h5py.string_dtype("utf-8"))
+            for name, (layer_dim, blocks) in layers.items():
+                ds = _float_rows(group, name, blocks, n, layer_dim)
+                _stamp(ds, "dense-array", "1")
+                ds.attrs["pooling"] = LAYER_POOLING
+            attrs = {**attrs, "layers": list(layers)}
         _stamp(f.create_dataset("labels", data=np.asarray(labels, dtype="<i8").reshape(-1)),
                "dense-array", "1")
         _string_dataset(f, "paths", paths, escaped)
@@ -185,6 +191,24 @@ def _write_file(tmp: Path, *, chunks, n, dim, labels, paths, split, class_names,
         f.flush()
     finally:
         f.close()
+
+
+def _float_rows(parent, name: str, blocks: Iterable[np.ndarray], n: int, dim: int):
+    """A float32 [n, dim] dataset chunked by rows (about 1 MiB a chunk), filled from ``blocks``."""
+    rows_per_chunk = max(1, min(max(n, 1), _CHUNK_BYTES // (4 * max(dim, 1))))
+    ds = parent.create_dataset(name, shape=(n, dim), dtype="<f4",
+                               chunks=(rows_per_chunk, dim) if n and dim else None)
+    row = 0
+    for block in blocks:
+        block = np.asarray(block, dtype=np.float32)
+        if block.ndim != 2 or block.shape[1] != dim:
+            raise CacheError(f"internal: {name} block of shape {block.shape}, expected (*, {dim})")
+        if len(block):
+            ds[row:row + len(block)] = block
+        row += len(block)
+    if row != n:
+        raise CacheError(f"internal: wrote {row} {name} rows, expected {n}")
+    return ds
 
 
 def _string_dataset(parent, name: str, values: Sequence[str], escaped: list[str]) -> None:
@@ -394,10 +418,24 @@ def summarize(path: Path) -> dict[str, Any]:
         split = read_strings(f, "split")
         errors = [{"path": p, "reason": r} for p, r in _errors_of(f)]
         n, dim = f["features"].shape
+        layers = _layer_dims(f)
     names, counts = np.unique(np.array(split, dtype=str), return_counts=True)
     return {"n": int(n), "dim": int(dim), "splits": {str(k): int(v) for k, v in zip(names, counts)},
             "errors": errors, "class_names": [str(c) for c in attrs.get("class_names", [])],
-            "attrs": attrs}
+            "attrs": attrs, "layers": layers}
+
+
+def _layer_dims(f) -> dict[str, int]:
+    """Layer name -> width of the ``/layers`` datasets of an open cache (shapes only)."""
+    group = f.get(LAYERS_GROUP)
+    out: dict[str, int] = {}
+    for name in decode_attr(group.attrs.get("names", [])) if group is not None else []:
+        ds = group.get(name)
+        if ds is None or len(getattr(ds, "shape", ())) != 2:
+            raise CacheError(f"{f.filename} is damaged: /{LAYERS_GROUP}/{name} is missing or not "
+                             "[N, D]; re-create it with `fxtl extract`")
+        out[str(name)] = int(ds.shape[1])
+    return out
 
 
 @dataclass
@@ -414,11 +452,15 @@ class FeatureCache:
     class_names : list of str
     attrs : dict -- provenance (backbone, weights_sha256, preprocessing, precision, fingerprint...)
     errors : list of (path, reason) -- images that could not be used
+    layer_names : list of str -- further layers stored beside the features (``extract(layers=)``)
+    layers : dict -- layer name -> float32 array (n, D_layer), read from the file on first use
 
     Examples
     --------
     >>> cache = load_features("cache/hymenoptera-lite0-0123abcd.h5")  # doctest: +SKIP
     >>> X, y = cache.subset("train")                                    # doctest: +SKIP
+    >>> cache.layer_names, cache.layer("blocks.4").shape               # doctest: +SKIP
+    (['blocks.2', 'blocks.3', 'blocks.4', 'blocks.5', 'blocks.6'], (398, 112))
     """
 
     path: Path
@@ -429,6 +471,29 @@ class FeatureCache:
     class_names: list[str]
     attrs: dict[str, Any] = field(default_factory=dict)
     errors: list[tuple[str, str]] = field(default_factory=list)
+    # rows of the file kept here (None: all); a layer read later keeps the same rows
+    kept_rows: np.ndarray | None = field(default=None, repr=False, compare=False)
+    _layers: dict[str, np.ndarray] = field(default_factory=dict, init=False, repr=False,
+                                           compare=False)
+
+    @property
+    def layer_names(self) -> list[str]:
+        names = self.attrs.get("layers") or []
+        return [names] if isinstance(names, str) else [str(v) for v in names]
+
+    def layer(self, name: str) -> np.ndarray:
+        """The pooled features of layer ``name`` (rows as :attr:`features`), read on first use."""
+        if name not in self._layers:
+            if name not in self.layer_names:
+                raise ParameterError("name", f"{self.path} stores no layer {name!r}; it has "
+                                     f"{', '.join(self.layer_names) or 'none'} (extract with layers=)")
+            X = read_layer(self.path, name)
+            self._layers[name] = X if self.kept_rows is None else X[self.kept_rows]
+        return self._layers[name]
+
+    @property
+    def layers(self) -> dict[str, np.ndarray]:
+        return {name: self.layer(name) for name in self.layer_names}
 
     @property
     def n(self) -> int:
@@ -524,7 +589,37 @@ def load_features(path: str | Path, *, nonfinite: str = "raise") -> FeatureCache
         features, labels, split = features[finite], labels[finite], split[finite]
         paths = [p for p, ok in zip(paths, finite) if ok]
     return FeatureCache(path=path, features=features, labels=labels, paths=paths, split=split,
-                        class_names=class_names, attrs=attrs, errors=errors)
+                        class_names=class_names, attrs=attrs, errors=errors,
+                        kept_rows=None if finite.all() else np.flatnonzero(finite))
+
+
+def read_layer(path: str | Path, name: str) -> np.ndarray:
+    """The float32 [N, D_layer] features of layer ``name`` (``/layers/<name>``) of a cache.
+
+    Raises
+    ------
+    CacheError
+        The cache stores no such layer, or its dataset is not [N, D] floats, or holds NaN or
+        infinity; one line naming the file.
+    """
+    path = Path(path)
+    with reading_cache(path), open_cache(path) as f:
+        group = f.get(LAYERS_GROUP)
+        ds = group.get(name) if group is not None and hasattr(group, "get") else None
+        n = f["features"].shape[0]
+        if ds is None or not hasattr(ds, "dtype"):
+            raise CacheError(f"{path} stores no layer {name!r} (/{LAYERS_GROUP}/{name}); "
+                             "extract with layers= to add it")
+        if len(ds.shape) != 2 or ds.shape[0] != n or ds.shape[1] < 1 or ds.dtype.kind != "f":
+            raise CacheError(f"{path} is damaged: /{LAYERS_GROUP}/{name} is {ds.dtype} "
+                             f"{list(ds.shape)}, the spec says float32 [{n}, D]; re-create it "
+                             "with `fxtl extract`")
+        X = ds[...].astype(np.float32, copy=False)
+    bad = np.flatnonzero(~np.isfinite(X).all(axis=1))
+    if len(bad):
+        raise CacheError(f"{path} is damaged: {len(bad)} of {n} rows of layer {name} hold NaN "
+                         f"or infinity (first: row {int(bad[0])}); re-create it with `fxtl extract`")
+    return X
 
 
 def iter_feature_chunks(path: str | Path, *, rows: int = 8192, split: str | None = None,
