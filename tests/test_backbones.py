@@ -137,3 +137,34 @@ def test_local_weights_file_for_torchvision_arch(tmp_path):
     bb = load_backbone(f"resnet18={w}")
     assert bb.feature_dim == 512 and bb.preprocessing.crop == 224
     assert torch.equal(bb.model.fc.weight, model.fc.weight)
+
+
+def test_naming_and_finding_weights_do_not_import_torch():
+    """The registry, specs, weights sources and builders load without torch (a cache hit needs
+    none of it); the network class is a plain module-level class where torch is imported."""
+    import subprocess
+    import sys
+
+    code = ("import sys\n"
+            "import fxtl.backbones.registry as r, fxtl.backbones.building, fxtl.backbones.weights\n"
+            "spec = r.get_backbone('lite2')\n"
+            "assert r.weights_identity(spec).preprocessing.crop == 260\n"
+            "print('torch' in sys.modules)\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.strip() == "False"
+    from fxtl.backbones.network import Backbone
+
+    assert Backbone.__qualname__ == "Backbone" and Backbone.__module__ == "fxtl.backbones.network"
+    assert not hasattr(registry, "Backbone") and not hasattr(registry, "_lite0_file")
+
+
+def test_auto_layers_are_the_later_stages(lite0):
+    """lite0's stages at stride 8 and beyond; a ResNet leaves out layer4 (the penultimate
+    features pool it already)."""
+    import torchvision
+
+    from fxtl.backbones.network import auto_layers
+
+    assert auto_layers(lite0.model, size=224) == [f"blocks.{i}" for i in range(2, 7)]
+    assert auto_layers(torchvision.models.resnet18(), size=224) == ["layer2", "layer3"]
