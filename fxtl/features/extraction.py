@@ -78,9 +78,10 @@ def parse_layers(layers: str | Sequence[str] | None) -> tuple[str, ...]:
 
 
 def extract(data: str | Path, *, backbone: str = DEFAULT_BACKBONE, layer: str | None = None,
-            layers: str | Sequence[str] | None = None, precision: str = "auto", device: str = "auto", batch_size: int | None = None,
-            workers: int | None = None, cache_dir: str | Path | None = None,
-            output: str | Path | None = None, chunk_batches: int = 8, progress: bool = True,
+            layers: str | Sequence[str] | None = None, precision: str = "auto",
+            device: str = "auto", batch_size: int | None = None, workers: int | None = None,
+            cache_dir: str | Path | None = None, output: str | Path | None = None,
+            chunk_batches: int = 8, progress: bool = True,
             force: bool = False, shard: tuple[int, int] | None = None,
             distributed: bool | None = None) -> ExtractResult:
     """Extract features of every image under ``data`` into an HDF5 cache (or reuse one).
