@@ -25,7 +25,7 @@ A crash or hang restarts the worker at the next file. Usage::
 
     python benchmarks/fuzz_cache.py [--n 2000] [--seed 14] [-o benchmarks/results/fuzz_cache.json]
 
-Set ``FXTL_CACHE_PROBE=off`` to see what the reader does without fxtl's crash guard.
+``--no-guard`` shows what the readers do without fxtl's crash guard (``isolate=False``).
 """
 from __future__ import annotations
 
@@ -56,10 +56,17 @@ WORKER = r"""
 import json, sys
 import numpy as np
 from fxtl.errors import FxtlError
+from fxtl.features.cache_guard import CacheGuard
 from fxtl.features.store import iter_feature_chunks, load_features, read_attrs, read_errors, summarize
 from fxtl.heads.source import open_source
 
+ISOLATE = sys.argv[1] == "on"
+
 def read_all(name):
+    with CacheGuard(isolate=ISOLATE):  # as the fxtl command: one probe per file at most
+        return _read_all(name)
+
+def _read_all(name):
     fc = load_features(name)
     summarize(name); read_attrs(name); read_errors(name)
     sum(len(X) for X, _ in iter_feature_chunks(name, rows=7, split="train"))
@@ -168,13 +175,13 @@ def damage(data: bytes, out: Path, kind: str, rng: np.random.Generator, meta, ne
                 f.attrs[attrs[int(rng.integers(len(attrs)))]] = values[int(rng.integers(len(values)))]
 
 
-def run_workers(files: list[Path], *, hang_seconds: float) -> dict[str, dict]:
+def run_workers(files: list[Path], *, hang_seconds: float, guard: bool = True) -> dict[str, dict]:
     """Each file's outcome; a worker that dies or stalls is replaced at the next file."""
     env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
     results: dict[str, dict] = {}
     todo = [str(f) for f in files]
     while todo:
-        proc = subprocess.Popen([sys.executable, "-c", WORKER], stdin=subprocess.PIPE,
+        proc = subprocess.Popen([sys.executable, "-c", WORKER, "on" if guard else "off"], stdin=subprocess.PIPE,
                                 stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, env=env)
         proc.stdin.write("".join(t + "\n" for t in todo).encode())
         proc.stdin.close()
@@ -216,6 +223,7 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=14)
     ap.add_argument("--hang-seconds", type=float, default=60.0)
     ap.add_argument("-o", "--output", type=Path, default=ROOT / "benchmarks/results/fuzz_cache.json")
+    ap.add_argument("--no-guard", action="store_true", help="read in-process, without the child")
     ap.add_argument("--keep", type=Path, help="copy files whose outcome is not result/error here")
     args = ap.parse_args()
     rng = np.random.default_rng(args.seed)
@@ -232,7 +240,7 @@ def main() -> None:
             damage(data, f, kind, rng, meta, near)
             files.append(f)
             kinds[str(f)] = kind
-        results = run_workers(files, hang_seconds=args.hang_seconds)
+        results = run_workers(files, hang_seconds=args.hang_seconds, guard=not args.no_guard)
         bad = {k: v for k, v in results.items() if v["outcome"] not in ("result", "error")}
         if args.keep and bad:
             args.keep.mkdir(parents=True, exist_ok=True)
@@ -245,7 +253,7 @@ def main() -> None:
     report = {
         "what": "seeded damages of a valid 40x16 cache, each read by every fxtl cache reader",
         "command": f"python benchmarks/fuzz_cache.py --n {args.n} --seed {args.seed}",
-        "guard": os.environ.get("FXTL_CACHE_PROBE", "on"),
+        "guard": "off" if args.no_guard else "on",
         "n": args.n, "seed": args.seed, "cache_bytes": len(data),
         "metadata_bytes": int(len(meta)), "hang_seconds": args.hang_seconds,
         "totals": {k: totals.get(k, 0) for k in ("result", "error", "traceback", "crash", "hang")},

@@ -19,6 +19,7 @@ from PIL import Image
 
 from ._util import default_cache_dir, json_default
 from .errors import FxtlError, FxtlWarning, ParameterError
+from .features.cache_guard import CacheGuard
 from .runtime import DEVICES, PRECISIONS
 
 __all__ = ["main", "cli"]
@@ -189,12 +190,23 @@ class FxtlGroup(click.Group):
 @click.group(cls=FxtlGroup,
              context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
 @click.version_option(package_name="fxtl")
-def cli() -> None:
+@click.option("--cache-probe/--no-cache-probe", default=True, envvar="FXTL_CACHE_PROBE",
+              show_envvar=True,
+              help="Read each feature cache in a child process first, so a file that crashes "
+                   "the HDF5 library is one error line [default: on].")
+@click.option("--malloc-tuning/--no-malloc-tuning", default=True, envvar="FXTL_MALLOC_TUNING",
+              show_envvar=True, hidden=True,
+              help="Let malloc keep freed activation buffers in commands that run a network.")
+@click.pass_context
+def cli(ctx: click.Context, cache_probe: bool, malloc_tuning: bool) -> None:
     """fxtl: transfer learning on images.
 
     Extract frozen-CNN features once, fit scikit-learn heads on them in seconds, fine-tune the
     same backbone for comparison, and ask `fxtl advise` which fits your data.
     """
+    # One guard per command: each cache is probed once, and the verdicts end with the command.
+    ctx.with_resource(CacheGuard(isolate=cache_probe))
+    ctx.obj = {"malloc_tuning": malloc_tuning}
 
 
 def main() -> None:
@@ -214,7 +226,9 @@ def _prepare_compute_process() -> None:
 
     from .runtime import keep_freed_memory
 
-    keep_freed_memory()
+    ctx = click.get_current_context(silent=True)
+    if ctx is None or (ctx.find_root().obj or {}).get("malloc_tuning", True):
+        keep_freed_memory()
     if hasattr(signal, "SIGXFSZ"):
         try:
             signal.signal(signal.SIGXFSZ, signal.SIG_IGN)

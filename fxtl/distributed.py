@@ -37,12 +37,13 @@ _DEFAULT_TIMEOUT_S = 7 * 24 * 3600
 
 @dataclass(frozen=True)
 class TorchrunEnv:
-    """Where this process sits in a torchrun job."""
+    """Where this process sits in a torchrun job, and how long its barriers wait."""
 
     rank: int
     world_size: int
     local_rank: int
     local_world_size: int
+    timeout_s: float = _DEFAULT_TIMEOUT_S
 
     @property
     def is_primary(self) -> bool:
@@ -53,6 +54,9 @@ def torchrun_env(environ: dict[str, str] | None = None) -> TorchrunEnv | None:
     """The torchrun placement from the environment, or None when not launched by torchrun.
 
     A world of one process is treated as no torchrun at all (the ordinary single-process path).
+    The launch environment is the one place fxtl reads a job's settings from: torchrun's
+    ``RANK``/``WORLD_SIZE``/..., and ``FXTL_DIST_TIMEOUT`` (seconds a barrier waits) beside them,
+    since every rank must agree on it and torchrun hands all ranks one environment.
     """
     env = os.environ if environ is None else environ
     if "WORLD_SIZE" not in env or "RANK" not in env:
@@ -71,7 +75,8 @@ def torchrun_env(environ: dict[str, str] | None = None) -> TorchrunEnv | None:
         raise FxtlError(f"RANK={rank} (LOCAL_RANK={local_rank}) is outside WORLD_SIZE={world} "
                         f"(LOCAL_WORLD_SIZE={local_world}); launch with torchrun")
     return TorchrunEnv(rank=rank, world_size=world, local_rank=local_rank,
-                       local_world_size=max(1, local_world))
+                       local_world_size=max(1, local_world),
+                       timeout_s=_timeout_seconds(env.get("FXTL_DIST_TIMEOUT", "")))
 
 
 def parse_shard(text: str) -> tuple[int, int]:
@@ -152,13 +157,14 @@ def place_rank(env: TorchrunEnv, device: str) -> tuple[str, int]:
     return device, workers
 
 
-def _timeout() -> timedelta:
-    raw = os.environ.get("FXTL_DIST_TIMEOUT", "")
+def _timeout_seconds(raw: str) -> float:
     try:
         seconds = float(raw) if raw else _DEFAULT_TIMEOUT_S
     except ValueError:
         raise FxtlError(f"FXTL_DIST_TIMEOUT={raw!r} is not a number of seconds; fix or unset it") from None
-    return timedelta(seconds=seconds)
+    if not seconds > 0:
+        raise FxtlError(f"FXTL_DIST_TIMEOUT={raw!r} must be a positive number of seconds; fix or unset it")
+    return seconds
 
 
 def _start_process_group(env: TorchrunEnv, backend: str, **kwargs: Any) -> None:
@@ -193,9 +199,10 @@ class Coordinator:
 
         if dist.is_available() and dist.is_initialized():
             if dist.get_backend() != "gloo":
-                self._group = dist.new_group(backend="gloo", timeout=_timeout())
+                self._group = dist.new_group(backend="gloo",
+                                             timeout=timedelta(seconds=self.env.timeout_s))
         else:
-            _start_process_group(self.env, "gloo", timeout=_timeout())
+            _start_process_group(self.env, "gloo", timeout=timedelta(seconds=self.env.timeout_s))
             self._owned = True
         return self
 

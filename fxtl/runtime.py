@@ -6,10 +6,11 @@ import functools
 import os
 from pathlib import Path
 
+from .distributed import available_cores
 from .errors import ParameterError
 
 __all__ = ["resolve_device", "resolve_precision", "autocast", "cpu_supports_bf16", "PRECISIONS",
-           "DEVICES", "keep_freed_memory", "gpu_driver_present"]
+           "DEVICES", "keep_freed_memory", "gpu_driver_present", "default_workers"]
 
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 DEVICES = ("auto", "cpu", "cuda")
@@ -102,11 +103,10 @@ def keep_freed_memory() -> bool:
     forward pass maps its activations afresh and the kernel zero-fills each page. This changes
     the whole process (it keeps its peak heap), so no library call makes it: the ``fxtl``
     command turns it on for the commands that run a network on the CPU; a Python caller may
-    call it once at start-up. ``FXTL_MALLOC_TUNING=0`` leaves malloc alone; jemalloc or tcmalloc
-    via ``LD_PRELOAD`` do the same job. Returns whether the setting was applied (only on glibc).
+    call it once at start-up (the command skips it under ``FXTL_MALLOC_TUNING=0``); jemalloc or
+    tcmalloc via ``LD_PRELOAD`` do the same job. Returns whether the setting was applied (only on
+    glibc).
     """
-    if os.environ.get("FXTL_MALLOC_TUNING", "1") == "0":
-        return False
     try:
         import ctypes
 
@@ -131,3 +131,15 @@ def release_freed_memory() -> bool:
         return bool(ctypes.CDLL("libc.so.6").malloc_trim(0))
     except (OSError, AttributeError):  # not glibc
         return False
+
+
+def default_workers(device: str) -> int:
+    """Decoding worker processes: up to 8 on CUDA (decode overlaps the GPU), none on CPU.
+
+    On CPU every core is already busy computing, and a worker process stealing a core makes
+    torch's OpenMP threads wait for each other. Instead each batch is decoded by a thread pool
+    on all cores, then computed on all cores: the two phases take turns and nothing contends.
+    """
+    if device.startswith("cuda"):
+        return max(1, min(8, available_cores() - 1))
+    return 0

@@ -101,14 +101,22 @@ def test_graph_is_part_of_the_cache_provenance(shapes_cache):
     assert str(attrs["graph"]).startswith("bn-folded:")
 
 
-def test_malloc_tuning_is_glibc_only_and_can_be_turned_off(monkeypatch):
-    from fxtl import runtime
-
-    runtime.keep_freed_memory.cache_clear()
-    monkeypatch.setenv("FXTL_MALLOC_TUNING", "0")
-    assert runtime.keep_freed_memory() is False
-    runtime.keep_freed_memory.cache_clear()
-    monkeypatch.delenv("FXTL_MALLOC_TUNING")
+def test_malloc_tuning_is_glibc_only_and_the_command_can_turn_it_off(monkeypatch, tmp_path):
     import platform
 
+    from click.testing import CliRunner
+    from fxtl import runtime
+    from fxtl.cli import cli
+
+    runtime.keep_freed_memory.cache_clear()
     assert runtime.keep_freed_memory() is (platform.libc_ver()[0] == "glibc")
+    # The library never reads FXTL_MALLOC_TUNING; the command does (click's envvar).
+    calls = []
+    monkeypatch.setattr(runtime, "keep_freed_memory", lambda: calls.append(1) or True)
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    for env, expected in (({"FXTL_MALLOC_TUNING": "0"}, []), ({}, [1])):
+        calls.clear()
+        r = CliRunner().invoke(cli, ["extract", str(empty), "--cache-dir", str(tmp_path / "c")],
+                               env=env)
+        assert r.exit_code == 1 and calls == expected, (r.output, calls)

@@ -24,6 +24,7 @@ import csv
 import hashlib
 import json
 import os
+import stat
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -31,6 +32,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from .._isolate import run_isolated
 from .._util import default_cache_dir
 from ..errors import DataError, FxtlWarning
 from .images import IMAGE_EXTENSIONS, UNDECODABLE_EXTENSIONS, EvalTransform, ImageDecodeError, Preprocessing
@@ -46,6 +48,8 @@ _IGNORED_FILES = {"thumbs.db", "desktop.ini"}
 # Files only fxtl writes: a folder holding one is fxtl's output (a run, a cache dir), never data.
 ARTIFACT_NAMES = frozenset({"head.json", "fxtl-model.json", "metrics.json", "rows.json"})
 _HDF5_SIGNATURE = b"\x89HDF\r\n\x1a\n"
+# Seconds a child may take to read an HDF5 file's `format` before the file is called damaged.
+_FORMAT_PROBE_SECONDS = 30.0
 
 
 @dataclass(frozen=True)
@@ -127,22 +131,32 @@ def _warn_undecodable(files: list[Path]) -> None:
 
 
 def _is_fxtl_hdf5(path: str) -> bool:
-    """True for an HDF5 file that fxtl wrote (a cache or a shard): its ``format`` says so."""
+    """True for an HDF5 file that fxtl wrote (a cache or a shard): its ``format`` says so.
+
+    The file is read in a child process only (libhdf5 may crash on a damaged one), and only
+    when it is a regular file with HDF5's signature (opening a FIFO would block)."""
     try:
+        if not stat.S_ISREG(os.stat(path).st_mode):
+            return False
         with open(path, "rb") as fh:
             if fh.read(8) != _HDF5_SIGNATURE:
                 return False
-        import h5py
-
-        from ..features.cache_guard import guard_cache
-
-        guard_cache(path, level="format")  # a file on which libhdf5 crashes is not opened here
-        with h5py.File(path, "r") as f:
-            fmt = f.attrs.get("format", "")
-        fmt = fmt.decode("utf-8", "replace") if isinstance(fmt, bytes) else str(fmt)
-        return fmt.startswith("fxtl")
+        return run_isolated("fxtl.data.discovery:require_fxtl_format", Path(path), "format",
+                            limit=_FORMAT_PROBE_SECONDS, fix="it is not read") is None
     except Exception:  # unreadable or damaged: not provably ours, and not an image either
         return False
+
+
+def require_fxtl_format(path: Path, level: str = "format") -> None:
+    """Raise unless the HDF5 file ``path``'s root attribute ``format`` starts with ``fxtl``
+    (run in a child process by :func:`_is_fxtl_hdf5`; ``level`` is the child protocol's)."""
+    import h5py  # the child's only reader; discovery itself never opens HDF5
+
+    with h5py.File(path, "r") as f:
+        fmt = f.attrs.get("format", "")
+    fmt = fmt.decode("utf-8", "replace") if isinstance(fmt, bytes) else str(fmt)
+    if not fmt.startswith("fxtl"):
+        raise ValueError(f"format {fmt!r}")
 
 
 def is_artifact_folder(dirpath: str | Path, filenames: Sequence[str] = (),

@@ -23,10 +23,14 @@ from typing import Any
 
 import numpy as np
 
+from .. import __version__
 from .._util import atomic_write_bytes, atomic_write_json, now_iso, sha256_file
+from ..backbones.registry import MODEL_MANIFEST
 from ..errors import FxtlError, ParameterError
 from ..heads.model import class_positions
+from ..inference import resolve_model
 from .heads_onnx import HEAD_INPUT, HEAD_OUTPUT, UnsupportedHead, convert_head, convert_with_skl2onnx
+from .sources import load_run
 
 __all__ = ["export_model", "ExportResult", "require_onnx", "ONNX_FORMAT", "ONNX_FORMAT_VERSION",
            "INPUT_NAME", "OUTPUT_NAME", "INPUT_DTYPES", "EXACT_HEADS", "SKL2ONNX_HEADS"]
@@ -115,10 +119,6 @@ def export_model(run: str | Path, *, output: str | Path | None = None, input_dty
     >>> res.class_names                                                      # doctest: +SKIP
     ['ants', 'bees']
     """
-    from ..backbones.registry import MODEL_MANIFEST
-    from ..prediction import resolve_model
-    from .sources import load_run
-
     if input_dtype not in INPUT_DTYPES:
         raise ParameterError("input_dtype", f"input_dtype must be one of {', '.join(INPUT_DTYPES)}, "
                                             f"got {input_dtype!r}")
@@ -236,8 +236,6 @@ def _check_against_fxtl(model, src, *, size: int, input_dtype: str) -> float:
 
 def _metadata(src, *, size: int, input_dtype: str, opset: int, converter: str) -> dict[str, Any]:
     """What the file says about itself (model metadata and sidecar carry the same)."""
-    from .. import __version__
-
     prov = src.provenance
     pre = dict(prov.get("preprocessing") or src.backbone.preprocessing.to_dict())
     return {"format": ONNX_FORMAT, "format_version": ONNX_FORMAT_VERSION, "kind": src.kind,

@@ -17,7 +17,10 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from .._util import say
+from ..data.images import EvalTransform, ImageDecodeError, Preprocessing
 from ..errors import FxtlError, ProvenanceError, ParameterError
+from ..inference import PredictResult, collect_images, finish_result
 from .onnx_graph import ONNX_FORMAT, ONNX_FORMAT_VERSION, require_onnx
 
 __all__ = ["predict_onnx", "OnnxModel", "load_onnx"]
@@ -36,8 +39,6 @@ class OnnxModel:
     """
 
     def __init__(self, path: Path, session, meta: dict[str, Any]):
-        from ..data.images import Preprocessing
-
         self.path, self.session, self.meta = path, session, meta
         self.class_names = list(meta["class_names"])
         self.preprocessing = Preprocessing.from_dict(meta["preprocessing"])
@@ -116,10 +117,6 @@ def predict_onnx(model: str | Path, inputs: Sequence[str | Path], *, top_k: int 
     fxtl.prediction.PredictResult
         ``kind`` is ``"onnx"``, ``device`` ``"cpu"``, ``precision`` ``"fp32"``.
     """
-    from .._util import say
-    from ..data.images import EvalTransform, ImageDecodeError
-    from ..prediction import PredictResult, collect_images, finish_result
-
     if top_k < 1:
         raise ParameterError("top_k", f"top_k must be at least 1, got {top_k}")
     if batch_size is not None and batch_size < 1:

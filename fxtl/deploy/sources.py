@@ -15,7 +15,10 @@ from typing import Any, Callable
 import numpy as np
 
 from .._util import sha256_file
+from ..backbones.registry import load_backbone
 from ..errors import FxtlError, ProvenanceError
+from ..heads.persistence import load_head
+from ..inference import head_backbone
 
 __all__ = ["RunSource", "load_run"]
 
@@ -57,9 +60,6 @@ def load_run(run: Path, *, manifest_name: str) -> RunSource:
 def _load_head_run(run: Path) -> RunSource:
     import torch
 
-    from ..heads.fitting import load_head
-    from ..prediction import head_backbone
-
     head = load_head(run)  # checks the head file against the sha256 in its sidecar
     bb = head_backbone(head)  # the weights found here must be the ones the features came from
     prov = dict(head.provenance)
@@ -78,8 +78,6 @@ def _load_head_run(run: Path) -> RunSource:
 
 def _load_finetuned(run: Path, manifest_path: Path) -> RunSource:
     import torch
-
-    from ..backbones.registry import load_backbone
 
     try:
         manifest = json.loads(manifest_path.read_text())

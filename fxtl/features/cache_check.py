@@ -1,22 +1,31 @@
-"""Check an open cache against docs/cache-format.md, once, before anything reads its values.
+"""Check a cache against docs/cache-format.md, once, before anything reads its values.
 
 Every rule the spec states as MUST for a reader's safety is checked here: what fails becomes one
 :class:`~fxtl.errors.CacheError` naming the file, what is wrong, and the fix. Nothing downstream
-(heads, export, predict) then needs to guard against a damaged or hand-edited cache.
+(heads, export, predict) then needs to guard against a damaged, hand-edited or hostile cache.
+:func:`check_file` runs before HDF5 sees the file, :func:`check_cache` on the open file; the
+first checks of the latter read metadata only, so a file that points outside itself or declares
+more than it holds is refused before a byte of data is read.
 """
 from __future__ import annotations
 
 import json
+import math
+import os
+import stat
 from pathlib import Path
 
+import h5py
 import numpy as np
 
 from ..errors import CacheError
+from .spec import (EXPANSION_SLACK_BYTES, FORMAT, FORMAT_VERSION, JSON_ATTRS, MAX_EXPANSION,
+                   READABLE_VERSIONS, REQUIRED_ATTRS, ROW_DATASETS, SPLITS, STRING_ATTRS)
 
-__all__ = ["check_cache"]
+__all__ = ["check_file", "check_cache", "check_self_contained", "declared_bytes"]
 
-_ROW_DATASETS = ("features", "labels", "paths", "split")
 _FIX = "re-create it with `fxtl extract`"
+_HDF5_SIGNATURE = b"\x89HDF\r\n\x1a\n"
 
 
 def _damaged(path: Path, what: str) -> CacheError:
@@ -41,10 +50,94 @@ def _text(value):
     return value
 
 
+def check_file(path: Path) -> None:
+    """Raise :class:`CacheError` unless ``path`` is a regular file with HDF5's signature.
+
+    Only ``os.stat`` and a read of the signature happen here: a FIFO, a device or a socket is
+    refused before anything opens it (opening a FIFO blocks until a writer comes).
+    """
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        raise CacheError(f"{path}: no such cache file; create one with `fxtl extract DATA_DIR`") from None
+    except OSError as exc:
+        raise CacheError(f"{path} cannot be read ({exc.strerror or exc}); check its permissions "
+                         "or re-create it with `fxtl extract`") from None
+    if stat.S_ISDIR(st.st_mode):
+        raise CacheError(f"{path} is a directory, not a cache file; pass the .h5 file `fxtl extract` printed")
+    if not stat.S_ISREG(st.st_mode):
+        raise CacheError(f"{path} is not a regular file (a pipe, device or socket); pass the .h5 "
+                         "file `fxtl extract` wrote")
+    if not _has_hdf5_signature(path, st.st_size):
+        raise CacheError(f"{path} is not an HDF5 file; pass a cache written by `fxtl extract`")
+
+
+def _has_hdf5_signature(path: Path, size: int) -> bool:
+    """HDF5's signature at offset 0, 512, 1024, ... (where the library looks for it), read here
+    rather than by ``h5py.is_hdf5``, which parses the superblock in this process."""
+    try:
+        with open(path, "rb") as fh:
+            offset = 0
+            while offset + 8 <= size:
+                fh.seek(offset)
+                if fh.read(8) == _HDF5_SIGNATURE:
+                    return True
+                offset = 512 if offset == 0 else offset * 2
+    except OSError as exc:
+        raise CacheError(f"{path} cannot be read ({exc.strerror or exc}); check its permissions "
+                         "or re-create it with `fxtl extract`") from None
+    return False
+
+
+def check_self_contained(f, path: Path) -> None:
+    """Raise :class:`CacheError` unless every object of ``f`` keeps its data in ``f``.
+
+    External links, external raw storage and virtual datasets would make a reader open other
+    files (``/etc/passwd``, a file of the reader's) on the file's say; a declared shape above
+    what the file stores (a fill value stands in for the rest) would make it allocate what the
+    file's author chose. Metadata only: no dataset value is read.
+    """
+    links: list[tuple[bytes, int]] = []
+
+    def note(name: bytes, info) -> None:  # returning None walks on (HDF5's visit protocol)
+        links.append((name, info.type))
+
+    f.id.links.visit(note, info=True)  # every link once, soft and external ones not followed
+    for name, kind in links:
+        where = "/" + name.decode("utf-8", "replace")
+        if kind == h5py.h5l.TYPE_EXTERNAL:
+            raise _hostile(path, f"{where} is an external link (to another file)")
+        if kind != h5py.h5l.TYPE_HARD:
+            continue
+        obj = f.get(where)
+        if not isinstance(obj, h5py.Dataset):
+            continue
+        if obj.is_virtual:
+            raise _hostile(path, f"{where} is a virtual dataset (its data is in other files)")
+        if obj.external:
+            raise _hostile(path, f"{where} keeps its data in external files "
+                                 f"({obj.external[0][0]!s:.60})")
+        declared = declared_bytes(obj)
+        stored = obj.id.get_storage_size()
+        if declared > MAX_EXPANSION * stored + EXPANSION_SLACK_BYTES:
+            raise _damaged(path, f"{where} declares shape {list(obj.shape)} ({declared / 2**20:.0f} "
+                                 f"MiB) but the file stores {stored / 2**20:.1f} MiB of it (a reader "
+                                 f"takes at most {MAX_EXPANSION}x what is stored)")
+
+
+def declared_bytes(ds) -> int:
+    """Bytes a full read of dataset ``ds`` allocates, from its shape and type (metadata only)."""
+    return math.prod(int(d) for d in (ds.shape or ())) * int(ds.dtype.itemsize)
+
+
+def _hostile(path: Path, what: str) -> CacheError:
+    return CacheError(f"{path} is refused: {what}; a cache must hold all its data itself "
+                      f"(docs/cache-format.md, \"File\"); {_FIX}")
+
+
 def check_cache(f, path: Path) -> None:
     """Raise :class:`CacheError` unless the open HDF5 file ``f`` is a cache fxtl can read."""
-    from .store import FORMAT, FORMAT_VERSION, READABLE_VERSIONS, REQUIRED_ATTRS
-
+    check_self_contained(f, path)
     fmt = _text(f.attrs.get("format"))
     if fmt != FORMAT:
         raise CacheError(f"{path} is an HDF5 file but not an fxtl feature cache (format={fmt!r}); "
@@ -53,12 +146,10 @@ def check_cache(f, path: Path) -> None:
     _check_version(path, version, FORMAT_VERSION, READABLE_VERSIONS)
     _check_complete(path, f.attrs.get("complete"))
     missing = [k for k in REQUIRED_ATTRS if k not in f.attrs]
-    missing += ["/" + name for name in _ROW_DATASETS if name not in f]
+    missing += ["/" + name for name in ROW_DATASETS if name not in f]
     if missing:
         raise _damaged(path, f"missing {', '.join(missing)}")
-    import h5py
-
-    for name in _ROW_DATASETS:
+    for name in ROW_DATASETS:
         if not isinstance(f[name], h5py.Dataset):
             raise _damaged(path, f"/{name} is a {type(f[name]).__name__.lower()}, not a dataset")
     n = _check_shapes(path, f)
@@ -92,8 +183,8 @@ def _check_complete(path: Path, complete) -> None:
 
 
 def _check_shapes(path: Path, f) -> int:
-    feats, labels, paths, split = (f[name] for name in _ROW_DATASETS)
-    shapes = ", ".join(f"/{k} {list(f[k].shape)}" for k in _ROW_DATASETS)
+    feats, labels, paths, split = (f[name] for name in ROW_DATASETS)
+    shapes = ", ".join(f"/{k} {list(f[k].shape)}" for k in ROW_DATASETS)
     if len(feats.shape) != 2 or any(ds.shape != (feats.shape[0],) for ds in (labels, paths, split)):
         raise _damaged(path, f"/features must be [N, D] and /labels, /paths, /split [N] (found {shapes})")
     n, dim = feats.shape
@@ -123,6 +214,10 @@ def _check_class_names(path: Path, value) -> list[str]:
     names = [_text(v) for v in arr.tolist()]
     if not all(isinstance(v, str) for v in names):
         raise _damaged(path, "class_names must be a 1-D array of strings")
+    seen: set[str] = set()
+    twice = [v for v in names if v in seen or seen.add(v)]
+    if twice:
+        raise _damaged(path, f"class_names holds {twice[0]!r:.60} twice; each class is named once")
     return names
 
 
@@ -142,8 +237,6 @@ def _check_labels(path: Path, ds, n_classes: int) -> None:
 
 
 def _check_split(path: Path, ds, n: int) -> None:
-    from .store import SPLITS
-
     values = set()
     for start in range(0, n, 1 << 20):
         values.update(np.unique(np.asarray(ds[start:start + (1 << 20)])).tolist())
@@ -154,9 +247,7 @@ def _check_split(path: Path, ds, n: int) -> None:
 
 
 def _check_attrs(path: Path, f) -> None:
-    from .store import _JSON_ATTRS
-
-    for key in _JSON_ATTRS:
+    for key in JSON_ATTRS:
         if key in f.attrs:
             text = _text(f.attrs[key])
             try:
@@ -166,7 +257,7 @@ def _check_attrs(path: Path, f) -> None:
                     raise ValueError
             except ValueError:
                 raise _damaged(path, f"attribute {key} is not JSON text") from None
-    for key in ("backbone", "weights_sha256", "precision", "layer", "fingerprint"):
+    for key in STRING_ATTRS:
         if not isinstance(_text(f.attrs[key]), str):
             raise _damaged(path, f"attribute {key} is {_show(f.attrs[key])}, the spec says a string")
 
@@ -174,8 +265,6 @@ def _check_attrs(path: Path, f) -> None:
 def _check_errors(path: Path, f) -> None:
     if "errors" not in f:
         return
-    import h5py
-
     g = f["errors"]
     if not isinstance(g, h5py.Group) or not all(isinstance(g.get(k), h5py.Dataset)
                                                 for k in ("path", "reason")):

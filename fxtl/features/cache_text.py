@@ -9,13 +9,17 @@ plain UTF-8, readable as is.
 """
 from __future__ import annotations
 
+import json
 import re
 from typing import Any, Sequence
 
+import h5py
 import numpy as np
 
+from .spec import JSON_ATTRS
+
 __all__ = ["ESCAPED_ATTR", "encode_text", "decode_text", "escape", "unescape", "fixed_utf8",
-           "read_string_array", "escaped_names"]
+           "read_string_array", "escaped_names", "decode_attr", "cache_attrs", "read_strings"]
 
 # Root attribute listing the elements written escaped: "/dataset/path" or "@attribute".
 ESCAPED_ATTR = "escaped"
@@ -68,8 +72,6 @@ def decode_text(text: str, escaped: bool) -> str:
 
 def fixed_utf8(texts: Sequence[str]):
     """``(array, dtype)`` of fixed-length UTF-8 strings sized to the longest value (at least 1)."""
-    import h5py
-
     raw = [t.encode("utf-8") for t in texts]
     dtype = h5py.string_dtype("utf-8", length=max([1] + [len(b) for b in raw]))
     return np.array(raw, dtype=dtype).reshape(len(raw)), dtype
@@ -91,3 +93,44 @@ def escaped_names(value: Any) -> set[str]:
     if isinstance(value, (bytes, str)):
         value = [value]
     return {v.decode("utf-8") if isinstance(v, bytes) else str(v) for v in value}
+
+
+def decode_attr(value: Any) -> Any:
+    """An HDF5 attribute value as plain Python (bytes -> str, numpy -> list or scalar)."""
+    if isinstance(value, bytes):
+        return value.decode("utf-8", "surrogateescape")
+    if isinstance(value, np.ndarray):
+        return [decode_attr(v) for v in value.tolist()]
+    if isinstance(value, np.generic):
+        return value.item()
+    return value
+
+
+def cache_attrs(f) -> dict[str, Any]:
+    """Root attributes of an open cache, decoded: JSON text -> dicts, escaped text -> names."""
+    raw = {key: decode_attr(value) for key, value in f.attrs.items()}
+    escaped = escaped_names(raw.get(ESCAPED_ATTR))
+    out = {}
+    for key, value in raw.items():
+        if key == ESCAPED_ATTR:
+            continue
+        if "@" + key in escaped:
+            value = [decode_text(v, True) for v in value] if isinstance(value, list) \
+                else decode_text(value, True)
+        if key in JSON_ATTRS and isinstance(value, str) and value:
+            value = json.loads(value)
+        if key == "complete" and isinstance(value, (bool, int)):
+            value = bool(value)
+        out[key] = value
+    return out
+
+
+def read_strings(f, name: str) -> list[str]:
+    """The string dataset ``name`` of an open cache (any version) as Python str, lossless.
+
+    Rows the writer escaped (file names that are not UTF-8) come back as the ``os.fsdecode``
+    str they were written from, surrogate escapes included.
+    """
+    escaped = escaped_names(decode_attr(f.attrs.get(ESCAPED_ATTR)))
+    ds = f[name]
+    return read_string_array(ds[...], ds.name in escaped)

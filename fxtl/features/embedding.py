@@ -16,7 +16,7 @@ import numpy as np
 
 from ..data.discovery import ImageDataset
 from ..data.images import collate_images
-from ..runtime import autocast, resolve_device, resolve_precision
+from ..runtime import autocast, default_workers, resolve_device, resolve_precision
 
 if TYPE_CHECKING:  # importing the class imports torch
     from ..backbones.network import Backbone
@@ -33,20 +33,6 @@ def default_batch_size(device: str, precision: str = "bf16") -> int:
     if device.startswith("cuda"):
         return 128
     return 4 if precision == "fp32" else 16
-
-
-def default_workers(device: str) -> int:
-    """Decoding worker processes: up to 8 on CUDA (decode overlaps the GPU), none on CPU.
-
-    On CPU every core is already busy computing, and a worker process stealing a core makes
-    torch's OpenMP threads wait for each other. Instead each batch is decoded by a thread pool
-    on all cores, then computed on all cores: the two phases take turns and nothing contends.
-    """
-    if device.startswith("cuda"):
-        from ..distributed import available_cores
-
-        return max(1, min(8, available_cores() - 1))
-    return 0
 
 
 def make_loader(dataset, *, batch_size: int, workers: int, device: str):

@@ -17,8 +17,9 @@ from ..backbones.folding import INFERENCE_GRAPH
 from ..backbones.registry import (DEFAULT_BACKBONE, WeightsIdentity, load_backbone,
                                   parse_backbone_name, weights_identity)
 from ..backbones.spec import AUTO_LAYERS
-from .._util import slug
+from .._util import default_cache_dir, slug
 from ..data.discovery import ImageSet, discover, fingerprint
+from ..distributed import place_rank, torchrun_env
 from ..errors import CacheError, DataError, ParameterError, ProvenanceError
 from ..runtime import resolve_device, resolve_precision
 from .chunks import chunk_errors, compute_rows, write_rows
@@ -26,6 +27,7 @@ from .embedding import default_batch_size, default_workers, embed_paths
 from .job import ExtractJob, ExtractResult, cache_hit, make_result, reuse_or_compute
 from .shards import SHARD_FORMAT, extract_shard, job_attrs, merge_shards
 from .store import FORMAT_VERSION, read_attrs
+from .torchrun import extract_torchrun
 
 __all__ = ["extract", "merge_shards", "ExtractResult", "embed_paths", "cache_path_for",
            "cache_fingerprint", "parse_layers", "default_batch_size", "default_workers", "SHARD_FORMAT"]
@@ -143,9 +145,6 @@ def extract(data: str | Path, *, backbone: str = DEFAULT_BACKBONE, layer: str | 
     >>> extract("data/hymenoptera", shard=(1, 4)).shard_file   # doctest: +SKIP
     PosixPath('cache/hymenoptera-lite0-1e2b80d0e2303460.h5.shards/shard-00001-of-00004.h5')
     """
-    from .._util import default_cache_dir
-    from ..distributed import place_rank, torchrun_env
-
     t0 = time.perf_counter()
     _check_options(batch_size=batch_size, workers=workers, chunk_batches=chunk_batches)
     env = None if distributed is False else torchrun_env()
@@ -196,8 +195,6 @@ def extract(data: str | Path, *, backbone: str = DEFAULT_BACKBONE, layer: str | 
         return cache_hit(path, fp, t0)
 
     if env is not None:
-        from .torchrun import extract_torchrun
-
         return extract_torchrun(job, env, force=force, find_hit=hit)
     if shard is not None:
         res = None if force else hit()  # the merged cache exists: nothing to do

@@ -1,4 +1,4 @@
-"""The HDF5 feature cache: writer and reader of format ``fxtl-features`` (version 3; reads 1, 2).
+"""The HDF5 feature cache: writer and reader of format ``fxtl-features`` (version 2; reads 1).
 
 The spec lives in ``docs/cache-format.md``; this module mirrors it. Writers stamp every element
 with ``encoding-type``/``encoding-version``; :func:`open_cache` checks a file against the spec
@@ -11,63 +11,40 @@ import contextlib
 import errno
 import json
 import os
+import shutil
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Iterator, Mapping, Sequence
 
+import h5py
 import numpy as np
 
-from .._util import atomic_path, storage_failure
+from .._util import atomic_path, ensure_dir, storage_failure
 from ..errors import CacheError, ParameterError
+from .cache_check import check_cache, check_file
 from .cache_guard import guard_cache, remember_written
-from .cache_text import (ESCAPED_ATTR, decode_text, encode_text, escaped_names, fixed_utf8,
-                         read_string_array)
+from .cache_text import (ESCAPED_ATTR, cache_attrs, decode_attr, encode_text, fixed_utf8,
+                         read_strings)
+from .spec import (CHUNK_BYTES, FORMAT, FORMAT_VERSION, JSON_ATTRS, LAYER_POOLING, LAYERS_GROUP,
+                   PROVENANCE_KEYS, READABLE_VERSIONS, REQUIRED_ATTRS, SPLITS, element)
 
 __all__ = ["FORMAT", "FORMAT_VERSION", "READABLE_VERSIONS", "REQUIRED_ATTRS", "PROVENANCE_KEYS",
            "FeatureCache", "load_features", "write_cache", "open_cache", "read_attrs",
            "cache_attrs", "decode_attr", "iter_feature_chunks", "summarize", "read_errors",
-           "read_strings", "provenance", "nonfinite_message", "reading_cache", "LAYERS_GROUP",
-           "LAYER_POOLING", "read_layer"]
+           "read_strings", "provenance", "nonfinite_message", "reading_cache", "SPLITS",
+           "read_layer"]
 
-FORMAT = "fxtl-features"
-FORMAT_VERSION = 3
-# Every version this module reads (docs/cache-format.md, "Versioning").
-READABLE_VERSIONS = (1, 2, 3)
-# The group holding further layers' features, one [N, D_layer] dataset per layer, and how each
-# was reduced to one vector per image (docs/cache-format.md, "Layers").
-LAYERS_GROUP = "layers"
-LAYER_POOLING = "global-average"
-# Rows per HDF5 chunk of /features are chosen so that one chunk is about 1 MiB.
-_CHUNK_BYTES = 1 << 20
-SPLITS = ("train", "val", "test")
-
-# Root attributes every cache carries (docs/cache-format.md, "Root attributes").
-REQUIRED_ATTRS = ("format", "format_version", "class_names", "backbone", "weights_sha256",
-                  "preprocessing", "precision", "layer", "fingerprint", "created",
-                  "fxtl_version", "complete")
-# Attributes holding JSON text, decoded by the reader.
-_JSON_ATTRS = ("preprocessing", "versions", "timings")
-# What an artifact made from a cache records about where its features came from.
-PROVENANCE_KEYS = ("backbone", "weights_sha256", "preprocessing", "precision", "layer", "layers", "graph",
-                   "fingerprint", "data_fingerprint", "fxtl_version", "versions", "dataset_root",
-                   "created")
 # Errors a file system gives when it cannot take more bytes (full disk, quota, size limit).
 _NO_SPACE_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
 _NO_SPACE_TEXT = ("No space left on device", "Disk quota exceeded", "File too large")
 
 
-def _h5():
-    try:
-        import h5py
-    except ImportError as exc:  # pragma: no cover - h5py is a hard dependency
-        raise CacheError("h5py is not installed; pip install h5py") from exc
-    return h5py
-
-
-def _stamp(obj, encoding_type: str, version: str) -> None:
-    obj.attrs["encoding-type"] = encoding_type
-    obj.attrs["encoding-version"] = version
+def _stamp(obj) -> None:
+    """The element's ``encoding-type`` and ``encoding-version``, as the spec's registry says."""
+    spec = element(obj.name)
+    obj.attrs["encoding-type"] = spec.encoding_type
+    obj.attrs["encoding-version"] = spec.encoding_version
 
 
 # ----------------------------------------------------------------------------- writer
@@ -156,26 +133,24 @@ def _first_line(exc: BaseException) -> str:
 
 def _write_file(tmp: Path, *, chunks, n, dim, labels, paths, split, class_names, errors, attrs,
                 layers) -> None:
-    h5py = _h5()
     escaped: list[str] = []
     f = h5py.File(tmp, "w")
     try:
-        _stamp(_float_rows(f, "features", chunks, n, dim), "dense-array", "1")
+        _stamp(_float_rows(f, "features", chunks, n, dim))
         if layers:
             group = f.create_group(LAYERS_GROUP)
-            _stamp(group, "layer-set", "1")
+            _stamp(group)
             group.attrs["names"] = np.array(list(layers), dtype=h5py.string_dtype("utf-8"))
             for name, (layer_dim, blocks) in layers.items():
                 ds = _float_rows(group, name, blocks, n, layer_dim)
-                _stamp(ds, "dense-array", "1")
+                _stamp(ds)
                 ds.attrs["pooling"] = LAYER_POOLING
             attrs = {**attrs, "layers": list(layers)}
-        _stamp(f.create_dataset("labels", data=np.asarray(labels, dtype="<i8").reshape(-1)),
-               "dense-array", "1")
+        _stamp(f.create_dataset("labels", data=np.asarray(labels, dtype="<i8").reshape(-1)))
         _string_dataset(f, "paths", paths, escaped)
         _string_dataset(f, "split", split, escaped)
         g = f.create_group("errors")
-        _stamp(g, "errors-table", "2")
+        _stamp(g)
         _string_dataset(g, "path", [p for p, _ in errors], escaped)
         _string_dataset(g, "reason", [r for _, r in errors], escaped)
         for key, value in attrs.items():
@@ -195,7 +170,7 @@ def _write_file(tmp: Path, *, chunks, n, dim, labels, paths, split, class_names,
 
 def _float_rows(parent, name: str, blocks: Iterable[np.ndarray], n: int, dim: int):
     """A float32 [n, dim] dataset chunked by rows (about 1 MiB a chunk), filled from ``blocks``."""
-    rows_per_chunk = max(1, min(max(n, 1), _CHUNK_BYTES // (4 * max(dim, 1))))
+    rows_per_chunk = max(1, min(max(n, 1), CHUNK_BYTES // (4 * max(dim, 1))))
     ds = parent.create_dataset(name, shape=(n, dim), dtype="<f4",
                                chunks=(rows_per_chunk, dim) if n and dim else None)
     row = 0
@@ -216,15 +191,14 @@ def _string_dataset(parent, name: str, values: Sequence[str], escaped: list[str]
     texts, any_escaped = encode_text(values)
     data, dtype = fixed_utf8(texts)
     ds = parent.create_dataset(name, data=data, dtype=dtype, shape=(len(texts),))
-    _stamp(ds, "string-array", "2")
+    _stamp(ds)
     ds.attrs["_Encoding"] = "utf-8"  # xarray/netCDF decode the bytes to str with this (CF)
     if any_escaped:
         escaped.append(ds.name)
 
 
 def _write_attr(f, key: str, value: Any, escaped: list[str]) -> None:
-    h5py = _h5()
-    if key in _JSON_ATTRS or isinstance(value, dict):
+    if key in JSON_ATTRS or isinstance(value, dict):
         value = json.dumps(value, sort_keys=True)  # ASCII: surrogates become \udcXX, losslessly
     elif value is None:
         value = ""
@@ -252,10 +226,6 @@ def _check_space(path: Path, payload: int) -> None:
     HDF5 fails late (at flush/close) on a full disk, so the space is checked up front; what the
     check cannot see (quotas, file-size limits) is caught while writing.
     """
-    import shutil
-
-    from .._util import ensure_dir
-
     ensure_dir(path.parent)
     # A margin over the estimate: HDF5 cannot recover from a write that fails half way.
     need = int(payload * 1.05) + (256 << 10)
@@ -267,66 +237,30 @@ def _check_space(path: Path, payload: int) -> None:
 
 
 # ----------------------------------------------------------------------------- attributes
-def decode_attr(value: Any) -> Any:
-    """An HDF5 attribute value as plain Python (bytes -> str, numpy -> list or scalar)."""
-    if isinstance(value, bytes):
-        return value.decode("utf-8", "surrogateescape")
-    if isinstance(value, np.ndarray):
-        return [decode_attr(v) for v in value.tolist()]
-    if isinstance(value, np.generic):
-        return value.item()
-    return value
-
-
-def cache_attrs(f) -> dict[str, Any]:
-    """Root attributes of an open cache, decoded: JSON text -> dicts, escaped text -> names."""
-    raw = {key: decode_attr(value) for key, value in f.attrs.items()}
-    escaped = escaped_names(raw.get(ESCAPED_ATTR))
-    out = {}
-    for key, value in raw.items():
-        if key == ESCAPED_ATTR:
-            continue
-        if "@" + key in escaped:
-            value = [decode_text(v, True) for v in value] if isinstance(value, list) \
-                else decode_text(value, True)
-        if key in _JSON_ATTRS and isinstance(value, str) and value:
-            value = json.loads(value)
-        if key == "complete" and isinstance(value, (bool, int)):
-            value = bool(value)
-        out[key] = value
-    return out
-
-
 def provenance(attrs: dict[str, Any]) -> dict[str, Any]:
     """The provenance part (:data:`PROVENANCE_KEYS`) of a cache's decoded attributes."""
     return {k: attrs[k] for k in PROVENANCE_KEYS if k in attrs}
 
 
 # ----------------------------------------------------------------------------- reader
-def open_cache(path: Path, *, features: bool = True):
+def open_cache(path: Path, *, features: bool = True, isolate: bool | None = None):
     """Open a cache for reading after checking it against the spec; an open ``h5py.File``.
 
-    Everything the spec says about the file's structure is checked here, once (format,
-    version, completeness, attribute and dataset types and shapes, label range, class names);
-    the file is refused with a one-line :class:`CacheError` naming it and the fix. Feature
-    values are checked as they are read (:func:`load_features`).
+    Everything the spec says about the file's structure is checked here, once (a regular file
+    holding all its data itself, declared shapes within what it stores, format, version,
+    completeness, attribute and dataset types and shapes, label range, class names); the file
+    is refused with a one-line :class:`CacheError` naming it and the fix. Feature values are
+    checked as they are read (:func:`load_features`).
 
-    A cache this process did not write is first read by a child process
+    ``isolate``: read the file in a child process first
     (:func:`~fxtl.features.cache_guard.guard_cache`), so that a file on which libhdf5 crashes
-    or loops is refused with one line instead of taking the process down. ``features=False``
+    or loops is refused with one line instead of taking the process down. None (default): as
+    the entered :class:`~fxtl.features.cache_guard.CacheGuard` says, else True. ``features=False``
     says the caller reads the attributes and small datasets only (a cheaper probe).
     """
-    from .cache_check import check_cache
-
-    h5py = _h5()
     path = Path(path)
-    if not path.exists():
-        raise CacheError(f"{path}: no such cache file; create one with `fxtl extract DATA_DIR`")
-    if path.is_dir():
-        raise CacheError(f"{path} is a directory, not a cache file; pass the .h5 file `fxtl extract` printed")
-    if not _has_hdf5_signature(path):
-        raise CacheError(f"{path} is not an HDF5 file; pass a cache written by `fxtl extract`")
-    guard_cache(path, features=features)
+    check_file(path)
+    guard_cache(path, features=features, isolate=isolate)
     try:
         f = h5py.File(path, "r")
     except OSError as exc:
@@ -339,24 +273,6 @@ def open_cache(path: Path, *, features: bool = True):
         f.close()
         raise
     return f
-
-
-def _has_hdf5_signature(path: Path) -> bool:
-    """HDF5's signature at offset 0, 512, 1024, ... (where the library looks for it), read here
-    rather than by ``h5py.is_hdf5``, which parses the superblock in this process."""
-    try:
-        size = path.stat().st_size
-        with open(path, "rb") as fh:
-            offset = 0
-            while offset + 8 <= size:
-                fh.seek(offset)
-                if fh.read(8) == b"\x89HDF\r\n\x1a\n":
-                    return True
-                offset = 512 if offset == 0 else offset * 2
-    except OSError as exc:
-        raise CacheError(f"{path} cannot be read ({exc.strerror or exc}); check its permissions "
-                         "or re-create it with `fxtl extract`") from None
-    return False
 
 
 @contextlib.contextmanager
@@ -380,21 +296,11 @@ def reading_cache(path: Path) -> Iterator[None]:
         raise CacheError(f"{path} is damaged ({reason}); re-create it with `fxtl extract`") from None
 
 
-def read_attrs(path: Path) -> dict[str, Any]:
-    """Root attributes of a cache, decoded (JSON attributes become dicts)."""
-    with reading_cache(path), open_cache(path, features=False) as f:
+def read_attrs(path: Path, *, isolate: bool | None = None) -> dict[str, Any]:
+    """Root attributes of a cache, decoded (JSON attributes become dicts); ``isolate`` as in
+    :func:`open_cache`."""
+    with reading_cache(path), open_cache(path, features=False, isolate=isolate) as f:
         return cache_attrs(f)
-
-
-def read_strings(f, name: str) -> list[str]:
-    """The string dataset ``name`` of an open cache (any version) as Python str, lossless.
-
-    Rows the writer escaped (file names that are not UTF-8) come back as the ``os.fsdecode``
-    str they were written from, surrogate escapes included.
-    """
-    escaped = escaped_names(decode_attr(f.attrs.get(ESCAPED_ATTR)))
-    ds = f[name]
-    return read_string_array(ds[...], ds.name in escaped)
 
 
 def _errors_of(f) -> list[tuple[str, str]]:
@@ -403,17 +309,17 @@ def _errors_of(f) -> list[tuple[str, str]]:
     return list(zip(read_strings(f, "errors/path"), read_strings(f, "errors/reason")))
 
 
-def read_errors(path: str | Path) -> list[dict[str, str]]:
+def read_errors(path: str | Path, *, isolate: bool | None = None) -> list[dict[str, str]]:
     """The ``/errors`` table of a cache: ``[{"path", "reason"}]`` for every skipped image."""
     path = Path(path)
-    with reading_cache(path), open_cache(path, features=False) as f:
+    with reading_cache(path), open_cache(path, features=False, isolate=isolate) as f:
         return [{"path": p, "reason": r} for p, r in _errors_of(f)]
 
 
-def summarize(path: Path) -> dict[str, Any]:
+def summarize(path: Path, *, isolate: bool | None = None) -> dict[str, Any]:
     """Shape, splits, classes and errors of a cache without reading the features."""
     path = Path(path)
-    with reading_cache(path), open_cache(path, features=False) as f:
+    with reading_cache(path), open_cache(path, features=False, isolate=isolate) as f:
         attrs = cache_attrs(f)
         split = read_strings(f, "split")
         errors = [{"path": p, "reason": r} for p, r in _errors_of(f)]
@@ -548,7 +454,8 @@ def nonfinite_message(path: Path, bad: np.ndarray, n: int, paths: Sequence[str] 
             "nonfinite='drop' to leave those rows out")
 
 
-def load_features(path: str | Path, *, nonfinite: str = "raise") -> FeatureCache:
+def load_features(path: str | Path, *, nonfinite: str = "raise",
+                  isolate: bool | None = None) -> FeatureCache:
     """Load a cache written by ``fxtl extract``.
 
     Parameters
@@ -558,6 +465,9 @@ def load_features(path: str | Path, *, nonfinite: str = "raise") -> FeatureCache
     nonfinite : {"raise", "drop"}
         What to do with feature rows holding NaN or infinity (a damaged file): refuse the file
         with one line naming the rows (default), or leave those rows out with a warning.
+    isolate : bool, optional
+        Read the file in a child process first (a file on which libhdf5 crashes is then one
+        line, not a dead process). None: as the entered ``CacheGuard`` says, else True.
 
     Returns
     -------
@@ -571,7 +481,7 @@ def load_features(path: str | Path, *, nonfinite: str = "raise") -> FeatureCache
     """
     _check_nonfinite(nonfinite)
     path = Path(path)
-    with reading_cache(path), open_cache(path) as f:
+    with reading_cache(path), open_cache(path, isolate=isolate) as f:
         attrs = cache_attrs(f)
         features = f["features"][...].astype(np.float32, copy=False)
         labels = f["labels"][...].astype(np.int64, copy=False)
@@ -593,8 +503,9 @@ def load_features(path: str | Path, *, nonfinite: str = "raise") -> FeatureCache
                         kept_rows=None if finite.all() else np.flatnonzero(finite))
 
 
-def read_layer(path: str | Path, name: str) -> np.ndarray:
-    """The float32 [N, D_layer] features of layer ``name`` (``/layers/<name>``) of a cache.
+def read_layer(path: str | Path, name: str, *, isolate: bool | None = None) -> np.ndarray:
+    """The float32 [N, D_layer] features of layer ``name`` (``/layers/<name>``) of a cache;
+    ``isolate`` as in :func:`load_features`.
 
     Raises
     ------
@@ -603,11 +514,11 @@ def read_layer(path: str | Path, name: str) -> np.ndarray:
         infinity; one line naming the file.
     """
     path = Path(path)
-    with reading_cache(path), open_cache(path) as f:
+    with reading_cache(path), open_cache(path, isolate=isolate) as f:
         group = f.get(LAYERS_GROUP)
-        ds = group.get(name) if group is not None and hasattr(group, "get") else None
+        ds = group.get(name) if isinstance(group, h5py.Group) else None
         n = f["features"].shape[0]
-        if ds is None or not hasattr(ds, "dtype"):
+        if not isinstance(ds, h5py.Dataset):
             raise CacheError(f"{path} stores no layer {name!r} (/{LAYERS_GROUP}/{name}); "
                              "extract with layers= to add it")
         if len(ds.shape) != 2 or ds.shape[0] != n or ds.shape[1] < 1 or ds.dtype.kind != "f":
@@ -623,7 +534,8 @@ def read_layer(path: str | Path, name: str) -> np.ndarray:
 
 
 def iter_feature_chunks(path: str | Path, *, rows: int = 8192, split: str | None = None,
-                        nonfinite: str = "raise") -> Iterator[tuple[np.ndarray, np.ndarray]]:
+                        nonfinite: str = "raise",
+                        isolate: bool | None = None) -> Iterator[tuple[np.ndarray, np.ndarray]]:
     """Stream ``(X, y)`` blocks of at most ``rows`` rows without loading the whole cache.
 
     For caches larger than memory (heads fitted with ``partial_fit``). ``nonfinite`` is as in
@@ -631,7 +543,7 @@ def iter_feature_chunks(path: str | Path, *, rows: int = 8192, split: str | None
     """
     _check_nonfinite(nonfinite)
     path = Path(path)
-    with reading_cache(path), open_cache(path) as f:
+    with reading_cache(path), open_cache(path, isolate=isolate) as f:
         n = f["features"].shape[0]
         sp = None if split is None else np.array(read_strings(f, "split"))
         for start in range(0, n, rows):

@@ -6,6 +6,7 @@ import time
 from dataclasses import replace
 
 from .._util import say
+from ..distributed import Coordinator, shard_path
 from ..errors import CacheError, DataError, FxtlError
 from .job import ExtractJob, ExtractResult, rate
 from .shards import extract_shard, merge_shards
@@ -20,8 +21,6 @@ def extract_torchrun(job: ExtractJob, env, *, force: bool, find_hit) -> ExtractR
     failure through them instead of leaving the others waiting, and all ranks raise it. ``find_hit``
     returns the finished cache's result, if any (asked on rank 0 only).
     """
-    from ..distributed import Coordinator, shard_path
-
     with Coordinator(env) as co:
         mine = {"fingerprint": job.fp, "n": len(job.images), "batch_size": job.batch_size,
                 "host": os.uname().nodename}

@@ -21,7 +21,7 @@ from ..data.discovery import ImageDataset, ImageSet, fingerprint
 from ..data.images import Preprocessing, collate_images
 from ..distributed import TrainingGroup, available_cores
 from ..errors import DataError
-from ..features.extraction import default_workers
+from ..runtime import default_workers
 from .augment import TrainImages, TrainTransform, epoch_sampler
 from .checkpoints import CHECKPOINT_FORMAT, CHECKPOINT_VERSION, TrainState, rng_state, torch_save
 from .config import FinetuneConfig

@@ -16,6 +16,7 @@ import numpy as np
 from ..backbones.building import replace_linear
 from ..data.discovery import ImageSet
 from ..errors import FxtlError, ProvenanceError
+from ..heads.persistence import load_head
 
 if TYPE_CHECKING:
     from ..backbones.registry import Backbone
@@ -79,8 +80,6 @@ def linear_head_weights(pipeline, head_classes: Sequence[str], class_names: Sequ
 
 def load_linear_head(run: str | Path, bb: Backbone) -> Any:
     """The ``Head`` of a ``fit-head`` run, checked against the backbone."""
-    from .. import load_head
-
     head = load_head(run)
     prov = head.provenance
     for key, mine in (("backbone", bb.spec.name), ("weights_sha256", bb.weights_sha256),

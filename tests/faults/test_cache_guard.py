@@ -1,5 +1,5 @@
 """A cache on which libhdf5 itself crashes (SIGSEGV) or loops for ever is refused with one line:
-fxtl reads a cache it did not write in a child process first (fxtl/features/cache_guard.py)."""
+fxtl reads a cache in a child process first (fxtl/features/cache_guard.py, fxtl/_isolate.py)."""
 from __future__ import annotations
 
 import hashlib
@@ -10,8 +10,11 @@ import time
 from pathlib import Path
 
 import pytest
+from fxtl import _isolate
+from fxtl.data import discovery
 from fxtl.errors import CacheError
-from fxtl.features import cache_guard
+from fxtl.features import cache_guard, cache_probe
+from fxtl.features.cache_guard import CacheGuard
 from fxtl.features.store import load_features, read_attrs
 
 # The fuzz benchmark's valid cache: the file the flips below were found in, byte for byte.
@@ -37,13 +40,6 @@ def _flipped(tmp_path: Path, name: str, flip: tuple[int, int]) -> tuple[Path, bo
     return out, known
 
 
-@pytest.fixture(autouse=True)
-def _fresh_verdicts():
-    cache_guard.forget()
-    yield
-    cache_guard.forget()
-
-
 def _one_line(exc: pytest.ExceptionInfo, path: Path) -> str:
     msg = str(exc.value)
     assert "\n" not in msg and str(path) in msg and "re-create it with `fxtl extract`" in msg, msg
@@ -53,19 +49,20 @@ def _one_line(exc: pytest.ExceptionInfo, path: Path) -> str:
 @pytest.mark.parametrize("how", ["fork", "spawn"])
 def test_a_cache_that_crashes_libhdf5_is_one_line(tmp_path, monkeypatch, how):
     bad, known = _flipped(tmp_path, "crash.h5", CRASH_FLIP)
-    monkeypatch.setattr(cache_guard, "_may_fork", lambda: how == "fork")
-    t0 = time.monotonic()
-    with pytest.raises(CacheError) as exc:
-        load_features(bad)
-    msg = _one_line(exc, bad)
-    if known:
-        assert "crashed the HDF5 library (SIGSEGV)" in msg
-    assert time.monotonic() - t0 < 10
-    # The verdict is remembered: the same line again, without another child.
-    monkeypatch.setattr(cache_guard, "_probe_forked", None)
-    monkeypatch.setattr(cache_guard, "_probe_spawned", None)
-    with pytest.raises(CacheError, match="re-create it"):
-        read_attrs(bad)
+    monkeypatch.setattr(_isolate, "_may_fork", lambda: how == "fork")
+    with CacheGuard():
+        t0 = time.monotonic()
+        with pytest.raises(CacheError) as exc:
+            load_features(bad)
+        msg = _one_line(exc, bad)
+        if known:
+            assert "crashed the HDF5 library (SIGSEGV)" in msg
+        assert time.monotonic() - t0 < 10
+        # The guard remembers the verdict: the same line again, without another child.
+        monkeypatch.setattr(_isolate, "_probe_forked", None)
+        monkeypatch.setattr(_isolate, "_probe_spawned", None)
+        with pytest.raises(CacheError, match="re-create it"):
+            read_attrs(bad)
 
 
 def test_a_cache_that_crashes_libhdf5_is_one_line_from_the_cli(tmp_path):
@@ -80,7 +77,7 @@ def test_a_cache_that_crashes_libhdf5_is_one_line_from_the_cli(tmp_path):
 def test_a_cache_that_hangs_libhdf5_is_one_line_within_seconds(tmp_path, monkeypatch):
     bad, known = _flipped(tmp_path, "hang.h5", HANG_FLIP)
     monkeypatch.setattr(cache_guard, "PROBE_SECONDS", 2.0)
-    monkeypatch.setattr(cache_guard, "_may_fork", lambda: True)
+    monkeypatch.setattr(_isolate, "_may_fork", lambda: True)
     t0 = time.monotonic()
     with pytest.raises(CacheError) as exc:
         load_features(bad)
@@ -104,8 +101,8 @@ def test_whatever_the_child_meets_is_one_line(tmp_path, monkeypatch, fault):
             time.sleep(60)
         raise RuntimeError("B-tree signature mismatch\nsecond line")
 
-    monkeypatch.setattr(cache_guard, "read_for_probe", reads)
-    monkeypatch.setattr(cache_guard, "_may_fork", lambda: True)
+    monkeypatch.setattr(cache_probe, "read_for_probe", reads)
+    monkeypatch.setattr(_isolate, "_may_fork", lambda: True)
     monkeypatch.setattr(cache_guard, "PROBE_SECONDS", 1.0)
     t0 = time.monotonic()
     with pytest.raises(CacheError) as exc:
@@ -119,36 +116,66 @@ def test_whatever_the_child_meets_is_one_line(tmp_path, monkeypatch, fault):
     assert time.monotonic() - t0 < 10
 
 
-def test_probe_runs_once_per_file_and_never_for_a_cache_this_process_wrote(tmp_path, monkeypatch):
+def test_a_guard_probes_once_per_file_and_never_for_a_cache_written_in_its_block(tmp_path, monkeypatch):
     calls = []
-    real = cache_guard._probe_forked
+    real = _isolate._probe_forked
 
-    def counted(path, level, limit):
+    def counted(target, path, level, limit, fix):
         calls.append((Path(path).name, level))
-        return real(path, level, limit)
+        return real(target, path, level, limit, fix)
 
-    monkeypatch.setattr(cache_guard, "_probe_forked", counted)
-    monkeypatch.setattr(cache_guard, "_may_fork", lambda: True)
-    written = _valid(tmp_path / "valid.h5")
-    assert load_features(written).n == 40 and calls == []  # written here: known good
-    copy = Path(shutil.copy(written, tmp_path / "copy.h5"))
+    monkeypatch.setattr(_isolate, "_probe_forked", counted)
+    monkeypatch.setattr(_isolate, "_may_fork", lambda: True)
+    with CacheGuard():
+        written = _valid(tmp_path / "valid.h5")
+        assert load_features(written).n == 40 and calls == []  # written in this block: known good
+        copy = Path(shutil.copy(written, tmp_path / "copy.h5"))
+        read_attrs(copy)
+        read_attrs(copy)
+        assert calls == [("copy.h5", "meta")]  # attributes only: the features are not probed
+        assert load_features(copy).n == 40
+        assert load_features(copy).n == 40
+        assert calls == [("copy.h5", "meta"), ("copy.h5", "all")]
+        os.utime(copy, ns=(time.time_ns(), time.time_ns() + 10**9))  # it may be another file now
+        read_attrs(copy)
+        assert calls[-1] == ("copy.h5", "meta") and len(calls) == 3
+    # The block is over: nothing is remembered, every read outside a guard probes.
     read_attrs(copy)
     read_attrs(copy)
-    assert calls == [("copy.h5", "meta")]  # attributes only: the features are not probed
-    assert load_features(copy).n == 40
-    assert load_features(copy).n == 40
-    assert calls == [("copy.h5", "meta"), ("copy.h5", "all")]
-    os.utime(copy, ns=(time.time_ns(), time.time_ns() + 10**9))  # it may be another file now
-    read_attrs(copy)
-    assert calls[-1] == ("copy.h5", "meta") and len(calls) == 3
+    assert len(calls) == 5
+    with CacheGuard():  # a new block knows nothing of the last one
+        read_attrs(written)
+    assert calls[-1] == ("valid.h5", "meta") and len(calls) == 6
 
 
-def test_probe_off_reads_in_process(tmp_path, monkeypatch):
-    monkeypatch.setenv(cache_guard.PROBE_ENV, "off")
-    monkeypatch.setattr(cache_guard, "_probe_forked", None)
-    monkeypatch.setattr(cache_guard, "_probe_spawned", None)
+def test_isolate_false_reads_in_process(tmp_path, monkeypatch):
+    children = []
+    monkeypatch.setattr(cache_guard, "run_isolated", lambda *a, **k: children.append(a[1]))
     copy = shutil.copy(_valid(tmp_path / "valid.h5"), tmp_path / "copy.h5")
-    assert load_features(copy).n == 40
+    assert load_features(copy, isolate=False).n == 40
+    with CacheGuard(isolate=False):
+        assert load_features(copy).n == 40
+        assert read_attrs(copy)["format"] == "fxtl-features"
+    assert children == []
+    read_attrs(copy)  # outside a block the default isolates
+    with CacheGuard(isolate=False):
+        read_attrs(copy, isolate=True)  # and the caller's argument wins over the block's
+    assert children == [Path(copy), Path(copy)]
+
+
+def test_the_cli_probe_switch_comes_from_its_option_or_environment(tmp_path):
+    """FXTL_CACHE_PROBE is read by the CLI (click's envvar) and passed down, never by the library."""
+    bad, known = _flipped(tmp_path, "crash.h5", CRASH_FLIP)
+    if not known:
+        pytest.skip("this HDF5 lays the fuzz cache out differently: the crash flip is elsewhere")
+    # In-process, the flip that crashes libhdf5 takes the process down: the switch reached it.
+    assert run_fxtl("--no-cache-probe", "info", bad, timeout=120).returncode == -signal.SIGSEGV
+    r = run_fxtl("info", bad, timeout=120, env={"FXTL_CACHE_PROBE": "off"})
+    assert r.returncode == -signal.SIGSEGV
+    r = run_fxtl("info", bad, timeout=120, env={"FXTL_CACHE_PROBE": "on"})
+    assert r.returncode == 1 and "crashed the HDF5 library" in r.stderr
+    src = (Path(cache_guard.__file__).read_text() + Path(_isolate.__file__).read_text())
+    assert "environ.get" not in src and "getenv" not in src
 
 
 def test_a_damaged_hdf5_file_in_a_data_folder_does_not_crash_discovery(tmp_path, monkeypatch):
@@ -157,7 +184,7 @@ def test_a_damaged_hdf5_file_in_a_data_folder_does_not_crash_discovery(tmp_path,
     provably fxtl's, and the walk goes on."""
     from fxtl.data.discovery import is_artifact_folder
 
-    monkeypatch.setattr(cache_guard, "PROBE_SECONDS", 2.0)
+    monkeypatch.setattr(discovery, "_FORMAT_PROBE_SECONDS", 2.0)
     # The crash flip spares `format` (fxtl's file: its folder is skipped); the hang flip makes
     # HDF5 loop while it opens the file (killed after 2 s: not provably fxtl's).
     for name, flip, ours in (("crash", CRASH_FLIP, True), ("hang", HANG_FLIP, False)):
@@ -167,13 +194,12 @@ def test_a_damaged_hdf5_file_in_a_data_folder_does_not_crash_discovery(tmp_path,
         shutil.move(damaged, folder / "features.h5")
         # a forked child is killed after PROBE_SECONDS; a spawned one (another test left a
         # thread running in this process) also gets 10 s to start an interpreter
-        bound = 10 if cache_guard._may_fork() else 15
+        bound = 10 if _isolate._may_fork() else 15
         t0 = time.monotonic()
         assert is_artifact_folder(folder) is ours or not known
         assert time.monotonic() - t0 < bound
     assert is_artifact_folder(tmp_path) is True  # valid.h5: a cache fxtl wrote
-    cache_guard.forget()
-    monkeypatch.setattr(cache_guard, "_may_fork", lambda: True)
-    monkeypatch.setattr(cache_guard, "read_for_probe",
+    monkeypatch.setattr(_isolate, "_may_fork", lambda: True)
+    monkeypatch.setattr(discovery, "require_fxtl_format",
                         lambda path, level: os.kill(os.getpid(), signal.SIGSEGV))
     assert is_artifact_folder(tmp_path / "crash") is False
