@@ -179,10 +179,10 @@ def plain_logreg(cache: Path, shuffle_seed: int | None = None) -> dict:
     from sklearn.preprocessing import StandardScaler
 
     from fxtl.features.store import load_features
-    from fxtl.heads.planning import plan_splits
+    from fxtl.heads.planning import plan_head
 
     c = load_features(cache)
-    plan = plan_splits(c.labels, c.split, seed=0)
+    plan = plan_head(c.labels, c.split, paths=c.paths, seed=0)
     t0 = time.perf_counter()
     cv = 5 if shuffle_seed is None else StratifiedKFold(5, shuffle=True, random_state=shuffle_seed)
     pipe = make_pipeline(StandardScaler(), LogisticRegressionCV(Cs=np.logspace(-4, 2, 13), cv=cv,

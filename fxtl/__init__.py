@@ -32,7 +32,8 @@ _API = {
     "load_backbone": "backbones.registry",
     "discover": "data.discovery",
     "extract": "features.extraction",
-    "fit_head": "heads.fitting", "fit_heads": "heads.fitting", "load_head": "heads.fitting",
+    "fit_head": "heads.fitting", "fit_heads": "heads.fitting", "load_head": "heads.persistence",
+    "HeadConfig": "heads.config",
     "predict": "prediction",
     "plot_embedding": "report.plots",
     "finetune": "training.loop", "FinetuneConfig": "training.config",
@@ -40,6 +41,8 @@ _API = {
     "advise": "advice",
     "export_cache": "features.export",
     "export_model": "deploy.onnx_graph",
+    "embed": "embedder", "Embedder": "embedder", "ImageEmbedder": "embedder",
+    "load_model": "models",
 }
 # public module -> where it lives
 _MODULES = {"datasets": "data.samples"}

@@ -18,7 +18,8 @@ from .errors import FxtlError
 __all__ = [
     "atomic_write_bytes", "atomic_write_json", "atomic_path", "sha256_file", "default_cache_dir",
     "file_lock", "versions", "now_iso", "json_default", "unique_dir", "say",
-    "slug", "current_umask",
+    "slug", "current_umask", "read_json", "loads_json", "dumps_json", "meaning_sha256",
+    "csv_cell", "csv_text",
 ]
 
 
@@ -137,6 +138,72 @@ def atomic_write_json(path: Path, obj: Any) -> None:
     atomic_write_bytes(path, (json.dumps(obj, indent=2, default=json_default) + "\n").encode())
 
 
+def loads_json(text: str | bytes) -> Any:
+    """``json.loads``, with nesting too deep for Python's parser (``'[' * 100000``) reported as
+    the ``ValueError`` every other malformed text raises, so readers need one ``except``."""
+    try:
+        return json.loads(text)
+    except RecursionError:
+        raise ValueError("JSON nested too deeply to read") from None
+
+
+def read_json(path: Path) -> Any:
+    """The JSON value in the file ``path``; :class:`OSError` or :class:`ValueError` when it
+    cannot be had (see :func:`loads_json`)."""
+    return loads_json(Path(path).read_text())
+
+
+def dumps_json(obj: Any, **kwargs: Any) -> str:
+    """``json.dumps`` that refuses NaN and infinity (JSON has no such numbers: ``NaN`` in the
+    output would make it unreadable to strict parsers); a ValueError names the first one."""
+    try:
+        return json.dumps(obj, allow_nan=False, default=json_default, **kwargs)
+    except ValueError:
+        raise ValueError(f"not JSON: a NaN or infinite number at {_first_nonfinite(obj)}") from None
+
+
+def _first_nonfinite(obj: Any, where: str = "") -> str:
+    import math
+
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return where or "top level"
+    items = obj.items() if isinstance(obj, dict) else enumerate(obj) if isinstance(obj, (list, tuple)) else ()
+    for key, value in items:
+        found = _first_nonfinite(value, f"{where}.{key}" if where else str(key))
+        if found:
+            return found
+    return ""
+
+
+def meaning_sha256(record: dict[str, Any], keys: tuple[str, ...]) -> str:
+    """sha256 of ``record``'s ``keys`` (absent ones as null) as canonical JSON.
+
+    Stored beside an artifact's file hash, it covers what the file alone does not: the class
+    names, preprocessing, backbone and weights hash its answers depend on. An edited sidecar no
+    longer matches it. It detects edits and damage, not forgery (anyone can recompute it).
+    """
+    canon = json.dumps({k: record.get(k) for k in keys}, sort_keys=True, separators=(",", ":"),
+                       ensure_ascii=True, default=json_default)
+    return hashlib.sha256(canon.encode()).hexdigest()
+
+
+# A text cell starting with one of these is read as a formula by spreadsheets (CSV injection);
+# OWASP's advice: prefix such cells with a single quote. A quote is escaped too, so reading back
+# (csv_text) is exact.
+_FORMULA_START = ("=", "+", "-", "@", "\t", "\r", "'")
+
+
+def csv_cell(text: str) -> str:
+    """``text`` as a CSV text cell no spreadsheet runs as a formula (``=1+2`` -> ``'=1+2``)."""
+    text = str(text)
+    return "'" + text if text.startswith(_FORMULA_START) else text
+
+
+def csv_text(cell: str) -> str:
+    """The text :func:`csv_cell` wrote (drops the one quote it may have added)."""
+    return cell[1:] if cell.startswith("'") else cell
+
+
 def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as fh:
@@ -150,31 +217,55 @@ def file_lock(path: Path, *, timeout: float = 3600.0, what: str = "file") -> Ite
     """Exclusive advisory lock on ``path`` (created if needed); waits up to ``timeout`` s.
 
     Used so that two runs on the same cache never write the same file: the second waits for the
-    first and then finds its finished result.
+    first and then finds its finished result. The holder removes the file when it is done, so
+    no ``.lock`` is left beside caches and runs: a waiter that then gets the lock of a removed
+    file sees that ``path`` is no longer that file and locks the path afresh.
     """
-    ensure_dir(Path(path).parent)
-    fh = open(path, "a+")
-    try:
-        start = time.monotonic()
-        warned = False
-        while True:
-            try:
-                fcntl.flock(fh.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
-                break
-            except BlockingIOError:
-                if not warned:
-                    import sys
+    path = Path(path)
+    ensure_dir(path.parent)
+    start = time.monotonic()
+    warned = False
+    while True:
+        fh = open(path, "a+")
+        try:
+            while True:
+                try:
+                    fcntl.flock(fh.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+                    break
+                except BlockingIOError:
+                    if not warned:
+                        import sys
 
-                    print(f"fxtl: waiting for another process working on {what} ({path})",
-                          file=sys.stderr)
-                    warned = True
-                if time.monotonic() - start > timeout:
-                    raise FxtlError(f"timed out waiting for the lock {path}; another fxtl "
-                                    "process is still running on it") from None
-                time.sleep(0.2)
+                        print(f"fxtl: waiting for another process working on {what} ({path})",
+                              file=sys.stderr)
+                        warned = True
+                    if time.monotonic() - start > timeout:
+                        raise FxtlError(f"timed out waiting for the lock {path}; another fxtl "
+                                        "process is still running on it") from None
+                    time.sleep(0.2)
+            if _same_file(fh, path):
+                break
+        except BaseException:
+            fh.close()
+            raise
+        fh.close()  # the holder removed it while this process waited: lock the new one
+    try:
         yield
     finally:
+        try:
+            path.unlink()  # before the unlock: a waiter then sees a removed file and retries
+        except OSError:
+            pass  # a read-only folder keeps its lock file; the lock is still released
         fh.close()
+
+
+def _same_file(fh, path: Path) -> bool:
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        return False
+    mine = os.fstat(fh.fileno())
+    return (st.st_dev, st.st_ino) == (mine.st_dev, mine.st_ino)
 
 
 def say(msg: str) -> None:

@@ -39,7 +39,6 @@ fine-tune), is in docs/advise.md.
 """
 from __future__ import annotations
 
-import json
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -47,9 +46,11 @@ from typing import Any
 
 import numpy as np
 
+from ._util import csv_text, read_json
 from .backbones.registry import DEFAULT_BACKBONE, load_backbone
 from .data.discovery import ImageSet, discover
-from .errors import FxtlError, ParameterError
+from .errors import DataError, FxtlError, ParameterError
+from .heads.params import check_seed
 
 __all__ = ["advise", "Advice", "measure_similarity", "SCENARIOS", "certainty", "advised_method",
            "advice_verdict", "write_missing_predictions", "SIZE_NEAR_FACTOR"]
@@ -142,6 +143,23 @@ def _probe_correct(X: np.ndarray, y: np.ndarray, seed: int) -> np.ndarray | None
     return cross_val_predict(probe, X, y, cv=cv) == y
 
 
+def _refuse_too_few(images: ImageSet, labels: list[int], *, after_decoding: bool = False) -> None:
+    """The similarity probe is cross-validated: every class needs 2 usable images or the
+    score would be NaN (and the advice a guess)."""
+    counts = np.bincount(np.asarray(labels, dtype=int), minlength=len(images.class_names))
+    present = counts[counts > 0]
+    if len(present) >= 2 and present.min() >= 2:
+        return
+    what = "decodable " if after_decoding else ""
+    if len(present) < 2:
+        raise DataError(f"too few images to measure similarity in {images.root}: fewer than 2 "
+                        f"classes have {what}training images; add images")
+    few = [images.class_names[i] for i, c in enumerate(counts) if c == 1][:3]
+    raise DataError(f"too few images to measure similarity in {images.root}: class(es) "
+                    f"{', '.join(repr(c) for c in few)} have 1 {what}training image (the probe "
+                    "needs 2 per class); add images")
+
+
 def _similarity_score(familiarity: float | None, advantage: float) -> float:
     s_adv = float(np.clip(0.5 + advantage, 0, 1))
     if familiarity is None:  # backbone without an ImageNet head: features alone decide
@@ -173,8 +191,9 @@ def measure_similarity(images: ImageSet, *, backbone: str = DEFAULT_BACKBONE, sa
     from .features.extraction import embed_paths
     from .data.images import ImageDecodeError, open_image
 
-    bb = load_backbone(backbone, inference=True)
     idx = _stratified_sample(images, sample, seed)
+    _refuse_too_few(images, [images.samples[i].label for i in idx])
+    bb = load_backbone(backbone, inference=True)
     paths = [str(images.abspath(images.samples[i])) for i in idx]
     feats, logits, keep = [], [], []
     for rows, f, lg, bad in embed_paths(bb, paths, device=device, precision=precision,
@@ -188,6 +207,7 @@ def measure_similarity(images: ImageSet, *, backbone: str = DEFAULT_BACKBONE, sa
         raise FxtlError(f"none of the {len(paths)} sampled images under {images.root} could be decoded")
     F, L = np.concatenate(feats), np.concatenate(logits)
     y = np.array([images.samples[idx[k]].label for k in keep])
+    _refuse_too_few(images, y.tolist(), after_decoding=True)
     pixels = []
     for k in keep:
         try:
@@ -271,6 +291,7 @@ def advise(data: str | Path, *, backbone: str = DEFAULT_BACKBONE, sample: int = 
     t0 = time.perf_counter()
     if sample < 10:
         raise ParameterError("sample", f"sample must be at least 10 images, got {sample}")
+    check_seed(seed)
     images = discover(data)
     size = _size(images, large_per_class)
     sim = measure_similarity(images, backbone=backbone, sample=sample, seed=seed, device=device,
@@ -383,7 +404,7 @@ def write_missing_predictions(run_dir: str | Path, *, like: str | Path, data: st
     if (run_dir / PREDICTIONS_FILE).exists() or not (like / PREDICTIONS_FILE).exists():
         return False
     with open(like / PREDICTIONS_FILE, newline="") as fh:
-        rows = [(r["path"], r["label"]) for r in csv.DictReader(fh)]
+        rows = [(csv_text(r["path"]), csv_text(r["label"])) for r in csv.DictReader(fh)]
     root = discover(data).root
     res = predict(run_dir, [root / p for p, _ in rows], device=device, precision=precision)
     by_path = {str(Path(e["path"]).resolve()): e["label"] for e in res.predictions}
@@ -393,7 +414,7 @@ def write_missing_predictions(run_dir: str | Path, *, like: str | Path, data: st
     index = {n: i for i, n in enumerate(names)}
     write_predictions(run_dir, paths=[p for p, _, _ in kept], y_true=[index[t] for _, t, _ in kept],
                       y_pred=[index[q] for _, _, q in kept], class_names=names,
-                      split=str(json.loads((run_dir / "metrics.json").read_text()).get("split")))
+                      split=str(read_json(run_dir / "metrics.json").get("split")))
     return True
 
 

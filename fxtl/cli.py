@@ -6,8 +6,11 @@ Exit codes: 0 success, 1 runtime failure with a one-line reason, 2 usage error.
 """
 from __future__ import annotations
 
+import csv
 import functools
+import io
 import json
+import logging
 import re
 import sys
 import warnings
@@ -17,15 +20,20 @@ from typing import Any, Callable
 import click
 from PIL import Image
 
-from ._util import default_cache_dir, json_default
+from ._util import default_cache_dir, dumps_json, say
 from .errors import FxtlError, FxtlWarning, ParameterError
 from .features.cache_guard import CacheGuard
+from .heads.params import MAX_SEED
 from .runtime import DEVICES, PRECISIONS
 
 __all__ = ["main", "cli"]
 
 
 # ----------------------------------------------------------------------------- shared options
+# Every --seed: numpy and scikit-learn take 0 .. 2**32 - 1, so every command refuses the same.
+SEED = click.IntRange(0, MAX_SEED)
+
+
 def json_option(f: Callable) -> Callable:
     return click.option("--json", "as_json", is_flag=True,
                         help="Print one JSON object with the results on stdout (logs go to stderr).")(f)
@@ -65,13 +73,30 @@ def resolve_cache_dir(cache_dir: Path | None) -> Path:
 def emit(result: dict[str, Any], as_json: bool, human: Callable[[dict[str, Any]], str]) -> None:
     """Print ``result`` as one JSON object, or as the human text ``human(result)``."""
     if as_json:
-        click.echo(json.dumps(result, default=json_default))
+        try:
+            text = dumps_json(result)
+        except ValueError as exc:  # NaN is not JSON: a strict reader would reject the output
+            raise Failure(f"the result holds a number JSON cannot carry ({exc}); please report "
+                          "this, with the command") from None
+        click.echo(text)
     else:
         click.echo(human(result))
 
 
+# Set by the group's --quiet/--verbose for the command it runs.
+_VERBOSITY = {"quiet": False, "verbose": False}
+
+
 def log(msg: str) -> None:
-    click.echo(msg, err=True)
+    """A note on stderr (none under --quiet; warnings and errors print either way)."""
+    if not _VERBOSITY["quiet"]:
+        click.echo(msg, err=True)
+
+
+def show_progress(as_json: bool = False) -> bool:
+    """Progress bars and per-epoch lines: not under --quiet (bars only on a terminal, which the
+    library's bars check themselves)."""
+    return not _VERBOSITY["quiet"] and not as_json
 
 
 def _option_for(param: str) -> click.Parameter | None:
@@ -96,13 +121,57 @@ class Failure(click.ClickException):
         click.echo(f"{self.prefix}{self.format_message()}", err=True)
 
 
+# ``name=value`` in a library message: True, a quoted string or a bare word/number.
+_ASSIGNMENT = re.compile(r"(?<![\w/.-])([a-z][a-z0-9_]*)=(True|'[^']*'|\"[^\"]*\"|[\w.-]+)")
+
+
+def _flag(option: click.Parameter) -> str | None:
+    opts = [o for o in getattr(option, "opts", []) if o.startswith("--")]
+    return max(opts, key=len) if opts else None  # --cache-dir rather than -c
+
+
 def _in_flags(exc: FxtlError) -> str:
-    """The library's message, with the parameter it names shown as this command's option."""
+    """The library's message, speaking this command's options instead of Python parameters.
+
+    ``force=True`` -> ``--force``; ``device='cpu'`` -> ``--device cpu``; a ``name=value`` hint
+    naming no option of this command (``nonfinite='drop'`` is Python only) is dropped with the
+    clause it sits in; ``run_name`` (a Python name with an underscore) -> ``--run-name``; and
+    the parameter the error is about (``exc.param``), at its last mention, becomes its option.
+    """
     text = str(exc)
-    option = _option_for(exc.param) if exc.param else None
-    if option is None or not getattr(option, "opts", None):
+    if exc.param == "params":  # its KEY=VALUE are --param values (solver=saga), not options
         return text
-    flag = max(option.opts, key=len)  # --cache-dir rather than -c
+
+    def assignment(m: re.Match) -> str:
+        option = _option_for(m.group(1))
+        flag = _flag(option) if option is not None else None
+        if flag is None:
+            return m.group(0)
+        value = m.group(2).strip("'\"")
+        return flag if getattr(option, "is_flag", False) else f"{flag} {value}"
+
+    def python_only(m: re.Match) -> bool:
+        option = _option_for(m.group(1))
+        return option is None or _flag(option) is None
+
+    # A fix that only the Python API offers: drop its clause (", or load it with x='y' ...").
+    for m in reversed([m for m in _ASSIGNMENT.finditer(text) if python_only(m)]):
+        comma, bare = text.rfind(", or ", 0, m.start()), text.rfind(" or ", 0, m.start())
+        start = comma if comma >= 0 and bare == comma + 1 else max(comma, bare)
+        end = text.find(";", m.end())
+        end = len(text) if end < 0 else end
+        if start >= 0 and text.rfind(";", start, m.start()) < 0:
+            text = text[:start] + text[end:]
+    text = _ASSIGNMENT.sub(assignment, text)
+    for option in (click.get_current_context(silent=True).command.params
+                   if click.get_current_context(silent=True) else []):
+        flag = _flag(option)
+        if flag and option.name and "_" in option.name:
+            text = re.sub(rf"(?<![\w/.-]){re.escape(option.name)}(?![\w/.-])", flag, text)
+    option = _option_for(exc.param) if exc.param else None
+    flag = _flag(option) if option is not None else None
+    if flag is None or flag in text:  # already named as an option (by a name=value hint)
+        return text
     # the last mention: messages end with the fix; a path holding the same word is left alone
     spots = list(re.finditer(rf"(?<![\w/.-]){re.escape(exc.param)}(?![\w/.-])", text))
     return text if not spots else text[:spots[-1].start()] + flag + text[spots[-1].end():]
@@ -122,7 +191,7 @@ def handle_errors(f: Callable) -> Callable:
         except ParameterError as exc:
             option = _option_for(exc.param)
             if option is not None:
-                raise click.BadParameter(str(exc), param=option) from None
+                raise click.BadParameter(_in_flags(exc), param=option) from None
             raise Failure(_in_flags(exc)) from None
         except FxtlError as exc:
             raise Failure(_in_flags(exc)) from None
@@ -140,7 +209,7 @@ def _wants_json(args: list[str]) -> bool:
 def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
     """fxtl's own warnings as one ``fxtl: warning:`` line; others as Python shows them."""
     if issubclass(category, FxtlWarning):
-        click.echo(f"fxtl: warning: {message}", err=True)
+        say(f"fxtl: warning: {message}")  # on its own line, even while a progress bar is drawn
     else:
         click.echo(warnings.formatwarning(message, category, filename, lineno, line).rstrip("\n"),
                    err=True)
@@ -190,6 +259,9 @@ class FxtlGroup(click.Group):
 @click.group(cls=FxtlGroup,
              context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
 @click.version_option(package_name="fxtl")
+@click.option("-q", "--quiet", is_flag=True,
+              help="No progress bars or notes on stderr (warnings and errors still print).")
+@click.option("-v", "--verbose", is_flag=True, help="Also fxtl's debug log on stderr.")
 @click.option("--cache-probe/--no-cache-probe", default=True, envvar="FXTL_CACHE_PROBE",
               show_envvar=True,
               help="Read each feature cache in a child process first, so a file that crashes "
@@ -198,12 +270,30 @@ class FxtlGroup(click.Group):
               show_envvar=True, hidden=True,
               help="Let malloc keep freed activation buffers in commands that run a network.")
 @click.pass_context
-def cli(ctx: click.Context, cache_probe: bool, malloc_tuning: bool) -> None:
+def cli(ctx: click.Context, quiet: bool, verbose: bool, cache_probe: bool,
+        malloc_tuning: bool) -> None:
     """fxtl: transfer learning on images.
 
     Extract frozen-CNN features once, fit scikit-learn heads on them in seconds, fine-tune the
     same backbone for comparison, and ask `fxtl advise` which fits your data.
+
+    Progress bars are drawn only when stderr is a terminal; elsewhere (CI logs) a fine-tune
+    prints one plain line per epoch.
     """
+    if quiet and verbose:
+        raise click.UsageError("--quiet and --verbose cannot be combined; pick one")
+    _VERBOSITY.update(quiet=quiet, verbose=verbose)
+    logger = logging.getLogger("fxtl")
+    for h in [h for h in logger.handlers if getattr(h, "_fxtl_cli", False)]:
+        logger.removeHandler(h)
+    if verbose:
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("fxtl: %(name)s: %(message)s"))
+        handler._fxtl_cli = True
+        logger.addHandler(handler)
+        logger.setLevel(logging.DEBUG)
+    else:
+        logger.setLevel(logging.NOTSET)
     # One guard per command: each cache is probed once, and the verdicts end with the command.
     ctx.with_resource(CacheGuard(isolate=cache_probe))
     ctx.obj = {"malloc_tuning": malloc_tuning}
@@ -288,7 +378,7 @@ def extract(data_dir, backbone, layer, layers, device, precision, batch_size, wo
     res = run_extract(data_dir, backbone=backbone, layer=layer, layers=layers, precision=precision,
                       device=device,
                       batch_size=batch_size, workers=workers, cache_dir=resolve_cache_dir(cache_dir),
-                      output=output, force=force, shard=shard, progress=True)
+                      output=output, force=force, shard=shard, progress=show_progress())
     if res.rank != 0:  # under torchrun only rank 0 reports, so stdout holds one result
         return
 
@@ -368,8 +458,8 @@ def info(cache, as_json):
         pre = d.get("preprocessing") or {}
         lines = [f"{d['cache']}  ({d['format']} v{d['format_version']})",
                  f"  rows x dim     {d['n']} x {d['dim']}",
-                 f"  splits         " + ", ".join(f"{k} {v}" for k, v in d["splits"].items()),
-                 f"  classes        " + ", ".join(f"{c} ({n})" for c, n in d["class_counts"].items()),
+                 "  splits         " + ", ".join(f"{k} {v}" for k, v in d["splits"].items()),
+                 "  classes        " + ", ".join(f"{c} ({n})" for c, n in d["class_counts"].items()),
                  f"  backbone       {d.get('backbone')}  layer {d.get('layer')}  precision {d.get('precision')}",
                  *([f"  layers         " + ", ".join(f"{k} ({v})" for k, v in d["layer_dims"].items())]
                    if d["layer_dims"] else []),
@@ -389,15 +479,18 @@ def info(cache, as_json):
 
 @cli.command()
 @click.argument("cache", type=click.Path(exists=True, dir_okay=False, path_type=Path))
-@click.option("--format", "fmt", type=click.Choice(["npz", "csv", "parquet"]), default="npz", show_default=True)
+@click.option("--format", "fmt", type=click.Choice(["npz", "csv", "parquet"]), default=None,
+              help="npz, csv or parquet [default: the one the --output suffix names, else npz].")
 @click.option("--output", "-o", type=click.Path(dir_okay=False, path_type=Path), default=None,
-              help="Output file [default: the cache path with the format's suffix].")
+              help="Output file [default: the cache path with the format's suffix]; never an "
+                   "fxtl cache, head or run file.")
 @json_option
 @handle_errors
 def export(cache, fmt, output, as_json):
     """Write a cache's features, labels, paths and split as npz, csv or parquet."""
-    from .features.export import export_cache
+    from .features.export import export_cache, export_format
 
+    fmt = export_format(fmt, output)
     out = export_cache(cache, fmt=fmt, output=output)
     emit({"output": str(out), "format": fmt}, as_json, lambda d: d["output"])
 
@@ -432,7 +525,7 @@ def backbones(layers_of, as_json):
               help="Images decoded to estimate similarity (stratified; the rest are only counted).")
 @click.option("--large-per-class", type=click.IntRange(min=1), default=1000, show_default=True,
               help="Median training images per class from which a dataset counts as large.")
-@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--seed", type=SEED, default=0, show_default=True)
 @click.option("--run", "run_plan", is_flag=True, help="Execute the recommended commands, then compare.")
 @device_options
 @cache_dir_option
@@ -444,7 +537,8 @@ def advise(data_dir, backbone, sample, large_per_class, seed, run_plan, device, 
     from .advice import advise as run_advise
 
     a = run_advise(data_dir, backbone=backbone, sample=sample, large_per_class=large_per_class,
-                   seed=seed, device=device, precision=precision, progress=not as_json)
+                   seed=seed, device=device, precision=precision,
+                   progress=show_progress(as_json))
     d = a.to_dict()
     if run_plan:
         from .advice import run_plan as execute
@@ -488,7 +582,7 @@ def advise(data_dir, backbone, sample, large_per_class, seed, run_plan, device, 
 @click.option("--image-size", type=click.IntRange(min=32), default=128, show_default=True,
               help="Input side of a fine-tune from a zero classifier (small keeps it quick on a CPU); "
                    "the digits land in scenario 3, whose LP-FT fine-tune runs at the head's input size.")
-@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--seed", type=SEED, default=0, show_default=True)
 @device_options
 @cache_dir_option
 @json_option
@@ -534,9 +628,12 @@ import contextlib  # noqa: E402
 import signal  # noqa: E402
 import time  # noqa: E402
 
+from .heads.config import HeadConfig  # noqa: E402
 from .heads.dask_backend import BACKENDS  # noqa: E402
+from .heads.fitting import fit_heads, stop_workers  # noqa: E402
+from .heads.runs import check_destination, destination, save_runs  # noqa: E402
 from .heads.source import LARGE_ROWS  # noqa: E402
-from .heads.registry import head_names  # noqa: E402 - the registry gives --model its choices
+from .heads.registry import head_names, parse_params  # noqa: E402 - --model's choices
 from .report.plots import METHODS as EMBEDDING_METHODS  # noqa: E402
 
 
@@ -614,11 +711,11 @@ def _fmt_params(p: dict) -> str:
 @click.option("--param", "params", multiple=True, metavar="KEY=VALUE",
               help="Estimator parameter, fixed (not searched), e.g. --param C=0.1; repeatable.")
 @click.option("--no-search", is_flag=True, help="Fit the default parameters, no hyper-parameter search.")
-@click.option("--seed", type=int, default=0, show_default=True, help="Seeds folds, hold-out and estimators.")
+@click.option("--seed", type=SEED, default=0, show_default=True, help="Seeds folds, hold-out and estimators.")
 @click.option("--jobs", "-j", type=int, default=-1, show_default=True, callback=_jobs_value,
               help="Parallel search jobs (joblib); -1 uses every core.")
 @click.option("--test-size", type=click.FloatRange(0, 1, min_open=True, max_open=True), default=0.2,
-              show_default=True, help="Stratified hold-out fraction when the cache has only train.")
+              show_default=True, help="Hold-out fraction (per class) when the cache has only train.")
 @click.option("--cv-folds", type=click.IntRange(min=2), default=5, show_default=True,
               help="k of the stratified k-fold CV used when there is no val split to select on.")
 @click.option("--l2-normalize", is_flag=True, help="L2-normalise feature rows before scaling.")
@@ -648,25 +745,31 @@ def fit_head(cache, models, params, no_search, seed, jobs, test_size, cv_folds, 
     """Fit scikit-learn heads on a feature CACHE and report honest scores.
 
     Hyper-parameters are selected on val when a test split exists, else by stratified k-fold
-    CV on train; scores are reported on test, else val, else a stratified hold-out. Each head
+    CV on train; scores are reported on test, else val, else a seeded hold-out of train. Each head
     is saved in <cache-dir>/runs/<run>/ with metrics.json, rows.json, confusion.png and
     head.skops. Large data is searched on a subsample with one held-out split, then refitted on
     every row; metrics.json's "strategy" says what was done.
     """
-    from .heads.fitting import check_params, fit_heads, parse_budget, parse_params, stop_workers
-
-    names = head_names() if "all" in models else list(dict.fromkeys(models))
-    parsed = parse_params(params)
-    check_params(names, parsed)
     if scheduler and backend != "dask":
         raise click.BadParameter("needs --backend dask", param_hint="--scheduler")
-    with _workers_stopped_on_exit(stop_workers):
-        results = fit_heads(cache, models=names, params=parsed, search=not no_search, seed=seed,
-                            jobs=jobs, test_size=test_size, cv_folds=cv_folds,
-                            l2_normalize=l2_normalize, pca=pca, large_threshold=large_threshold,
-                            cache_dir=resolve_cache_dir(cache_dir), run_name=run_name,
-                            backend=backend, scheduler=scheduler, budget=parse_budget(budget),
-                            progress=_ProgressBar(), solver=solver, log=log)
+    config = HeadConfig(models=models, params=parse_params(params), search=not no_search,
+                        seed=seed, jobs=jobs, test_size=test_size, cv_folds=cv_folds,
+                        l2_normalize=l2_normalize, pca=pca, large_threshold=large_threshold,
+                        backend=backend, scheduler=scheduler, budget=budget, solver=solver)
+    where = destination(cache_dir=resolve_cache_dir(cache_dir), run_name=run_name)
+    check_destination(where, config.models)  # before the fit: a taken name costs no fitting
+    results = []
+    try:
+        with _workers_stopped_on_exit(stop_workers):
+            results = fit_heads(cache, config=config, log=log,
+                                progress=_ProgressBar() if show_progress() else None)
+            save_runs(results, where)
+    except KeyboardInterrupt:
+        saved = [r.run_dir.name for r in results if r.run_dir is not None]
+        kept = f"kept {', '.join(saved)}; the others were not written" if saved else \
+            "no run folder was written (a head's folder appears only whole, after the fit)"
+        raise Failure(f"interrupted; {kept}: running the command again fits the heads from "
+                      "the start", exit_code=130, prefix="fxtl: ") from None
     runs = [r.to_dict() for r in results]
     for r in runs:
         for note in r["notes"] or []:
@@ -708,12 +811,17 @@ def fit_head(cache, models, params, no_search, seed, jobs, test_size, cv_folds, 
 @click.option("--batch-size", type=click.IntRange(min=1), default=None,
               help="Images per forward pass [default: 128 on CUDA; on CPU 16 at bf16, 4 at fp32].")
 @click.option("--workers", type=click.IntRange(min=0), default=None, help="Decoding processes.")
+@click.option("--format", "fmt", type=click.Choice(["text", "csv"]), default="text",
+              show_default=True,
+              help="csv: one row per input on stdout (path,label,probability,top_k,error); "
+                   "--json overrides it.")
 @cache_dir_option
 @json_option
 @handle_errors
-def predict(model, inputs, top_k, trust, device, precision, batch_size, workers, cache_dir, as_json):
-    """Label images with a saved head (MODEL: a fit-head run folder or head.joblib) or a
-    fine-tuned run folder (fxtl-model.json).
+def predict(model, inputs, top_k, trust, device, precision, batch_size, workers, fmt, cache_dir,
+            as_json):
+    """Label images with a saved head (MODEL: a fit-head run folder or its head.skops), a
+    fine-tuned run folder (fxtl-model.json) or an exported model.onnx (`fxtl export-model`).
 
     INPUTS are image files, folders (searched recursively) or feature caches (.h5, heads only).
     The head's backbone runs with the same weights, preprocessing, layer and precision (auto =
@@ -724,7 +832,7 @@ def predict(model, inputs, top_k, trust, device, precision, batch_size, workers,
     _prepare_compute_process()
     res = run_predict(model, inputs, top_k=top_k, trust=trust, device=device, precision=precision,
                       batch_size=batch_size, workers=workers, cache_dir=resolve_cache_dir(cache_dir),
-                      progress=not as_json)
+                      progress=show_progress(as_json))
     for note in res.notes:
         log(f"fxtl: {note}")
 
@@ -739,7 +847,21 @@ def predict(model, inputs, top_k, trust, device, precision, batch_size, workers,
         lines += [f"skipped {e['path']}: {e['reason']}" for e in d["errors"]]
         return "\n".join(lines)
 
-    emit(res.to_dict(), as_json, human)
+    emit(res.to_dict(), as_json, _predictions_csv if fmt == "csv" else human)
+
+
+def _predictions_csv(d: dict[str, Any]) -> str:
+    """``fxtl predict --format csv``: a header, one row per prediction, then one per skipped
+    input (empty label, the reason in ``error``); ``top_k`` holds ``label=p;label=p``."""
+    buf = io.StringIO()
+    w = csv.writer(buf, lineterminator="\n")
+    w.writerow(["path", "label", "probability", "top_k", "error"])
+    for p in d["predictions"]:
+        w.writerow([p["path"], p["label"], f"{p['probability']:.6f}",
+                    ";".join(f"{t['label']}={t['probability']:.6f}" for t in p["top_k"]), ""])
+    for e in d["errors"]:
+        w.writerow([e["path"], "", "", "", e["reason"]])
+    return buf.getvalue().rstrip("\n")
 
 
 @cli.command("plot-embedding")
@@ -749,7 +871,7 @@ def predict(model, inputs, top_k, trust, device, precision, batch_size, workers,
               help="Only this split [default: all, told apart by marker].")
 @click.option("--output", "-o", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="PNG path [default: <cache-dir>/plots/<cache>-<method>.png].")
-@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--seed", type=SEED, default=0, show_default=True)
 @click.option("--max-points", type=click.IntRange(min=3), default=5000, show_default=True,
               help="Subsample larger caches (stratified by class).")
 @click.option("--perplexity", type=click.FloatRange(min=1.0), default=30.0, show_default=True,
@@ -827,7 +949,7 @@ class _Trainable(click.ParamType):
               help="No random horizontal flips (for data where a mirror image is another class: digits, text).")
 @click.option("--init-head", type=click.Path(exists=True, path_type=Path), default=None,
               help="Start the classifier from a fit-head logreg run (LP-FT, Kumar et al. 2022).")
-@click.option("--seed", type=int, default=0, show_default=True,
+@click.option("--seed", type=SEED, default=0, show_default=True,
               help="Seeds the classifier, shuffling, augmentation and hold-out.")
 @click.option("--test-size", type=click.FloatRange(0, 1, min_open=True, max_open=True), default=0.2,
               show_default=True, help="Stratified hold-out fraction when DATA_DIR has only train.")
@@ -866,7 +988,7 @@ def finetune(data_dir, run_name, resume, cache_dir, as_json, no_flip, patience, 
     # Every other option is a FinetuneConfig field of the same name.
     config = FinetuneConfig(flip=not no_flip, patience=patience or None, **options)
     res = run_finetune(data_dir, config=config, cache_dir=resolve_cache_dir(cache_dir),
-                       run_name=run_name, resume=resume, progress=True)
+                       run_name=run_name, resume=resume, progress=show_progress())
     if res.rank != 0:  # under torchrun only rank 0 reports, so stdout holds one result
         return
     for note in res.metrics.get("notes", []):

@@ -72,7 +72,7 @@ def _markdown(r: dict[str, Any]) -> str:
     a = r["advice"]
     plan = r["plan"]
     comp = plan.get("compare", {})
-    lines = [f"# fxtl demo report", "",
+    lines = ["# fxtl demo report", "",
              f"Data: `{r['data']}` (scikit-learn handwritten digits as PNG folders)", "",
              f"## Advice: scenario {a['scenario']}", "", a["explanation"], "",
              "## Results (same splits for every method; 95% intervals)", "",

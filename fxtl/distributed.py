@@ -148,7 +148,7 @@ def place_rank(env: TorchrunEnv, device: str) -> tuple[str, int]:
         gpus = torch.cuda.device_count()
         if env.local_rank >= gpus:
             raise FxtlError(f"LOCAL_RANK {env.local_rank} has no GPU (this node has {gpus}); "
-                            f"start at most {gpus} processes per node (--nproc-per-node {gpus})")
+                            f"start at most {gpus} processes per node (torchrun's nproc-per-node)")
         torch.cuda.set_device(env.local_rank)
         _, workers = rank_budget(env, cuda=True)
         return f"cuda:{env.local_rank}", workers
@@ -173,7 +173,7 @@ def _start_process_group(env: TorchrunEnv, backend: str, **kwargs: Any) -> None:
 
     if not dist.is_available():
         raise FxtlError("this torch build has no torch.distributed; run without torchrun (for "
-                        "extraction: `fxtl extract --shard I/N` and `fxtl merge`)")
+                        "extraction: extract(shard=(I, N)) and merge_shards)")
     missing = [k for k in ("MASTER_ADDR", "MASTER_PORT") if k not in os.environ]
     if missing:
         raise FxtlError(f"WORLD_SIZE={env.world_size} is set but {', '.join(missing)} "

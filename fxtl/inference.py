@@ -16,6 +16,7 @@ from ._util import default_cache_dir
 from .backbones.registry import load_backbone
 from .data.discovery import walk_images
 from .errors import FxtlError, ProvenanceError
+from .tables import records_frame
 
 __all__ = ["PredictResult", "collect_images", "resolve_model", "finish_result", "head_backbone",
            "score_entry"]
@@ -38,6 +39,12 @@ class PredictResult:
     precision: str = ""
     notes: list[str] = field(default_factory=list)
 
+    def to_frame(self):
+        """A pandas DataFrame, one row per prediction (``path``, ``label``, ``probability``,
+        ``index``, ``top_k``...). Needs pandas."""
+        frame = records_frame(self.predictions, first=("path", "label", "probability"))
+        return frame.reindex(columns=["path", "label", "probability"]) if frame.empty else frame
+
     def to_dict(self) -> dict[str, Any]:
         return {"model": self.model, "kind": self.kind, "class_names": self.class_names,
                 "predictions": self.predictions, "errors": self.errors,
@@ -46,12 +53,14 @@ class PredictResult:
                 "precision": self.precision, "notes": self.notes}
 
 
-def collect_images(inputs: Sequence[str | Path]) -> tuple[list[Path], list[Path], list[dict[str, str]]]:
+def collect_images(inputs: str | Path | Sequence[str | Path]) -> tuple[list[Path], list[Path], list[dict[str, str]]]:
     """Split ``inputs`` into image files and caches; folders are walked for image files.
 
     Returns ``(images, caches, errors)``; a missing path or an empty folder is an error entry,
     not an exception, so one bad argument does not stop the others.
     """
+    if isinstance(inputs, (str, Path)):  # one path, not a sequence of its characters
+        inputs = [inputs]
     images: list[Path] = []
     caches: list[Path] = []
     errors: list[dict[str, str]] = []

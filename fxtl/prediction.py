@@ -21,14 +21,13 @@ Examples
 """
 from __future__ import annotations
 
-import json
 import time
 from pathlib import Path
 from typing import Sequence
 
 import numpy as np
 
-from ._util import say
+from ._util import read_json, say
 from .backbones.registry import MODEL_MANIFEST, load_backbone
 from .deploy.runtime import predict_onnx
 from .errors import FxtlError, ParameterError
@@ -39,7 +38,8 @@ from .inference import (PredictResult, collect_images, finish_result, head_backb
                         resolve_model, score_entry)
 from .runtime import resolve_device, resolve_precision
 
-# PredictResult, collect_images and resolve_model are fxtl.inference's, named here as before.
+# PredictResult, collect_images and resolve_model are fxtl.inference's, named here too so that
+# code importing them from fxtl.prediction keeps working.
 __all__ = ["predict", "PredictResult", "collect_images", "resolve_model"]
 # What a fine-tune leaves in its run folder before it writes its manifest (fxtl.training).
 _FINETUNE_CHECKPOINT = "checkpoint-last.pt"
@@ -62,7 +62,7 @@ def _resolve_precision(wanted: str | None, device: str, notes: list[str]) -> str
         return fallback
 
 
-def predict(model: str | Path, inputs: Sequence[str | Path], *, top_k: int = 1,
+def predict(model: str | Path, inputs: str | Path | Sequence[str | Path], *, top_k: int = 1,
             trust: bool = False, device: str = "auto", precision: str | None = None,
             batch_size: int | None = None, workers: int | None = None,
             cache_dir: str | Path | None = None, progress: bool = False) -> PredictResult:
@@ -73,7 +73,7 @@ def predict(model: str | Path, inputs: Sequence[str | Path], *, top_k: int = 1,
     model : path
         A ``fit-head`` run folder or ``head.joblib``, or a fine-tuned run folder
         (``fxtl-model.json``).
-    inputs : sequence of paths
+    inputs : path or sequence of paths
         Image files, folders of images, or ``.h5`` feature caches (heads only).
     top_k : int
         How many best classes each prediction lists in ``top_k``.
@@ -142,9 +142,9 @@ def _refuse_unfinished_finetune(model: Path) -> None:
     if model.is_dir() and not (model / MODEL_MANIFEST).exists() and \
             (model / _FINETUNE_CHECKPOINT).is_file():
         raise FxtlError(f"{model} is a fine-tune that did not finish (it holds "
-                        f"{_FINETUNE_CHECKPOINT} but no {MODEL_MANIFEST}); finish it with `fxtl "
-                        f"finetune DATA_DIR --resume --run-name {model.name}` (same options), or "
-                        "re-run the fine-tune")
+                        f"{_FINETUNE_CHECKPOINT} but no {MODEL_MANIFEST}); finish it with "
+                        f"finetune(data, resume=True, run_name={model.name!r}) and the same options, "
+                        "or re-run the fine-tune")
 
 
 def _predict_cache(head, cache_path: Path, res: PredictResult, *, top_k: int) -> None:
@@ -195,7 +195,7 @@ def _predict_finetuned(run: Path, images: list[Path], *, top_k: int, device: str
                        precision: str | None, batch_size: int | None, workers: int | None,
                        progress: bool, notes: list[str], trust: bool = False) -> PredictResult:
     try:
-        manifest = json.loads((run / MODEL_MANIFEST).read_text())
+        manifest = read_json(run / MODEL_MANIFEST)
     except (OSError, ValueError) as exc:
         raise FxtlError(f"{run / MODEL_MANIFEST} is unreadable ({exc}); re-run the fine-tune") from None
     bb = load_backbone(str(run), inference=True, trust=trust)

@@ -1,14 +1,17 @@
 """fxtl advise: size and similarity measured, scenario and commands derived."""
 from __future__ import annotations
 
+import csv
 import json
 from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
+from scipy.stats import binomtest
 
 from fxtl.advice import SCENARIOS, _commands, advice_verdict, advise, certainty
 from fxtl.cli import cli
+from fxtl.errors import ParameterError
 
 
 @pytest.fixture(scope="module")
@@ -79,18 +82,24 @@ def test_scenario_3_fine_tunes_from_the_fitted_head():
     assert "LP-FT" in SCENARIOS[3][2] and "--init-head" in SCENARIOS[3][2]
 
 
-def test_cli_json(digits_dir):
-    r = CliRunner().invoke(cli, ["advise", str(digits_dir), "--sample", "30", "--json"])
+def test_cli_json_is_the_librarys_advice(digits_dir, digits_advice):
+    """`advise --json` prints what `advise()` returns for the same data, sample and seed."""
+    r = CliRunner().invoke(cli, ["advise", str(digits_dir), "--sample", "60", "--json"])
     assert r.exit_code == 0, r.output
     d = json.loads(r.stdout)
-    for key in ("scenario", "size", "similarity", "explanation", "commands"):
-        assert key in d
-    assert d["scenario"] in (1, 2, 3, 4) and 0 <= d["similarity"]["score"] <= 1
+    want = json.loads(json.dumps(digits_advice.to_dict()))
+    assert d.pop("seconds") > 0
+    want.pop("seconds")
+    assert d == want
+    assert d["scenario"] == 3 and d["similarity"]["category"] == "different"
 
 
-def test_cli_rejects_tiny_sample(digits_dir):
-    r = CliRunner().invoke(cli, ["advise", str(digits_dir), "--sample", "3"])
-    assert r.exit_code == 2
+def test_tiny_sample_is_refused_by_name(digits_dir):
+    with pytest.raises(ParameterError, match="sample must be at least 10 images, got 9") as exc:
+        advise(digits_dir, sample=9)
+    assert exc.value.param == "sample"
+    r = CliRunner().invoke(cli, ["advise", str(digits_dir), "--sample", "9"])
+    assert r.exit_code == 2 and "--sample" in r.output and "Traceback" not in r.output
 
 
 def test_demo_runs_the_whole_job(tmp_path):
@@ -109,14 +118,27 @@ def test_demo_runs_the_whole_job(tmp_path):
     # LP-FT from the logreg head, at the head's input size, with the milder crop
     assert cfg["init_head"] and Path(cfg["init_head"]).resolve() == Path(logreg["run_dir"]).resolve()
     assert cfg["image_size"] == 224 and cfg["crop_scale"] == [0.8, 1.0]
+    right = {}  # run folder -> {image: predicted correctly}, read from its predictions.csv
     for run in d["plan"]["runs"]:
-        assert 0.0 <= run["accuracy"] <= 1.0
         assert (tmp_path / "runs") in Path(run["run_dir"]).parents
+        with open(Path(run["run_dir"]) / "predictions.csv", newline="") as f:
+            right[run["run_dir"]] = {r["path"]: r["label"] == r["predicted"] for r in csv.DictReader(f)}
+        ok = list(right[run["run_dir"]].values())
+        assert len(ok) == 20 and run["accuracy"] == pytest.approx(sum(ok) / len(ok))
     assert len(d["plan"]["compare"]["rows"]) == len(d["plan"]["runs"])
-    # the paired test of the best head against the fine-tune, on the same test images
+    # the paired test of the best head against the fine-tune, on the same test images, redone
+    # here from the two predictions.csv files
     pair = d["plan"]["paired"]
-    assert pair["test"] == "mcnemar-exact" and pair["n"] == 20 and 0 <= pair["p_value"] <= 1
-    assert d["plan"]["verdict"]["verdict"] in ("held", "tied", "failed")
+    a, b = right[pair["a"]], right[pair["b"]]
+    assert sorted(a) == sorted(b) and pair["test"] == "mcnemar-exact" and pair["n"] == len(a) == 20
+    a_only = sum(a[p] and not b[p] for p in a)
+    b_only = sum(b[p] and not a[p] for p in a)
+    assert (pair["a_only_correct"], pair["b_only_correct"]) == (a_only, b_only)
+    p_value = binomtest(min(a_only, b_only), a_only + b_only, 0.5).pvalue if a_only + b_only else 1.0
+    assert pair["p_value"] == pytest.approx(p_value)
+    # scenario 3 advises the fine-tune (b): it held when b is significantly better
+    verdict = "tied" if p_value >= 0.05 else "held" if b_only > a_only else "failed"
+    assert d["plan"]["verdict"]["verdict"] == verdict
     report = Path(d["report"]).read_text()
     assert "95% interval" in report and pair["text"] in report
     for run in d["plan"]["runs"]:

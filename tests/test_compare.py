@@ -22,6 +22,8 @@ def _write_run(cache: Path, name: str, **metrics) -> Path:
     base = {"split": "val", "dataset": "ds", "backbone": "lite0", "macro_f1": 0.5, "n": 10,
             "dataset_fingerprint": "ab" * 32, "trainable_params": 100}
     (run / "metrics.json").write_text(json.dumps({**base, **metrics}))
+    if metrics.get("kind") == "finetune":  # a finished fine-tune holds its manifest
+        (run / "fxtl-model.json").write_text("{}")
     return run
 
 
@@ -109,6 +111,7 @@ def test_cli_compare(runs):
     assert human.exit_code == 0 and "head:logreg" in human.stdout and "chart:" in human.stdout
     none = runner.invoke(cli, ["compare", "--cache-dir", str(runs / "empty")])
     assert none.exit_code == 1 and "no usable head or fine-tune runs" in none.stderr
+    assert none.stderr.rstrip().endswith("(or pass the --cache-dir holding them)")  # the CLI's name
 
 
 def test_compare_real_head_and_finetune(shapes_dir, shapes_cache, tmp_path):

@@ -228,18 +228,20 @@ def test_early_stopping_keeps_best_epoch(shapes3_dir, tmp_path, tiny):
 
 
 def test_holdout_when_only_train(tmp_path, tiny):
-    from sklearn.model_selection import train_test_split
-
     from fxtl.data.discovery import discover
     from fxtl.data.samples import write_shapes
+    from fxtl.data.splits import hash_holdout
 
     data = write_shapes(tmp_path / "d", per_class=5, splits=("train",))
     res = finetune(data / "train", backbone=tiny, epochs=1, cache_dir=tmp_path / "c", seed=3, **TINY)
-    assert res.split == "holdout" and res.metrics["n"] == 2
     images = discover(data / "train")
-    labels = [s.label for s in images.samples]
-    _, held = train_test_split(np.arange(10), test_size=0.2, stratify=labels, random_state=3)
-    assert res.metrics["n_train"] == 6  # 8 left after the report hold-out, 2 of them select
+    labels = np.array([s.label for s in images.samples])
+    keys = [s.path for s in images.samples]
+    rest, held = hash_holdout(np.arange(10), labels, keys, test_size=0.2, seed=3, source="t")
+    fit, select = hash_holdout(rest, labels, keys, test_size=0.2, seed=3, salt="selection",
+                               source="t")
+    assert res.split == "holdout" and res.metrics["n"] == len(held) >= 2  # a class: >= 1 each
+    assert res.metrics["n_train"] == len(fit) == 10 - len(held) - len(select)
     assert np.asarray(res.metrics["confusion_matrix"]).sum(1).tolist() == \
         np.bincount(np.asarray(labels)[held], minlength=2).tolist()
 

@@ -7,11 +7,19 @@ from pathlib import Path
 import numpy as np
 import pytest
 from click.testing import CliRunner
+from sklearn.linear_model import LogisticRegression
+from sklearn.metrics import accuracy_score, f1_score
+from sklearn.neighbors import KNeighborsClassifier
+from sklearn.pipeline import make_pipeline
+from sklearn.preprocessing import StandardScaler
 
 from fxtl.cli import cli
 from fxtl.errors import CacheError, FxtlError, ProvenanceError
-from fxtl.heads.fitting import (HEADS, build_pipeline, check_params, fit_head, fit_heads, get_head,
-                        load_head, parse_params, plan_splits, register_head)
+from fxtl.heads.fitting import fit_head, fit_heads
+from fxtl.heads.persistence import load_head
+from fxtl.heads.planning import plan_head
+from fxtl.heads.registry import (HEADS, build_pipeline, check_params, get_head, parse_params,
+                                 register_head)
 from fxtl.features.store import load_features, write_cache
 
 PRE = {"resize": 256, "crop": 224, "interpolation": "bicubic", "mean": [0.5] * 3, "std": [0.5] * 3}
@@ -90,20 +98,26 @@ def test_parse_and_check_params():
 def test_plan_never_shares_rows_with_the_reported_split(layout, selection, reported):
     split = np.array([s for s in layout for _ in range(30)])
     labels = np.tile(np.arange(3), len(split) // 3)
-    plan = plan_splits(labels, split, seed=1, test_size=0.2)
+    paths = [f"{s}/c{y}/{i}.png" for i, (s, y) in enumerate(zip(split, labels))]
+    plan = plan_head(labels, split, paths=paths, seed=1, test_size=0.2)
     assert (plan.selection, plan.eval_split) == (selection, reported)
     assert not set(plan.eval_rows) & set(plan.search_rows)
     assert not set(plan.eval_rows) & set(plan.fit_rows)
     if reported in ("test", "val"):
         assert set(plan.eval_rows) == set(np.flatnonzero(split == reported))
-    else:
-        assert len(plan.eval_rows) == 6  # 20% of 30, stratified
-        assert np.bincount(labels[plan.eval_rows]).tolist() == [2, 2, 2]
+    else:  # each image placed by a hash of its path: about 20%, every class on both sides
+        assert len(plan.eval_rows) + len(plan.fit_rows) == 30 and 2 <= len(plan.eval_rows) <= 12
+        assert sorted(set(labels[plan.eval_rows])) == sorted(set(labels[plan.fit_rows])) == [0, 1, 2]
+        # An image's side does not depend on the others: drop five rows, the rest stay put.
+        keep = np.arange(5, 30)
+        again = plan_head(labels[keep], split[keep], paths=[paths[i] for i in keep], seed=1,
+                          test_size=0.2)
+        assert set(keep[again.eval_rows]) == set(plan.eval_rows) - set(range(5))
 
 
 def test_plan_refuses_a_cache_without_train():
     with pytest.raises(CacheError, match="no labelled train rows"):
-        plan_splits(np.array([0, 1]), np.array(["val", "val"]))
+        plan_head(np.array([0, 1]), np.array(["val", "val"]))
 
 
 @pytest.mark.parametrize("layout", [
@@ -115,7 +129,7 @@ def test_selection_never_touches_the_reported_split(tmp_path, layout):
     """Poison the reported rows' features: search, chosen parameters and fitted head must not move."""
     clean = write_synthetic_cache(tmp_path / "clean.h5", splits=layout, sep=1.0)
     c = load_features(clean)
-    plan = plan_splits(c.labels, c.split, seed=0)
+    plan = plan_head(c.labels, c.split, paths=c.paths, seed=0)
     poisoned_rows = plan.eval_rows
     X = c.features.copy()
     X[poisoned_rows] = np.random.default_rng(9).normal(size=(len(poisoned_rows), c.dim)) * 50
@@ -161,7 +175,8 @@ def test_each_model_fits_a_tiny_cache(tmp_path, blobs, model):
     head = load_head(run)
     c = load_features(blobs)
     test_rows = np.flatnonzero(c.split == "test")
-    assert (head.predict(c.features[test_rows]) == res.predictions["y_pred"]).all()
+    names = np.array(c.class_names)
+    assert (head.predict(c.features[test_rows]) == names[res.predictions["y_pred"]]).all()
     scores = head.scores(c.features[test_rows])
     np.testing.assert_allclose(scores.sum(axis=1), 1.0, rtol=1e-6)
 
@@ -180,7 +195,8 @@ def test_holdout_when_only_train_and_seeded(tmp_path):
     path = write_synthetic_cache(tmp_path / "t.h5", splits=(("train", 100),), sep=1.5)
     a = fit_head(path, model="mlp", test_size=0.2, seed=4, save=False)
     b = fit_head(path, model="mlp", test_size=0.2, seed=4, save=False)
-    assert a.metrics["split"] == "holdout" and a.metrics["n"] == 20 and a.metrics["n_fit"] == 80
+    assert a.metrics["split"] == "holdout" and a.metrics["n"] + a.metrics["n_fit"] == 100
+    assert 10 <= a.metrics["n"] <= 30  # each image placed by a hash of its path: about 20%
     assert a.head.pipeline.named_steps["est"].early_stopping
     assert a.metrics["best_params"] == b.metrics["best_params"]
     np.testing.assert_array_equal(a.predictions["scores"], b.predictions["scores"])
@@ -268,16 +284,35 @@ def test_head_refuses_mismatched_features(tmp_path, blobs):
 
 # ----------------------------------------------------------------------------- CLI
 def test_cli_fit_head_json_and_human(tmp_path, blobs):
+    """Each run's test scores are those of a plain scikit-learn pipeline with the chosen
+    parameters, fitted on the same train + val rows; the best is the most accurate."""
     runner = CliRunner()
-    r = runner.invoke(cli, ["fit-head", str(blobs), "--model", "logreg", "--model", "knn",
+    # overlapping blobs: logreg 23/30, knn 24/30 on the test rows, so the pick can be wrong
+    hard = write_synthetic_cache(tmp_path / "hard.h5", seed=1, sep=1.0)
+    r = runner.invoke(cli, ["fit-head", str(hard), "--model", "logreg", "--model", "knn",
                             "--jobs", "1", "--cache-dir", str(tmp_path), "--json"])
     assert r.exit_code == 0, r.output
     d = json.loads(r.stdout)
-    assert [x["model"] for x in d["runs"]] == ["logreg", "knn"] and d["best"] in ("logreg", "knn")
+    assert [x["model"] for x in d["runs"]] == ["logreg", "knn"]
+    c = load_features(hard)
+    fit, test = np.isin(c.split, ["train", "val"]), c.split == "test"
+    names = np.array(c.class_names)
+    plain = {"logreg": lambda p: LogisticRegression(max_iter=2000, **p),
+             "knn": lambda p: KNeighborsClassifier(**p)}
+    scores = {}
     for run in d["runs"]:
         for key in ("model", "split", "accuracy", "macro_f1", "head", "run_dir", "fit_seconds"):
             assert key in run
-        assert 0.0 <= run["accuracy"] <= 1.0 and Path(run["head"]).is_file()
+        assert Path(run["head"]).is_file()
+        params = json.loads((Path(run["run_dir"]) / "metrics.json").read_text())["best_params"]
+        pipe = make_pipeline(StandardScaler(), plain[run["model"]](params))
+        pred = pipe.fit(c.features[fit], names[c.labels[fit]]).predict(c.features[test])
+        truth = names[c.labels[test]]
+        assert run["accuracy"] == pytest.approx(accuracy_score(truth, pred))
+        assert run["macro_f1"] == pytest.approx(f1_score(truth, pred, average="macro"))
+        scores[run["model"]] = (run["accuracy"], run["macro_f1"])
+    assert scores["logreg"] != scores["knn"]
+    assert d["best"] == max(scores, key=scores.get)
     r = runner.invoke(cli, ["fit-head", str(blobs), "-m", "linear-svm", "--param", "C=0.01",
                             "--pca", "4", "--l2-normalize", "--cache-dir", str(tmp_path)])
     assert r.exit_code == 0, r.output
@@ -327,11 +362,19 @@ def test_cli_plot_embedding(tmp_path, blobs):
     assert Path(d["plot"]).parent == tmp_path / "plots"
 
 
-@pytest.mark.parametrize("train, selection", [(8, "train-holdout10"), (6, "train-holdout10")])
-def test_streamed_search_on_a_tiny_cache_selects_or_says_why_not(tmp_path, train, selection):
-    """A hold-out of 10% of 8 rows used to be 0 rows: scikit-learn's ValueError reached the user."""
+@pytest.mark.parametrize("train", [8, 6])
+def test_streamed_search_on_a_tiny_cache_selects_on_a_row_per_class(tmp_path, train):
+    """10% of 8 rows rounds to none: the streamed search holds out one row per class instead
+    (3 rows), so it still selects. The blobs are separable: every candidate classifies the
+    hold-out and the test rows perfectly, and the tie goes to the first (most regularised)."""
     cache = write_synthetic_cache(tmp_path / "t.h5", splits=(("train", train), ("test", 6)),
-                                  dim=8, classes=3, sep=1.0)
+                                  dim=8, classes=3, sep=4.0)
     res = fit_head(cache, model="logreg", large_threshold=2, seed=0)
-    assert res.metrics["scalable"] and 0.0 <= res.metrics["accuracy"] <= 1.0
-    assert res.metrics["selection"] == selection
+    m = res.metrics
+    assert m["scalable"] and m["selection"] == "train-holdout10"
+    assert [c["mean_score"] for c in m["search"]] == [1.0, 1.0, 1.0]
+    assert m["selection_score"] == 1.0 and m["best_params"] == {"alpha": 1e-3}
+    c = load_features(cache)
+    test = c.split == "test"
+    assert (res.head.predict(c.features[test]) == np.array(c.class_names)[c.labels[test]]).all()
+    assert m["accuracy"] == 1.0 and m["n"] == 6

@@ -11,7 +11,7 @@ import pytest
 from fxtl.data.splits import load_rows
 from fxtl.errors import ParameterError
 from fxtl.heads import choose_strategy, fit_head, parse_budget
-from fxtl.heads.search import CV_MAX_ROWS, search_folds
+from fxtl.heads.search import search_folds
 
 from .test_heads import write_synthetic_cache
 
@@ -176,6 +176,7 @@ def test_knn_votes_score_every_candidate_like_grid_search():
     from sklearn.model_selection import GridSearchCV, StratifiedKFold
 
     from fxtl.heads.registry import build_pipeline, get_head
+    from fxtl.heads.config import HeadConfig
     from fxtl.heads.search import KNN_VOTES, run_search
 
     rng = np.random.default_rng(0)
@@ -184,9 +185,8 @@ def test_knn_votes_score_every_candidate_like_grid_search():
     X[1] = X[0]  # an exact duplicate: distance weights with a zero distance
     folds = list(StratifiedKFold(4, shuffle=True, random_state=0).split(X, y))
     cands = [{"n_neighbors": k, "weights": w} for k in (15, 7, 3, 1) for w in ("uniform", "distance")]
-    out = run_search(get_head("knn"), X=X, y=y, folds=folds, candidates=cands, fixed={}, seed=0,
-                     l2_normalize=False, pca=None, jobs=1, parallel=None, deadline=None,
-                     progress=None, path_param=KNN_VOTES)
+    out = run_search(get_head("knn"), X=X, y=y, folds=folds, candidates=cands, fixed={},
+                     config=HeadConfig(models=("knn",), seed=0, jobs=1), path_param=KNN_VOTES)
     gs = GridSearchCV(build_pipeline("knn"), [{f"est__{k}": [v] for k, v in c.items()} for c in cands],
                       cv=folds).fit(X, y)
     np.testing.assert_allclose(out.scores, gs.cv_results_["mean_test_score"], atol=1e-12)

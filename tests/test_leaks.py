@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from fxtl.data.discovery import discover, fingerprint
-from fxtl.data.splits import RowSet, RunRows, leaked_rows, load_rows, stratified_holdout
+from fxtl.data.splits import RowSet, RunRows, hash_holdout, leaked_rows, load_rows
 from fxtl.training.loop import finetune, linear_head_weights
 
 TINY = dict(image_size=32, batch_size=4, workers=0, progress=False, precision="fp32")
@@ -118,8 +118,8 @@ def test_train_only_reports_the_heads_holdout_and_selects_on_another(tmp_path, t
     res = finetune(data, backbone=tiny, epochs=1, cache_dir=tmp_path / "c", seed=5, **TINY)
     images = discover(data)
     labels = np.array([s.label for s in images.samples])
-    rest, held = stratified_holdout(np.arange(len(labels)), labels, test_size=0.2, seed=5,
-                                    source="t")
+    rest, held = hash_holdout(np.arange(len(labels)), labels, [s.path for s in images.samples],
+                              test_size=0.2, seed=5, source="t")
     rows = load_rows(res.run_dir)
     assert rows.report.paths == tuple(images.samples[i].path for i in held)
     assert rows.report.split == res.split == "holdout"
@@ -127,5 +127,5 @@ def test_train_only_reports_the_heads_holdout_and_selects_on_another(tmp_path, t
     assert not set(rows.train.paths) & (set(rows.report.paths) | set(rows.selection.paths))
     assert len(rows.train.paths) + len(rows.selection.paths) == len(rest)
     assert not leaked_rows(rows, rows)
-    assert any("second stratified" in n for n in res.metrics["notes"])
+    assert any("second 20% hold-out" in n for n in res.metrics["notes"])
     assert json.loads((res.run_dir / "metrics.json").read_text())["selection_split"] == "holdout-selection"

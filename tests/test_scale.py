@@ -174,7 +174,7 @@ def test_merge_refuses_a_missing_shard(shard_files, tmp_path):
     assert r.exit_code == 1
     lines = [l for l in r.output.splitlines() if l.strip()]
     assert len(lines) == 1 and lines[0].startswith("fxtl: error: missing 1 of 2 shards")
-    assert str(folder / "shard-00001-of-00002.h5") in lines[0] and "--shard I/2" in lines[0]
+    assert str(folder / "shard-00001-of-00002.h5") in lines[0] and "shard=(I, 2)" in lines[0]
     assert not list(tmp_path.glob("*.h5"))  # nothing written
     assert (folder / shard_files[0].name).exists()  # and nothing deleted
 
@@ -211,8 +211,7 @@ def test_torchrun_two_processes_equal_single_process(data, reference, tmp_path):
     assert [(s["index"], s["rows"], s["images_computed"]) for s in d["shard_runs"]] == \
         [(0, [0, 4], 4), (1, [4, 12], 8)]
     assert_same_cache(load_features(d["cache"]), reference, exact=False)
-    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([Path(d["cache"]).name,
-                                                                 Path(d["cache"]).name + ".lock"])
+    assert sorted(p.name for p in tmp_path.iterdir()) == [Path(d["cache"]).name]  # no .lock left
 
 
 def test_torchrun_rerun_computes_only_the_missing_shard(data, shard_files, reference, tmp_path):

@@ -26,7 +26,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NamedTuple, Sequence
 
-from .._util import sha256_file
+from .._util import meaning_sha256, read_json, sha256_file
 from ..data.images import Preprocessing
 from ..errors import BackboneError, ProvenanceError
 from . import weights
@@ -37,9 +37,13 @@ if TYPE_CHECKING:  # the class lives with torch, imported only when a network is
 
 __all__ = ["BackboneSpec", "register_backbone", "get_backbone", "list_backbones",
            "load_backbone", "parse_backbone_name", "weights_identity", "WeightsIdentity",
-           "DEFAULT_BACKBONE", "MODEL_MANIFEST"]
+           "DEFAULT_BACKBONE", "MODEL_MANIFEST", "RUN_MEANING_KEYS"]
 
 DEFAULT_BACKBONE = "lite0"
+# Manifest fields that change a fine-tuned run's answers; its ``meaning_sha256`` covers them
+# (``weights_sha256`` covers only model.pt, not the names given to its outputs).
+RUN_MEANING_KEYS = ("backbone", "architecture", "state_dict", "weights_sha256", "num_classes",
+                    "class_names", "classifier", "preprocessing")
 # How many runs a fine-tuned run may stack on (a run fine-tuned from a run...): beyond it the
 # manifest chain is taken for a loop.
 _MAX_RUN_DEPTH = 16
@@ -157,11 +161,19 @@ def _spec_from_run(path: Path, runs: tuple[Path, ...]) -> BackboneSpec:
         raise BackboneError(f"{where}: its backbone leads back to {runs[0] if runs else path} (a "
                             "loop of fine-tuned runs); re-run the fine-tune")
     try:
-        manifest = json.loads(where.read_text())
+        manifest = read_json(where)
     except (OSError, ValueError) as exc:
         raise BackboneError(f"{where} is unreadable ({exc}); re-run the fine-tune") from None
     if not isinstance(manifest, dict):
         raise BackboneError(f"{where} does not hold a JSON object; re-run the fine-tune")
+    # Runs written before fxtl recorded it have none; their lists are still cross-checked below
+    # and against the network's outputs when it is built.
+    recorded = manifest.get("meaning_sha256")
+    if recorded is not None and recorded != meaning_sha256(manifest, RUN_MEANING_KEYS):
+        raise ProvenanceError(f"{where} was edited after the fine-tune wrote it (its class_names, "
+                              "preprocessing, backbone or weights_sha256 no longer match its "
+                              "meaning_sha256), so the network's outputs would get other names; "
+                              "restore the file or re-run the fine-tune")
     base = manifest.get("backbone")
     if not isinstance(base, str) or not base.strip():
         raise BackboneError(f"{where} names no backbone (field 'backbone'); re-run the fine-tune")
@@ -178,6 +190,7 @@ def _spec_from_run(path: Path, runs: tuple[Path, ...]) -> BackboneSpec:
                             f"{num_classes!r}; re-run the fine-tune")
     if class_names is not None and (not isinstance(class_names, list)
                                     or not all(isinstance(c, str) for c in class_names)
+                                    or len(set(class_names)) != len(class_names)
                                     or (num_classes is not None and len(class_names) != num_classes)):
         raise BackboneError(f"{where}: 'class_names' must list {num_classes} class name(s), got "
                             f"{class_names!r:.80}; re-run the fine-tune")

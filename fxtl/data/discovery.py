@@ -328,7 +328,8 @@ def discover(data: str | Path) -> ImageSet:
             missing = [c for c in class_names if c not in per_split["train"]]
             if missing:
                 raise DataError(f"class {missing[0]!r} has images in another split but none in "
-                                f"{root}/train; add training images or remove the class")
+                                f"{root}/train{_output_in_data(artifacts)}; add training images "
+                                "or remove the class")
         layout = "splits"
     else:
         classes = _data_folders(subdirs, artifacts, undecodable)
@@ -346,8 +347,25 @@ def discover(data: str | Path) -> ImageSet:
         _warn_skipped(artifacts)
     _warn_undecodable(undecodable)
     if len(class_names) < 2:
-        raise DataError(f"{root} has {len(class_names)} class; a classifier needs at least 2 class folders")
+        raise DataError(f"{root} has {len(class_names)} class{_output_in_data(artifacts)}; a "
+                        "classifier needs at least 2 class folders")
     return ImageSet(root=root, class_names=class_names, samples=samples, layout=layout)
+
+
+def _output_in_data(artifacts: Sequence[Path]) -> str:
+    """A clause naming a skipped folder that holds images beside fxtl output: a class folder
+    that became a cache dir (``--cache-dir DATA/train/ants``) is left out whole, images too."""
+    def holds_images(folder: Path) -> bool:
+        try:
+            return any(_is_image(p.name) for p in folder.iterdir() if p.is_file())
+        except OSError:
+            return False
+
+    mixed = [a for a in artifacts if holds_images(a)]
+    if not mixed:
+        return ""
+    return (f" ({mixed[0]} holds images and fxtl output, a cache or a run, so it is not read as "
+            "a class folder: move fxtl's files out of it and keep cache_dir outside the data)")
 
 
 def _nonempty_class(folder: Path, files: list[Path]) -> list[Path]:

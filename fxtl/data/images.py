@@ -8,6 +8,8 @@ with a short reason instead of crashing the run.
 """
 from __future__ import annotations
 
+import math
+import warnings
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -15,9 +17,10 @@ from typing import Any
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-__all__ = ["Preprocessing", "open_image", "EvalTransform", "ImageDecodeError", "MAX_PIXELS",
-           "IMAGE_EXTENSIONS", "UNDECODABLE_EXTENSIONS", "to_chw", "stack_images", "collate_images"]
+from ..errors import FxtlWarning
 
+__all__ = ["Preprocessing", "open_image", "to_rgb", "EvalTransform", "ImageDecodeError", "MAX_PIXELS",
+           "IMAGE_EXTENSIONS", "UNDECODABLE_EXTENSIONS", "to_chw", "stack_images", "collate_images"]
 
 
 def _avif_decodable() -> bool:
@@ -38,6 +41,8 @@ UNDECODABLE_EXTENSIONS = (".heic", ".heif", ".jxl") + (() if ".avif" in IMAGE_EX
                                                        else (".avif",))
 # Larger images are refused as decompression bombs (Pillow's own default warns at ~89 Mpx).
 MAX_PIXELS = 100_000_000
+# Largest resize/crop side a recorded recipe may name (far above any network's input).
+MAX_SIDE = 8192
 
 INTERPOLATION = {"bicubic": Image.Resampling.BICUBIC, "bilinear": Image.Resampling.BILINEAR,
            "nearest": Image.Resampling.NEAREST, "lanczos": Image.Resampling.LANCZOS}
@@ -78,7 +83,29 @@ class Preprocessing:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "Preprocessing":
-        return cls(resize=int(d["resize"]), crop=int(d["crop"]), interpolation=str(d["interpolation"]),
+        """The recipe a file recorded; :class:`ValueError` naming the first field that is not
+        usable (a file's metadata is input like any other: never a KeyError or TypeError)."""
+        if not isinstance(d, dict):
+            raise ValueError(f"preprocessing must be a JSON object, got {type(d).__name__}")
+        missing = [k for k in ("resize", "crop", "interpolation", "mean", "std") if k not in d]
+        if missing:
+            raise ValueError(f"preprocessing has no {missing[0]!r}")
+        for key in ("resize", "crop"):
+            v = d[key]
+            if isinstance(v, bool) or not isinstance(v, int) or not 0 < v <= MAX_SIDE:
+                raise ValueError(f"preprocessing {key} must be a whole number of pixels in "
+                                 f"1..{MAX_SIDE}, got {v!r:.40}")
+        if d["interpolation"] not in INTERPOLATION:
+            raise ValueError(f"preprocessing interpolation must be one of {', '.join(INTERPOLATION)}, "
+                             f"got {d['interpolation']!r:.40}")
+        for key in ("mean", "std"):
+            v = d[key]
+            if not isinstance(v, (list, tuple)) or len(v) != 3 or not all(
+                    isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+                    and (key == "mean" or x > 0) for x in v):
+                raise ValueError(f"preprocessing {key} must be 3 finite numbers"
+                                 f"{' above 0' if key == 'std' else ''}, got {v!r:.60}")
+        return cls(resize=d["resize"], crop=d["crop"], interpolation=d["interpolation"],
                    mean=tuple(float(v) for v in d["mean"]), std=tuple(float(v) for v in d["std"]),
                    jpeg_draft=bool(d.get("jpeg_draft", True)))
 
@@ -116,7 +143,7 @@ def open_image(path: str | Path, *, draft_size: int | None = None,
             bits = _bit_depth(im)
             im.load()
             im = ImageOps.exif_transpose(im)
-            return _to_rgb(im, bits=bits)
+            return _to_rgb(im, bits=bits, where=path)
     except ImageDecodeError:
         raise
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
@@ -132,6 +159,28 @@ def open_image(path: str | Path, *, draft_size: int | None = None,
         if "truncated" in msg.lower() or isinstance(exc, EOFError):
             raise ImageDecodeError(f"truncated image ({msg})") from None
         raise ImageDecodeError(f"cannot decode ({msg})") from None
+
+
+def _scale_float(arr: np.ndarray, where: Path | None) -> np.ndarray:
+    """A float image stretched to 0..255 over its finite values; NaN and infinite pixels are
+    kept as black, with one warning saying so (numpy's own RuntimeWarnings would say nothing
+    of which file, nor of what was kept)."""
+    finite = np.isfinite(arr)
+    bad = int(arr.size - finite.sum())
+    if bad:
+        kept = "the whole image is black" if bad == arr.size else "the rest is scaled as usual"
+        warnings.warn(f"{where or 'a float image'}: {bad} of {arr.size} pixels are NaN or "
+                      f"infinite; kept as black ({kept})", FxtlWarning, stacklevel=2)
+    if not finite.any():
+        return np.zeros(arr.shape, dtype=np.float64)
+    lo, hi = float(arr[finite].min()), float(arr[finite].max())
+    return np.where(finite, (arr.astype(np.float64) - lo) / (hi - lo or 1.0) * 255.0, 0.0)
+
+
+def to_rgb(im: Image.Image) -> Image.Image:
+    """An image already in memory as 8-bit RGB, converted exactly as :func:`open_image` converts
+    a file's pixels (EXIF orientation, grayscale, palette, alpha on white, 16-bit...)."""
+    return _to_rgb(ImageOps.exif_transpose(im), bits=_bit_depth(im))
 
 
 def _bit_depth(im: Image.Image) -> int:
@@ -155,15 +204,14 @@ def _bit_depth(im: Image.Image) -> int:
     return bits - 1 if signed else bits
 
 
-def _to_rgb(im: Image.Image, *, bits: int = 8) -> Image.Image:
+def _to_rgb(im: Image.Image, *, bits: int = 8, where: Path | None = None) -> Image.Image:
     mode = im.mode
     if mode == "RGB":
         return im
     if mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
         arr = np.asarray(im)
         if arr.dtype.kind == "f":
-            lo, hi = float(np.nanmin(arr)), float(np.nanmax(arr))
-            arr = (arr - lo) / (hi - lo or 1.0) * 255.0
+            arr = _scale_float(arr, where)
         else:
             # Full scale of the file's bit depth is white: 0..65535 -> 0..255 for 16 bits,
             # whatever the brightest pixel happens to be.

@@ -1,29 +1,79 @@
-"""What heads and fine-tuning share about rows: the stratified hold-out, and the record of which
-images a run learned from, selected on and reported on.
+"""What heads and fine-tuning share about rows: which images learn, select and report, the
+record of them, and the rule for run names.
 
-Both stages must carve the same rows for the same seed, so their results compare on the same
-images: one function does it, with one set of checks and messages. Every run writes a
-:class:`RunRows` (``rows.json``) so that a later step can refuse to report on images an earlier
-step learned from (:func:`leaked_rows`).
+=====================  ===============================  =========================
+dataset splits         ``val`` (selects, when given)    ``report``
+=====================  ===============================  =========================
+train + val + test     ``val``                          ``test``
+train + val            none                             ``val``
+train + test           none                             ``test``
+train only             a 2nd hold-out, if asked for     ``holdout`` of train
+=====================  ===============================  =========================
+
+:func:`plan_splits` is the only place that decides this; ``fit-head`` and ``finetune`` both call
+it, so their results compare on the same images. No split both selects and reports: with two
+splits the second reports (a head then selects by k-fold CV inside train, a fine-tune keeps its
+last epoch).
+
+A hold-out decides each image by itself (:func:`hash_holdout`): a hash of its path and the seed
+says which side it is on. A head sees a cache, which lacks the images that failed to decode; a
+fine-tune sees the folder and learns which images are unreadable only while it trains. Deciding
+per image gives both the same rows, and an image keeps its side when the dataset grows.
+
+Every run writes a :class:`RunRows` (``rows.json``) so that a later step can refuse to report on
+images an earlier step learned from (:func:`leaked_rows`).
 """
 from __future__ import annotations
 
-from collections.abc import Sequence
-from dataclasses import dataclass
+import hashlib
+import re
+from collections.abc import Collection, Sequence
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
 
-from ..errors import DataError, ParameterError
+from .._util import atomic_write_json, read_json
+from ..errors import DataError, FxtlError, ParameterError
 
-__all__ = ["stratified_holdout", "RowSet", "RunRows", "leaked_rows", "save_rows", "load_rows",
-           "ROWS_FILE"]
+__all__ = ["SplitPlan", "plan_splits", "hash_holdout", "RowSet", "RunRows", "run_rows",
+           "leaked_rows", "save_rows", "load_rows", "check_run_name", "ROWS_FILE",
+           "SELECTION_HOLDOUT"]
+
+# The selection split's name when the data has only train (the report hold-out is "holdout").
+SELECTION_HOLDOUT = "holdout-selection"
+# What a run folder may be called: one path component, no hidden or control characters.
+_RUN_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
 
 
-def stratified_holdout(rows: np.ndarray, labels: np.ndarray, *, test_size: float, seed: int,
-                       source: str, class_names: Sequence[str] | None = None
-                       ) -> tuple[np.ndarray, np.ndarray]:
-    """Split ``rows`` into (kept, held out), stratified by ``labels[rows]``; both sorted.
+@dataclass(frozen=True)
+class SplitPlan:
+    """Row (or sample) indices per role, each sorted; see the module docstring.
+
+    ``train`` never meets ``report``; ``val`` is the selection split (``None``: the consumer
+    selects inside ``train`` or not at all) named ``val_name``.
+    """
+
+    train: np.ndarray
+    val: np.ndarray | None
+    val_name: str
+    report: np.ndarray
+    report_name: str
+    notes: tuple[str, ...] = ()
+
+    def with_notes(self, *notes: str) -> "SplitPlan":
+        return replace(self, notes=self.notes + notes)
+
+
+def hash_holdout(rows: np.ndarray, labels: np.ndarray, keys: Sequence[str], *, test_size: float,
+                 seed: int, salt: str = "report", source: str,
+                 class_names: Sequence[str] | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Split ``rows`` into (kept, held out), each image on its own: held out when a hash of
+    ``(seed, salt, keys[row])`` falls below ``test_size``; both sorted.
+
+    Every class keeps at least one image on each side: a class the hash sends wholly to one side
+    moves its image with the lowest (or highest) hash across. So about ``test_size`` of each class
+    is held out, and exactly the same images whichever other images are present.
 
     Parameters
     ----------
@@ -31,10 +81,15 @@ def stratified_holdout(rows: np.ndarray, labels: np.ndarray, *, test_size: float
         Candidate row (or sample) indices, all from the train split.
     labels : ndarray of int
         Class index of every row, indexed by ``rows``.
+    keys : sequence of str
+        What identifies a row's image (its path relative to the dataset root), indexed by
+        ``rows``; the same image has the same key in a cache and in its folder.
     test_size : float
         Fraction held out, in (0, 1).
     seed : int
-        Seed of the shuffle; the same seed gives the same rows.
+        The same seed gives the same rows.
+    salt : str
+        Tells apart hold-outs carved with one seed (the report's, the selection's).
     source : str
         What holds the rows (a dataset folder, a cache file), named in errors.
     class_names : sequence of str, optional
@@ -43,29 +98,104 @@ def stratified_holdout(rows: np.ndarray, labels: np.ndarray, *, test_size: float
     Examples
     --------
     >>> import numpy as np
-    >>> kept, held = stratified_holdout(np.arange(10), np.array([0, 1] * 5), test_size=0.2,
-    ...                                 seed=0, source="toy")
-    >>> len(kept), len(held), sorted(np.array([0, 1] * 5)[held].tolist())
-    (8, 2, [0, 1])
+    >>> keys = [f"img{i}.jpg" for i in range(40)]
+    >>> kept, held = hash_holdout(np.arange(40), np.array([0, 1] * 20), keys, test_size=0.2,
+    ...                           seed=0, source="toy")
+    >>> kept2, held2 = hash_holdout(np.arange(1, 40), np.array([0, 1] * 20), keys, test_size=0.2,
+    ...                             seed=0, source="toy")       # image 0 is unreadable
+    >>> set(held2) == set(held) - {0}
+    True
     """
-    from sklearn.model_selection import train_test_split
-
-    if not 0.0 < test_size < 1.0:
+    if not (isinstance(test_size, (int, float)) and 0.0 < test_size < 1.0):
         raise ParameterError("test_size", f"test_size must be a fraction in (0, 1), got {test_size}")
+    rows = np.asarray(rows, dtype=np.int64)
     y = np.asarray(labels)[rows]
-    counts = np.bincount(y)
-    present = np.flatnonzero(counts)
-    smallest = int(present[counts[present].argmin()])
-    if counts[smallest] < 2:
-        name = class_names[smallest] if class_names is not None else str(smallest)
-        raise DataError(f"{source} has only a train split and class {name!r} has under 2 images, "
-                        "so no stratified hold-out is possible; add images or a val split")
-    try:
-        kept, held = train_test_split(rows, test_size=test_size, random_state=seed, stratify=y)
-    except ValueError as exc:
-        raise ParameterError("test_size", f"cannot hold out test_size={test_size} of {source} "
-                             f"stratified: {exc}") from None
-    return np.sort(kept), np.sort(held)
+    u = np.array([_unit_hash(f"{int(seed)}\0{salt}\0{keys[r]}") for r in rows], dtype=np.float64)
+    held = u < test_size
+    for c in np.unique(y):
+        mine = np.flatnonzero(y == c)
+        if len(mine) < 2:
+            name = class_names[c] if class_names is not None else str(c)
+            raise DataError(f"{source} has only a train split and class {name!r} has under 2 "
+                            "images, so no hold-out is possible; add images or a val split")
+        if not held[mine].any():
+            held[mine[np.argmin(u[mine])]] = True
+        elif held[mine].all():
+            held[mine[np.argmax(u[mine])]] = False
+    return np.sort(rows[~held]), np.sort(rows[held])
+
+
+def _unit_hash(text: str) -> float:
+    """A number in [0, 1) that depends only on ``text`` (stable across runs and machines)."""
+    digest = hashlib.blake2b(text.encode("utf-8", "surrogateescape"), digest_size=8).digest()
+    return int.from_bytes(digest, "big") / 2.0 ** 64
+
+
+def plan_splits(labels: np.ndarray, split: np.ndarray, keys: Sequence[str], *, seed: int,
+                test_size: float, select_holdout: bool, source: str,
+                class_names: Sequence[str] | None = None,
+                error: type[FxtlError] = DataError) -> SplitPlan:
+    """Which rows learn, select and report (the table in the module docstring).
+
+    Parameters
+    ----------
+    labels : ndarray of int
+        Class index per row; rows labelled -1 (unlabelled) are never used.
+    split : ndarray of str
+        ``train``, ``val`` or ``test`` per row.
+    keys : sequence of str
+        Per row, what identifies its image (its relative path); see :func:`hash_holdout`.
+    seed, test_size : int, float
+        Of the hold-outs carved when the data has only train.
+    select_holdout : bool
+        With only train: also carve a selection hold-out from what the report leaves
+        (a fine-tune early-stops on it; a head selects by k-fold CV and passes False).
+    source : str
+        The dataset folder or cache, named in errors.
+    error : FxtlError subclass
+        Raised when there are no labelled train rows.
+    """
+    labels = np.asarray(labels)
+    split = np.asarray(split).astype(str)
+    labelled = labels >= 0
+    rows = {s: np.flatnonzero((split == s) & labelled) for s in ("train", "val", "test")}
+    if not len(rows["train"]):
+        found = ", ".join(sorted(set(split.tolist()))) or "none"
+        raise error(f"{source} has no labelled train rows (splits: {found}); give it a train "
+                    "split (train/<class>/, or class folders)")
+    if len(rows["test"]):
+        val = rows["val"] if len(rows["val"]) else None
+        return SplitPlan(rows["train"], val, "val" if val is not None else "", rows["test"], "test")
+    if len(rows["val"]):
+        return SplitPlan(rows["train"], None, "", rows["val"], "val")
+    kw = dict(test_size=test_size, seed=seed, source=source, class_names=class_names)
+    rest, held = hash_holdout(rows["train"], labels, keys, **kw)
+    note = (f"no val/test split: reporting on a {test_size:.0%} hold-out of train (seed "
+            f"{int(seed)}, each image placed by a hash of its path, as fit-head and finetune both do)")
+    if not select_holdout:
+        return SplitPlan(rest, None, "", held, "holdout", (note,))
+    fit, select = hash_holdout(rest, labels, keys, salt="selection", **kw)
+    return SplitPlan(fit, select, SELECTION_HOLDOUT, held, "holdout",
+                     (note + f"; selecting on a second {test_size:.0%} hold-out of the rest",))
+
+
+def check_run_name(name: str | None, *, param: str = "run_name") -> str | None:
+    """``name`` when it can name a run folder (one path component of letters, digits, ``.``,
+    ``_`` and ``-``, not starting with ``.``, ``-`` or ``_``), else :class:`ParameterError`.
+
+    >>> check_run_name("exp-1.b")
+    'exp-1.b'
+    >>> check_run_name("../x")
+    Traceback (most recent call last):
+    ...
+    fxtl.errors.ParameterError: run_name '../x': use letters, digits, '.', '_' and '-' only, starting with a letter or digit
+    """
+    if name is None:
+        return None
+    if not isinstance(name, str) or not _RUN_NAME.fullmatch(name):
+        raise ParameterError(param, f"{param} {name!r}: use letters, digits, '.', '_' and '-' "
+                                    "only, starting with a letter or digit")
+    return name
 
 
 # ----------------------------------------------------------------------------- what a run used
@@ -136,6 +266,27 @@ class RunRows:
         return cls(data_fingerprint=d["data_fingerprint"], **sets)
 
 
+def run_rows(paths: Sequence[str], *, data_fingerprint: str, train: tuple[str, np.ndarray],
+             selection: tuple[str, np.ndarray] | None, report: tuple[str, np.ndarray],
+             unread: Collection[str] = ()) -> RunRows:
+    """The :class:`RunRows` of a run: each role is ``(split name, row indices into paths)``.
+
+    ``unread``: paths of images that could not be decoded; a role never lists them (a fine-tune
+    learns of them while it trains, a head's cache never holds them), so a head and a fine-tune
+    of the same data list the same images.
+    """
+    skip = frozenset(unread)
+
+    def rowset(role: tuple[str, np.ndarray]) -> RowSet:
+        name, rows = role
+        picked = (paths[int(r)] for r in np.sort(np.asarray(rows, dtype=np.int64)))
+        return RowSet(name, tuple(p for p in picked if p not in skip))
+
+    return RunRows(data_fingerprint=str(data_fingerprint), train=rowset(train),
+                   selection=rowset(selection) if selection is not None else None,
+                   report=rowset(report))
+
+
 def leaked_rows(learner: RunRows, reporter: RunRows) -> frozenset[str]:
     """Images ``learner`` learned from (train or selection) that ``reporter`` reports on.
 
@@ -157,8 +308,6 @@ def leaked_rows(learner: RunRows, reporter: RunRows) -> frozenset[str]:
 
 def save_rows(run_dir: str | Path, rows: RunRows) -> Path:
     """Write ``rows.json`` into ``run_dir`` (atomically)."""
-    from .._util import atomic_write_json
-
     path = Path(run_dir) / ROWS_FILE
     atomic_write_json(path, rows.to_dict())
     return path
@@ -166,13 +315,11 @@ def save_rows(run_dir: str | Path, rows: RunRows) -> Path:
 
 def load_rows(run_dir: str | Path) -> RunRows | None:
     """The run's :class:`RunRows`, or ``None`` for a run made before fxtl recorded them."""
-    import json
-
     path = Path(run_dir) / ROWS_FILE
     if not path.exists():
         return None
     try:
-        d = json.loads(path.read_text())
+        d = read_json(path)
     except (OSError, ValueError) as exc:
         raise DataError(f"{path} cannot be read ({exc}); re-run the command that made it") from None
     return RunRows.from_dict(d, source=str(path))

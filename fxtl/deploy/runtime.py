@@ -17,7 +17,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from .._util import say
+from .._util import loads_json, read_json, say, sha256_file
 from ..data.images import EvalTransform, ImageDecodeError, Preprocessing
 from ..errors import FxtlError, ProvenanceError, ParameterError
 from ..inference import PredictResult, collect_images, finish_result
@@ -40,16 +40,67 @@ class OnnxModel:
 
     def __init__(self, path: Path, session, meta: dict[str, Any]):
         self.path, self.session, self.meta = path, session, meta
-        self.class_names = list(meta["class_names"])
-        self.preprocessing = Preprocessing.from_dict(meta["preprocessing"])
-        self.input_name = str(meta.get("input_name", session.get_inputs()[0].name))
-        self.output_name = str(meta.get("output_name", session.get_outputs()[0].name))
-        self.float_input = "float" in session.get_inputs()[0].type
+        inputs = {i.name: i for i in session.get_inputs()}
+        outputs = {o.name: o for o in session.get_outputs()}
+        self.input_name = _graph_name(path, meta, "input_name", inputs, session.get_inputs()[0].name)
+        self.output_name = _graph_name(path, meta, "output_name", outputs, session.get_outputs()[0].name)
+        width = outputs[self.output_name].shape[-1] if outputs[self.output_name].shape else None
+        self.class_names = _class_names(path, meta.get("class_names"),
+                                        width if isinstance(width, int) else None)
+        try:
+            self.preprocessing = Preprocessing.from_dict(meta.get("preprocessing"))
+        except ValueError as exc:
+            raise ProvenanceError(f"{path}: its metadata's {exc}; export it again with "
+                                  "`fxtl export-model`") from None
+        self.float_input = "float" in inputs[self.input_name].type
 
     def scores(self, images: np.ndarray) -> np.ndarray:
         """uint8 ``[N, 3, H, W]`` -> probabilities ``[N, K]`` (float64)."""
         x = images.astype(np.float32) if self.float_input else images
         return self.session.run([self.output_name], {self.input_name: x})[0].astype(np.float64)
+
+
+def _graph_name(path: Path, meta: dict[str, Any], key: str, names: dict[str, Any], default: str) -> str:
+    """The graph input/output the metadata names (it must be one of the graph's own)."""
+    name = meta.get(key, default)
+    if not isinstance(name, str) or name not in names:
+        raise ProvenanceError(f"{path}: its metadata's {key} {name!r:.40} is not one of the graph's "
+                              f"({', '.join(names)}); export it again with `fxtl export-model`")
+    return name
+
+
+def _class_names(path: Path, names: Any, width: int | None) -> list[str]:
+    """The metadata's class names: a JSON list of distinct strings, one per output column."""
+    fix = "export it again with `fxtl export-model`"
+    if not isinstance(names, list) or not names or not all(isinstance(c, str) for c in names):
+        raise ProvenanceError(f"{path}: its metadata's class_names must be a JSON list of class "
+                              f"names, got {json.dumps(names)[:60]}; {fix}")
+    if len(set(names)) != len(names):
+        dup = next(c for c in names if names.count(c) > 1)
+        raise ProvenanceError(f"{path}: its metadata's class_names list {dup!r} twice; {fix}")
+    if width is not None and width != len(names):
+        raise ProvenanceError(f"{path}: its metadata names {len(names)} classes but the graph "
+                              f"outputs {width} scores per image; {fix}")
+    return list(names)
+
+
+def _check_sidecar(path: Path) -> None:
+    """When ``<file>.json`` (written beside every export) is there, the file must be the one it
+    hashed: flipped weight bytes would otherwise run without a word."""
+    sidecar = path.with_name(path.name + ".json")
+    if not sidecar.is_file():
+        return
+    try:
+        recorded = read_json(sidecar)
+    except (OSError, ValueError) as exc:
+        raise ProvenanceError(f"{sidecar} is unreadable ({exc}); export the model again, or "
+                              "delete the sidecar to run the .onnx file on its own") from None
+    recorded = recorded.get("onnx_sha256") if isinstance(recorded, dict) else None
+    if recorded is None:
+        return  # a JSON file of the user's own by that name: nothing recorded to check
+    if recorded != sha256_file(path):
+        raise ProvenanceError(f"{path} does not match the onnx_sha256 in {sidecar.name} (modified "
+                              "or replaced); export it again with `fxtl export-model`")
 
 
 def load_onnx(path: str | Path, *, threads: int | None = None) -> OnnxModel:
@@ -60,6 +111,7 @@ def load_onnx(path: str | Path, *, threads: int | None = None) -> OnnxModel:
     path = Path(path)
     if not path.is_file():
         raise FxtlError(f"{path}: no such ONNX file; write one with `fxtl export-model RUN -o {path.name}`")
+    _check_sidecar(path)
     opts = ort.SessionOptions()
     if threads:
         opts.intra_op_num_threads = threads
@@ -75,7 +127,7 @@ def load_onnx(path: str | Path, *, threads: int | None = None) -> OnnxModel:
     meta: dict[str, Any] = {}
     for key, value in raw.items():
         try:
-            meta[key] = json.loads(value)
+            meta[key] = loads_json(value)
         except ValueError:
             meta[key] = value
     if not isinstance(meta.get("format_version"), int) or meta["format_version"] > ONNX_FORMAT_VERSION:

@@ -7,14 +7,13 @@ does not check raises :class:`~fxtl.errors.ProvenanceError`.
 """
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np
 
-from .._util import sha256_file
+from .._util import read_json, sha256_file
 from ..backbones.registry import load_backbone
 from ..errors import FxtlError, ProvenanceError
 from ..heads.persistence import load_head
@@ -80,7 +79,7 @@ def _load_finetuned(run: Path, manifest_path: Path) -> RunSource:
     import torch
 
     try:
-        manifest = json.loads(manifest_path.read_text())
+        manifest = read_json(manifest_path)
         weights = run / manifest.get("state_dict", "model.pt")
         recorded = manifest["weights_sha256"]
     except (OSError, ValueError, KeyError, TypeError) as exc:

@@ -131,8 +131,10 @@ def _batches(backbone: Backbone, paths: Sequence[str | Path], step, *, device: s
 
 
 def progress_bar(total: int, desc: str, enabled: bool):
-    """A tqdm bar on stderr (disabled: a no-op with the same methods)."""
+    """A tqdm bar on stderr, drawn only when stderr is a terminal (a CI log gets no bar lines);
+    disabled: a no-op with the same methods."""
     from tqdm.auto import tqdm
 
-    return tqdm(total=total, desc=desc, unit="img", file=sys.stderr, disable=not enabled,
+    return tqdm(total=total, desc=desc, unit="img", file=sys.stderr,
+                disable=None if enabled else True,  # None: tqdm's "only on a terminal"
                 dynamic_ncols=True, smoothing=0.1)

@@ -114,31 +114,56 @@ def _read_shard(path: Path) -> _ShardInfo:
     try:
         if not h5py.is_hdf5(path):
             raise CacheError(f"{path} is not an HDF5 file; pass shard files written by "
-                             "`fxtl extract --shard I/N`")
+                             "extract(shard=(I, N))")
         with h5py.File(path, "r") as f:
             attrs = cache_attrs(f)
             fmt = attrs.get("format")
             if fmt != SHARD_FORMAT:
                 what = "a finished cache, not a shard" if fmt == "fxtl-features" else f"not a shard file (format={fmt!r})"
                 raise CacheError(f"{path} is {what}; pass shard files written by "
-                                 "`fxtl extract --shard I/N` (or their .shards folder)")
+                                 "extract(shard=(I, N)) (or their .shards folder)")
             missing = [k for k in _SHARD_ATTRS + ("fingerprint", "format_version", "complete")
                        if k not in attrs] + [f"/{d}" for d in ("features", "labels", "paths", "split")
                                              if d not in f]
             if missing or not attrs.get("complete"):
                 raise CacheError(f"{path} is damaged (missing {', '.join(missing) or 'complete'}); "
-                                 "delete it and re-run its `fxtl extract --shard I/N`")
+                                 "delete it and re-run its extract(shard=(I, N))")
             if int(attrs["format_version"]) > FORMAT_VERSION:
                 raise CacheError(f"{path} has format_version {attrs['format_version']}, this fxtl "
                                  f"reads up to {FORMAT_VERSION}; upgrade fxtl (pip install -U fxtl)")
-            n, dim = f["features"].shape
+            n, dim = _check_shard_storage(f, path)
     except OSError as exc:
         raise CacheError(f"{path} cannot be read as HDF5 ({exc}); delete it and re-run its "
-                         "`fxtl extract --shard I/N`") from None
+                         "extract(shard=(I, N))") from None
     return _ShardInfo(path=path, index=int(attrs["shard_index"]), count=int(attrs["shard_count"]),
                       fingerprint=str(attrs["fingerprint"]), row_start=int(attrs["row_start"]),
                       row_stop=int(attrs["row_stop"]), n_total=int(attrs["n_total"]), n=int(n),
                       dim=int(dim), attrs=attrs)
+
+
+def _check_shard_storage(f: Any, path: Path) -> tuple[int, int]:
+    """``(n, dim)`` of a shard whose datasets are its own: no links, external or virtual
+    storage (a shard could otherwise bring another file's bytes into the merged cache), and
+    per-row datasets as long as ``/features``."""
+    import h5py
+
+    for name in ("features", "labels", "paths", "split"):
+        link = f.get(name, getlink=True)
+        ds = f.get(name) if isinstance(link, h5py.HardLink) else None
+        if not isinstance(ds, h5py.Dataset) or ds.external or ds.is_virtual:
+            raise CacheError(f"{path}: /{name} is not a dataset stored in the file (a link, "
+                             "external or virtual storage); delete it and re-run its "
+                             "`fxtl extract --shard I/N`")
+    shape = f["features"].shape
+    if len(shape) != 2:
+        raise CacheError(f"{path}: /features has shape {shape}, not [rows, dim]; delete it and "
+                         "re-run its `fxtl extract --shard I/N`")
+    other = [name for name in ("labels", "paths", "split") if f[name].shape[:1] != shape[:1]]
+    if other:
+        raise CacheError(f"{path}: /{other[0]} has {f[other[0]].shape[0] if f[other[0]].shape else 0} "
+                         f"rows but /features {shape[0]}; delete it and re-run its "
+                         "`fxtl extract --shard I/N`")
+    return int(shape[0]), int(shape[1])
 
 
 def _shard_hit(job: ExtractJob, spath: Path, index: int, count: int, lo: int, hi: int) -> ExtractResult | None:
@@ -177,7 +202,7 @@ def _resolve_sources(sources: Sequence[str | Path]) -> tuple[list[Path], Path | 
             found = sorted(q for q in p.iterdir() if SHARD_RE.fullmatch(q.name))
             if not found:
                 raise CacheError(f"{p} holds no shard files (shard-IIIII-of-NNNNN.h5); write them "
-                                 "with `fxtl extract DATA_DIR --shard I/N` first")
+                                 "with extract(data, shard=(I, N)) first")
             files += found
             if p.name.endswith(".shards") and implied is None:
                 implied = p.with_name(p.name[:-len(".shards")])
@@ -185,14 +210,14 @@ def _resolve_sources(sources: Sequence[str | Path]) -> tuple[list[Path], Path | 
             found = sorted(q for q in shards_dir(p).iterdir() if SHARD_RE.fullmatch(q.name))
             if not found:
                 raise CacheError(f"{shards_dir(p)} holds no shard files; write them with "
-                                 "`fxtl extract DATA_DIR --shard I/N` first")
+                                 "extract(data, shard=(I, N)) first")
             files += found
             implied = implied or p
         elif p.is_file():
             files.append(p)
         else:
             raise CacheError(f"{p}: no such shard file, folder or {shards_dir(p).name}/; pass the "
-                             "shard files `fxtl extract --shard I/N` wrote, or their folder")
+                             "shard files extract(shard=(I, N)) wrote, or their folder")
     unique: dict[Path, Path] = {}
     for f in files:
         unique.setdefault(f.resolve(), f)
@@ -224,11 +249,11 @@ def _check_shards(infos: list[_ShardInfo]) -> list[_ShardInfo]:
 
         folder = ref.path.parent
         names = ", ".join(str(folder / SHARD_NAME.format(index=i, count=ref.count)) for i in missing)
-        root = ref.attrs.get("dataset_root") or "DATA_DIR"
+        root = repr(str(ref.attrs["dataset_root"])) if ref.attrs.get("dataset_root") else "data"
         ids = " ".join(str(i) for i in missing)
-        raise CacheError(f"missing {len(missing)} of {ref.count} shards: {names}; run `fxtl extract "
-                         f"{root} --shard I/{ref.count}` with the same options for I in {ids}, "
-                         "then merge again")
+        raise CacheError(f"missing {len(missing)} of {ref.count} shards: {names}; run "
+                         f"extract({root}, shard=(I, {ref.count})) with the same options for "
+                         f"I in {ids}, then merge again")
     ordered = [by_index[i] for i in range(ref.count)]
     row = 0
     for s in ordered:
@@ -275,18 +300,18 @@ def merge_shards(sources: Sequence[str | Path], *, output: str | Path | None = N
     >>> merge_shards(["cache/hymenoptera-lite0-1e2b80d0e2303460.h5.shards"]).n   # doctest: +SKIP
     398
     """
-    from ..distributed import shards_dir
 
     t0 = time.perf_counter()
     if not sources:
         raise CacheError("no shard files given; pass the shard files, their .shards folder or the cache path")
-    if len(sources) == 1 and Path(sources[0]).is_file() and not shards_dir(Path(sources[0])).exists():
+    merged = _already_merged(Path(sources[0])) if len(sources) == 1 else None
+    if merged is not None:
         try:  # a cache that is already merged: merging again is a no-op (scripts can re-run)
-            fp = read_attrs(Path(sources[0])).get("fingerprint")
+            fp = read_attrs(merged).get("fingerprint")
         except CacheError:
             fp = None
-        if fp and (output is None or Path(output) == Path(sources[0])):
-            hit = cache_hit(Path(sources[0]), fp, t0)
+        if fp and (output is None or Path(output) == merged):
+            hit = cache_hit(merged, fp, t0)
             if hit is not None:
                 return hit
     files, implied = _resolve_sources(sources)
@@ -307,6 +332,19 @@ def merge_shards(sources: Sequence[str | Path], *, output: str | Path | None = N
     if not keep_shards:
         _remove_shards(ordered)
     return res
+
+
+def _already_merged(source: Path) -> Path | None:
+    """The cache ``source`` names when its shards are gone (merged): the cache path itself, or a
+    ``<cache>.shards`` folder deleted by the merge that made ``<cache>``; else None."""
+    from ..distributed import shards_dir
+
+    if source.is_file() and not shards_dir(source).exists():
+        return source
+    if source.name.endswith(".shards") and not source.exists():
+        cache = source.with_name(source.name[:-len(".shards")])
+        return cache if cache.is_file() else None
+    return None
 
 
 # Rows copied per block while merging: about 20 MiB of float32 at D = 1280.
@@ -343,7 +381,14 @@ def _merge_locked(ordered: list[_ShardInfo], out: Path, t0: float) -> ExtractRes
             with h5py.File(s.path, "r") as f:
                 ds = f["features"]
                 for a in range(0, s.n, _MERGE_BLOCK_ROWS):
-                    yield ds[a:a + _MERGE_BLOCK_ROWS]
+                    block = ds[a:a + _MERGE_BLOCK_ROWS]
+                    bad = np.flatnonzero(~np.isfinite(block).all(axis=1))
+                    if len(bad):  # the merged cache would be refused by every reader
+                        raise CacheError(f"{s.path} is damaged: its feature row {a + int(bad[0])} "
+                                         f"holds NaN or infinity ({len(bad)} row(s) in this "
+                                         "block); delete it and re-run its `fxtl extract --shard "
+                                         "I/N` (nothing was merged)")
+                    yield block
 
     runs = [s.timings for s in ordered]
     skip = set(_SHARD_ATTRS) | {"format", "format_version", "complete", "n", "dim", "class_names",

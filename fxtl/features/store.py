@@ -22,6 +22,7 @@ import numpy as np
 
 from .._util import atomic_path, ensure_dir, storage_failure
 from ..errors import CacheError, ParameterError
+from ..tables import records_frame, require_pandas
 from .cache_check import check_cache, check_file
 from .cache_guard import guard_cache, remember_written
 from .cache_text import (ESCAPED_ATTR, cache_attrs, decode_attr, encode_text, fixed_utf8,
@@ -428,6 +429,32 @@ class FeatureCache:
     @property
     def provenance(self) -> dict[str, Any]:
         return provenance(self.attrs)
+
+    @property
+    def label_names(self) -> np.ndarray:
+        """Class name per row (``None`` where unlabelled): the ``y`` a head's estimator is
+        fitted on (heads are fitted on names, not on the integer ``labels``)."""
+        names = np.asarray(list(self.class_names) + [None], dtype=object)
+        return names[np.where(self.labels >= 0, self.labels, len(self.class_names))]
+
+    @property
+    def y(self) -> np.ndarray:
+        """Same as :attr:`label_names`: ``estimator.fit(cache.features, cache.y)``."""
+        return self.label_names
+
+    def to_frame(self, *, features: bool = True):
+        """A pandas DataFrame, one row per image: ``path``, ``split``, ``label`` (class name),
+        then the features as columns ``f0 ... f{dim-1}`` (``features=False`` leaves them out).
+        Needs pandas."""
+        frame = records_frame({"path": p, "split": str(s), "label": y}
+                              for p, s, y in zip(self.paths, self.split, self.label_names))
+        if frame.empty:
+            frame = frame.reindex(columns=["path", "split", "label"])
+        if not features:
+            return frame
+        pd = require_pandas()
+        feats = pd.DataFrame(self.features, columns=[f"f{i}" for i in range(self.dim)])
+        return pd.concat([frame, feats], axis=1)
 
     def __repr__(self) -> str:
         return (f"FeatureCache(path={str(self.path)!r}, n={self.n}, dim={self.dim}, "

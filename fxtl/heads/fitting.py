@@ -1,111 +1,56 @@
-"""Fit heads on a feature cache, evaluate them honestly, and (when told where) save run folders.
+"""Fit heads on a feature cache and evaluate them honestly; saving runs is a separate step.
 
 A head is a plain scikit-learn estimator: a :class:`~sklearn.pipeline.Pipeline` of optional L2
 normalisation, ``StandardScaler``, optional PCA and the estimator named in the registry
-(:mod:`fxtl.heads.registry`), fitted on class names. :func:`fit_head` returns a
-:class:`FitResult` whose ``.estimator`` is that Pipeline and whose ``.metrics`` say what was done:
-which rows chose the hyper-parameters and which were reported on (:mod:`fxtl.heads.planning`),
-how the search scaled (:mod:`fxtl.heads.search`), and how long it took.
-
-Nothing is written unless the caller names a place: ``run_dir`` (this exact folder),
-``runs_dir`` (a new folder inside it) or ``cache_dir`` (its ``runs/``), as ``fxtl fit-head`` does.
+(:mod:`fxtl.heads.registry`), fitted on class names. What to fit is one value, a
+:class:`~fxtl.heads.config.HeadConfig`. :func:`fit_heads` returns a :class:`FitResult` per head:
+``.estimator`` is the Pipeline, ``.metrics`` say what was done: which rows chose the
+hyper-parameters and which were reported on (:mod:`fxtl.heads.planning`), how the search scaled
+(:mod:`fxtl.heads.search`), how long it took, and the config. :func:`fxtl.heads.runs.save_runs`
+writes the run folders.
 
 Examples
 --------
->>> from fxtl.heads import fit_head
->>> res = fit_head("cache/hymenoptera-lite0-1e2b80d0e2303460.h5", model="logreg")  # doctest: +SKIP
->>> res.metrics["split"], res.metrics["selection"], round(res.metrics["accuracy"], 3)  # doctest: +SKIP
-('val', 'cv5', 0.948)
->>> res.estimator.predict_proba(X)                                                # doctest: +SKIP
+>>> from fxtl.heads import HeadConfig, fit_heads, save_runs, destination
+>>> cfg = HeadConfig(models=("logreg", "svm"), seed=1)
+>>> results = fit_heads("cache/hymenoptera-lite0-1e2b80d0e2303460.h5", config=cfg)  # doctest: +SKIP
+>>> results[0].metrics["split"], round(results[0].metrics["accuracy"], 3)          # doctest: +SKIP
+('val', 0.948)
+>>> save_runs(results, destination(runs_dir="runs"))                               # doctest: +SKIP
 """
 from __future__ import annotations
 
 import contextlib
-import re
+import sys
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 
-from .._util import now_iso, slug, versions
-from ..errors import FxtlError, ParameterError
+from .._util import now_iso, versions
+from ..data.splits import RunRows, run_rows
+from ..errors import ParameterError
 from ..features.store import FeatureCache
+from ..report.metrics import classification_metrics
 from ..runtime import release_freed_memory
-from .dask_backend import BACKENDS, SearchBackend
+from .config import HeadConfig, parse_budget
+from .dask_backend import SearchBackend
 from .model import Head
-from .persistence import HEAD_FORMAT, HEAD_FORMAT_VERSION, load_head, save_head
-from .planning import SplitPlan, plan_splits
-from .registry import (HEADS, HeadSpec, accepted_params, build_pipeline, check_params, get_head,
-                       head_names, list_heads, parse_params, register_head, SOLVERS)
-from .runs import claim_run_dir, new_run_dir, write_run
+from .persistence import load_head
+from .planning import HeadPlan, plan_head
+from .registry import HEADS, HeadSpec, get_head
+from .result import FitResult
+from .runs import Destination, check_destination, destination, save_runs
 from .search import Progress, fit_in_memory
 from .source import LARGE_ROWS, RowSource, open_source
 from .streaming import fit_streaming
 
-__all__ = ["FitResult", "fit_head", "fit_heads", "parse_budget", "stop_workers", "LARGE_ROWS",
-           # kept importable from here for callers written before the split
-           "HEADS", "BACKENDS", "HEAD_FORMAT", "HEAD_FORMAT_VERSION", "Head", "HeadSpec",
-           "SplitPlan", "build_pipeline", "check_params", "get_head", "head_names", "list_heads",
-           "load_head", "parse_params", "plan_splits", "register_head", "save_head"]
+__all__ = ["FitResult", "HeadConfig", "fit_head", "fit_heads", "parse_budget", "stop_workers",
+           "load_head", "LARGE_ROWS"]
 
-
-
-@dataclass
-class FitResult:
-    """What :func:`fit_head` returns: the fitted :class:`Head` and its metrics (``metrics.json``).
-
-    ``estimator`` is the fitted scikit-learn Pipeline (``classes_`` are class names).
-    """
-
-    head: Head
-    metrics: dict[str, Any]
-    run_dir: Path | None = None
-    head_path: Path | None = None
-    # Rows of the reported split with true/predicted class indices and the score matrix.
-    predictions: dict[str, np.ndarray] = field(default_factory=dict, repr=False)
-
-    @property
-    def estimator(self):
-        return self.head.pipeline
-
-    @property
-    def pipeline(self):
-        return self.head.pipeline
-
-    def to_dict(self) -> dict[str, Any]:
-        """One entry of ``fxtl fit-head --json``'s ``runs``."""
-        keys = ("model", "split", "accuracy", "balanced_accuracy", "macro_f1", "n", "fit_seconds",
-                "search_seconds", "predict_seconds", "selection", "selection_score", "best_params",
-                "n_candidates", "trainable_params", "n_fit", "scalable", "estimator", "backend",
-                "search_backend", "solver", "strategy", "budget_seconds", "notes")
-        d = {k: self.metrics.get(k) for k in keys}
-        d["head"] = str(self.head_path) if self.head_path else None
-        d["run_dir"] = str(self.run_dir) if self.run_dir else None
-        return d
-
-
-def parse_budget(text: str | float | int | None) -> float | None:
-    """``"60s"``, ``"2m"``, ``"1.5h"`` or a number of seconds -> seconds (None stays None).
-
-    Examples
-    --------
-    >>> parse_budget("2m"), parse_budget("45s"), parse_budget(10)
-    (120.0, 45.0, 10.0)
-    """
-    if text is None:
-        return None
-    if isinstance(text, (int, float)) and not isinstance(text, bool):
-        value = float(text)
-    else:
-        m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*(s|sec|m|min|h)?\s*", str(text))
-        if not m:
-            raise ParameterError("budget", f"budget {text!r} is not a duration; use e.g. 60s, 2m or 1h")
-        value = float(m.group(1)) * {None: 1, "s": 1, "sec": 1, "m": 60, "min": 60, "h": 3600}[m.group(2)]
-    if not value > 0:
-        raise ParameterError("budget", f"budget must be > 0 seconds, got {text!r}")
-    return value
+# The "where to write" keywords fit_head and fit_heads still take (see fxtl.heads.runs.destination).
+_WHERE = ("run_dir", "runs_dir", "cache_dir", "run_name", "save")
 
 
 def stop_workers() -> None:
@@ -114,8 +59,6 @@ def stop_workers() -> None:
     fxtl's own search runs in threads; a loky pool exists only if something in this process
     started one (scikit-learn with ``n_jobs``), and importing loky just to find none costs time.
     """
-    import sys
-
     if "joblib.externals.loky.reusable_executor" not in sys.modules:
         return
     from joblib.externals.loky import get_reusable_executor
@@ -124,73 +67,139 @@ def stop_workers() -> None:
         get_reusable_executor().shutdown(wait=False, kill_workers=True)
 
 
-def _resolve_names(models: Sequence[str]) -> list[str]:
-    names: list[str] = []
-    for m in models:
-        for name in (head_names() if m == "all" else [m]):
-            get_head(name)
-            if name not in names:
-                names.append(name)
-    if not names:
-        raise ParameterError("models", "no head model given; pass models=['logreg'] (or svm, "
-                             "linear-svm, mlp, knn, all)")
-    return names
+def fit_heads(cache: str | Path | FeatureCache, *, config: HeadConfig | None = None,
+              progress: Progress | None = None, log: Callable[[str], None] | None = None,
+              **options: Any) -> list[FitResult]:
+    """Fit every head of ``config.models`` on one cache (read once, its rows planned once).
 
+    Parameters
+    ----------
+    cache : path or FeatureCache
+        A cache written by ``fxtl extract``.
+    config : HeadConfig, optional
+        What to fit (default ``HeadConfig()``: logreg with a search).
+    progress : callable, optional
+        ``progress(done, total, model)`` after each candidate.
+    log : callable, optional
+        Receives one-line notes (a skipped head, the rows fitted).
+    **options
+        Fields of :class:`HeadConfig` (``models=["all"]``, ``seed=1``...), overriding ``config``;
+        and, to save as the fit ends, the keywords of :func:`fxtl.heads.runs.destination`
+        (``runs_dir``, ``cache_dir``, ``run_name``, ``save``): a named folder that is taken is
+        refused before the fit starts.
 
-def fit_heads(cache: str | Path | FeatureCache, *, models: Sequence[str] = ("logreg",),
-              params: Mapping[str, Any] | None = None, search: bool = True, seed: int = 0,
-              jobs: int | None = 1, test_size: float = 0.2, cv_folds: int = 5,
-              l2_normalize: bool = False, pca: int | float | None = None,
-              large_threshold: int = LARGE_ROWS, cache_dir: str | Path | None = None,
-              runs_dir: str | Path | None = None, run_name: str | None = None, save: bool = True,
-              backend: str = "loky", scheduler: Any = None, budget: float | str | None = None,
-              progress: Progress | None = None, solver: str = "auto",
-              log: Callable[[str], None] | None = None) -> list[FitResult]:
-    """Fit several heads on one cache (loaded once); see :func:`fit_head` for the parameters.
+    ``budget`` is shared by the heads: each gets the time left divided by the heads left. For
+    caches above ``large_threshold`` rows, heads without a scalable form (kNN) are skipped with a
+    note.
 
-    ``models`` may contain ``"all"`` (every registered head). ``budget`` (seconds, or ``"2m"``)
-    is shared by the heads: each gets the time left divided by the heads left. For caches above
-    ``large_threshold`` rows, heads without a scalable form (kNN) are skipped with a note.
+    Returns
+    -------
+    list of FitResult
+        One per head, in ``config.models`` order; ``.run_dir`` is set when saved.
     """
-    names = _resolve_names(models)
-    if solver not in SOLVERS:
-        raise ParameterError("solver", f"unknown solver {solver!r}; choose one of {', '.join(SOLVERS)}")
-    params = dict(params or {})
-    if params:
-        check_params(names, params)
-    budget_s = parse_budget(budget)
+    where = _destination(options)
+    return _fit_all(cache, _config(config, options), where, progress=progress, log=log)
+
+
+def fit_head(cache: str | Path | FeatureCache, *, config: HeadConfig | None = None,
+             model: str | None = None, progress: Progress | None = None,
+             log: Callable[[str], None] | None = None, **options: Any) -> FitResult:
+    """Fit one head on a feature cache and evaluate it honestly.
+
+    Parameters
+    ----------
+    cache : path or FeatureCache
+        A cache written by ``fxtl extract``.
+    config : HeadConfig, optional
+        What to fit (default ``HeadConfig()``).
+    model : str, optional
+        A registered head (``logreg``, ``svm``, ``linear-svm``, ``mlp``, ``knn``), overriding
+        ``config.models``; ``"all"`` fits every head and returns the one with the best
+        selection score (the reported split chooses nothing, so its score stays honest).
+    progress, log : callable, optional
+        As for :func:`fit_heads`.
+    **options
+        Fields of :class:`HeadConfig` (``params``, ``search``, ``seed``, ``jobs``,
+        ``test_size``, ``cv_folds``, ``l2_normalize``, ``pca``, ``large_threshold``,
+        ``backend``, ``scheduler``, ``budget``, ``solver``), and the "where to write" keywords
+        of :func:`fxtl.heads.runs.destination`: nothing is written unless ``run_dir`` (this
+        exact folder), ``runs_dir`` or ``cache_dir`` (a new folder in it, or in its ``runs/``,
+        named ``run_name`` if given) is passed.
+
+    Returns
+    -------
+    FitResult
+        ``.estimator`` (the fitted Pipeline), ``.head`` (it plus class names and provenance),
+        ``.metrics`` (the ``metrics.json`` content, with the ``config``), ``.rows``
+        (``rows.json``), ``.run_dir`` and ``.head_path`` once saved.
+
+    Examples
+    --------
+    >>> res = fit_head("cache/hymenoptera-lite0-1e2b80d0e2303460.h5", model="svm")  # doctest: +SKIP
+    >>> res.metrics["best_params"]                                                  # doctest: +SKIP
+    {'C': 10.0, 'gamma': 2.34375e-05}
+    """
+    where = _destination(options)
+    if model is not None:
+        options["models"] = (model,)
+    results = _fit_all(cache, _config(config, options), where, progress=progress, log=log)
+    return results[0] if len(results) == 1 else _best(results)
+
+
+def _destination(options: dict[str, Any]) -> Destination | None:
+    """Take the "where to write" keywords out of ``options``; the rule is in fxtl.heads.runs."""
+    return destination(**{k: options.pop(k) for k in _WHERE if k in options})
+
+
+def _config(config: HeadConfig | None, options: Mapping[str, Any]) -> HeadConfig:
+    if config is not None and not isinstance(config, HeadConfig):
+        raise ParameterError("config", f"config must be a HeadConfig, got {type(config).__name__}")
+    return (config or HeadConfig()).replace(**options)
+
+
+def _best(results: Sequence[FitResult]) -> FitResult:
+    """The result with the best selection score (ties: the first in registry order)."""
+    scored = [r for r in results if r.metrics.get("selection_score") is not None]
+    if not scored:
+        raise ParameterError("model", "several heads were fitted but none was selected by a "
+                             "search (search=False), so nothing honest chooses among them; use "
+                             "fit_heads to get them all")
+    best = max(scored, key=lambda r: r.metrics["selection_score"])
+    others = ", ".join(f"{r.metrics['model']} {r.metrics['selection_score']:.4f}" for r in scored)
+    best.metrics["notes"].append(f"chosen among {len(results)} heads by selection score "
+                                 f"({others}); the reported split chose nothing")
+    return best
+
+
+def _fit_all(cache: str | Path | FeatureCache, cfg: HeadConfig, where: Destination | None, *,
+             progress: Progress | None, log: Callable[[str], None] | None) -> list[FitResult]:
+    check_destination(where, cfg.models)
     log = log or (lambda msg: None)
-    runner = SearchBackend(backend, scheduler, log=log)
-    source = open_source(cache, large_threshold=large_threshold)
+    runner = SearchBackend(cfg.backend, cfg.scheduler, log=log)
+    source = open_source(cache, large_threshold=cfg.large_threshold)
+    names = list(cfg.models)
     if source.large:
         names = _scalable(names, source, log)
-        if pca:
+        if cfg.pca:
             raise ParameterError("pca", f"pca is not supported for caches above large_threshold "
                                  f"({source.n:,} rows); drop pca")
-    if runs_dir is None and cache_dir is not None:
-        runs_dir = Path(cache_dir) / "runs"
-    plan = plan_splits(source.labels, source.split, seed=seed, test_size=test_size,
-                       cv_folds=cv_folds, search=search)
-    where = Path(runs_dir) if (save and runs_dir is not None) else None
-    stamp = time.strftime("%Y%m%d-%H%M%S")
+    plan = plan_head(source.labels, source.split, paths=source.paths, seed=cfg.seed,
+                     test_size=cfg.test_size, cv_folds=cfg.cv_folds, search=cfg.search,
+                     source=str(source.path) if source.path else "the cache",
+                     class_names=source.class_names)
     t_start = time.perf_counter()
     results = []
     with contextlib.closing(runner):
         for i, name in enumerate(names):
             share = None
-            if budget_s is not None:
-                share = max(0.0, budget_s - (time.perf_counter() - t_start)) / (len(names) - i)
-            own = {k: v for k, v in params.items() if k in accepted_params(name)}
+            if cfg.budget is not None:
+                share = max(0.0, cfg.budget - (time.perf_counter() - t_start)) / (len(names) - i)
             log(f"fxtl: fitting {name} on {len(plan.fit_rows)} rows (report: {plan.eval_split})")
-            res = _fit_one(source, name, plan=plan, params=own, search=search, seed=seed,
-                           jobs=jobs, l2_normalize=l2_normalize, pca=pca, runner=runner,
-                           budget=share, progress=progress, solver=solver)
-            if where is not None:
-                base = (f"{run_name}-{name}" if len(names) > 1 else run_name) if run_name else \
-                    f"{slug(source.dataset)}-{slug(Path(str(source.attrs.get('backbone', 'x'))).name)}-{name}-{stamp}"
-                write_run(res, new_run_dir(where, base, exact=bool(run_name)), source, plan)
-            results.append(res)
+            results.append(_fit_one(source, name, plan=plan, config=cfg.for_model(name),
+                                    runner=runner, budget=share, progress=progress))
             release_freed_memory()  # the next head starts from what is in use, not the peak
+    if where is not None:
+        save_runs(results, where)
     return results
 
 
@@ -205,94 +214,6 @@ def _scalable(names: list[str], source: RowSource, log: Callable[[str], None]) -
     return [n for n in names if n not in skipped]
 
 
-def fit_head(cache: str | Path | FeatureCache, *, model: str = "logreg",
-             params: Mapping[str, Any] | None = None, search: bool = True, seed: int = 0,
-             jobs: int | None = 1, test_size: float = 0.2, cv_folds: int = 5,
-             l2_normalize: bool = False, pca: int | float | None = None,
-             large_threshold: int = LARGE_ROWS, run_dir: str | Path | None = None,
-             runs_dir: str | Path | None = None, cache_dir: str | Path | None = None,
-             run_name: str | None = None, save: bool = True, backend: str = "loky",
-             scheduler: Any = None, budget: float | str | None = None,
-             progress: Progress | None = None, solver: str = "auto") -> FitResult:
-    """Fit one head on a feature cache and evaluate it honestly; save a run folder if told where.
-
-    Parameters
-    ----------
-    cache : path or FeatureCache
-        A cache written by ``fxtl extract``.
-    model : str
-        A registered head (``logreg``, ``svm``, ``linear-svm``, ``mlp``, ``knn``).
-    params : mapping, optional
-        Estimator parameters (fixed; removed from the search space).
-    search : bool
-        Hyper-parameter search (:mod:`fxtl.heads.search` chooses how); ``False`` fits defaults.
-    seed : int
-        Seeds the folds, the hold-out, subsamples, PCA and the estimators.
-    jobs : int, optional
-        Parallel search jobs (joblib; -1 = all cores).
-    test_size : float
-        Hold-out fraction when the cache has only a train split.
-    cv_folds : int
-        k of the stratified k-fold CV used on small data (lowered when a class is smaller).
-    l2_normalize : bool
-        L2-normalise features before scaling.
-    pca : int or float, optional
-        PCA components (or variance fraction) after scaling.
-    large_threshold : int
-        Above this many rows, use the scalable streaming estimators.
-    run_dir : path, optional
-        Write the run folder here (a new or empty folder).
-    runs_dir : path, optional
-        Write the run folder inside this folder (named ``run_name`` or
-        ``<dataset>-<backbone>-<model>-<time>``).
-    cache_dir : path, optional
-        Same as ``runs_dir=cache_dir/"runs"`` (what ``fxtl fit-head`` passes).
-    run_name : str, optional
-        The run folder's name inside ``runs_dir``; an existing folder is refused.
-    save : bool
-        ``False`` writes nothing even when a place is given.
-    backend : {"loky", "threading", "dask"}
-        Where the search's candidate fits run (see :mod:`fxtl.heads.dask_backend`).
-    scheduler : str or distributed.Client, optional
-        With ``backend="dask"``: the scheduler address or a connected ``Client``.
-    budget : float or str, optional
-        Seconds (or ``"60s"``, ``"2m"``) the search may take; it stops between candidates and
-        ``metrics["strategy"]["stopped_by_budget"]`` says so.
-    progress : callable, optional
-        ``progress(done, total, model)`` after each candidate.
-    solver : {"auto", "sklearn", "torch"}
-        Which estimator solves logreg, linear-svm and mlp: scikit-learn's, or the same model in
-        torch (L-BFGS or Adam, every core, CUDA when present). ``"auto"`` takes torch on large
-        data (see :func:`fxtl.heads.registry.resolve_solver`); ``metrics["solver"]`` says which.
-
-    Returns
-    -------
-    FitResult
-        ``.estimator`` (the fitted Pipeline), ``.head`` (it plus class names and provenance),
-        ``.metrics`` (the ``metrics.json`` content), ``.run_dir``, ``.head_path``.
-
-    Examples
-    --------
-    >>> res = fit_head("cache/hymenoptera-lite0-1e2b80d0e2303460.h5", model="svm")  # doctest: +SKIP
-    >>> res.metrics["best_params"]                                                  # doctest: +SKIP
-    {'C': 10.0, 'gamma': 2.34375e-05}
-    """
-    if model == "all":
-        raise ParameterError("model", "fit_head fits one model; use fit_heads(cache, models=['all'])")
-    res = fit_heads(cache, models=[model], params=params, search=search, seed=seed, jobs=jobs,
-                    test_size=test_size, cv_folds=cv_folds, l2_normalize=l2_normalize, pca=pca,
-                    large_threshold=large_threshold, cache_dir=None if run_dir else cache_dir,
-                    runs_dir=None if run_dir else runs_dir, run_name=run_name,
-                    save=save and run_dir is None, backend=backend, scheduler=scheduler,
-                    budget=budget, progress=progress, solver=solver)[0]
-    if run_dir is not None and save:
-        source = open_source(cache, large_threshold=large_threshold)
-        plan = plan_splits(source.labels, source.split, seed=seed, test_size=test_size,
-                           cv_folds=cv_folds, search=search)
-        write_run(res, claim_run_dir(Path(run_dir)), source, plan)
-    return res
-
-
 def _provenance(source: RowSource) -> dict[str, Any]:
     a = source.attrs
     return {"backbone": a.get("backbone"), "architecture": a.get("architecture"),
@@ -302,18 +223,17 @@ def _provenance(source: RowSource) -> dict[str, Any]:
             "dataset": source.dataset, "cache": str(source.path) if source.path else None}
 
 
-def _fit_one(source: RowSource, name: str, *, plan: SplitPlan, params: dict, search: bool,
-             seed: int, jobs: int | None, l2_normalize: bool, pca, runner: SearchBackend,
-             budget: float | None = None, progress: Progress | None = None,
-             solver: str = "auto") -> FitResult:
+def _fit_one(source: RowSource, name: str, *, plan: HeadPlan, config: HeadConfig,
+             runner: SearchBackend, budget: float | None, progress: Progress | None) -> FitResult:
     spec = get_head(name)
     notes = list(plan.notes)
     t0 = time.perf_counter()
     if source.large:
         notes.append(f"{source.n:,} rows > large_threshold: {spec.stream.description} instead of "
                      f"{spec.estimator.split(':')[1]}")
-        pipeline, info = fit_streaming(source, spec, plan=plan, params=params, search=search,
-                                       seed=seed, l2_normalize=l2_normalize, notes=notes)
+        pipeline, info = fit_streaming(source, spec, plan=plan, params=dict(config.params),
+                                       search=config.search, seed=config.seed,
+                                       l2_normalize=config.l2_normalize, notes=notes)
         info["search_backend"] = "streamed in this process"
         if runner.name != "loky":
             notes.append(f"backend {runner.name} does not apply to a streamed fit (one pass over "
@@ -321,29 +241,44 @@ def _fit_one(source: RowSource, name: str, *, plan: SplitPlan, params: dict, sea
     else:
         # The search may use about two thirds of the head's share; the final fit takes the rest.
         deadline = t0 + 0.65 * budget if budget is not None else None
-        pipeline, info = fit_in_memory(source, spec, plan=plan, params=params, seed=seed,
-                                       jobs=jobs, l2_normalize=l2_normalize, pca=pca, notes=notes,
-                                       runner=runner, deadline=deadline, progress=progress,
-                                       solver=solver)
+        pipeline, info = fit_in_memory(source, spec, plan=plan, config=config, notes=notes,
+                                       runner=runner, deadline=deadline, progress=progress)
     head = Head(model=name, pipeline=pipeline, class_names=list(source.class_names),
                 provenance=_provenance(source))
     t1 = time.perf_counter()
     y_true, scores = source.scores_on(head, plan.eval_rows)
     predict_seconds = time.perf_counter() - t1
     metrics = _metrics(source, head, spec, plan=plan, info=info, y_true=y_true, scores=scores,
-                       seed=seed, l2_normalize=l2_normalize, pca=pca, runner=runner, notes=notes,
-                       predict_seconds=predict_seconds)
+                       config=config, runner=runner, notes=notes, predict_seconds=predict_seconds)
     metrics["budget_seconds"] = round(budget, 3) if budget is not None else None
-    return FitResult(head=head, metrics=metrics,
-                     predictions={"rows": np.asarray(plan.eval_rows), "y_true": y_true,
-                                  "y_pred": scores.argmax(axis=1), "scores": scores})
+    paths = source.paths if source.paths is not None else [""] * source.n
+    return FitResult(head=head, metrics=metrics, config=config,
+                     rows=_rows(source, plan, metrics["selection"]),
+                     predictions={"rows": np.asarray(plan.eval_rows),
+                                  "paths": [paths[int(r)] for r in plan.eval_rows],
+                                  "y_true": y_true, "y_pred": scores.argmax(axis=1),
+                                  "scores": scores})
 
 
-def _metrics(source: RowSource, head: Head, spec: HeadSpec, *, plan: SplitPlan, info: dict,
-             y_true, scores, seed: int, l2_normalize: bool, pca, runner: SearchBackend,
-             notes: list[str], predict_seconds: float) -> dict[str, Any]:
-    from ..report.metrics import classification_metrics
+def _rows(source: RowSource, plan: HeadPlan, selection: str) -> RunRows:
+    """Which images the head learned from, selected on and is reported on (``rows.json``)."""
+    paths = source.paths if source.paths is not None else [""] * source.n
+    fit_split = ("train" if plan.eval_split == "holdout"
+                 else "+".join(sorted(set(source.split[plan.fit_rows].tolist()))))
+    if selection == "none":
+        sel = None
+    elif selection == "val" and plan.val_fold is not None:
+        sel = ("val", plan.search_rows[plan.val_fold == 0])
+    else:  # k-fold CV or a held-out part: rows of the fit set
+        sel = (selection, plan.fit_rows)
+    fp = source.attrs.get("data_fingerprint") or f"cache:{source.attrs.get('fingerprint')}"
+    return run_rows(paths, data_fingerprint=str(fp), train=(fit_split, plan.fit_rows),
+                    selection=sel, report=(plan.eval_split, plan.eval_rows))
 
+
+def _metrics(source: RowSource, head: Head, spec: HeadSpec, *, plan: HeadPlan, info: dict,
+             y_true, scores, config: HeadConfig, runner: SearchBackend, notes: list[str],
+             predict_seconds: float) -> dict[str, Any]:
     pipeline = head.pipeline
     m = classification_metrics(y_true, scores.argmax(axis=1), head.class_names)
     timings = source.attrs.get("timings") or {}
@@ -363,13 +298,13 @@ def _metrics(source: RowSource, head: Head, spec: HeadSpec, *, plan: SplitPlan, 
         "best_params": info["best_params"], "selection": info["selection"],
         "selection_score": info.get("selection_score"), "n_candidates": info["n_candidates"],
         "strategy": info.get("strategy"), "search": info.get("search", []),
-        "n_fit": int(len(plan.fit_rows)), "seed": int(seed), "scalable": source.large,
-        "l2_normalize": bool(l2_normalize), "pca": pca,
+        "n_fit": int(len(plan.fit_rows)), "seed": int(config.seed), "scalable": source.large,
+        "l2_normalize": bool(config.l2_normalize), "pca": config.pca,
         "backend": runner.name, "search_backend": info.get("search_backend", "none"),
         "dask": dict(runner.info) if info.get("search_backend") == "dask" else None,
         "solver": info.get("solver", "sklearn"), "notes": notes,
         "scores": "probability" if head.calibrated else "softmax of decision margins",
-        "created": now_iso(), "versions": versions(),
+        "config": config.to_dict(), "created": now_iso(), "versions": versions(),
     }
 
 

@@ -18,18 +18,20 @@ A time budget stops the search between rounds, keeping what every fold scored.
 """
 from __future__ import annotations
 
+import contextlib
 import math
 import queue
 import threading
 import time
+import warnings
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import numpy as np
 
 __all__ = ["PreparedFold", "GridOutcome", "prepare_folds", "score_grid", "pick_best",
            "SINGLE_THREADED", "GIL_BOUND", "map_threads", "PATH_PATIENCE", "fit_pipeline",
-           "fit_transform_steps"]
+           "fit_transform_steps", "quiet_convergence"]
 
 # Estimators whose fit uses one core (libsvm, liblinear): candidates may run side by side even on
 # large data, where BLAS-based estimators already use every core.
@@ -162,8 +164,6 @@ def score_grid(name: str, prepared: list[PreparedFold], candidates: list[dict], 
     ``patience``: stop once that many candidates in a row score below the best so far (for a
     warm-started regularisation path, see :data:`PATH_PATIENCE`).
     """
-    from .search import quiet_convergence
-
     # One warnings context for all threads: catch_warnings swaps process-wide state, so it must
     # not be entered in each thread.
     with quiet_convergence() as conv:
@@ -171,6 +171,22 @@ def score_grid(name: str, prepared: list[PreparedFold], candidates: list[dict], 
                             deadline=deadline, progress=progress, patience=patience)
     out.converged_notes = conv
     return out
+
+
+@contextlib.contextmanager
+def quiet_convergence() -> Iterator[list[str]]:
+    """Collect ConvergenceWarnings (reported as one note) instead of spamming stderr."""
+    from sklearn.exceptions import ConvergenceWarning
+
+    caught: list[str] = []
+    with warnings.catch_warnings(record=True) as record:
+        warnings.simplefilter("always", ConvergenceWarning)
+        yield caught
+    for w in record:
+        if issubclass(w.category, ConvergenceWarning):
+            caught.append(str(w.message).splitlines()[0])
+        else:
+            warnings.showwarning(w.message, w.category, w.filename, w.lineno)
 
 
 def _score_rounds(name, prepared, candidates, *, warm, workers, deadline, progress,

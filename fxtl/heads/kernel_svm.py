@@ -18,7 +18,9 @@ Examples
 from __future__ import annotations
 
 import numpy as np
+import scipy.sparse as sp
 from sklearn.svm import SVC
+from sklearn.utils.validation import validate_data
 
 __all__ = ["RBFSVC", "sq_distances", "rbf_gamma"]
 
@@ -57,17 +59,16 @@ def _rbf(A: np.ndarray, B: np.ndarray, gamma: float) -> np.ndarray:
 class RBFSVC(SVC):
     """:class:`~sklearn.svm.SVC` with the RBF kernel computed by BLAS (same parameters).
 
-    Other kernels, and ``probability=True``, fall back to scikit-learn's own code.
+    Other kernels, ``probability=True`` and sparse ``X`` fall back to scikit-learn's own code
+    (so sparse input is accepted, as the inherited ``input_tags.sparse`` says).
     """
 
     def _fast(self) -> bool:
         return self.kernel == "rbf" and self.probability in (False, "deprecated")
 
     def fit(self, X, y, sample_weight=None):
-        if not self._fast():
+        if not self._fast() or sp.issparse(X):
             return super().fit(X, y, sample_weight)
-        from sklearn.utils.validation import validate_data
-
         X, y = validate_data(self, X, y, dtype=np.float64, order="C", accept_sparse=False)
         gamma = rbf_gamma(self.gamma, X)
         inner = SVC(kernel="precomputed", C=self.C, tol=self.tol, shrinking=self.shrinking,

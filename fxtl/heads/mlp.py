@@ -3,9 +3,9 @@
 With ``early_stopping=True`` scikit-learn trains until the validation score has not risen by
 ``tol`` for ``n_iter_no_change`` epochs, then restores the weights of the best epoch. Once the
 validation accuracy is 1.0 no later epoch can beat it (an improvement must be strictly
-higher), so every epoch after that is spent only to be thrown away. On small data with a small
-hold-out this is the common case: on hymenoptera's 5-fold search the hold-out of 16-20 images
-is classified perfectly after 1-4 epochs in most fits, which then run 10 more.
+higher), so every epoch after that is spent only to be thrown away. A small hold-out on
+well-separated features is often classified perfectly within a few epochs, after which
+scikit-learn would still run ``n_iter_no_change`` more.
 
 :class:`MLPClassifier` stops at that point. The fitted weights, and so every prediction, are
 the ones scikit-learn's estimator returns (a test checks it); only ``n_iter_``,

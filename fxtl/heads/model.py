@@ -33,7 +33,7 @@ def score_matrix(estimator: Any, X: np.ndarray, class_names: list[str]) -> np.nd
     """``(n, len(class_names))`` scores of a fitted ``estimator``, columns in ``class_names`` order.
 
     Probabilities when the estimator has ``predict_proba``, else a softmax of its decision
-    margins. ``classes_`` may be class names (fxtl >= this layout) or indices (older heads).
+    margins. ``classes_`` may be class names or, in heads saved by older fxtl, indices.
     """
     from sklearn.utils.validation import check_is_fitted
 
@@ -53,8 +53,8 @@ def score_matrix(estimator: Any, X: np.ndarray, class_names: list[str]) -> np.nd
 def class_positions(classes: Any, class_names: list[str]) -> list[int]:
     """Column of each of an estimator's ``classes_`` in ``class_names``.
 
-    Heads are fitted on class *names* (``"ants"``, ``"5"``); heads written before that layout
-    hold integer indices. A name is looked up first, so a class named ``"5"`` among three names
+    Heads are fitted on class *names* (``"ants"``, ``"5"``); heads saved by older fxtl hold
+    integer indices. A name is looked up first, so a class named ``"5"`` among three names
     is its position, not index 5. Raises :class:`ProvenanceError` for a class that is not listed.
     """
     index = {name: i for i, name in enumerate(class_names)}
@@ -74,10 +74,26 @@ def class_positions(classes: Any, class_names: list[str]) -> list[int]:
 class Head:
     """A fitted head with its class names and the provenance of the features it expects.
 
-    ``estimator`` (also ``pipeline``) is the plain scikit-learn estimator. ``scores(X)`` gives an
-    ``(n, len(class_names))`` matrix (probabilities, or for heads without ``predict_proba`` a
-    softmax of decision margins); ``predict(X)`` is its row-wise argmax as class indices, the one
-    rule used both by ``fit-head``'s evaluation and by ``fxtl predict``.
+    ``estimator`` (also ``pipeline``) is the plain scikit-learn estimator. The head itself
+    answers like a fitted classifier over *every* class of its dataset: ``classes_`` is
+    ``class_names`` (a class without training rows included, with probability 0), the columns
+    of ``predict_proba``/``scores`` follow it, and ``predict`` returns labels from it, so
+    ``head.classes_[head.scores(X).argmax(1)] == head.predict(X)``. The estimator's own
+    ``classes_`` lists only the classes it was fitted on. ``scores`` is probabilities, or for
+    heads without ``predict_proba`` a softmax of decision margins; its row-wise argmax is the
+    one rule used both by ``fit-head``'s evaluation and by ``fxtl predict``.
+
+    Examples
+    --------
+    >>> from sklearn.linear_model import LogisticRegression
+    >>> X = np.array([[0.0], [1.0], [5.0], [6.0]])
+    >>> est = LogisticRegression().fit(X, ["ants", "ants", "wasps", "wasps"])
+    >>> head = Head(model="logreg", pipeline=est, class_names=["ants", "bees", "wasps"],
+    ...             provenance={})
+    >>> head.classes_.tolist(), head.predict([[0.5], [5.5]]).tolist()
+    (['ants', 'bees', 'wasps'], ['ants', 'wasps'])
+    >>> head.predict_proba([[0.5]])[:, 1].tolist()
+    [0.0]
     """
 
     model: str
@@ -93,7 +109,8 @@ class Head:
 
     @property
     def classes_(self) -> np.ndarray:
-        return np.asarray(self.pipeline.classes_)
+        """Every class name, in the order of the score columns (see the class docstring)."""
+        return np.asarray(self.class_names)
 
     @property
     def feature_dim(self) -> int:
@@ -104,14 +121,16 @@ class Head:
         return hasattr(self.pipeline, "predict_proba")
 
     def scores(self, X: np.ndarray) -> np.ndarray:
+        """``(n, len(classes_))`` scores, columns in ``classes_`` order."""
         return score_matrix(self.pipeline, X, self.class_names)
 
     def predict_proba(self, X: np.ndarray) -> np.ndarray:
-        """Scores with columns in ``class_names`` order (every class, seen in training or not)."""
+        """Scores with columns in ``classes_`` order (every class, seen in training or not)."""
         return self.scores(X)
 
     def predict(self, X: np.ndarray) -> np.ndarray:
-        return self.scores(X).argmax(axis=1)
+        """The label of each row: the entry of ``classes_`` with the highest score."""
+        return self.classes_[self.scores(X).argmax(axis=1)]
 
     def check_features(self, provenance: Mapping[str, Any], dim: int, *, source: str) -> None:
         """Refuse features from another backbone, weights, layer, preprocessing or width."""

@@ -15,16 +15,16 @@ Examples
 """
 from __future__ import annotations
 
-import json
 import logging
 import sys
 import warnings
 from pathlib import Path
 from typing import Any
 
-from .._util import atomic_path, atomic_write_json, now_iso, sha256_file, versions
+from .._util import (atomic_path, atomic_write_json, meaning_sha256, now_iso, read_json, sha256_file,
+                     versions)
 from ..errors import ParameterError, ProvenanceError
-from .model import Head
+from .model import Head, class_positions
 
 __all__ = ["save_head", "load_head", "resolve_head_path", "skops_io", "HEAD_FORMAT", "HEAD_FORMAT_VERSION",
            "TRUSTED_TYPES"]
@@ -54,6 +54,11 @@ TRUSTED_TYPES = (
     "sklearn.neural_network._stochastic_optimizers.AdamOptimizer",
     "sklearn.neural_network._stochastic_optimizers.SGDOptimizer",
 )
+# Sidecar fields that change a head's answers; ``meaning_sha256`` covers them (the file's own
+# ``sha256`` covers only the estimator, not the names its columns are given or the features
+# it must be applied to).
+MEANING_KEYS = ("model", "file", "sha256", "class_names", "feature_dim", "scores", "backbone",
+                "architecture", "weights_sha256", "preprocessing", "layer", "precision", "graph")
 _PROVENANCE_KEYS = ("backbone", "architecture", "weights_sha256", "preprocessing", "layer",
                     "precision", "graph", "feature_dim", "cache_fingerprint", "dataset", "cache")
 
@@ -99,6 +104,7 @@ def save_head(head: Head, path: str | Path) -> Path:
                "scores": "probability" if head.calibrated else "softmax of decision margins",
                "sklearn_version": sklearn.__version__, "versions": versions(), "created": now_iso(),
                **{k: v for k, v in head.provenance.items() if k != "feature_dim"}}
+    sidecar["meaning_sha256"] = meaning_sha256(sidecar, MEANING_KEYS)
     atomic_write_json(path.with_suffix(".json"), sidecar)
     head.path = path
     return path
@@ -121,7 +127,7 @@ def _read_sidecar(side_path: Path) -> dict[str, Any] | None:
     if not side_path.is_file():
         return None
     try:
-        sidecar = json.loads(side_path.read_text())
+        sidecar = read_json(side_path)
     except (OSError, ValueError) as exc:
         raise ProvenanceError(f"{side_path} is unreadable ({exc}); refit the head") from None
     if not isinstance(sidecar, dict):
@@ -162,7 +168,8 @@ def load_head(path: str | Path, *, trust: bool = False) -> Head:
         untrusted = [t for t in sio.get_untrusted_types(file=path) if t not in TRUSTED_TYPES]
         if untrusted and not trust:
             raise ProvenanceError(f"{path} holds types fxtl does not trust ({', '.join(untrusted[:3])}); "
-                                  "refit the head, or load it with trust=True if you made it yourself")
+                                  "refit the head, or load it with trust=True if you made it yourself",
+                                  param="trust")
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # version notes are reported from the sidecar
             estimator = sio.load(path, trusted=list(TRUSTED_TYPES) + untrusted)
@@ -186,7 +193,16 @@ def _check_sidecar(path: Path, side_path: Path, sidecar: dict) -> None:
     if sha256_file(path) != sidecar.get("sha256"):
         raise ProvenanceError(f"{path} does not match the sha256 in {side_path.name} (modified or "
                               "replaced); refit the head, or load it with trust=True if you "
-                              "changed it yourself")
+                              "changed it yourself", param="trust")
+    # Heads written before fxtl recorded it have no meaning_sha256: their lists are still
+    # cross-checked against the estimator on load (_head).
+    recorded = sidecar.get("meaning_sha256")
+    if recorded is not None and recorded != meaning_sha256(sidecar, MEANING_KEYS):
+        changed = "class_names, preprocessing, backbone or weights_sha256"
+        raise ProvenanceError(f"{side_path} was edited after the head was saved (its {changed} no "
+                              "longer match its meaning_sha256), so the head would answer with "
+                              "other names or on other features; restore the file or refit the "
+                              "head", param="trust")
 
 
 def _head(path: Path, sidecar: dict, estimator: Any, class_names: Any) -> Head:
@@ -196,12 +212,38 @@ def _head(path: Path, sidecar: dict, estimator: Any, class_names: Any) -> Head:
             or not hasattr(estimator, "predict"):
         raise ProvenanceError(f"{path} is not an fxtl head (no estimator or class names); refit "
                               "with `fxtl fit-head`")
+    _check_class_lists(path, estimator, class_names, sidecar.get("feature_dim"))
     if sidecar.get("sklearn_version") and sidecar["sklearn_version"] != sklearn.__version__:
         warnings.warn(f"{path.name} was saved with scikit-learn {sidecar['sklearn_version']}, this "
                       f"is {sklearn.__version__}; predictions may differ slightly", stacklevel=3)
     provenance = {k: sidecar[k] for k in _PROVENANCE_KEYS if k in sidecar}
     return Head(model=str(sidecar.get("model", "?")), pipeline=estimator,
                 class_names=list(class_names), provenance=provenance, path=path)
+
+
+def _check_class_lists(path: Path, estimator: Any, class_names: list[str], feature_dim: Any) -> None:
+    """The sidecar's class names must name the estimator's classes, once each, and its width."""
+    side = path.with_suffix(".json").name
+    if len(set(class_names)) != len(class_names):
+        dup = next(c for c in class_names if class_names.count(c) > 1)
+        raise ProvenanceError(f"{path.parent / side} lists class {dup!r} twice; restore the file or "
+                              "refit the head")
+    classes = getattr(estimator, "classes_", None)
+    if classes is not None:
+        try:
+            class_positions(classes, class_names)
+        except ProvenanceError:
+            shown = [str(c) for c in list(classes)[:4]]
+            raise ProvenanceError(f"{path.parent / side} names classes {class_names[:4]} but the "
+                                  f"head was fitted on {shown}; restore the file or refit the "
+                                  "head") from None
+        if len(classes) > len(class_names):
+            raise ProvenanceError(f"{path.parent / side} names {len(class_names)} classes but the "
+                                  f"head predicts {len(classes)}; restore the file or refit the head")
+    width = getattr(estimator, "n_features_in_", None)
+    if width is not None and isinstance(feature_dim, int) and int(width) != feature_dim:
+        raise ProvenanceError(f"{path.parent / side} says {feature_dim}-d features but the head "
+                              f"takes {int(width)}; restore the file or refit the head")
 
 
 def _load_joblib(path: Path, side_path: Path, *, trust: bool) -> Head:

@@ -6,30 +6,33 @@ cache splits             hyper-parameters from   final model fitted on          
 train + val + test       ``val``                 train + val                        ``test``
 train + test             k-fold CV on train      train                              ``test``
 train + val              k-fold CV on train      train                              ``val``
-train only               k-fold CV on the rest   train minus a stratified hold-out  ``holdout``
+train only               k-fold CV on the rest   train minus a hold-out             ``holdout``
 =======================  ======================  =================================  ===========
 
-The reported split is never seen by the search nor the final fit. How the search then uses its
-rows (k-fold, one held-out split, a subsample) is :mod:`fxtl.heads.search`'s choice.
+The rows come from :func:`fxtl.data.splits.plan_splits`, the planner ``finetune`` uses too; this
+module adds what is a head's own: the final fit on train + val, and the k of the k-fold CV. The
+reported split is never seen by the search nor the final fit. How the search then uses its rows
+(k-fold, one held-out split, a subsample) is :mod:`fxtl.heads.search`'s choice.
 """
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
 
-from ..data.splits import stratified_holdout
+from ..data.splits import plan_splits
 from ..errors import CacheError
 
-__all__ = ["SplitPlan", "plan_splits"]
+__all__ = ["HeadPlan", "plan_head"]
 
 
 @dataclass
-class SplitPlan:
+class HeadPlan:
     """Which rows select hyper-parameters, which fit the final head, which are reported.
 
     All index arrays are row numbers of the cache. ``eval_rows`` never intersect
-    ``search_rows`` nor ``fit_rows`` (see :func:`plan_splits`).
+    ``search_rows`` nor ``fit_rows`` (see :func:`plan_head`).
     """
 
     fit_rows: np.ndarray  # the final model is fitted on these
@@ -42,50 +45,49 @@ class SplitPlan:
     notes: list[str] = field(default_factory=list)
 
 
-def plan_splits(labels: np.ndarray, split: np.ndarray, *, seed: int = 0, test_size: float = 0.2,
-                cv_folds: int = 5, search: bool = True) -> SplitPlan:
+def plan_head(labels: np.ndarray, split: np.ndarray, *, paths: Sequence[str] | None = None,
+              seed: int = 0, test_size: float = 0.2, cv_folds: int = 5, search: bool = True,
+              source: str = "the cache", class_names: Sequence[str] | None = None) -> HeadPlan:
     """Decide the selection, fit and report rows (the table in the module docstring).
 
-    Unlabelled rows (label -1) are never used.
+    ``paths`` (the cache's ``/paths``) place each row of a hold-out; unlabelled rows (label -1)
+    are never used.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> plan = plan_head(np.array([0, 1] * 6), np.array(["train"] * 8 + ["test"] * 4))
+    >>> plan.eval_split, plan.selection, len(plan.fit_rows)
+    ('test', 'cv4', 8)
     """
     labels = np.asarray(labels)
-    split = np.asarray(split).astype(str)
-    labelled = labels >= 0
-    rows = {s: np.flatnonzero((split == s) & labelled) for s in ("train", "val", "test")}
-    if not len(rows["train"]):
-        raise CacheError(f"the cache has no labelled train rows (splits: "
-                         f"{', '.join(sorted(set(split.tolist()))) or 'none'}); extract a "
-                         "dataset with a train split")
-    notes: list[str] = []
-    if len(rows["test"]):
-        eval_rows, eval_split = rows["test"], "test"
-        if len(rows["val"]) and search:
-            search_rows = np.concatenate([rows["train"], rows["val"]])
-            fold = np.r_[np.full(len(rows["train"]), -1), np.zeros(len(rows["val"]), dtype=int)]
-            return SplitPlan(fit_rows=search_rows, eval_rows=eval_rows, eval_split="test",
-                             selection="val", search_rows=search_rows, val_fold=fold, notes=notes)
-        fit_rows = np.concatenate([rows["train"], rows["val"]]) if len(rows["val"]) else rows["train"]
-    elif len(rows["val"]):
-        eval_rows, eval_split, fit_rows = rows["val"], "val", rows["train"]
+    keys = list(paths) if paths is not None and len(paths) == len(labels) else \
+        [f"#{i}" for i in range(len(labels))]
+    shared = plan_splits(labels, split, keys, seed=seed, test_size=test_size,
+                         select_holdout=False, source=source, class_names=class_names,
+                         error=CacheError)
+    notes = list(shared.notes)
+    eval_rows, eval_split = shared.report, shared.report_name
+    if shared.val is not None:
+        fit_rows = np.concatenate([shared.train, shared.val])
+        if search:
+            fold = np.r_[np.full(len(shared.train), -1), np.zeros(len(shared.val), dtype=int)]
+            return HeadPlan(fit_rows=fit_rows, eval_rows=eval_rows, eval_split=eval_split,
+                            selection="val", search_rows=fit_rows, val_fold=fold, notes=notes)
     else:
-        fit_rows, eval_rows = stratified_holdout(rows["train"], labels, test_size=test_size,
-                                                 seed=seed, source="the cache")
-        eval_split = "holdout"
-        notes.append(f"no val/test split: reporting on a stratified {test_size:.0%} hold-out of "
-                     f"train (seed {int(seed)})")
+        fit_rows = shared.train
     if not search:
-        return SplitPlan(fit_rows=fit_rows, eval_rows=eval_rows, eval_split=eval_split,
-                         selection="none", search_rows=fit_rows[:0], notes=notes)
+        return HeadPlan(fit_rows=fit_rows, eval_rows=eval_rows, eval_split=eval_split,
+                        selection="none", search_rows=fit_rows[:0], notes=notes)
     counts = np.bincount(labels[fit_rows])
     counts = counts[counts > 0]
     k = int(min(cv_folds, counts.min()))
     if k < 2:
         notes.append("a class has a single training image: no cross-validation possible, "
                      "fitted default parameters")
-        return SplitPlan(fit_rows=fit_rows, eval_rows=eval_rows, eval_split=eval_split,
-                         selection="none", search_rows=fit_rows[:0], notes=notes)
+        return HeadPlan(fit_rows=fit_rows, eval_rows=eval_rows, eval_split=eval_split,
+                        selection="none", search_rows=fit_rows[:0], notes=notes)
     if k < cv_folds:
         notes.append(f"{k}-fold CV (the smallest class has {k} training images)")
-    return SplitPlan(fit_rows=fit_rows, eval_rows=eval_rows, eval_split=eval_split,
-                     selection=f"cv{k}", search_rows=fit_rows, cv_folds=k, notes=notes)
-
+    return HeadPlan(fit_rows=fit_rows, eval_rows=eval_rows, eval_split=eval_split,
+                    selection=f"cv{k}", search_rows=fit_rows, cv_folds=k, notes=notes)

@@ -22,6 +22,7 @@ from typing import Any, Callable, Mapping, Sequence
 import numpy as np
 
 from ..errors import ParameterError
+from .params import check_values
 
 __all__ = ["DataShape", "StreamSpec", "HeadSpec", "HEADS", "register_head", "get_head",
            "head_names", "list_heads", "build_pipeline", "parse_params", "check_params",
@@ -185,8 +186,8 @@ register_head(HeadSpec(
     description="multinomial logistic regression, L2, C swept log-spaced (warm-started path)",
     stream=_SGD_LOG, path_param="C",
     # Its warm-started path is the cheapest search per row, so it searches twice the default
-    # subsample: C chosen on 4,000 of 19,860 training rows was a half-decade too weak for the
-    # refit on 22,428 rows (benchmarks/heads_scale.py, 27,804 rows), on 8,000 it was not.
+    # subsample: the best C grows with the rows, and one chosen on too few is too weak for the
+    # refit on all of them (measured in benchmarks/heads_scale.py).
     search_rows=8_000,
     torch_estimator="fxtl.heads.torch_heads:TorchLogisticRegression"))
 register_head(HeadSpec(
@@ -389,6 +390,7 @@ def check_params(models: Sequence[str], params: Mapping[str, Any]) -> None:
         for dotted in [spec.estimator] + ([spec.stream.estimator] if spec.stream else []):
             own = {k: v for k, v in params.items() if k in estimator_params(dotted)}
             if own:
+                check_values(own, estimator=dotted, model=m)  # what the toy fit lets through
                 _check_values(import_estimator(dotted), own, m)
         if spec.torch_estimator:  # checked without a fit: a fit would import torch
             own = {k: v for k, v in params.items() if k in estimator_params(spec.torch_estimator)}

@@ -18,15 +18,18 @@ from __future__ import annotations
 import contextlib
 import os
 import time
-import warnings
 from dataclasses import dataclass
-from typing import Any, Callable, Iterator, Mapping
+from typing import Any, Callable, Mapping
 
 import numpy as np
 
-from .grid import (GIL_BOUND, fit_pipeline, PATH_PATIENCE, SINGLE_THREADED, GridOutcome, pick_best, prepare_folds, score_grid,
-                   uses_kernel_cache)
-from .registry import HeadSpec, build_pipeline
+from .grid import (GIL_BOUND, PATH_PATIENCE, SINGLE_THREADED, GridOutcome, fit_pipeline,
+                   pick_best, prepare_folds, quiet_convergence, score_grid, uses_kernel_cache)
+from .config import HeadConfig
+from .dask_backend import SearchBackend
+from .planning import HeadPlan
+from .registry import DataShape, HeadSpec, build_pipeline, estimator_params, resolve_solver
+from .source import RowSource
 
 __all__ = ["Strategy", "choose_strategy", "search_folds", "run_search", "fit_final",
            "quiet_convergence", "jsonable", "CV_MAX_ROWS", "PLENTY_PER_CLASS", "SVM_FIT_ROWS",
@@ -145,22 +148,6 @@ def search_folds(strategy: Strategy, *, fit_rows: np.ndarray, labels: np.ndarray
     return [(rows[a], rows[b]) for a, b in skf.split(rows, labels[rows])]
 
 
-@contextlib.contextmanager
-def quiet_convergence() -> Iterator[list[str]]:
-    """Collect ConvergenceWarnings (reported as one note) instead of spamming stderr."""
-    from sklearn.exceptions import ConvergenceWarning
-
-    caught: list[str] = []
-    with warnings.catch_warnings(record=True) as record:
-        warnings.simplefilter("always", ConvergenceWarning)
-        yield caught
-    for w in record:
-        if issubclass(w.category, ConvergenceWarning):
-            caught.append(str(w.message).splitlines()[0])
-        else:
-            warnings.showwarning(w.message, w.category, w.filename, w.lineno)
-
-
 def jsonable(params: Mapping[str, Any]) -> dict[str, Any]:
     out = {}
     for k, v in params.items():
@@ -173,13 +160,16 @@ def jsonable(params: Mapping[str, Any]) -> dict[str, Any]:
 
 def run_search(spec: HeadSpec, *, X: np.ndarray, y: np.ndarray,
                folds: list[tuple[np.ndarray, np.ndarray]], candidates: list[dict], fixed: dict,
-               seed: int, l2_normalize: bool, pca, jobs: int | None,
-               parallel: contextlib.AbstractContextManager | None, deadline: float | None,
-               progress: Progress | None, path_param: str | None,
-               rounds: bool = True, small: bool = True, solver: str = "sklearn") -> GridOutcome:
+               config: HeadConfig, parallel: contextlib.AbstractContextManager | None = None,
+               deadline: float | None = None, progress: Progress | None = None,
+               path_param: str | None = None, rounds: bool = True,
+               small: bool = True) -> GridOutcome:
     """Score every candidate on ``folds`` (indices into ``X``/``y``); the best mean wins (ties:
     see :func:`fxtl.heads.grid.score_grid`). Stops between candidates once ``deadline``
     (``time.perf_counter()``) has passed, keeping what was tried.
+
+    ``config`` gives the seed, l2_normalize, pca, jobs and solver (``"sklearn"`` or ``"torch"``,
+    resolved) of the candidates' pipelines.
 
     By default the candidates are scored in this process (:mod:`fxtl.heads.grid`: each fold
     preprocessed once, threads for the fits); ``rounds=False`` hands the whole grid to
@@ -188,11 +178,13 @@ def run_search(spec: HeadSpec, *, X: np.ndarray, y: np.ndarray,
     """
     if path_param == KNN_VOTES:
         return _knn_search(spec, X=X, y=y, folds=folds, candidates=candidates, fixed=fixed,
-                           seed=seed, l2_normalize=l2_normalize, pca=pca, progress=progress)
+                           config=config, progress=progress)
+    jobs = config.jobs
 
     def factory():
-        pipe = build_pipeline(spec.name, params=fixed, seed=seed, l2_normalize=l2_normalize,
-                              pca=pca, calibrate=False, solver=solver)
+        pipe = build_pipeline(spec.name, params=fixed, seed=config.seed,
+                              l2_normalize=config.l2_normalize, pca=config.pca, calibrate=False,
+                              solver=_solver(config))
         if "polish" in pipe.steps[-1][1].get_params() and "polish" not in fixed:
             pipe.steps[-1][1].set_params(polish=False)  # candidates need predictions, not digits
         return pipe
@@ -235,7 +227,12 @@ def _grid_search_cv(pipe, *, X, y, folds, candidates, jobs, parallel) -> GridOut
     return GridOutcome(candidates[pick_best(scores, losses)], scores, len(scores), False, conv)
 
 
-def _knn_search(spec: HeadSpec, *, X, y, folds, candidates, fixed, seed, l2_normalize, pca,
+def _solver(config: HeadConfig) -> str:
+    """The estimator family a resolved config names ("auto" means scikit-learn's here)."""
+    return "torch" if config.solver == "torch" else "sklearn"
+
+
+def _knn_search(spec: HeadSpec, *, X, y, folds, candidates, fixed, config: HeadConfig,
                 progress) -> GridOutcome:
     """Every (k, weights) candidate from one neighbour query per fold: the k nearest are a
     prefix of the largest k's, so scoring a candidate is a vote, not another search."""
@@ -245,8 +242,8 @@ def _knn_search(spec: HeadSpec, *, X, y, folds, candidates, fixed, seed, l2_norm
     classes, codes = np.unique(y, return_inverse=True)
     per_fold = []
     for tr, te in folds:
-        pipe = build_pipeline(spec.name, params=fixed, seed=seed, l2_normalize=l2_normalize,
-                              pca=pca, calibrate=False)
+        pipe = build_pipeline(spec.name, params=fixed, seed=config.seed,
+                              l2_normalize=config.l2_normalize, pca=config.pca, calibrate=False)
         pre = pipe[:-1]
         Xtr, Xte = pre.fit_transform(X[tr]), pre.transform(X[te])
         k = min(k_max, len(tr))
@@ -272,10 +269,11 @@ def _knn_search(spec: HeadSpec, *, X, y, folds, candidates, fixed, seed, l2_norm
     return GridOutcome(candidates[int(np.argmax(scores))], scores, len(candidates), False, [])
 
 
-def fit_final(spec: HeadSpec, *, X_fit: np.ndarray, y_fit: np.ndarray, params: dict, seed: int,
-              l2_normalize: bool, pca, notes: list[str], solver: str = "sklearn",
-              rows: np.ndarray | None = None):
+def fit_final(spec: HeadSpec, *, X_fit: np.ndarray, y_fit: np.ndarray, params: dict,
+              config: HeadConfig, notes: list[str], rows: np.ndarray | None = None):
     """The final estimator on the fit rows, calibrated once when the head asks for it.
+
+    ``config`` gives the seed, l2_normalize, pca and (resolved) solver.
 
     ``rows``: the fit rows are ``X_fit[rows]`` (taken only as needed, so a head that fits on a
     subsample never copies them all); ``y_fit`` is indexed like ``rows``.
@@ -284,6 +282,7 @@ def fit_final(spec: HeadSpec, *, X_fit: np.ndarray, y_fit: np.ndarray, params: d
     from sklearn.pipeline import Pipeline
 
     rows = np.arange(len(y_fit)) if rows is None else np.asarray(rows)
+    seed, l2_normalize, pca, solver = config.seed, config.l2_normalize, config.pca, _solver(config)
 
     def take(idx=None):
         return X_fit[rows] if idx is None else X_fit[rows[idx]]
@@ -341,20 +340,20 @@ def _note_conv(conv: list[str], notes: list[str]) -> None:
         notes.append(f"final fit did not fully converge ({conv[0][:80]}); consider a larger max_iter")
 
 
-def fit_in_memory(source, spec: HeadSpec, *, plan, params: dict, seed: int, jobs: int | None,
-                  l2_normalize: bool, pca, notes: list[str], runner,
-                  deadline: float | None = None, progress: Progress | None = None,
-                  solver: str = "auto"):
+def fit_in_memory(source: RowSource, spec: HeadSpec, *, plan: HeadPlan, config: HeadConfig,
+                  notes: list[str], runner: SearchBackend, deadline: float | None = None,
+                  progress: Progress | None = None):
     """Search (see :func:`choose_strategy`) and fit the final head on rows held in memory.
 
-    ``solver`` (see :func:`fxtl.heads.registry.resolve_solver`) picks scikit-learn's estimator
-    or the head's torch one, for the search and the final fit alike.
+    ``config`` is the head's own (:meth:`HeadConfig.for_model`): its params are fixed, its
+    seed, jobs, l2_normalize, pca and solver apply (``solver``, see
+    :func:`fxtl.heads.registry.resolve_solver`, picks scikit-learn's estimator or the head's
+    torch one, for the search and the final fit alike).
     Returns ``(pipeline, info)``; ``info`` feeds ``metrics.json``.
     """
     from sklearn.model_selection import ParameterGrid
 
-    from .registry import DataShape, estimator_params, resolve_solver
-
+    params, seed, pca, solver = dict(config.params), config.seed, config.pca, config.solver
     labels, fit_rows = source.labels, plan.fit_rows
     counts = np.bincount(labels[fit_rows])
     train_rows = val_rows = None
@@ -370,11 +369,12 @@ def fit_in_memory(source, spec: HeadSpec, *, plan, params: dict, seed: int, jobs
     shape = DataShape(n_fit=int(n_min), dim=source.dim, n_classes=int((counts > 0).sum()))
     if pca and isinstance(pca, int) and pca > min(n_min, source.dim):
         notes.append(f"pca {pca} lowered to {min(n_min, source.dim)} (training rows/feature dim)")
-        pca = min(n_min, source.dim)
+        pca = int(min(n_min, source.dim))
     solver, solver_notes = resolve_solver(spec, requested=solver,
                                           n_values=len(fit_rows) * source.dim, params=params,
                                           distributed=runner.name == "dask")
     notes.extend(solver_notes)
+    resolved = config.replace(pca=pca, solver=solver)  # what the fits below use
     dotted = spec.torch_estimator if solver == "torch" else spec.estimator
     accepted = estimator_params(dotted)
     ignored = sorted(set(params) - accepted)
@@ -418,10 +418,9 @@ def fit_in_memory(source, spec: HeadSpec, *, plan, params: dict, seed: int, jobs
             progress(0, len(candidates), spec.name)
         with _blas_limit(small and not dask):
             out = run_search(spec, X=X_s, y=y_s, folds=local, candidates=candidates, fixed=fixed,
-                             seed=seed, l2_normalize=l2_normalize, pca=pca,
-                             jobs=-1 if dask else jobs, parallel=parallel, deadline=deadline,
-                             progress=progress, path_param=path, rounds=not dask, small=small,
-                             solver=solver)
+                             config=resolved.replace(jobs=-1) if dask else resolved,
+                             parallel=parallel, deadline=deadline, progress=progress,
+                             path_param=path, rounds=not dask, small=small)
         best = out.best
         info["selection_score"] = round(float(max(out.scores)), 6)
         info["search"] = [{"params": jsonable(c), "mean_score": round(sc, 6)}
@@ -452,8 +451,7 @@ def fit_in_memory(source, spec: HeadSpec, *, plan, params: dict, seed: int, jobs
     with _blas_limit(source.features[:1].size * len(fit_rows) < SMALL_VALUES):
         final, used = fit_final(spec, X_fit=source.features, rows=fit_rows,
                                 y_fit=source.names(labels[fit_rows]), params=final_params,
-                                seed=seed, l2_normalize=l2_normalize, pca=pca, notes=notes,
-                                solver=solver)
+                                config=resolved, notes=notes)
     info["refit_seconds"] = time.perf_counter() - t0
     info["best_params"] = jsonable({**params, **best}) if (best or params) else {}
     info["strategy"] = {"kind": strategy.kind, "description": strategy.describe(rows_searched),

@@ -10,7 +10,7 @@ from typing import Any
 
 import numpy as np
 
-from .planning import SplitPlan
+from .planning import HeadPlan
 from .registry import HeadSpec, build_pipeline, estimator_params
 from .search import jsonable, quiet_convergence
 from .source import RowSource
@@ -20,7 +20,7 @@ __all__ = ["fit_streaming", "STREAM_EPOCHS"]
 STREAM_EPOCHS = 5
 
 
-def fit_streaming(source: RowSource, spec: HeadSpec, *, plan: SplitPlan, params: dict, search: bool,
+def fit_streaming(source: RowSource, spec: HeadSpec, *, plan: HeadPlan, params: dict, search: bool,
                    seed: int, l2_normalize: bool, notes: list[str]):
     """Fit the scalable stand-in with ``partial_fit``, reading the cache block by block.
 

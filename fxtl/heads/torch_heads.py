@@ -24,6 +24,7 @@ Examples
 """
 from __future__ import annotations
 
+import contextlib
 import math
 import warnings
 from types import MappingProxyType
@@ -31,13 +32,17 @@ from types import MappingProxyType
 import numpy as np
 from sklearn.exceptions import ConvergenceWarning
 from sklearn.linear_model import LogisticRegression
+from sklearn.model_selection import train_test_split
 from sklearn.neural_network import MLPClassifier
 from sklearn.preprocessing import LabelBinarizer
 from sklearn.svm import LinearSVC
 from sklearn.utils import check_random_state
 from sklearn.utils._param_validation import StrOptions
+from sklearn.utils.metaestimators import available_if
 from sklearn.utils.multiclass import check_classification_targets
 from sklearn.utils.validation import validate_data
+
+from ..errors import ParameterError
 
 __all__ = ["TorchLogisticRegression", "TorchLinearSVC", "TorchMLPClassifier", "TORCH_HEADS"]
 
@@ -56,8 +61,6 @@ def _torch_device(device: str):
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
     if device == "cuda" and not torch.cuda.is_available():
-        from ..errors import ParameterError
-
         raise ParameterError("device", "device='cuda' but torch sees no CUDA device; "
                              "use device='auto' or 'cpu'")
     return torch, torch.device(device)
@@ -308,8 +311,12 @@ class TorchMLPClassifier(MLPClassifier):
     ``0.5 * alpha * ||weights||^2 / batch_len`` to its mean log-loss; biases are not
     penalised). Early stopping holds out a stratified ``validation_fraction``, stops after
     ``n_iter_no_change`` epochs without a validation-accuracy gain above ``tol`` and keeps the
-    best weights, as scikit-learn does. Binary problems have one logistic output. Seeded by
-    ``random_state`` through a private generator (the global torch seed is left alone).
+    best weights, as scikit-learn does. Data too small for such a hold-out (a class with one
+    row, or fewer hold-out or training rows than classes) is trained on whole, stopping on the
+    training loss as with ``early_stopping=False`` (with a warning, ``validation_scores_`` is
+    None). Binary problems have one logistic output. Seeded by ``random_state`` through a
+    private generator (the global torch seed is left alone). There is no ``partial_fit``:
+    scikit-learn's would go on training with its own solver.
 
     Parameters
     ----------
@@ -351,31 +358,43 @@ class TorchMLPClassifier(MLPClassifier):
         hidden = list(np.atleast_1d(self.hidden_layer_sizes))
         if any(h <= 0 for h in hidden):
             raise ValueError(f"hidden_layer_sizes must be > 0, got {self.hidden_layer_sizes}")
-        X, y = validate_data(self, X, y, dtype=[np.float64, np.float32], order="C")
-        check_classification_targets(y)
-        self._label_binarizer = LabelBinarizer().fit(y)
-        self.classes_ = self._label_binarizer.classes_
-        if len(self.classes_) < 2:
-            raise ValueError("TorchMLPClassifier needs samples of at least 2 classes")
+        X, classes, y_idx = _classes(self, X, y)
+        self._label_binarizer = LabelBinarizer().fit(classes)
+        self.classes_ = classes
         rng = check_random_state(self.random_state)
-        train, val = np.arange(len(y)), None
-        if self.early_stopping:
-            from sklearn.model_selection import train_test_split
-
-            train, val = train_test_split(train, test_size=self.validation_fraction, stratify=y,
-                                          random_state=rng)
+        train, val = np.arange(len(y_idx)), None
+        if self.early_stopping and self._can_hold_out(y_idx, len(classes)):
+            train, val = train_test_split(train, test_size=self.validation_fraction,
+                                          stratify=y_idx, random_state=rng)
         torch, dev = _torch_device(self.device)
         gen = torch.Generator().manual_seed(int(rng.randint(np.iinfo(np.int32).max)))
-        Y = self._label_binarizer.transform(y)
+        Y = self._label_binarizer.transform(classes[y_idx])
         self.n_outputs_ = Y.shape[1]
         self.n_layers_ = len(hidden) + 2
         self.out_activation_ = "logistic" if self.n_outputs_ == 1 else "softmax"
         params = _mlp_init(torch, [X.shape[1], *hidden, self.n_outputs_], gen, dev)
-        sw = None if sample_weight is None else _sample_weight(sample_weight, len(y))
+        sw = None if sample_weight is None else _sample_weight(sample_weight, len(y_idx))
         best = self._train(torch, dev, gen, params, X, Y, sw, train, val)
         self.coefs_ = [p.detach().cpu().double().numpy() for p in best[0::2]]
         self.intercepts_ = [p.detach().cpu().double().numpy() for p in best[1::2]]
         return self
+
+    def _can_hold_out(self, y_idx: np.ndarray, n_classes: int) -> bool:
+        """Whether a stratified ``validation_fraction`` hold-out exists; warns when not."""
+        n = len(y_idx)
+        n_val = math.ceil(self.validation_fraction * n)
+        if np.bincount(y_idx).min() >= 2 and n_classes <= n_val <= n - n_classes:
+            return True
+        warnings.warn(f"TorchMLPClassifier: {n} rows in {n_classes} classes are too few to hold "
+                      f"out a stratified {self.validation_fraction:g} for early stopping; "
+                      "training on all rows and stopping on the training loss", UserWarning,
+                      stacklevel=3)
+        return False
+
+    @available_if(lambda est: False)
+    def partial_fit(self, X, y, classes=None, sample_weight=None):
+        """Not offered (the inherited one would train on with scikit-learn's solver)."""
+        raise AttributeError("TorchMLPClassifier has no partial_fit")
 
     def _train(self, torch, dev, gen, params, X, Y, sw, train, val):
         """Adam epochs over shuffled mini-batches; sets sklearn's bookkeeping attributes and
@@ -489,8 +508,6 @@ def _batch_loss(F, z, yb, wb):
 
 def _autocast(torch, dev):
     """bfloat16 matmuls where the hardware has them (accumulation stays float32)."""
-    import contextlib
-
     if _MLP_BF16 and dev.type == "cpu":
         return torch.autocast("cpu", dtype=torch.bfloat16)
     return contextlib.nullcontext()

@@ -37,19 +37,20 @@ which; only runs without a selection score fall back to the reported accuracy).
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
-from .._util import default_cache_dir
+from .._util import default_cache_dir, read_json
+from ..backbones.registry import MODEL_MANIFEST
 from ..errors import FxtlError, ParameterError
+from ..tables import records_frame
 from .metrics import bootstrap_macro_f1, mcnemar_exact, read_predictions, wilson_interval
 
 __all__ = ["collect_runs", "comparison_rows", "selection_score", "pick_by_selection",
-           "format_table", "plot_comparison", "compare",
+           "format_table", "plot_comparison", "comparison_figure", "compare",
            "paired_test", "describe_pair", "CompareResult", "SIGNIFICANCE"]
 
 log = logging.getLogger(__name__)
@@ -69,11 +70,16 @@ def _read_metrics(path: Path) -> tuple[dict[str, Any] | None, str | None]:
     """(metrics, None) for a usable run; (None, reason) for a damaged one; (None, None) for a
     ``metrics.json`` that belongs to no head or fine-tune run."""
     try:
-        m = json.loads(path.read_text())
+        m = read_json(path)
     except (OSError, ValueError) as exc:
         return None, f"unreadable ({exc})"
     if not isinstance(m, dict) or m.get("kind") not in _KINDS or "accuracy" not in m:
         return None, None
+    # A fine-tune writes its manifest last (metrics.json and plots come first): a folder without
+    # it stopped part-way (a full disk, a kill) and `predict` refuses it too.
+    if m["kind"] == "finetune" and not (path.parent / MODEL_MANIFEST).is_file():
+        return None, (f"a fine-tune that did not finish (no {MODEL_MANIFEST}); resume it with "
+                      f"`fxtl finetune DATA_DIR --resume --run-name {path.parent.name}`")
     acc = _number(m["accuracy"])
     if acc is None or not 0.0 <= acc <= 1.0:
         return None, f"accuracy is {m['accuracy']!r}, not a fraction in [0, 1]"
@@ -425,7 +431,7 @@ def _fmt_score(v: float | None, ci: list[float] | None) -> str:
 def format_table(rows: Sequence[dict[str, Any]], *, paired: Sequence[dict[str, Any]] = ()) -> str:
     """The comparison as text: one table per group of rows scored on the same images (each
     ranked on its own), accuracy and macro-F1 with their 95% intervals, then the paired tests."""
-    head = (f"{'method':<22} {'backbone':<12} {'params':>8} {'accuracy [95% CI]':>22} "
+    head = (f"{'run':<24} {'method':<22} {'backbone':<12} {'params':>8} {'accuracy [95% CI]':>22} "
             f"{'macro-F1 [95% CI]':>22} {'train s':>9} {'infer img/s':>11}")
     groups = list(dict.fromkeys(r.get("group", f"{r['dataset']} {r['split']}") for r in rows))
     lines: list[str] = []
@@ -442,7 +448,9 @@ def format_table(rows: Sequence[dict[str, Any]], *, paired: Sequence[dict[str, A
             if r.get("leaked_from"):
                 flags += "  LEAK: learned-on by " + ", ".join(
                     Path(str(x["run_dir"])).name for x in r["leaked_from"])
-            lines.append(f"{r['method'][:22]:<22} {backbone:<12} {_fmt_int(r['trainable_params']):>8} "
+            run = Path(str(r.get("run_dir", ""))).name
+            run = run if len(run) <= 24 else run[:11] + ".." + run[-11:]  # the name's two ends
+            lines.append(f"{run:<24} {r['method'][:22]:<22} {backbone:<12} {_fmt_int(r['trainable_params']):>8} "
                          f"{_fmt_score(r['accuracy'], r.get('accuracy_ci95'))} "
                          f"{_fmt_score(r['macro_f1'], r.get('macro_f1_ci95'))} "
                          f"{r['train_seconds']:>9.1f} {infer:>11}{flags}")
@@ -462,9 +470,16 @@ def format_table(rows: Sequence[dict[str, Any]], *, paired: Sequence[dict[str, A
 
 def plot_comparison(rows: Sequence[dict[str, Any]], path: str | Path, *, title: str = "") -> Path:
     """Bar chart PNG: accuracy and macro-F1 with 95% error bars, training time, inference speed."""
+    from .figures import save_png
+
+    return save_png(comparison_figure(rows), path, title=title)
+
+
+def comparison_figure(rows: Sequence[dict[str, Any]]):
+    """The chart :func:`plot_comparison` writes, as a matplotlib Figure (shows inline)."""
     import numpy as np
 
-    from .figures import new_figure, save_png
+    from .figures import new_figure
 
     groups = list(dict.fromkeys(r.get("group", "") for r in rows))
     labels = [(f"{r.get('group')}: " if len(groups) > 1 else "") + r["method"] for r in rows]
@@ -506,7 +521,7 @@ def plot_comparison(rows: Sequence[dict[str, Any]], path: str | Path, *, title: 
     axes[0].invert_yaxis()
     for ax in axes:
         ax.grid(axis="x", alpha=0.3)
-    return save_png(fig, path, title=title)
+    return fig
 
 
 # ----------------------------------------------------------------------------- the command
@@ -530,10 +545,17 @@ class CompareResult:
     notes: list[str] = field(default_factory=list)
     paired: list[dict[str, Any]] = field(default_factory=list)
     skipped: list[dict[str, str]] = field(default_factory=list)
+    figure: Any = field(default=None, repr=False)  # the chart as a matplotlib Figure
 
     @property
     def groups(self) -> list[str]:
         return list(dict.fromkeys(r["group"] for r in self.rows))
+
+    def to_frame(self):
+        """A pandas DataFrame, one row per run (``run``, ``method``, ``accuracy``...;
+        intervals stay ``[lo, hi]`` cells). Needs pandas."""
+        return records_frame([{"run": Path(str(r.get("run_dir", ""))).name, **r} for r in self.rows],
+                             first=("run", "method", "accuracy", "macro_f1"))
 
     def to_dict(self) -> dict[str, Any]:
         return _finite({"rows": self.rows, "chart": str(self.chart) if self.chart else None,
@@ -542,8 +564,9 @@ class CompareResult:
 
 
 def compare(*, cache_dir: str | Path | None = None, runs: Sequence[str | Path] = (),
-            dataset: str | None = None, output: str | Path | None = None,
-            chart: bool = True, pairs: Sequence[tuple[str | Path, str | Path]] = ()) -> CompareResult:
+            runs_dir: str | Path | None = None, dataset: str | None = None,
+            output: str | Path | None = None, chart: bool = True,
+            pairs: Sequence[tuple[str | Path, str | Path]] = ()) -> CompareResult:
     """Collect heads and fine-tunes, one row each, test the best head against the best
     fine-tune on the same images, and draw the comparison chart.
 
@@ -553,6 +576,9 @@ def compare(*, cache_dir: str | Path | None = None, runs: Sequence[str | Path] =
         Home of ``runs/`` (default ``./cache`` or ``$FXTL_CACHE``); the chart goes there too.
     runs : sequence of paths
         Explicit run folders instead of every run under ``cache_dir``.
+    runs_dir : path, optional
+        Compare every run in this folder (what ``fit_head(runs_dir=...)`` and
+        ``finetune(runs_dir=...)`` wrote into) instead of ``cache_dir/runs``.
     dataset : str, optional
         Only runs of this dataset (name, or a prefix of its fingerprint).
     output : path, optional
@@ -578,6 +604,15 @@ def compare(*, cache_dir: str | Path | None = None, runs: Sequence[str | Path] =
     'head:logreg vs finetune:all: 0.954 vs 0.961 on 153 val images: not significant, p = 1 ...'
     """
     cache_dir = Path(cache_dir) if cache_dir else default_cache_dir()
+    if runs_dir is not None and not runs:
+        runs_dir = Path(runs_dir)
+        if not runs_dir.is_dir():
+            raise ParameterError("runs_dir", f"runs_dir {runs_dir} is not a folder; pass the folder "
+                                 "fit_head or finetune wrote its runs into")
+        runs = sorted(p.parent for p in runs_dir.glob("*/metrics.json"))
+        if not runs:
+            raise FxtlError(f"no head or fine-tune runs in {runs_dir}; pass the folder fit_head "
+                            "or finetune wrote into as runs_dir", param="runs_dir")
     skipped: list[dict[str, str]] = []
     found = collect_runs(cache_dir=cache_dir, runs=runs, dataset=dataset, skipped=skipped)
     notes = [f"skipped {s['run_dir']}: {s['reason']}" for s in skipped]
@@ -586,7 +621,9 @@ def compare(*, cache_dir: str | Path | None = None, runs: Sequence[str | Path] =
         what = f" of dataset {dataset!r}" if dataset else ""
         raise FxtlError(f"no usable head or fine-tune runs{what} in {where}"
                         + (f" ({len(skipped)} skipped as damaged)" if skipped else "")
-                        + "; run `fxtl fit-head` or `fxtl finetune` first (or pass --cache-dir)")
+                        + "; fit a head or fine-tune first, or say where the runs are: runs_dir "
+                          "(the folder fit_head or finetune wrote them into) or cache_dir (whose "
+                          "runs/ folder holds them)", param="cache_dir")
     rows = comparison_rows(found)
     groups = list(dict.fromkeys(r["group"] for r in rows))
     if len(groups) > 1:
@@ -606,10 +643,14 @@ def compare(*, cache_dir: str | Path | None = None, runs: Sequence[str | Path] =
         if (a["run_dir"], b["run_dir"]) not in seen and a is not b:
             seen.add((a["run_dir"], b["run_dir"]))
             paired.append({**paired_test(a, b), "picked_by": how})
-    path = None
+    path = fig = None
     if chart:
+        from .figures import save_png
+
         datasets = sorted({str(r["dataset"]) for r in rows})
         name = f"comparison-{datasets[0]}.png" if len(datasets) == 1 else "comparison.png"
-        path = plot_comparison(rows, Path(output) if output else cache_dir / name,
-                               title=" / ".join(datasets[:3]))
-    return CompareResult(rows=rows, chart=path, notes=notes, paired=paired, skipped=skipped)
+        fig = comparison_figure(rows)
+        path = save_png(fig, Path(output) if output else cache_dir / name,
+                        title=" / ".join(datasets[:3]))
+    return CompareResult(rows=rows, chart=path, notes=notes, paired=paired, skipped=skipped,
+                         figure=fig)

@@ -33,6 +33,8 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from .._util import csv_cell, csv_text, read_json
+
 __all__ = ["classification_metrics", "plot_confusion", "format_metrics", "wilson_interval",
            "bootstrap_macro_f1", "mcnemar_exact", "write_predictions", "read_predictions",
            "PREDICTIONS_FILE", "Z95", "BOOTSTRAP_RESAMPLES"]
@@ -204,6 +206,10 @@ def write_predictions(run_dir: str | Path, *, paths: Sequence[str], y_true: Sequ
     ``paths`` must be relative to the dataset root (as in a feature cache's ``/paths`` and in
     ``rows.json``): that is what lines up a head's and a fine-tune's predictions.
 
+    Text cells that a spreadsheet would run as a formula (starting with ``=``, ``+``, ``-``,
+    ``@``, a tab or a carriage return; and ``'``, so that reading back is exact) are written
+    with a leading ``'`` (:func:`fxtl._util.csv_cell`); :func:`read_predictions` removes it.
+
     Examples
     --------
     >>> import tempfile
@@ -229,7 +235,8 @@ def write_predictions(run_dir: str | Path, *, paths: Sequence[str], y_true: Sequ
         cells = [int(extra["row"][i])] if "row" in extra else []
         if "probability" in extra:
             cells.append(f"{float(extra['probability'][i]):.6f}")
-        w.writerow([str(path), split, class_names[int(t)], class_names[int(p)], *cells])
+        w.writerow([csv_cell(path), csv_cell(split), csv_cell(class_names[int(t)]),
+                    csv_cell(class_names[int(p)]), *cells])
     out = Path(run_dir) / PREDICTIONS_FILE
     atomic_write_bytes(out, buf.getvalue().encode())
     return out
@@ -242,15 +249,13 @@ def read_predictions(run_dir: str | Path) -> dict[str, tuple[int, int]] | None:
     (else by first appearance, which keeps equality of labels). ``None`` when the run has no
     readable predictions file (runs made before fxtl wrote one for fine-tunes).
     """
-    import json
-
     run_dir = Path(run_dir)
     path = run_dir / PREDICTIONS_FILE
     if not path.is_file():
         return None
     index: dict[str, int] = {}
     try:
-        names = json.loads((run_dir / "metrics.json").read_text()).get("class_names") or []
+        names = read_json(run_dir / "metrics.json").get("class_names") or []
         index = {str(c): i for i, c in enumerate(names)}
     except (OSError, ValueError, AttributeError):
         pass
@@ -261,9 +266,10 @@ def read_predictions(run_dir: str | Path) -> dict[str, tuple[int, int]] | None:
                 t, p = row.get("label"), row.get("predicted")
                 if row.get("path") is None or t is None or p is None:
                     return None
+                t, p = csv_text(t), csv_text(p)
                 for name in (t, p):
                     index.setdefault(name, len(index))
-                out[row["path"]] = (index[t], index[p])
+                out[csv_text(row["path"])] = (index[t], index[p])
     except (OSError, csv.Error, UnicodeDecodeError):
         return None
     return out

@@ -31,9 +31,10 @@ class EmbeddingPlot:
     n_total: int  # labelled rows in the selected split(s)
     explained_variance: list[float] = field(default_factory=list)  # PCA: of the 2 components
     notes: list[str] = field(default_factory=list)
+    figure: Any = field(default=None, repr=False, compare=False)  # the matplotlib Figure drawn
 
     def to_dict(self) -> dict[str, Any]:
-        d = asdict(self)
+        d = {k: v for k, v in asdict(self).items() if k != "figure"}
         d["plot"] = str(self.plot)
         return d
 
@@ -63,6 +64,7 @@ def plot_embedding(cache: str | Path | FeatureCache, *, method: str = "pca",
     Returns
     -------
     EmbeddingPlot
+        ``plot`` is the PNG written; ``figure`` the matplotlib Figure (shows inline in a notebook).
 
     Examples
     --------
@@ -98,11 +100,11 @@ def plot_embedding(cache: str | Path | FeatureCache, *, method: str = "pca",
     output = Path(output)
     if output.suffix.lower() != ".png":
         raise ParameterError("output", f"output {output} must end in .png")
-    _draw(xy, c.labels[rows], c.split[rows], c.class_names, output,
+    fig = _draw(xy, c.labels[rows], c.split[rows], c.class_names, output,
           title=f"{c.attrs.get('dataset_name') or Path(c.path).stem} - {c.attrs.get('backbone', '?')} "
                 f"features, {method.upper() if method == 'pca' else 't-SNE'}")
     return EmbeddingPlot(plot=output, method=method, n=len(rows), n_total=n_total,
-                         explained_variance=explained, notes=notes)
+                         explained_variance=explained, notes=notes, figure=fig)
 
 
 def _project(X: np.ndarray, *, method: str, seed: int, perplexity: float,
@@ -126,7 +128,7 @@ def _project(X: np.ndarray, *, method: str, seed: int, perplexity: float,
 
 
 def _draw(xy: np.ndarray, labels: np.ndarray, split: np.ndarray, class_names: list[str],
-          output: Path, *, title: str) -> None:
+          output: Path, *, title: str):
     import matplotlib
 
     from .figures import new_figure, save_png
@@ -151,3 +153,4 @@ def _draw(xy: np.ndarray, labels: np.ndarray, split: np.ndarray, class_names: li
     ax.set_xticks([])
     ax.set_yticks([])
     save_png(fig, output, dpi=110)
+    return fig

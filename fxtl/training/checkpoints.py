@@ -13,8 +13,10 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from .._util import atomic_path, ensure_dir, unique_dir
-from ..errors import FxtlError, ParameterError, ProvenanceError
+from .._util import atomic_path, ensure_dir, meaning_sha256, unique_dir
+from ..backbones.registry import RUN_MEANING_KEYS
+from ..data.splits import check_run_name
+from ..errors import FxtlError, ProvenanceError
 from .config import RESUME_KEYS
 
 if TYPE_CHECKING:
@@ -22,7 +24,7 @@ if TYPE_CHECKING:
 
 __all__ = ["CHECKPOINT_FORMAT", "CHECKPOINT_VERSION", "TrainState", "rng_state", "set_rng_state",
            "torch_save", "load_checkpoint", "choose_run_dir", "discard_unfinished", "initial_state",
-           "RUN_FILES"]
+           "RUN_FILES", "manifest_digest"]
 
 CHECKPOINT_FORMAT = "fxtl-finetune-checkpoint"
 CHECKPOINT_VERSION = 1
@@ -99,14 +101,18 @@ def load_checkpoint(path: Path) -> dict[str, Any]:
     return ckpt
 
 
+def manifest_digest(manifest: dict[str, Any]) -> str:
+    """The ``meaning_sha256`` of a run's ``fxtl-model.json``: covers its class names,
+    preprocessing, backbone and weights hash, so an edit to any of them is refused on load."""
+    return meaning_sha256(manifest, RUN_MEANING_KEYS)
+
+
 def choose_run_dir(runs: Path, base: str, *, run_name: str | None, resume: bool) -> Path:
     """The folder to train into: an exact ``run_name``, the latest ``base*`` run when resuming,
     else a new ``base``, ``base-2``, ... folder."""
     ensure_dir(runs)
     if run_name:
-        if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", run_name):
-            raise ParameterError("run_name", f"run_name {run_name!r}: use letters, digits, '.', '_' "
-                                             "and '-' only")
+        check_run_name(run_name)
         run_dir = runs / run_name
         _check_reusable(run_dir, resume=resume)
         return run_dir

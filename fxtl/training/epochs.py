@@ -53,8 +53,9 @@ def make_loader(dataset, *, batch_size: int, workers: int, device: str, sampler=
 def progress_bar(total: int, desc: str, enabled: bool):
     from tqdm.auto import tqdm
 
-    return tqdm(total=total, desc=desc, unit="img", file=sys.stderr, disable=not enabled,
-                dynamic_ncols=True, leave=True)
+    # disable=None: drawn only on a terminal; a CI log keeps the plain per-epoch lines
+    return tqdm(total=total, desc=desc, unit="img", file=sys.stderr,
+                disable=None if enabled else True, dynamic_ncols=True, leave=True)
 
 
 def is_improvement(acc: float, loss: float, best: dict[str, Any] | None, monitor: str) -> bool:

@@ -68,7 +68,7 @@ from ..errors import ParameterError
 from ..runtime import resolve_device, resolve_precision
 from .augment import TrainTransform, epoch_sampler
 from .blocks import block_groups
-from .checkpoints import (CHECKPOINT_FORMAT, CHECKPOINT_VERSION, choose_run_dir,
+from .checkpoints import (CHECKPOINT_FORMAT, CHECKPOINT_VERSION, choose_run_dir, manifest_digest,
                           discard_unfinished, initial_state)
 from .config import (BN_FROZEN_BELOW, BN_MODES, DEFAULT_LR, MONITORS, OPTIMIZERS, FinetuneConfig,
                      parse_trainable)
@@ -213,7 +213,9 @@ def finetune(data: str | Path, *, config: FinetuneConfig | None = None,
             metrics, resumed_from = _train(run, trainer, run_dir, record, group=group, resume=resume,
                                            on_step=on_step, init_info=init_info)
             if group.is_primary:
-                save_rows(run_dir, run_rows(images, splits))
+                failed = {e["path"] for e in metrics["errors"]}  # absolute, as decoded
+                unread = {s.path for s in images.samples if str(images.abspath(s)) in failed}
+                save_rows(run_dir, run_rows(images, splits, unread=unread))
                 write_outputs(run_dir, metrics, bb, pre=pre, images=images)
         except BaseException:
             if fresh and group.is_primary:
@@ -291,6 +293,7 @@ def write_outputs(run_dir: Path, metrics: dict[str, Any], bb: Backbone, *, pre: 
         "config": metrics["config"], "created": metrics["created"], "fxtl_version": __version__,
         "versions": metrics["versions"],
     }
+    manifest["meaning_sha256"] = manifest_digest(manifest)
     atomic_write_json(run_dir / MODEL_MANIFEST, manifest)
 
 

@@ -6,6 +6,7 @@ reports on; then its scaler and coefficients fold into one linear layer.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import warnings
 from pathlib import Path
@@ -15,6 +16,7 @@ import numpy as np
 
 from ..backbones.building import replace_linear
 from ..data.discovery import ImageSet
+from .._util import read_json
 from ..errors import FxtlError, ProvenanceError
 from ..heads.persistence import load_head
 
@@ -105,7 +107,7 @@ def head_cache(run: str | Path, head: Any) -> Path:
     if not cache and head.path is not None:
         metrics = Path(head.path).parent / "metrics.json"
         with contextlib.suppress(OSError, ValueError):
-            cache = json.loads(metrics.read_text()).get("cache")
+            cache = read_json(metrics).get("cache")
     if not cache:
         raise ProvenanceError(f"init_head {run} does not say which feature cache it was fitted on, "
                               "so it cannot be refitted on this fine-tune's training rows; refit "

@@ -17,7 +17,7 @@ import pytest
 from click.testing import CliRunner
 
 from fxtl.cli import cli
-from fxtl.errors import CacheError, FxtlError
+from fxtl.errors import CacheError
 from fxtl.features.store import load_features, open_cache, write_cache
 
 from ._cli import ROOT, assert_one_line_error
@@ -172,7 +172,8 @@ def test_predict_refuses_a_cache_with_nonfinite_rows_by_row_and_path(tmp_path, g
     assert json.loads(r.stdout) == {"error": line[len("fxtl: error: "):], "exit_code": 1}
 
 
-def test_export_no_longer_labels_rows_unlabelled_when_names_are_short(tmp_path):
+def test_export_refuses_fewer_class_names_than_labels(tmp_path):
+    """Rows whose label has no name would otherwise be written as ``<unlabelled>``, silently."""
     path = _edit(_valid(tmp_path / "c.h5"), _set("class_names", np.array(["ants"], dtype=object)))
     r = CliRunner().invoke(cli, ["export", str(path), "--format", "csv", "-o", str(tmp_path / "o.csv")])
     assert_one_line_error(r.exit_code, r.stderr, "class_names has 1 name")
@@ -277,7 +278,8 @@ def test_export_never_replaces_the_cache(tmp_path, how):
     load_features(cache)
 
 
-def test_export_to_another_file_still_works(tmp_path):
+def test_export_to_another_file_writes_it(tmp_path):
+    """The refusal above is for the cache's own file only."""
     cache = _valid(tmp_path / "c.h5")
     r = CliRunner().invoke(cli, ["export", str(cache), "--format", "npz", "-o", str(tmp_path / "o.npz")])
     assert r.exit_code == 0, r.output

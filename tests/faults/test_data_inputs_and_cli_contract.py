@@ -1,6 +1,6 @@
-"""Issue 14, second fault round (the items of fxtl.data, the CLI contract and atomic writes).
-
-Each test fails on 22fc32f and passes now; docs/reliability.md cites each by name.
+"""Faults in what fxtl reads and how it answers: fxtl's own artifacts inside a data folder,
+manifests, bit depths, stray files, the CLI's ``--json`` failure contract, file modes of atomic
+writes and messages that name Python parameters. docs/reliability.md cites each test by name.
 """
 from __future__ import annotations
 
