@@ -13,6 +13,12 @@ All three run in one process with fxtl's malloc setting (runtime.keep_freed_memo
 the tutorial loop and the model-only ceiling as much as fxtl. Also: logistic-regression val accuracy on fp32 vs bf16 caches, and peak RSS of extraction for
 1x and 5x the images (a manifest repeating the dataset) to show memory does not grow with N.
 Writes benchmarks/results/extract_speed.json.
+
+    .venv/bin/python benchmarks/extract_speed.py --layers-only [--repeats 3]
+
+times only ``fxtl.extract`` without and with ``layers="auto"`` (the later stages stored beside
+the features), alternating the two so a busy machine slows both alike; median compute images/s
+of each, into benchmarks/results/extract_layers_speed.json.
 """
 from __future__ import annotations
 
@@ -60,16 +66,39 @@ def fxtl_extract(data: Path, precision: str, cache_dir: Path) -> dict:
             "compute_images_per_second": res.images_per_second, "cache": str(res.cache)}
 
 
+def layers_speed(data: Path, repeats: int, cache_dir: Path) -> dict:
+    """Median in-loop and end-to-end images/s of extract without and with ``layers="auto"``."""
+    import fxtl
+
+    runs: dict[str, list[dict]] = {"none": [], "auto": []}
+    for _ in range(repeats):
+        for key, layers in (("none", None), ("auto", "auto")):
+            t0 = time.perf_counter()
+            res = fxtl.extract(data, layers=layers, cache_dir=cache_dir, force=True, progress=False)
+            wall = time.perf_counter() - t0
+            runs[key].append({"compute_images_per_second": res.images_per_second,
+                              "end_to_end_images_per_second": res.n / wall, "layers": res.layers})
+    out = {key: {"median_compute_images_per_second": float(np.median(
+                     [r["compute_images_per_second"] for r in rs])),
+                 "median_end_to_end_images_per_second": float(np.median(
+                     [r["end_to_end_images_per_second"] for r in rs])),
+                 "runs": rs} for key, rs in runs.items()}
+    out["auto_over_none_compute"] = (out["auto"]["median_compute_images_per_second"]
+                                     / out["none"]["median_compute_images_per_second"])
+    return out
+
+
 def tutorial_loop(data: Path) -> dict:
     """The PyTorch tutorial's way: ImageFolder + torchvision transforms, fp32, no workers, bs 4."""
     import timm
     from torchvision import datasets, transforms
 
-    from fxtl.backbones.registry import _lite0_file, _map_by_order, _torch_load
+    from fxtl.backbones.registry import get_backbone
+    from fxtl.backbones.weights import map_by_order, package_file, torch_load
 
     t0 = time.perf_counter()
     model = timm.create_model("tf_efficientnet_lite0", pretrained=False)
-    model.load_state_dict(_map_by_order(_torch_load(_lite0_file()), model))
+    model.load_state_dict(map_by_order(torch_load(package_file(get_backbone("lite0"))), model))
     model.reset_classifier(0)
     model.eval()
     tf = transforms.Compose([
@@ -137,6 +166,9 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--data", type=Path, default=DEFAULT_DATA)
     ap.add_argument("--skip-memory", action="store_true")
+    ap.add_argument("--layers-only", action="store_true",
+                    help="time extract without and with layers='auto' only")
+    ap.add_argument("--repeats", type=int, default=3)
     args = ap.parse_args()
     from fxtl.features.extraction import default_batch_size
     from fxtl.runtime import keep_freed_memory, resolve_precision
@@ -145,6 +177,20 @@ def main() -> None:
     # model-only ceiling and the tutorial loop run with the same allocator as fxtl does.
     keep_freed_memory()
 
+    if args.layers_only:
+        with tempfile.TemporaryDirectory() as tmp:
+            res = layers_speed(args.data, args.repeats, Path(tmp))
+        res["machine"] = {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
+                          "threads": torch.get_num_threads(), "torch": torch.__version__,
+                          "precision": resolve_precision("auto", "cpu")}
+        for key in ("none", "auto"):
+            print(f"layers={key:<5} {res[key]['median_compute_images_per_second']:7.1f} img/s in loop, "
+                  f"{res[key]['median_end_to_end_images_per_second']:6.1f} img/s end to end (median of "
+                  f"{args.repeats})")
+        print(f"auto / none (in loop): {res['auto_over_none_compute']:.3f}  (target >= 0.90)")
+        (HERE / "results").mkdir(exist_ok=True)
+        (HERE / "results" / "extract_layers_speed.json").write_text(json.dumps(res, indent=2) + "\n")
+        return
     prec = resolve_precision("auto", "cpu")
     bs = default_batch_size("cpu", prec)
     out: dict = {"machine": {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),

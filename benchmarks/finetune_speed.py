@@ -46,11 +46,12 @@ def tutorial_epochs(data: Path, epochs: int, batch_size: int, seed: int) -> list
     import torch.nn as nn
     from torchvision import datasets, transforms
 
-    from fxtl.backbones.registry import _lite0_file, _map_by_order, _torch_load
+    from fxtl.backbones.registry import get_backbone
+    from fxtl.backbones.weights import map_by_order, package_file, torch_load
 
     torch.manual_seed(seed)
     model = timm.create_model("tf_efficientnet_lite0", pretrained=False)
-    model.load_state_dict(_map_by_order(_torch_load(_lite0_file()), model))
+    model.load_state_dict(map_by_order(torch_load(package_file(get_backbone("lite0"))), model))
     model.classifier = nn.Linear(model.classifier.in_features, 2)
     tf = transforms.Compose([transforms.RandomResizedCrop(224), transforms.RandomHorizontalFlip(),
                              transforms.ToTensor(), transforms.Normalize([0.5] * 3, [0.5] * 3)])

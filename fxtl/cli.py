@@ -342,6 +342,9 @@ def _parse_shard_option(ctx, param, value):
 @click.option("--backbone", "-b", default="lite0", show_default=True, callback=_backbone_value,
               help="Registry name, torchvision name, timm:<name>, ARCH=PATH, or a finetune run folder.")
 @click.option("--layer", default=None, help="Pool this intermediate layer instead of the penultimate features.")
+@click.option("--layers", default=None, metavar="auto|NAME,NAME",
+              help="Also store these layers' average-pooled outputs (one pass): 'auto' = the "
+                   "backbone's later stages, or module names (`fxtl backbones --layers NAME`).")
 @device_options
 @click.option("--batch-size", type=click.IntRange(min=1), default=None,
               help="Images per forward pass [default: 128 on CUDA; on CPU 16 at bf16, 4 at fp32].")
@@ -356,8 +359,8 @@ def _parse_shard_option(ctx, param, value):
 @cache_dir_option
 @json_option
 @handle_errors
-def extract(data_dir, backbone, layer, device, precision, batch_size, workers, output, force, shard,
-            cache_dir, as_json):
+def extract(data_dir, backbone, layer, layers, device, precision, batch_size, workers, output, force,
+            shard, cache_dir, as_json):
     """Run a frozen backbone over DATA_DIR once and cache the features (HDF5).
 
     DATA_DIR holds class folders, or split folders (train, val, test) of class folders, or is
@@ -372,7 +375,8 @@ def extract(data_dir, backbone, layer, device, precision, batch_size, workers, o
     from .features.extraction import extract as run_extract
 
     _prepare_compute_process()
-    res = run_extract(data_dir, backbone=backbone, layer=layer, precision=precision, device=device,
+    res = run_extract(data_dir, backbone=backbone, layer=layer, layers=layers, precision=precision,
+                      device=device,
                       batch_size=batch_size, workers=workers, cache_dir=resolve_cache_dir(cache_dir),
                       output=output, force=force, shard=shard, progress=show_progress())
     if res.rank != 0:  # under torchrun only rank 0 reports, so stdout holds one result
@@ -391,6 +395,8 @@ def extract(data_dir, backbone, layer, device, precision, batch_size, workers, o
             how += f", {d['world_size']} processes"
         lines = [f"{d['cache']}", f"  {d['n']} images x {d['dim']} features ({splits}); "
                  f"{len(d['errors'])} skipped; {d['seconds']:.1f} s, {how}"]
+        if d["layers"]:
+            lines.append("  layers: " + ", ".join(f"{k} ({v})" for k, v in d["layers"].items()))
         return "\n".join(lines)
 
     emit(res.to_dict(), as_json, human)
@@ -437,10 +443,11 @@ def merge(shards, output, keep_shards, force, as_json):
 @handle_errors
 def info(cache, as_json):
     """Print a cache's provenance, shape, splits and skipped images."""
-    from .features.store import load_features
+    from .features.store import load_features, summarize
 
     fc = load_features(cache)
     d = {"cache": str(cache), "n": fc.n, "dim": fc.dim, "splits": fc.splits,
+         "layer_dims": summarize(cache)["layers"],
          "class_names": fc.class_names,
          "class_counts": {c: int((fc.labels == i).sum()) for i, c in enumerate(fc.class_names)},
          "errors": [{"path": p, "reason": r} for p, r in fc.errors],
@@ -454,6 +461,8 @@ def info(cache, as_json):
                  "  splits         " + ", ".join(f"{k} {v}" for k, v in d["splits"].items()),
                  "  classes        " + ", ".join(f"{c} ({n})" for c, n in d["class_counts"].items()),
                  f"  backbone       {d.get('backbone')}  layer {d.get('layer')}  precision {d.get('precision')}",
+                 *([f"  layers         " + ", ".join(f"{k} ({v})" for k, v in d["layer_dims"].items())]
+                   if d["layer_dims"] else []),
                  f"  weights sha256 {d.get('weights_sha256')}",
                  f"  preprocessing  resize {pre.get('resize')} ({pre.get('interpolation')}), crop {pre.get('crop')}, "
                  f"mean {pre.get('mean')}, std {pre.get('std')}",

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from fxtl.backbones import registry
+from fxtl.backbones import registry, weights
 from fxtl.backbones.registry import (BackboneSpec, get_backbone, list_backbones, load_backbone,
                                      parse_backbone_name, register_backbone, weights_identity)
 from fxtl.errors import BackboneError, ProvenanceError
@@ -45,13 +45,13 @@ def test_lite0_weights_hash_is_pinned_and_checked(monkeypatch, tmp_path):
     spec = get_backbone("lite0")
     from fxtl._util import sha256_file
 
-    assert sha256_file(registry._lite0_file()) == spec.meta["weights_sha256"]
+    assert sha256_file(weights.package_file(spec)) == spec.meta["weights_sha256"]
     assert weights_identity(spec).weights_sha256 == spec.meta["weights_sha256"]
     altered = tmp_path / "lite0.pth"
-    data = bytearray(registry._lite0_file().read_bytes())
+    data = bytearray(weights.package_file(spec).read_bytes())
     data[len(data) // 2] ^= 0xFF
     altered.write_bytes(bytes(data))
-    monkeypatch.setattr(registry, "_lite0_file", lambda: altered)
+    monkeypatch.setattr(weights, "package_file", lambda spec: altered)
     with pytest.raises(ProvenanceError, match="pins 579344248a93"):
         load_backbone("lite0")
 
@@ -110,9 +110,7 @@ def test_intermediate_layer_is_pooled():
 
 
 def test_offline_download_fails_with_one_line(monkeypatch, tmp_path):
-    import fxtl.backbones.registry as B
-
-    monkeypatch.setattr(B, "_online", lambda *a, **k: False)
+    monkeypatch.setattr(weights, "online", lambda *a, **k: False)
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
     with pytest.raises(BackboneError) as exc:
         load_backbone("resnet18")
@@ -122,10 +120,8 @@ def test_offline_download_fails_with_one_line(monkeypatch, tmp_path):
 
 
 def test_offline_timm_fails_with_one_line(monkeypatch):
-    import fxtl.backbones.registry as B
-
-    monkeypatch.setattr(B, "_online", lambda *a, **k: False)
-    monkeypatch.setattr(B, "_timm_cached_file", lambda spec: None)
+    monkeypatch.setattr(weights, "online", lambda *a, **k: False)
+    monkeypatch.setattr(weights, "timm_cached_file", lambda spec: None)
     with pytest.raises(BackboneError, match="no network") as exc:
         load_backbone("timm:resnet18.a1_in1k")
     assert "\n" not in str(exc.value)
@@ -141,3 +137,34 @@ def test_local_weights_file_for_torchvision_arch(tmp_path):
     bb = load_backbone(f"resnet18={w}")
     assert bb.feature_dim == 512 and bb.preprocessing.crop == 224
     assert torch.equal(bb.model.fc.weight, model.fc.weight)
+
+
+def test_naming_and_finding_weights_do_not_import_torch():
+    """The registry, specs, weights sources and builders load without torch (a cache hit needs
+    none of it); the network class is a plain module-level class where torch is imported."""
+    import subprocess
+    import sys
+
+    code = ("import sys\n"
+            "import fxtl.backbones.registry as r, fxtl.backbones.building, fxtl.backbones.weights\n"
+            "spec = r.get_backbone('lite2')\n"
+            "assert r.weights_identity(spec).preprocessing.crop == 260\n"
+            "print('torch' in sys.modules)\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.strip() == "False"
+    from fxtl.backbones.network import Backbone
+
+    assert Backbone.__qualname__ == "Backbone" and Backbone.__module__ == "fxtl.backbones.network"
+    assert not hasattr(registry, "Backbone") and not hasattr(registry, "_lite0_file")
+
+
+def test_auto_layers_are_the_later_stages(lite0):
+    """lite0's stages at stride 8 and beyond; a ResNet leaves out layer4 (the penultimate
+    features pool it already)."""
+    import torchvision
+
+    from fxtl.backbones.network import auto_layers
+
+    assert auto_layers(lite0.model, size=224) == [f"blocks.{i}" for i in range(2, 7)]
+    assert auto_layers(torchvision.models.resnet18(), size=224) == ["layer2", "layer3"]

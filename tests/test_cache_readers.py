@@ -61,7 +61,7 @@ def awkward_cache(tmp_path_factory, tiny) -> tuple[Path, Path]:
 def test_extract_keeps_names_that_are_not_utf8(awkward_cache):
     cache, data = awkward_cache
     fc = load_features(cache)
-    assert fc.attrs["format_version"] == FORMAT_VERSION == 2
+    assert fc.attrs["format_version"] == FORMAT_VERSION == 3
     names = {os.fsencode(p).rsplit(b"/", 1)[-1] for p in fc.paths}
     assert {BAD_NAME, ODD_NAME} <= names
     for p in fc.paths:  # every stored path opens its image, byte for byte

@@ -109,7 +109,8 @@ def test_predict_with_a_finetuned_run_folder(tmp_path, shapes_dir):
     """A folder with fxtl-model.json predicts with its own classifier (softmax of its logits)."""
     import torch
 
-    from fxtl.backbones.registry import replace_linear, load_backbone
+    from fxtl.backbones.building import replace_linear
+    from fxtl.backbones.registry import load_backbone
 
     bb = load_backbone("lite0")
     replace_linear(bb.model, bb.classifier_name, 2)

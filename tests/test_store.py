@@ -164,7 +164,7 @@ def test_version_2_storage_types(tmp_path):
             assert ds.attrs["_Encoding"] == "utf-8"
         assert f["paths"].dtype.itemsize == len("img0.jpg")  # sized to the longest value
         assert f.attrs["complete"].dtype == np.uint8 and f.attrs["flag"].dtype == np.uint8
-        assert f.attrs["format_version"] == 2
+        assert f.attrs["format_version"] == 3
         assert "escaped" not in f.attrs
     assert load_features(p).attrs["data_fingerprint"] == "ab" * 32
 

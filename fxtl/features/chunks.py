@@ -21,11 +21,14 @@ from .. import __version__
 from .._util import atomic_path, atomic_write_json, ensure_dir, now_iso, say, versions
 from ..data.discovery import fingerprint
 from ..errors import FxtlError
-from .embedding import embed_paths
+from .embedding import embed_layers, embed_paths
 from .job import ExtractJob
 from .store import write_cache
 
 __all__ = ["Computed", "compute_rows", "chunk_errors", "write_rows", "save_chunk", "file_too_large"]
+
+# Chunk-file key prefix of a further layer's rows (``layer__blocks.4``).
+_LAYER_KEY = "layer__"
 
 
 def file_too_large(exc: BaseException) -> bool:
@@ -105,14 +108,18 @@ def compute_rows(job: ExtractJob, parts: Path, lo: int, hi: int, *, label: str,
         a, b = lo + start_chunk * chunk_rows, lo + min(n, stop_chunk * chunk_rows)
         paths = [str(images.abspath(s)) for s in images.samples[a:b]]
         buf_f: list[np.ndarray] = []
+        buf_l: list[dict[str, np.ndarray]] = []
         buf_err: list[tuple[int, str]] = []
         k = start_chunk
         filled = 0
-        for idx, feats, _, bad in embed_paths(model, paths, device=job.device,
-                                               precision=job.precision, batch_size=batch_size,
-                                               workers=job.workers, progress=job.progress,
-                                               desc=desc):
+        # With layers, one pass gives the features and every layer (embed_layers).
+        embed = embed_layers if job.layers else embed_paths
+        for idx, feats, extra, bad in embed(model, paths, device=job.device,
+                                            precision=job.precision, batch_size=batch_size,
+                                            workers=job.workers, progress=job.progress, desc=desc):
             buf_f.append(feats)
+            if job.layers:
+                buf_l.append(extra)
             buf_err.extend((a - lo + i, reason) for i, reason in bad)
             filled += len(idx)
             computed += len(idx)
@@ -120,8 +127,10 @@ def compute_rows(job: ExtractJob, parts: Path, lo: int, hi: int, *, label: str,
                 say(f"fxtl: skipped {images.samples[a + i].path}: {reason}")
             rows_this_chunk = min(chunk_rows, n - k * chunk_rows)
             if filled == rows_this_chunk:
-                save_chunk(parts, k, np.concatenate(buf_f), buf_err)
-                buf_f, buf_err, filled, k = [], [], 0, k + 1
+                layers = {name: np.concatenate([b[name] for b in buf_l]) for name in
+                          (buf_l[0] if buf_l else {})}
+                save_chunk(parts, k, np.concatenate(buf_f), buf_err, layers=layers)
+                buf_f, buf_l, buf_err, filled, k = [], [], [], 0, k + 1
         if filled:
             raise FxtlError("internal: extraction ended inside a chunk")
     return Computed(parts=parts, lo=lo, hi=hi, chunk_rows=chunk_rows, batch_size=batch_size,
@@ -138,11 +147,13 @@ def chunk_errors(comp: Computed) -> dict[int, str]:
     return errors
 
 
-def _kept_features(comp: Computed, errors: dict[int, str]) -> Iterator[np.ndarray]:
-    """The feature rows of the usable images, one chunk at a time (memory independent of n)."""
+def _kept_features(comp: Computed, errors: dict[int, str],
+                   key: str = "features") -> Iterator[np.ndarray]:
+    """The rows of array ``key`` (the features, or a layer's) of the usable images, one chunk at
+    a time (memory independent of n)."""
     for k in range(comp.n_chunks):
         with np.load(comp.chunk_file(k)) as z:
-            feats = z["features"]
+            feats = z[key]
         base = comp.lo + k * comp.chunk_rows
         keep = [i - base for i in range(base, base + len(feats)) if i not in errors]
         yield feats[keep]
@@ -169,13 +180,16 @@ def write_rows(job: ExtractJob, target: Path, comp: Computed, errors: dict[int, 
     timings = {"compute_seconds": round(comp.compute_seconds, 3), "images_computed": comp.computed,
                "batch_size": comp.batch_size}
     attrs = {**_attrs_for(job, timings), **(extra_attrs or {})}
+    bb = job.backbone_model()
+    layers = {name: (bb.layer_dims[name], _kept_features(comp, errors, _LAYER_KEY + name))
+              for name in (bb.extra_layers if job.layers else ())}
     try:
         write_cache(target, chunks=_kept_features(comp, errors), n=len(samples),
-                    dim=job.backbone_model().feature_dim, labels=[s.label for s in samples],
+                    dim=bb.feature_dim, labels=[s.label for s in samples],
                     paths=[s.path for s in samples], split=[s.split for s in samples],
                     class_names=images.class_names,
                     errors=[(images.samples[i].path, r) for i, r in sorted(errors.items())],
-                    attrs=attrs)
+                    attrs=attrs, layers=layers)
     except (OSError, RuntimeError) as exc:
         if file_too_large(exc):
             raise too_large_error(target) from None
@@ -211,15 +225,18 @@ def _chunk_ok(parts: Path, k: int) -> bool:
         return False
 
 
-def save_chunk(parts: Path, k: int, feats: np.ndarray, errors: list[tuple[int, str]]) -> None:
-    """Chunk ``k`` of a ``.parts/`` folder, written atomically (it exists whole or not at all)."""
+def save_chunk(parts: Path, k: int, feats: np.ndarray, errors: list[tuple[int, str]], *,
+               layers: dict[str, np.ndarray] | None = None) -> None:
+    """Chunk ``k`` of a ``.parts/`` folder, written atomically (it exists whole or not at all);
+    ``layers``: the same rows of further layers."""
     final = parts / f"chunk-{k:06d}.npz"
+    arrays = {_LAYER_KEY + name: v.astype(np.float32) for name, v in (layers or {}).items()}
     try:
         with atomic_path(final, suffix=".tmp") as tmp:
             with open(tmp, "wb") as fh:
                 np.savez(fh, features=feats.astype(np.float32),
                          err_index=np.array([i for i, _ in errors], dtype=np.int64),
-                         err_reason=np.array([r for _, r in errors], dtype=str))
+                         err_reason=np.array([r for _, r in errors], dtype=str), **arrays)
     except OSError as exc:
         if file_too_large(exc):
             raise too_large_error(final) from None

@@ -18,10 +18,10 @@ from ..data.discovery import ImageDataset
 from ..data.images import collate_images
 from ..runtime import autocast, default_workers, resolve_device, resolve_precision
 
-if TYPE_CHECKING:  # the class is built lazily (importing it imports torch)
-    from ..backbones.registry import Backbone
+if TYPE_CHECKING:  # importing the class imports torch
+    from ..backbones.network import Backbone
 
-__all__ = ["embed_paths", "default_batch_size", "default_workers", "ThreadedBatches"]
+__all__ = ["embed_paths", "embed_layers", "default_batch_size", "default_workers", "ThreadedBatches"]
 
 
 def default_batch_size(device: str, precision: str = "bf16") -> int:
@@ -78,6 +78,35 @@ def embed_paths(backbone: Backbone, paths: Sequence[str | Path], *, device: str 
     ``(index, reason)`` for images that could not be decoded (their feature rows are garbage
     and must be dropped by the caller). Used by ``extract`` and ``predict``.
     """
+    def step(bb, x):
+        if with_logits:
+            feats, logits = bb.forward_with_logits(x)
+            return feats, logits.float().cpu().numpy()
+        return bb(x), None
+
+    yield from _batches(backbone, paths, step, device=device, precision=precision,
+                        batch_size=batch_size, workers=workers, progress=progress, desc=desc)
+
+
+def embed_layers(backbone: Backbone, paths: Sequence[str | Path], *, device: str = "auto",
+                 precision: str = "auto", batch_size: int | None = None,
+                 workers: int | None = None, progress: bool = False,
+                 desc: str = "embed") -> Iterator[tuple[np.ndarray, np.ndarray,
+                                                        dict[str, np.ndarray], list[tuple[int, str]]]]:
+    """As :func:`embed_paths`, with the pooled outputs of ``backbone.extra_layers`` from the
+    same forward pass: yields ``(indices, features, {layer: float32 [B, D_layer]}, errors)``."""
+    def step(bb, x):
+        feats, layers = bb.forward_layers(x)
+        return feats, {name: v.float().cpu().numpy() for name, v in layers.items()}
+
+    yield from _batches(backbone, paths, step, device=device, precision=precision,
+                        batch_size=batch_size, workers=workers, progress=progress, desc=desc)
+
+
+def _batches(backbone: Backbone, paths: Sequence[str | Path], step, *, device: str,
+             precision: str, batch_size: int | None, workers: int | None, progress: bool,
+             desc: str):
+    """Decode ``paths`` in batches and run ``step(backbone, x) -> (features, extra)`` on each."""
     import torch
 
     device = resolve_device(device)
@@ -93,14 +122,10 @@ def embed_paths(backbone: Backbone, paths: Sequence[str | Path], *, device: str 
         with torch.inference_mode(), autocast(device, precision):
             for x, idx, errs in loader:
                 x = x.to(device, non_blocking=True).contiguous(memory_format=torch.channels_last)
-                if with_logits:
-                    feats, logits = backbone.forward_with_logits(x)
-                    logits = logits.float().cpu().numpy()
-                else:
-                    feats, logits = backbone(x), None
+                feats, extra = step(backbone, x)
                 bad = [(int(i), e) for i, e in zip(idx.tolist(), errs) if e]
                 bar.update(len(idx))
-                yield idx.numpy(), feats.float().cpu().numpy(), logits, bad
+                yield idx.numpy(), feats.float().cpu().numpy(), extra, bad
     finally:
         bar.close()
 

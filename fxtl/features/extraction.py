@@ -11,11 +11,12 @@ from __future__ import annotations
 import shutil
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 from ..backbones.folding import INFERENCE_GRAPH
 from ..backbones.registry import (DEFAULT_BACKBONE, WeightsIdentity, load_backbone,
                                   parse_backbone_name, weights_identity)
+from ..backbones.spec import AUTO_LAYERS
 from .._util import default_cache_dir, slug
 from ..data.discovery import ImageSet, discover, fingerprint
 from ..distributed import place_rank, torchrun_env
@@ -29,7 +30,7 @@ from .store import FORMAT_VERSION, read_attrs
 from .torchrun import extract_torchrun
 
 __all__ = ["extract", "merge_shards", "ExtractResult", "embed_paths", "cache_path_for",
-           "cache_fingerprint", "default_batch_size", "default_workers", "SHARD_FORMAT"]
+           "cache_fingerprint", "parse_layers", "default_batch_size", "default_workers", "SHARD_FORMAT"]
 
 
 def cache_path_for(images: ImageSet, backbone: str, fp: str, cache_dir: Path) -> Path:
@@ -38,18 +39,51 @@ def cache_path_for(images: ImageSet, backbone: str, fp: str, cache_dir: Path) ->
 
 
 def cache_fingerprint(images: ImageSet, *, backbone: str, identity: WeightsIdentity, layer: str,
-                      precision: str) -> str:
+                      precision: str, layers: Sequence[str] = ()) -> str:
     """What a cache's features depend on: the files, the weights, the preprocessing, the layer,
-    the precision, the inference-graph recipe and the format version (none needs a network)."""
+    the precision, the inference-graph recipe, the format version and the further layers asked
+    for (``auto`` as the recipe that picks them); none needs a network."""
+    parts: dict[str, Any] = {}
+    if layers:  # absent when none, so a cache of the features alone keeps its key
+        parts["layers"] = [AUTO_LAYERS if name == "auto" else name for name in layers]
     return fingerprint(images, backbone=backbone, weights_sha256=identity.weights_sha256,
                        preprocessing=identity.preprocessing.to_dict(), layer=layer,
-                       precision=precision, graph=INFERENCE_GRAPH, format_version=FORMAT_VERSION)
+                       precision=precision, graph=INFERENCE_GRAPH, format_version=FORMAT_VERSION,
+                       **parts)
+
+
+def parse_layers(layers: str | Sequence[str] | None) -> tuple[str, ...]:
+    """``"auto"``, ``"blocks.4,blocks.5"`` or a sequence of module names -> a tuple without
+    duplicates; the penultimate features (``pooled``, ``penultimate``) are always stored, so
+    they are dropped here.
+
+    Examples
+    --------
+    >>> parse_layers("blocks.4, blocks.5,blocks.4,pooled")
+    ('blocks.4', 'blocks.5')
+    >>> parse_layers("auto"), parse_layers(None)
+    (('auto',), ())
+    """
+    if layers is None:
+        return ()
+    names = layers.split(",") if isinstance(layers, str) else list(layers)
+    if not all(isinstance(v, str) for v in names):
+        raise ParameterError("layers", f"layers must be 'auto' or module names, got {layers!r}")
+    out: list[str] = []
+    for name in (v.strip() for v in names):
+        if name and name not in out and name not in ("pooled", "penultimate"):
+            out.append(name)
+    if "auto" in out and len(out) > 1:
+        raise ParameterError("layers", "layers='auto' picks the layers itself; pass 'auto' alone "
+                             "or a list of module names")
+    return tuple(out)
 
 
 def extract(data: str | Path, *, backbone: str = DEFAULT_BACKBONE, layer: str | None = None,
-            precision: str = "auto", device: str = "auto", batch_size: int | None = None,
-            workers: int | None = None, cache_dir: str | Path | None = None,
-            output: str | Path | None = None, chunk_batches: int = 8, progress: bool = True,
+            layers: str | Sequence[str] | None = None, precision: str = "auto",
+            device: str = "auto", batch_size: int | None = None, workers: int | None = None,
+            cache_dir: str | Path | None = None, output: str | Path | None = None,
+            chunk_batches: int = 8, progress: bool = True,
             force: bool = False, shard: tuple[int, int] | None = None,
             distributed: bool | None = None) -> ExtractResult:
     """Extract features of every image under ``data`` into an HDF5 cache (or reuse one).
@@ -61,6 +95,11 @@ def extract(data: str | Path, *, backbone: str = DEFAULT_BACKBONE, layer: str | 
         Backbone name (see ``fxtl backbones``); default ``lite0`` (offline).
     layer : str, optional
         Intermediate layer to pool instead of the penultimate features.
+    layers : "auto", str or sequence of str, optional
+        Further layers whose average-pooled outputs are stored beside the features, from the same
+        forward pass, each as ``/layers/<name>`` (``FeatureCache.layer(name)``): ``"auto"`` picks
+        the backbone's later stages (``blocks.2`` ... ``blocks.6`` for lite0), or module names
+        (a list, or one comma-separated string; ``fxtl backbones --layers NAME`` lists them).
     precision : {"auto", "fp32", "bf16", "fp16"}
     device : {"auto", "cpu", "cuda"}
     batch_size : int, optional
@@ -114,6 +153,10 @@ def extract(data: str | Path, *, backbone: str = DEFAULT_BACKBONE, layer: str | 
                              "by torchrun (WORLD_SIZE unset or 1); launch with `torchrun -m fxtl extract`")
     if shard is not None:
         shard = _check_shard(shard, torchrun=env is not None)
+    layers = parse_layers(layers)
+    if layers and (shard is not None or env is not None):
+        raise ParameterError("layers", "layers cannot be combined with shard or torchrun yet "
+                             "(merging keeps only the features); extract in one process")
     images = discover(data)
     device = resolve_device(device)
     rank_workers = None
@@ -124,16 +167,16 @@ def extract(data: str | Path, *, backbone: str = DEFAULT_BACKBONE, layer: str | 
     identity = weights_identity(spec)
     built = None
     if identity is None:  # only a built network knows its weights (hub weights...)
-        built = load_backbone(backbone, layer=layer, inference=True)
+        built = load_backbone(backbone, layer=layer, layers=layers, inference=True)
         identity = WeightsIdentity(built.weights_sha256, built.preprocessing)
     layer_name = layer or "pooled"
     fp = cache_fingerprint(images, backbone=spec.name, identity=identity, layer=layer_name,
-                           precision=precision)
+                           precision=precision, layers=layers)
     path = Path(output) if output else cache_path_for(
         images, spec.name, fp, Path(cache_dir) if cache_dir else default_cache_dir())
 
     def build():
-        bb = built or load_backbone(backbone, layer=layer, inference=True)
+        bb = built or load_backbone(backbone, layer=layer, layers=layers, inference=True)
         if bb.weights_sha256 != identity.weights_sha256:
             raise ProvenanceError(f"the weights of {spec.name} changed while extracting "
                                   f"(sha256 {bb.weights_sha256[:12]}, expected "
@@ -146,7 +189,7 @@ def extract(data: str | Path, *, backbone: str = DEFAULT_BACKBONE, layer: str | 
                      device=device, precision=precision,
                      batch_size=batch_size or default_batch_size(device, precision),
                      workers=workers, chunk_batches=chunk_batches, progress=progress, t0=t0,
-                     build=build, bb=built)
+                     build=build, bb=built, layers=layers)
 
     def hit() -> ExtractResult | None:
         return cache_hit(path, fp, t0)
@@ -220,4 +263,6 @@ def _extract_locked(job: ExtractJob) -> ExtractResult:
                                for i, r in sorted(errors.items())],
                        t0=job.t0, cache_hit=False, class_names=images.class_names,
                        computed=comp.computed, compute_seconds=comp.compute_seconds,
-                       resumed_rows=comp.resumed_rows)
+                       resumed_rows=comp.resumed_rows,
+                       layers={n: job.backbone_model().layer_dims[n]
+                               for n in (job.backbone_model().extra_layers if job.layers else ())})

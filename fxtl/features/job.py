@@ -14,7 +14,7 @@ from ..errors import CacheError
 from .store import read_attrs, summarize
 
 if TYPE_CHECKING:
-    from ..backbones.registry import Backbone
+    from ..backbones.network import Backbone
 
 __all__ = ["ExtractResult", "ExtractJob", "make_result", "cache_hit", "reuse_or_compute",
            "count_splits", "rate"]
@@ -39,6 +39,8 @@ class ExtractResult:
     device: str = ""
     fingerprint: str = ""
     class_names: list[str] = field(default_factory=list)
+    # further layers stored beside the features: name -> width (``extract(layers=)``)
+    layers: dict[str, int] = field(default_factory=dict)
     # Scale-out: how many shards the cache is (or will be) assembled from; for a ``--shard I/N``
     # call, which shard and its file (n, splits and errors then describe that shard only); per
     # shard: index, rows, images_computed, compute_seconds (and reused, under torchrun).
@@ -84,6 +86,8 @@ class ExtractJob:
     t0: float
     build: Callable[[], "Backbone"] | None = None
     bb: Any = None
+    # further layers to store, as asked (module names, or ("auto",)); () for the features only
+    layers: tuple[str, ...] = ()
 
     @property
     def device_kind(self) -> str:
@@ -110,7 +114,8 @@ def rate(images: int, seconds: float) -> float:
 def make_result(*, cache: Path, attrs: dict[str, Any], n: int, dim: int, split: Sequence[str] | None = None,
                 splits: dict[str, int] | None = None, errors: Sequence[dict[str, str]] = (),
                 t0: float, cache_hit: bool, class_names: Sequence[str], computed: int = 0,
-                compute_seconds: float = 0.0, **extra: Any) -> ExtractResult:
+                compute_seconds: float = 0.0, layers: dict[str, int] | None = None,
+                **extra: Any) -> ExtractResult:
     """The one place an :class:`ExtractResult` is made: from a cache's (or shard's) attributes
     plus what this call did; ``extra`` sets the scale-out fields."""
     return ExtractResult(
@@ -121,7 +126,7 @@ def make_result(*, cache: Path, attrs: dict[str, Any], n: int, dim: int, split: 
         backbone=str(attrs.get("backbone", "")), layer=str(attrs.get("layer", "")),
         precision=str(attrs.get("precision", "")), device=str(attrs.get("device", "")),
         fingerprint=str(attrs.get("fingerprint", "")), class_names=[str(c) for c in class_names],
-        **extra)
+        layers=dict(layers or {}), **extra)
 
 
 def cache_hit(path: Path, fp: str, t0: float, **overrides: Any) -> ExtractResult | None:
@@ -138,7 +143,7 @@ def cache_hit(path: Path, fp: str, t0: float, **overrides: Any) -> ExtractResult
     attrs = {**s["attrs"], **overrides}
     return make_result(cache=path, attrs=attrs, n=s["n"], dim=s["dim"], splits=s["splits"],
                        errors=s["errors"], t0=t0, cache_hit=True, class_names=s["class_names"],
-                       shards=int(s["attrs"].get("shards", 1) or 1))
+                       shards=int(s["attrs"].get("shards", 1) or 1), layers=s.get("layers"))
 
 
 def reuse_or_compute(target: Path, *, hit: Callable[[], ExtractResult | None],

@@ -9,15 +9,19 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-__all__ = ["FORMAT", "FORMAT_VERSION", "READABLE_VERSIONS", "SPLITS",
+__all__ = ["FORMAT", "FORMAT_VERSION", "READABLE_VERSIONS", "SPLITS", "LAYERS_GROUP", "LAYER_POOLING",
            "REQUIRED_ATTRS", "JSON_ATTRS", "STRING_ATTRS", "PROVENANCE_KEYS", "ROW_DATASETS",
            "Element", "ELEMENTS", "element", "CHUNK_BYTES", "MAX_EXPANSION", "EXPANSION_SLACK_BYTES", "PROBE_READ_ALL_BYTES"]
 
 FORMAT = "fxtl-features"
-FORMAT_VERSION = 2
+FORMAT_VERSION = 3
 # Every version fxtl reads (docs/cache-format.md, "Versioning").
-READABLE_VERSIONS = (1, 2)
+READABLE_VERSIONS = (1, 2, 3)
 SPLITS = ("train", "val", "test")
+# The group holding further layers' features, one [N, D_layer] dataset per layer, and how each
+# was reduced to one vector per image (docs/cache-format.md, "Layers").
+LAYERS_GROUP = "layers"
+LAYER_POOLING = "global-average"
 
 # Root attributes every cache carries (docs/cache-format.md, "Root attributes").
 REQUIRED_ATTRS = ("format", "format_version", "class_names", "backbone", "weights_sha256",
@@ -28,7 +32,7 @@ JSON_ATTRS = ("preprocessing", "versions", "timings")
 # Required attributes that are one string each.
 STRING_ATTRS = ("backbone", "weights_sha256", "precision", "layer", "fingerprint")
 # What an artifact made from a cache records about where its features came from.
-PROVENANCE_KEYS = ("backbone", "weights_sha256", "preprocessing", "precision", "layer", "graph",
+PROVENANCE_KEYS = ("backbone", "weights_sha256", "preprocessing", "precision", "layer", "layers", "graph",
                    "fingerprint", "data_fingerprint", "fxtl_version", "versions", "dataset_root",
                    "created")
 # Datasets with one row per image, in this order.
@@ -45,7 +49,7 @@ class Element:
     required: bool = True
 
 
-# Every element a version-2 writer stamps (docs/cache-format.md, "Datasets").
+# Every element a version-3 writer stamps (docs/cache-format.md, "Datasets", "Layers").
 ELEMENTS = (
     Element("/features", "dense-array", "1"),
     Element("/labels", "dense-array", "1"),
@@ -54,12 +58,17 @@ ELEMENTS = (
     Element("/errors", "errors-table", "2", required=False),
     Element("/errors/path", "string-array", "2", required=False),
     Element("/errors/reason", "string-array", "2", required=False),
+    Element("/layers", "layer-set", "1", required=False),
+    Element("/layers/<name>", "dense-array", "1", required=False),  # one per layer
 )
 _BY_PATH = {e.path: e for e in ELEMENTS}
 
 
 def element(path: str) -> Element:
-    """The registry's entry for the element at ``path`` (``"/features"``); KeyError if none."""
+    """The registry's entry for the element at ``path`` (``"/features"``, ``"/layers/blocks.4"``);
+    KeyError if none."""
+    if path.startswith("/layers/"):
+        return _BY_PATH["/layers/<name>"]
     return _BY_PATH[path]
 
 # Rows per HDF5 chunk of /features are chosen so that one chunk is about 1 MiB.

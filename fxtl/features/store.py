@@ -15,7 +15,7 @@ import shutil
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Iterator, Sequence
+from typing import Any, Iterable, Iterator, Mapping, Sequence
 
 import h5py
 import numpy as np
@@ -27,13 +27,14 @@ from .cache_check import check_cache, check_file
 from .cache_guard import guard_cache, remember_written
 from .cache_text import (ESCAPED_ATTR, cache_attrs, decode_attr, encode_text, fixed_utf8,
                          read_strings)
-from .spec import (CHUNK_BYTES, FORMAT, FORMAT_VERSION, JSON_ATTRS, PROVENANCE_KEYS,
-                   READABLE_VERSIONS, REQUIRED_ATTRS, SPLITS, element)
+from .spec import (CHUNK_BYTES, FORMAT, FORMAT_VERSION, JSON_ATTRS, LAYER_POOLING, LAYERS_GROUP,
+                   PROVENANCE_KEYS, READABLE_VERSIONS, REQUIRED_ATTRS, SPLITS, element)
 
 __all__ = ["FORMAT", "FORMAT_VERSION", "READABLE_VERSIONS", "REQUIRED_ATTRS", "PROVENANCE_KEYS",
            "FeatureCache", "load_features", "write_cache", "open_cache", "read_attrs",
            "cache_attrs", "decode_attr", "iter_feature_chunks", "summarize", "read_errors",
-           "read_strings", "provenance", "nonfinite_message", "reading_cache", "SPLITS"]
+           "read_strings", "provenance", "nonfinite_message", "reading_cache", "SPLITS",
+           "read_layer"]
 
 # Errors a file system gives when it cannot take more bytes (full disk, quota, size limit).
 _NO_SPACE_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
@@ -51,14 +52,16 @@ def _stamp(obj) -> None:
 def write_cache(path: Path, *, chunks: Iterable[np.ndarray], n: int, dim: int,
                 labels: Sequence[int], paths: Sequence[str], split: Sequence[str],
                 class_names: Sequence[str], errors: Sequence[tuple[str, str]],
-                attrs: dict[str, Any]) -> Path:
-    """Write a complete cache (format version 2) at ``path`` atomically.
+                attrs: dict[str, Any],
+                layers: Mapping[str, tuple[int, Iterable[np.ndarray]]] | None = None) -> Path:
+    """Write a complete cache (format version 3) at ``path`` atomically.
 
     ``chunks`` yields float32 arrays whose rows, concatenated, are the ``n`` feature rows in
     order; they are streamed to disk, so memory does not grow with ``n``. The file first exists
     as a temporary sibling and replaces ``path`` in one rename when everything is written, so a
     previous cache at ``path`` survives any failure. Strings (paths may hold surrogate escapes
-    from ``os.fsdecode``) are stored as the spec's "Text" section says.
+    from ``os.fsdecode``) are stored as the spec's "Text" section says. ``layers`` maps a layer
+    name to ``(D_layer, chunks)``, streamed like the features into ``/layers/<name>``.
 
     Raises
     ------
@@ -66,7 +69,9 @@ def write_cache(path: Path, *, chunks: Iterable[np.ndarray], n: int, dim: int,
         When the disk is full or the file would exceed a size limit ("no space"), naming ``path``.
     """
     path = Path(path)
-    need = _size_estimate(n=n, dim=dim, paths=paths, split=split, errors=errors)
+    layers = dict(layers or {})
+    need = _size_estimate(n=n, dim=dim + sum(d for d, _ in layers.values()), paths=paths,
+                          split=split, errors=errors)
     _check_space(path, need)
     with atomic_path(path) as tmp:
         try:
@@ -74,7 +79,7 @@ def write_cache(path: Path, *, chunks: Iterable[np.ndarray], n: int, dim: int,
             # here, cleanly, instead of inside libhdf5, which cannot recover from a failed write.
             _reserve(tmp, need)
             _write_file(tmp, chunks=chunks, n=n, dim=dim, labels=labels, paths=paths, split=split,
-                        class_names=class_names, errors=errors, attrs=attrs)
+                        class_names=class_names, errors=errors, attrs=attrs, layers=layers)
         except (OSError, RuntimeError) as exc:
             if _is_no_space(exc):
                 raise CacheError(f"cannot write {path}: no space ({_no_space_reason(exc)}); free "
@@ -127,24 +132,21 @@ def _first_line(exc: BaseException) -> str:
     return ((str(exc).strip().splitlines() or [type(exc).__name__])[0])[:160]
 
 
-def _write_file(tmp: Path, *, chunks, n, dim, labels, paths, split, class_names, errors, attrs) -> None:
-    rows_per_chunk = max(1, min(max(n, 1), CHUNK_BYTES // (4 * max(dim, 1))))
+def _write_file(tmp: Path, *, chunks, n, dim, labels, paths, split, class_names, errors, attrs,
+                layers) -> None:
     escaped: list[str] = []
     f = h5py.File(tmp, "w")
     try:
-        feats = f.create_dataset("features", shape=(n, dim), dtype="<f4",
-                                 chunks=(rows_per_chunk, dim) if n and dim else None)
-        _stamp(feats)
-        row = 0
-        for block in chunks:
-            block = np.asarray(block, dtype=np.float32)
-            if block.ndim != 2 or block.shape[1] != dim:
-                raise CacheError(f"internal: feature block of shape {block.shape}, expected (*, {dim})")
-            if len(block):
-                feats[row:row + len(block)] = block
-            row += len(block)
-        if row != n:
-            raise CacheError(f"internal: wrote {row} feature rows, expected {n}")
+        _stamp(_float_rows(f, "features", chunks, n, dim))
+        if layers:
+            group = f.create_group(LAYERS_GROUP)
+            _stamp(group)
+            group.attrs["names"] = np.array(list(layers), dtype=h5py.string_dtype("utf-8"))
+            for name, (layer_dim, blocks) in layers.items():
+                ds = _float_rows(group, name, blocks, n, layer_dim)
+                _stamp(ds)
+                ds.attrs["pooling"] = LAYER_POOLING
+            attrs = {**attrs, "layers": list(layers)}
         _stamp(f.create_dataset("labels", data=np.asarray(labels, dtype="<i8").reshape(-1)))
         _string_dataset(f, "paths", paths, escaped)
         _string_dataset(f, "split", split, escaped)
@@ -165,6 +167,24 @@ def _write_file(tmp: Path, *, chunks, n, dim, labels, paths, split, class_names,
         f.flush()
     finally:
         f.close()
+
+
+def _float_rows(parent, name: str, blocks: Iterable[np.ndarray], n: int, dim: int):
+    """A float32 [n, dim] dataset chunked by rows (about 1 MiB a chunk), filled from ``blocks``."""
+    rows_per_chunk = max(1, min(max(n, 1), CHUNK_BYTES // (4 * max(dim, 1))))
+    ds = parent.create_dataset(name, shape=(n, dim), dtype="<f4",
+                               chunks=(rows_per_chunk, dim) if n and dim else None)
+    row = 0
+    for block in blocks:
+        block = np.asarray(block, dtype=np.float32)
+        if block.ndim != 2 or block.shape[1] != dim:
+            raise CacheError(f"internal: {name} block of shape {block.shape}, expected (*, {dim})")
+        if len(block):
+            ds[row:row + len(block)] = block
+        row += len(block)
+    if row != n:
+        raise CacheError(f"internal: wrote {row} {name} rows, expected {n}")
+    return ds
 
 
 def _string_dataset(parent, name: str, values: Sequence[str], escaped: list[str]) -> None:
@@ -305,10 +325,24 @@ def summarize(path: Path, *, isolate: bool | None = None) -> dict[str, Any]:
         split = read_strings(f, "split")
         errors = [{"path": p, "reason": r} for p, r in _errors_of(f)]
         n, dim = f["features"].shape
+        layers = _layer_dims(f)
     names, counts = np.unique(np.array(split, dtype=str), return_counts=True)
     return {"n": int(n), "dim": int(dim), "splits": {str(k): int(v) for k, v in zip(names, counts)},
             "errors": errors, "class_names": [str(c) for c in attrs.get("class_names", [])],
-            "attrs": attrs}
+            "attrs": attrs, "layers": layers}
+
+
+def _layer_dims(f) -> dict[str, int]:
+    """Layer name -> width of the ``/layers`` datasets of an open cache (shapes only)."""
+    group = f.get(LAYERS_GROUP)
+    out: dict[str, int] = {}
+    for name in decode_attr(group.attrs.get("names", [])) if group is not None else []:
+        ds = group.get(name)
+        if ds is None or len(getattr(ds, "shape", ())) != 2:
+            raise CacheError(f"{f.filename} is damaged: /{LAYERS_GROUP}/{name} is missing or not "
+                             "[N, D]; re-create it with `fxtl extract`")
+        out[str(name)] = int(ds.shape[1])
+    return out
 
 
 @dataclass
@@ -325,11 +359,15 @@ class FeatureCache:
     class_names : list of str
     attrs : dict -- provenance (backbone, weights_sha256, preprocessing, precision, fingerprint...)
     errors : list of (path, reason) -- images that could not be used
+    layer_names : list of str -- further layers stored beside the features (``extract(layers=)``)
+    layers : dict -- layer name -> float32 array (n, D_layer), read from the file on first use
 
     Examples
     --------
     >>> cache = load_features("cache/hymenoptera-lite0-0123abcd.h5")  # doctest: +SKIP
     >>> X, y = cache.subset("train")                                    # doctest: +SKIP
+    >>> cache.layer_names, cache.layer("blocks.4").shape               # doctest: +SKIP
+    (['blocks.2', 'blocks.3', 'blocks.4', 'blocks.5', 'blocks.6'], (398, 112))
     """
 
     path: Path
@@ -340,6 +378,29 @@ class FeatureCache:
     class_names: list[str]
     attrs: dict[str, Any] = field(default_factory=dict)
     errors: list[tuple[str, str]] = field(default_factory=list)
+    # rows of the file kept here (None: all); a layer read later keeps the same rows
+    kept_rows: np.ndarray | None = field(default=None, repr=False, compare=False)
+    _layers: dict[str, np.ndarray] = field(default_factory=dict, init=False, repr=False,
+                                           compare=False)
+
+    @property
+    def layer_names(self) -> list[str]:
+        names = self.attrs.get("layers") or []
+        return [names] if isinstance(names, str) else [str(v) for v in names]
+
+    def layer(self, name: str) -> np.ndarray:
+        """The pooled features of layer ``name`` (rows as :attr:`features`), read on first use."""
+        if name not in self._layers:
+            if name not in self.layer_names:
+                raise ParameterError("name", f"{self.path} stores no layer {name!r}; it has "
+                                     f"{', '.join(self.layer_names) or 'none'} (extract with layers=)")
+            X = read_layer(self.path, name)
+            self._layers[name] = X if self.kept_rows is None else X[self.kept_rows]
+        return self._layers[name]
+
+    @property
+    def layers(self) -> dict[str, np.ndarray]:
+        return {name: self.layer(name) for name in self.layer_names}
 
     @property
     def n(self) -> int:
@@ -465,7 +526,38 @@ def load_features(path: str | Path, *, nonfinite: str = "raise",
         features, labels, split = features[finite], labels[finite], split[finite]
         paths = [p for p, ok in zip(paths, finite) if ok]
     return FeatureCache(path=path, features=features, labels=labels, paths=paths, split=split,
-                        class_names=class_names, attrs=attrs, errors=errors)
+                        class_names=class_names, attrs=attrs, errors=errors,
+                        kept_rows=None if finite.all() else np.flatnonzero(finite))
+
+
+def read_layer(path: str | Path, name: str, *, isolate: bool | None = None) -> np.ndarray:
+    """The float32 [N, D_layer] features of layer ``name`` (``/layers/<name>``) of a cache;
+    ``isolate`` as in :func:`load_features`.
+
+    Raises
+    ------
+    CacheError
+        The cache stores no such layer, or its dataset is not [N, D] floats, or holds NaN or
+        infinity; one line naming the file.
+    """
+    path = Path(path)
+    with reading_cache(path), open_cache(path, isolate=isolate) as f:
+        group = f.get(LAYERS_GROUP)
+        ds = group.get(name) if isinstance(group, h5py.Group) else None
+        n = f["features"].shape[0]
+        if not isinstance(ds, h5py.Dataset):
+            raise CacheError(f"{path} stores no layer {name!r} (/{LAYERS_GROUP}/{name}); "
+                             "extract with layers= to add it")
+        if len(ds.shape) != 2 or ds.shape[0] != n or ds.shape[1] < 1 or ds.dtype.kind != "f":
+            raise CacheError(f"{path} is damaged: /{LAYERS_GROUP}/{name} is {ds.dtype} "
+                             f"{list(ds.shape)}, the spec says float32 [{n}, D]; re-create it "
+                             "with `fxtl extract`")
+        X = ds[...].astype(np.float32, copy=False)
+    bad = np.flatnonzero(~np.isfinite(X).all(axis=1))
+    if len(bad):
+        raise CacheError(f"{path} is damaged: {len(bad)} of {n} rows of layer {name} hold NaN "
+                         f"or infinity (first: row {int(bad[0])}); re-create it with `fxtl extract`")
+    return X
 
 
 def iter_feature_chunks(path: str | Path, *, rows: int = 8192, split: str | None = None,

@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any, Sequence
 
 import numpy as np
 
-from ..backbones.registry import replace_linear
+from ..backbones.building import replace_linear
 from ..data.discovery import ImageSet
 from .._util import read_json
 from ..errors import FxtlError, ProvenanceError
