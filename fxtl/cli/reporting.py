@@ -33,7 +33,7 @@ def advise(data_dir, backbone, sample, large_per_class, seed, run_plan, device, 
                    progress=show_progress(as_json))
     d = a.to_dict()
     if run_plan:
-        from ..advice import run_plan as execute
+        from ..plan import run_plan as execute
 
         d["plan"] = execute(a, cache_dir=resolve_cache_dir(cache_dir), device=device,
                             precision=precision, seed=seed, log=log)
