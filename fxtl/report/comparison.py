@@ -273,6 +273,24 @@ class CompareResult:
                         "groups": self.groups})
 
 
+def _row_notes(rows: Sequence[dict[str, Any]]) -> list[str]:
+    """What a reader of the table must know: separate groups, unknown rows, leaks."""
+    notes = []
+    groups = list(dict.fromkeys(r["group"] for r in rows))
+    if len(groups) > 1:
+        notes.append(f"{len(groups)} groups of runs scored on different images "
+                     f"({'; '.join(groups[:4])}): ranked separately, never against each other")
+    unknown = [Path(str(r["run_dir"])).name for r in rows if r["rows"] == "unknown"]
+    if unknown:
+        notes.append(f"rows unknown (no rows.json, made before fxtl recorded them): "
+                     f"{', '.join(unknown[:6])}{' ...' if len(unknown) > 6 else ''}")
+    for r in rows:
+        for leak in r["leaked_from"]:
+            notes.append(f"{Path(str(r['run_dir'])).name} reports on {leak['images']} images that "
+                         f"{Path(str(leak['run_dir'])).name} learned from: not held out between them")
+    return notes
+
+
 def compare(*, cache_dir: str | Path | None = None, runs: Sequence[str | Path] = (),
             runs_dir: str | Path | None = None, dataset: str | None = None,
             output: str | Path | None = None, chart: bool = True,
@@ -335,18 +353,7 @@ def compare(*, cache_dir: str | Path | None = None, runs: Sequence[str | Path] =
                           "(the folder fit_head or finetune wrote them into) or cache_dir (whose "
                           "runs/ folder holds them)", param="cache_dir")
     rows = comparison_rows(found)
-    groups = list(dict.fromkeys(r["group"] for r in rows))
-    if len(groups) > 1:
-        notes.append(f"{len(groups)} groups of runs scored on different images "
-                     f"({'; '.join(groups[:4])}): ranked separately, never against each other")
-    unknown = [Path(str(r["run_dir"])).name for r in rows if r["rows"] == "unknown"]
-    if unknown:
-        notes.append(f"rows unknown (no rows.json, made before fxtl recorded them): "
-                     f"{', '.join(unknown[:6])}{' ...' if len(unknown) > 6 else ''}")
-    for r in rows:
-        for leak in r["leaked_from"]:
-            notes.append(f"{Path(str(r['run_dir'])).name} reports on {leak['images']} images that "
-                         f"{Path(str(leak['run_dir'])).name} learned from: not held out between them")
+    notes += _row_notes(rows)
     todo = _auto_pairs(rows) + [(_find(rows, a), _find(rows, b), "asked for") for a, b in pairs]
     paired, seen = [], set()
     for a, b, how in todo:
