@@ -349,9 +349,9 @@ def compare(*, cache_dir: str | Path | None = None, runs: Sequence[str | Path] =
         what = f" of dataset {dataset!r}" if dataset else ""
         raise FxtlError(f"no usable head or fine-tune runs{what} in {where}"
                         + (f" ({len(skipped)} skipped as damaged)" if skipped else "")
-                        + "; fit a head or fine-tune first, or say where the runs are: runs_dir "
-                          "(the folder fit_head or finetune wrote them into) or cache_dir (whose "
-                          "runs/ folder holds them)", param="cache_dir")
+                        + "; fit a head or a fine-tune first, or pass cache_dir=FOLDER whose runs/ "
+                          "holds them, or runs_dir=FOLDER that fit_head or finetune wrote into",
+                        param="cache_dir")
     rows = comparison_rows(found)
     notes += _row_notes(rows)
     todo = _auto_pairs(rows) + [(_find(rows, a), _find(rows, b), "asked for") for a, b in pairs]
