@@ -119,6 +119,24 @@ class Failure(click.ClickException):
 _ASSIGNMENT = re.compile(r"(?<![\w/.-])([a-z][a-z0-9_]*)=(True|'[^']*'|\"[^\"]*\"|[\w.-]+)")
 
 
+# ``finetune(data, resume=True, run_name='x')`` in a library message: a call of a command.
+_CALL = re.compile(r"\b(extract|finetune|fit_head|advise|export_model)\(([^()]*)\)")
+
+
+def _as_command(m: re.Match) -> str:
+    """A library call named in a message, as its command line (``fxtl finetune DATA --resume``)."""
+    words = [f"fxtl {m.group(1).replace('_', '-')}"]
+    for arg in (a.strip() for a in m.group(2).split(",") if a.strip()):
+        name, eq, value = arg.partition("=")
+        if not eq:
+            words.append(name.upper())
+            continue
+        flag = "--" + name.replace("_", "-")
+        value = value.strip("'\"")
+        words.append(flag if value == "True" else f"{flag} {value}")
+    return "`" + " ".join(words) + "`"
+
+
 def _flag(option: click.Parameter) -> str | None:
     opts = [o for o in getattr(option, "opts", []) if o.startswith("--")]
     return max(opts, key=len) if opts else None  # --cache-dir rather than -c
@@ -135,6 +153,7 @@ def _in_flags(exc: FxtlError) -> str:
     text = str(exc)
     if exc.param == "params":  # its KEY=VALUE are --param values (solver=saga), not options
         return text
+    text = _CALL.sub(_as_command, text)
 
     def assignment(m: re.Match) -> str:
         option = _option_for(m.group(1))

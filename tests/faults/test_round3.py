@@ -445,7 +445,8 @@ def test_edited_head_names_the_trust_flag_in_predict_only(tmp_path, genuine):
 
 def test_taken_run_name_names_the_run_name_flag(tmp_path, genuine):
     _, cache = genuine
-    (tmp_path / "runs" / "mine").mkdir(parents=True)
+    (tmp_path / "runs" / "mine").mkdir(parents=True)  # holding another run's file: an empty
+    (tmp_path / "runs" / "mine" / "metrics.json").write_text("{}")  # folder is reused (item 18)
     r = _invoke("fit-head", cache, "--run-name", "mine", "--no-search", "--cache-dir", tmp_path)
     line = assert_one_line_error(r.exit_code, r.stderr, "--run-name")
     _speaks_flags(line)
