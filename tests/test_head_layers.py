@@ -128,3 +128,21 @@ def test_a_layer_the_cache_lacks_is_refused(cache):
 
     with pytest.raises(CacheError, match="stores no layer blocks.9"):
         fit_head(cache, model="logreg", search=False, layers=("pooled", "blocks.9"))
+
+
+def test_export_model_outputs_the_concatenated_layers(cache, data, tmp_path):
+    from fxtl.deploy.onnx_graph import export_model
+
+    res = fit_head(cache, model="logreg", search=False, layers=("blocks.4", "pooled"),
+                   runs_dir=tmp_path / "runs")
+    out = export_model(res.run_dir, output=tmp_path / "m.onnx")
+    assert out.max_abs_diff < 1e-4
+    fc = load_features(cache)
+    images = [data / p for p in fc.paths[:6]]
+    want = predict(res.run_dir, images, precision="fp32", batch_size=4, workers=0).predictions
+    got = predict(tmp_path / "m.onnx", images).predictions
+    assert [p["label"] for p in got] == [p["label"] for p in want]
+    np.testing.assert_allclose([p["probability"] for p in got],
+                               [p["probability"] for p in want], atol=1e-4)
+    meta = json.loads((tmp_path / "m.onnx.json").read_text())
+    assert meta["provenance"]["layers"] == ["blocks.4", "pooled"]
