@@ -146,3 +146,18 @@ def test_export_model_outputs_the_concatenated_layers(cache, data, tmp_path):
                                [p["probability"] for p in want], atol=1e-4)
     meta = json.loads((tmp_path / "m.onnx.json").read_text())
     assert meta["provenance"]["layers"] == ["blocks.4", "pooled"]
+
+
+def test_compare_pairs_a_layered_head_with_a_plain_one(cache, tmp_path):
+    from fxtl.report.comparison import compare
+
+    runs = tmp_path / "runs"
+    plain = fit_head(cache, model="logreg", search=False, layers="penultimate", runs_dir=runs)
+    layered = fit_head(cache, model="logreg", search=False, layers=("pooled", "blocks.2"),
+                       runs_dir=runs)
+    res = compare(runs=[plain.run_dir, layered.run_dir], chart=False,
+                  pairs=[(plain.run_dir, layered.run_dir)])
+    assert len(res.rows) == 2 and not res.skipped
+    assert {round(r["accuracy"], 6) for r in res.rows} == \
+        {round(plain.metrics["accuracy"], 6), round(layered.metrics["accuracy"], 6)}
+    assert len(res.paired) == 1
