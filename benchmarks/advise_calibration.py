@@ -126,8 +126,9 @@ def _finetune_plan(scenario: int, lpft: bool) -> tuple[str, dict, str]:
 def run_dataset(name: str, *, tmp: Path, cache: Path, epochs: int, image_size: int | None,
                 lpft: bool, seed: int, per_class: int | None, sample: int, log) -> dict:
     import fxtl
-    from fxtl.advice import advice_verdict, advise, write_missing_predictions
+    from fxtl.advice import advice_verdict, advise
     from fxtl.heads.fitting import fit_heads
+    from fxtl.plan import write_missing_predictions
     from fxtl.report.comparison import compare
     from fxtl.training.loop import finetune
 

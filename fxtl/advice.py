@@ -46,14 +46,13 @@ from typing import Any
 
 import numpy as np
 
-from ._util import csv_text, read_json
 from .backbones.registry import DEFAULT_BACKBONE, load_backbone
 from .data.discovery import ImageSet, discover
 from .errors import DataError, FxtlError, ParameterError
 from .heads.params import check_seed
 
 __all__ = ["advise", "Advice", "measure_similarity", "SCENARIOS", "certainty", "advised_method",
-           "advice_verdict", "write_missing_predictions", "SIZE_NEAR_FACTOR"]
+           "advice_verdict", "SIZE_NEAR_FACTOR"]
 
 SCENARIOS = {
     1: ("small", "similar", "Transfer learning: train only a classifier on frozen features; "
@@ -385,111 +384,3 @@ def advice_verdict(scenario: int, pair: dict[str, Any] | None) -> dict[str, Any]
     return {"advised": advised, "winner": better if verdict != "tied" else None,
             "verdict": verdict, "p_value": pair["p_value"],
             "text": f"Advice (scenario {scenario}: {advised}) {verdict}: {describe_pair(pair)}."}
-
-
-def write_missing_predictions(run_dir: str | Path, *, like: str | Path, data: str | Path,
-                              device: str = "auto", precision: str = "auto") -> bool:
-    """Give a fine-tune run without ``predictions.csv`` one, on the images run ``like`` scored.
-
-    Labels the images listed in ``like``'s ``predictions.csv`` (paths relative to the root of
-    ``data``) with ``run_dir``'s model, so the two can be paired. Returns ``False`` (and writes
-    nothing) when ``run_dir`` already has predictions or ``like`` has none.
-    """
-    import csv
-
-    from .prediction import predict
-    from .report.metrics import PREDICTIONS_FILE, write_predictions
-
-    run_dir, like = Path(run_dir), Path(like)
-    if (run_dir / PREDICTIONS_FILE).exists() or not (like / PREDICTIONS_FILE).exists():
-        return False
-    with open(like / PREDICTIONS_FILE, newline="") as fh:
-        rows = [(csv_text(r["path"]), csv_text(r["label"])) for r in csv.DictReader(fh)]
-    root = discover(data).root
-    res = predict(run_dir, [root / p for p, _ in rows], device=device, precision=precision)
-    by_path = {str(Path(e["path"]).resolve()): e["label"] for e in res.predictions}
-    names = list(dict.fromkeys([t for _, t in rows] + [e["label"] for e in res.predictions]))
-    kept = [(p, t, by_path[str((root / p).resolve())]) for p, t in rows
-            if str((root / p).resolve()) in by_path]
-    index = {n: i for i, n in enumerate(names)}
-    write_predictions(run_dir, paths=[p for p, _, _ in kept], y_true=[index[t] for _, t, _ in kept],
-                      y_pred=[index[q] for _, _, q in kept], class_names=names,
-                      split=str(read_json(run_dir / "metrics.json").get("split")))
-    return True
-
-
-def run_plan(advice: Advice, *, cache_dir: str | Path | None = None, device: str = "auto",
-             precision: str = "auto", seed: int = 0, epochs: int | None = None,
-             image_size: int | None = None, log=None) -> dict[str, Any]:
-    """Execute what ``advice`` recommends (``fxtl advise --run``), then compare the runs.
-
-    Scenario 1: extract + every head. 2 and 4: a full fine-tune (4 trains longer) beside a
-    logistic-regression head. 3: every head, then the last two blocks fine-tuned from the
-    logistic-regression head (LP-FT, crop scale :data:`LP_FT_CROP_SCALE`, at the input size the
-    head was fitted at, so ``image_size`` does not apply to it). The same splits are used
-    throughout, so ``compare`` lines the results up. Ends with the paired test of the best head
-    (best on its search score, not on test: ``best_head``) against the fine-tune on the same
-    images (``paired``: exact McNemar) and whether the advice
-    held, tied or failed (``verdict``, :func:`advice_verdict`).
-    """
-    from .report.comparison import compare, pick_by_selection
-    from .features.extraction import extract
-    from .training.loop import finetune
-    from .heads.fitting import fit_heads
-
-    log = log or (lambda msg: None)
-    data = advice.data
-    heads = ["all"] if advice.scenario in (1, 3) else ["logreg"]
-    out: dict[str, Any] = {"scenario": advice.scenario, "runs": [], "summary": []}
-    log(f"fxtl: scenario {advice.scenario}: extracting features of {data}")
-    ex = extract(data, backbone=advice.backbone, device=device, precision=precision,
-                 cache_dir=cache_dir, progress=log is not None)
-    out["cache"] = str(ex.cache)
-    out["summary"].append(f"extract: {ex.n} images -> {ex.cache} ({ex.seconds:.1f} s)")
-    for res in fit_heads(ex.cache, models=heads, seed=seed, cache_dir=cache_dir, log=log):
-        m = res.metrics
-        out["runs"].append({"kind": "head", "model": m["model"], "accuracy": m["accuracy"],
-                            "accuracy_ci95": m.get("accuracy_ci95"), "macro_f1": m["macro_f1"],
-                            "macro_f1_ci95": m.get("macro_f1_ci95"), "split": m["split"],
-                            "selection_score": m.get("selection_score"),
-                            "train_seconds": m.get("fit_seconds"), "run_dir": str(res.run_dir)})
-        out["summary"].append(f"head {m['model']}: {m['split']} accuracy {m['accuracy']:.3f} ({res.run_dir})")
-    if advice.scenario != 1:
-        trainable = "last:2" if advice.scenario == 3 else "all"
-        n_epochs = epochs or (15 if advice.scenario == 4 else 5)
-        kw: dict[str, Any] = {"image_size": image_size}
-        logreg = next((r for r in out["runs"] if r["model"] == "logreg"), None)
-        how = ""
-        if advice.scenario == 3 and logreg is not None:
-            kw = {"init_head": logreg["run_dir"], "crop_scale": LP_FT_CROP_SCALE}
-            how = ", from the logreg head (LP-FT)"
-            if image_size:
-                log(f"fxtl: the LP-FT fine-tune runs at the input size the head was fitted at; "
-                    f"image size {image_size} applies to fine-tunes from a zero classifier")
-        log(f"fxtl: fine-tuning ({trainable}, {n_epochs} epochs{how})")
-        ft = finetune(data, backbone=advice.backbone, trainable=trainable, epochs=n_epochs,
-                      seed=seed, device=device, precision=precision, cache_dir=cache_dir,
-                      progress=log is not None, **kw)
-        out["runs"].append({"kind": "finetune", "model": ft.model + (" (LP-FT)" if how else ""),
-                            "accuracy": ft.accuracy, "accuracy_ci95": ft.metrics.get("accuracy_ci95"),
-                            "macro_f1": ft.macro_f1, "macro_f1_ci95": ft.metrics.get("macro_f1_ci95"),
-                            "split": ft.split, "run_dir": str(ft.run_dir)})
-        out["summary"].append(f"finetune {trainable}{how}: {ft.split} accuracy {ft.accuracy:.3f} ({ft.run_dir})")
-    # The head that stands against the fine-tune is picked on its search score, never on the
-    # test score the paired test is then run on (that would favour the head).
-    best_head, picked_by = pick_by_selection([r for r in out["runs"] if r["kind"] == "head"])
-    out["best_head"] = {"run_dir": best_head["run_dir"], "picked_by": picked_by}
-    tuned = next((r for r in out["runs"] if r["kind"] == "finetune"), None)
-    if tuned is not None:  # the paired test needs its per-image predictions
-        write_missing_predictions(tuned["run_dir"], like=best_head["run_dir"], data=data,
-                                  device=device, precision=precision)
-    pairs = [(best_head["run_dir"], tuned["run_dir"])] if tuned is not None else []
-    comp = compare(cache_dir=cache_dir, runs=[r["run_dir"] for r in out["runs"]], pairs=pairs)
-    out["compare"] = comp.to_dict()
-    same = lambda x, y: Path(str(x)).resolve() == Path(str(y)).resolve()  # noqa: E731
-    pair = next((p for p in comp.paired if tuned is not None and same(p["a"], best_head["run_dir"])
-                 and same(p["b"], tuned["run_dir"])), None)
-    out["paired"] = pair
-    out["verdict"] = advice_verdict(advice.scenario, pair)
-    out["summary"].append(out["verdict"]["text"])
-    return out

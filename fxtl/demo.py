@@ -6,7 +6,7 @@ a short fine-tune of what advise recommends -> compare, and writes a report that
 every artifact (metrics, confusion matrices, learning curves, embedding map, comparison chart),
 with 95% intervals and the paired test of the best head against the fine-tune.
 Digits are scenario 3 (small, different), whose fine-tune starts from the fitted
-logistic-regression head (LP-FT, see :func:`fxtl.advise.run_plan`).
+logistic-regression head (LP-FT, see :func:`fxtl.plan.run_plan`).
 """
 from __future__ import annotations
 
@@ -35,8 +35,9 @@ def run_demo(*, cache_dir: str | Path | None = None, per_class: int = 60, epochs
         at the size the head's features were extracted at (224 for lite0) instead: the
         head is only valid there.
     """
-    from .advice import advise, run_plan
+    from .advice import advise
     from .data.samples import write_digits
+    from .plan import run_plan
     from .report.plots import plot_embedding
 
     log = log or (lambda msg: None)

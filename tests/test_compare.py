@@ -111,7 +111,8 @@ def test_cli_compare(runs):
     assert human.exit_code == 0 and "head:logreg" in human.stdout and "chart:" in human.stdout
     none = runner.invoke(cli, ["compare", "--cache-dir", str(runs / "empty")])
     assert none.exit_code == 1 and "no usable head or fine-tune runs" in none.stderr
-    assert none.stderr.rstrip().endswith("(or pass the --cache-dir holding them)")  # the CLI's name
+    # the CLI's option, and no Python-only hint (runs_dir has no option)
+    assert none.stderr.rstrip().endswith("or pass --cache-dir FOLDER whose runs/ holds them")
 
 
 def test_compare_real_head_and_finetune(shapes_dir, shapes_cache, tmp_path):

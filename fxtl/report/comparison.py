@@ -1,31 +1,8 @@
 """Heads and fine-tunes of one dataset side by side (``fxtl compare``), with the uncertainty
 that a finite test set leaves, and only between runs scored on the same images.
 
-Every run folder under ``<cache-dir>/runs/`` holds a ``metrics.json`` in the schema of
-:mod:`fxtl.report.metrics` (``kind`` = ``head`` or ``finetune``). :func:`compare` collects them,
-makes one row per run and draws a bar chart. The columns:
-
-=======================  ====================================================================
-``method``               ``head:<model>`` or ``finetune:<trainable>`` (``(LP-FT)`` when the
-                         classifier started from a fitted head, ``--init-head``)
-``trainable_params``     numbers the method learned (head coefficients; network weights)
-``accuracy``, ``macro_f1``  on the run's reported split (``split``), each with its 95% interval
-                         (``accuracy_ci95``: Wilson; ``macro_f1_ci95``: bootstrap over images)
-``selection_score``      the score the run was selected on (:func:`selection_score`; ``None``
-                         when it selected nothing): what picks the pair to test, below
-``train_seconds``        wall-clock training: for a head, the feature extraction (counted once,
-                         the same cache serves every head) plus its own fit; for a fine-tune,
-                         its epochs including their validation passes
-``inference_images_per_second``  end to end (decode, network, head). For heads that did not
-                         measure it, estimated from the cache's extraction speed plus the head's
-                         own prediction time (``inference_estimated``)
-``group``                which images the row was scored on: dataset fingerprint + evaluated
-                         split (+ the evaluated paths when recorded). Rows are ranked only
-                         within their group; groups are printed as separate tables
-``rows``                 ``recorded`` when the run wrote ``rows.json``, else ``unknown``
-``leaked_from``          runs that learned from (trained or selected on) images this row
-                         reports on: its score is not held out from them
-=======================  ====================================================================
+:mod:`fxtl.report.runs` reads the run folders into rows (its docstring lists the columns);
+:func:`compare` tests pairs of them, formats the table and draws a bar chart.
 
 ``paired`` holds the exact McNemar tests: per group the best head against the best fine-tune,
 plus any pair asked for, on the images both runs scored (``predictions.csv``). "Best" is by
@@ -36,212 +13,22 @@ which; only runs without a selection score fall back to the reported accuracy).
 """
 from __future__ import annotations
 
-import hashlib
-import logging
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
-from .._util import default_cache_dir, read_json
-from ..backbones.registry import MODEL_MANIFEST
+from .._util import default_cache_dir
 from ..errors import FxtlError, ParameterError
 from ..tables import records_frame
-from .metrics import bootstrap_macro_f1, mcnemar_exact, read_predictions, wilson_interval
+from .metrics import mcnemar_exact, read_predictions
+from .runs import collect_runs, comparison_rows, finite_float, selection_score
 
 __all__ = ["collect_runs", "comparison_rows", "selection_score", "pick_by_selection",
            "format_table", "plot_comparison", "comparison_figure", "compare",
            "paired_test", "describe_pair", "CompareResult", "SIGNIFICANCE"]
 
-log = logging.getLogger(__name__)
-
-_KINDS = ("head", "finetune")
 SIGNIFICANCE = 0.05  # two-sided level at which a paired difference is called significant
-
-
-def _number(v: Any) -> float | None:
-    """``v`` as a finite float, or ``None`` (null, a string, a bool, NaN, infinity)."""
-    if isinstance(v, bool) or not isinstance(v, (int, float)):
-        return None
-    return float(v) if math.isfinite(v) else None
-
-
-def _read_metrics(path: Path) -> tuple[dict[str, Any] | None, str | None]:
-    """(metrics, None) for a usable run; (None, reason) for a damaged one; (None, None) for a
-    ``metrics.json`` that belongs to no head or fine-tune run."""
-    try:
-        m = read_json(path)
-    except (OSError, ValueError) as exc:
-        return None, f"unreadable ({exc})"
-    if not isinstance(m, dict) or m.get("kind") not in _KINDS or "accuracy" not in m:
-        return None, None
-    # A fine-tune writes its manifest last (metrics.json and plots come first): a folder without
-    # it stopped part-way (a full disk, a kill) and `predict` refuses it too.
-    if m["kind"] == "finetune" and not (path.parent / MODEL_MANIFEST).is_file():
-        return None, (f"a fine-tune that did not finish (no {MODEL_MANIFEST}); resume it with "
-                      f"`fxtl finetune DATA_DIR --resume --run-name {path.parent.name}`")
-    acc = _number(m["accuracy"])
-    if acc is None or not 0.0 <= acc <= 1.0:
-        return None, f"accuracy is {m['accuracy']!r}, not a fraction in [0, 1]"
-    m["accuracy"] = acc
-    m.setdefault("run_dir", str(path.parent))
-    m["_metrics_path"] = str(path)
-    return m, None
-
-
-def collect_runs(*, cache_dir: str | Path | None = None, runs: Sequence[str | Path] = (),
-                 dataset: str | None = None,
-                 skipped: list[dict[str, str]] | None = None) -> list[dict[str, Any]]:
-    """The ``metrics.json`` of the given run folders, or of every run under ``cache_dir/runs``.
-
-    A run whose ``metrics.json`` is damaged (unreadable, accuracy null, a string, NaN) is left
-    out with a warning, and named in ``skipped`` when given; it never stops the others.
-
-    Parameters
-    ----------
-    cache_dir : path, optional
-        Home of ``runs/`` (default ``./cache`` or ``$FXTL_CACHE``); ignored when ``runs`` is given.
-    runs : sequence of paths
-        Explicit run folders (or their ``metrics.json``).
-    dataset : str, optional
-        Keep runs whose dataset name equals this, or whose dataset fingerprint starts with it.
-    skipped : list, optional
-        Receives ``{"run_dir", "reason"}`` for every damaged run left out.
-
-    Raises
-    ------
-    FxtlError
-        An explicit run folder without a heads/fine-tune ``metrics.json``.
-    """
-    found: list[dict[str, Any]] = []
-
-    def skip(path: Path, reason: str) -> None:
-        log.warning("fxtl: skipped %s: %s", path, reason)
-        if skipped is not None:
-            skipped.append({"run_dir": str(path.parent), "reason": reason})
-
-    if runs:
-        for r in runs:
-            path = Path(r)
-            path = path if path.name == "metrics.json" else path / "metrics.json"
-            m, why = _read_metrics(path) if path.is_file() else (None, None)
-            if why:
-                skip(path, why)
-                continue
-            if m is None:
-                raise FxtlError(f"{path.parent} holds no metrics.json of a head or fine-tune run; "
-                                "pass run folders written by fit-head or finetune")
-            found.append(m)
-    else:
-        root = (Path(cache_dir) if cache_dir else default_cache_dir()) / "runs"
-        for path in sorted(root.glob("*/metrics.json")):
-            m, why = _read_metrics(path)
-            if why:
-                skip(path, why)
-            elif m is not None:
-                found.append(m)
-    if dataset:
-        found = [m for m in found if m.get("dataset") == dataset or any(
-            str(m.get(k) or "").startswith(dataset) for k in ("dataset_fingerprint", "data_fingerprint"))]
-    return found
-
-
-def _head_inference_estimate(m: dict[str, Any]) -> float | None:
-    """Images/s of backbone (the cache's extraction speed) + head (its predict time)."""
-    from ..features.store import read_attrs
-
-    cache = m.get("cache")
-    n, predict = _number(m.get("n")), _number(m.get("predict_seconds"))
-    if not cache or not Path(cache).is_file() or not n or predict is None:
-        return None
-    try:
-        timings = read_attrs(Path(cache)).get("timings") or {}
-    except FxtlError:
-        return None
-    images, seconds = timings.get("images_computed"), timings.get("compute_seconds")
-    if not images or not seconds:
-        return None
-    per_image = seconds / images + predict / n
-    return 1.0 / per_image if per_image > 0 else None
-
-
-# ----------------------------------------------------------------------------- what each run saw
-@dataclass
-class _Facts:
-    """What a run folder records beside its metrics: rows.json and per-image predictions."""
-
-    rows: Any  # fxtl.data.splits.RunRows or None
-    predictions: dict[str, tuple[int, int]] | None
-    problem: str | None = None
-
-    @property
-    def evaluated(self) -> frozenset[str] | None:
-        if self.rows is not None:
-            return frozenset(self.rows.report.paths)
-        return frozenset(self.predictions) if self.predictions is not None else None
-
-
-def _facts(m: dict[str, Any]) -> _Facts:
-    from ..data.splits import load_rows
-
-    run_dir = Path(str(m.get("run_dir")))
-    problem = None
-    try:
-        rows = load_rows(run_dir)
-    except FxtlError as exc:
-        rows, problem = None, str(exc)
-    return _Facts(rows=rows, predictions=read_predictions(run_dir), problem=problem)
-
-
-def _fingerprint(m: dict[str, Any], facts: _Facts) -> str:
-    """The dataset fingerprint without backbone parts when recorded, else the run's own."""
-    if facts.rows is not None:
-        return facts.rows.data_fingerprint
-    fp = m.get("data_fingerprint") or m.get("dataset_fingerprint")
-    return str(fp) if fp else f"name:{m.get('dataset')}"
-
-
-def _ci(v: Any) -> list[float] | None:
-    if isinstance(v, (list, tuple)) and len(v) == 2:
-        lo, hi = _number(v[0]), _number(v[1])
-        if lo is not None and hi is not None:
-            return [lo, hi]
-    return None
-
-
-def _intervals(m: dict[str, Any], facts: _Facts, acc: float,
-               f1: float | None) -> tuple[list[float] | None, list[float] | None]:
-    """The run's recorded 95% intervals; for runs made before fxtl recorded them, computed from
-    the accuracy and n (Wilson) and from predictions.csv (bootstrap) when those are there."""
-    acc_ci, f1_ci = _ci(m.get("accuracy_ci95")), _ci(m.get("macro_f1_ci95"))
-    n = _number(m.get("n"))
-    if acc_ci is None and n and n >= 1:
-        acc_ci = list(wilson_interval(int(round(acc * n)), int(n)))
-    if f1_ci is None and f1 is not None and facts.predictions:
-        pairs = list(facts.predictions.values())
-        f1_ci = list(bootstrap_macro_f1([t for t, _ in pairs], [p for _, p in pairs]))
-    return acc_ci, f1_ci
-
-
-def selection_score(m: dict[str, Any]) -> float | None:
-    """The score a run was selected on, from its ``metrics.json``: a head's best search score,
-    a fine-tune's accuracy on its selection split at the kept epoch; ``None`` when the run
-    selected nothing (no search, or no selection split).
-
-    >>> selection_score({"kind": "head", "selection_score": 0.8})
-    0.8
-    >>> selection_score({"kind": "finetune", "selection_split": "val", "best_epoch": 2,
-    ...                  "history": [{"val_accuracy": 0.7}, {"val_accuracy": 0.75}]})
-    0.75
-    >>> selection_score({"kind": "finetune", "selection_split": None, "best_epoch": 2}) is None
-    True
-    """
-    if m.get("kind") == "finetune":
-        best, history = m.get("best_epoch"), m.get("history") or []
-        if not m.get("selection_split") or not isinstance(best, int) or not 1 <= best <= len(history):
-            return None
-        return _number((history[best - 1] or {}).get("val_accuracy"))
-    return _number(m.get("selection_score"))
 
 
 def pick_by_selection(rows: Sequence[dict[str, Any]]) -> tuple[dict[str, Any] | None, str]:
@@ -255,83 +42,6 @@ def pick_by_selection(rows: Sequence[dict[str, Any]]) -> tuple[dict[str, Any] | 
     if rows:
         return max(rows, key=lambda r: r["accuracy"]), "reported accuracy (no selection score)"
     return None, ""
-
-
-def _row(m: dict[str, Any], facts: _Facts) -> dict[str, Any]:
-    kind = m["kind"]
-    model = str(m.get("model", "?"))
-    method = model if kind == "finetune" or model.startswith("head:") else f"head:{model}"
-    if kind == "finetune" and (m.get("config") or {}).get("init_head"):
-        method += " (LP-FT)"  # the classifier started from a fitted logistic head
-    fit = _number(m.get("fit_seconds")) or 0.0
-    extract = (_number(m.get("extract_seconds")) or 0.0) if kind == "head" else None
-    infer = _number(m.get("inference_images_per_second"))
-    estimated = False
-    if not infer and kind == "head":
-        infer, estimated = _head_inference_estimate(m), True
-    acc, f1 = float(m["accuracy"]), _number(m.get("macro_f1"))
-    acc_ci, f1_ci = _intervals(m, facts, acc, f1)
-    return {
-        "method": method, "kind": kind, "backbone": m.get("backbone"), "dataset": m.get("dataset"),
-        "split": m.get("split"), "n": m.get("n"), "trainable_params": m.get("trainable_params"),
-        "accuracy": acc, "accuracy_ci95": acc_ci, "macro_f1": f1, "macro_f1_ci95": f1_ci,
-        "selection_score": selection_score(m),
-        "train_seconds": fit + (extract or 0.0), "fit_seconds": fit, "extract_seconds": extract,
-        "epochs": m.get("epochs") if kind == "finetune" else None,
-        "inference_images_per_second": float(infer) if infer else None,
-        "inference_estimated": bool(estimated and infer),
-        "run_dir": m.get("run_dir"), "created": m.get("created"),
-        "data_fingerprint": _fingerprint(m, facts),
-        "rows": "recorded" if facts.rows is not None else "unknown",
-        "predictions": facts.predictions is not None, "leaked_from": [],
-    }
-
-
-def _assign_groups(rows: list[dict[str, Any]], facts: list[_Facts]) -> None:
-    """``group`` = fingerprint + split (+ evaluated paths when two recorded sets differ)."""
-    by_key: dict[tuple, list[int]] = {}
-    for i, r in enumerate(rows):
-        by_key.setdefault((r["data_fingerprint"], str(r["split"])), []).append(i)
-    for (fp, split), members in by_key.items():
-        sets = {facts[i].evaluated for i in members if facts[i].evaluated is not None}
-        for i in members:
-            r, ev = rows[i], facts[i].evaluated
-            short = fp[5:] if fp.startswith("name:") else fp[:8]
-            label = f"{r['dataset']} [{short}] {split}"
-            if len(sets) > 1:  # same data and split name, different images (e.g. another seed)
-                tag = hashlib.sha256("\0".join(sorted(ev)).encode()).hexdigest()[:6] if ev else "?"
-                label += f" images {tag}"
-            r["group"] = label
-
-
-def comparison_rows(runs: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
-    """One row per run (see the module docstring), grouped by the images they were scored on,
-    best accuracy first within a group, with its rank there."""
-    facts = [_facts(m) for m in runs]
-    rows = [_row(m, f) for m, f in zip(runs, facts)]
-    _assign_groups(rows, facts)
-    _flag_leaks(rows, facts)
-    order = sorted(range(len(rows)), key=lambda i: (
-        rows[i]["group"], -rows[i]["accuracy"], -(rows[i]["macro_f1"] or 0.0),
-        rows[i]["train_seconds"]))
-    out = [rows[i] for i in order]
-    rank: dict[str, int] = {}
-    for r in out:
-        rank[r["group"]] = r["rank"] = rank.get(r["group"], 0) + 1
-    return out
-
-
-def _flag_leaks(rows: list[dict[str, Any]], facts: list[_Facts]) -> None:
-    from ..data.splits import leaked_rows
-
-    for i, learner in enumerate(facts):
-        for j, reporter in enumerate(facts):
-            if i == j or learner.rows is None or reporter.rows is None:
-                continue
-            leaked = leaked_rows(learner.rows, reporter.rows)
-            if leaked:
-                rows[j]["leaked_from"].append({"run_dir": rows[i]["run_dir"],
-                                               "method": rows[i]["method"], "images": len(leaked)})
 
 
 # ----------------------------------------------------------------------------- paired tests
@@ -415,7 +125,7 @@ def _auto_pairs(rows: Sequence[dict[str, Any]]) -> list[tuple[dict, dict, str]]:
 
 # ----------------------------------------------------------------------------- table and chart
 def _fmt_int(v: Any) -> str:
-    if _number(v) is None:
+    if finite_float(v) is None:
         return "-"
     v = int(v)
     return f"{v / 1e6:.2f}M" if v >= 1_000_000 else f"{v / 1e3:.1f}k" if v >= 10_000 else str(v)
@@ -563,6 +273,24 @@ class CompareResult:
                         "groups": self.groups})
 
 
+def _row_notes(rows: Sequence[dict[str, Any]]) -> list[str]:
+    """What a reader of the table must know: separate groups, unknown rows, leaks."""
+    notes = []
+    groups = list(dict.fromkeys(r["group"] for r in rows))
+    if len(groups) > 1:
+        notes.append(f"{len(groups)} groups of runs scored on different images "
+                     f"({'; '.join(groups[:4])}): ranked separately, never against each other")
+    unknown = [Path(str(r["run_dir"])).name for r in rows if r["rows"] == "unknown"]
+    if unknown:
+        notes.append(f"rows unknown (no rows.json, made before fxtl recorded them): "
+                     f"{', '.join(unknown[:6])}{' ...' if len(unknown) > 6 else ''}")
+    for r in rows:
+        for leak in r["leaked_from"]:
+            notes.append(f"{Path(str(r['run_dir'])).name} reports on {leak['images']} images that "
+                         f"{Path(str(leak['run_dir'])).name} learned from: not held out between them")
+    return notes
+
+
 def compare(*, cache_dir: str | Path | None = None, runs: Sequence[str | Path] = (),
             runs_dir: str | Path | None = None, dataset: str | None = None,
             output: str | Path | None = None, chart: bool = True,
@@ -621,22 +349,11 @@ def compare(*, cache_dir: str | Path | None = None, runs: Sequence[str | Path] =
         what = f" of dataset {dataset!r}" if dataset else ""
         raise FxtlError(f"no usable head or fine-tune runs{what} in {where}"
                         + (f" ({len(skipped)} skipped as damaged)" if skipped else "")
-                        + "; fit a head or fine-tune first, or say where the runs are: runs_dir "
-                          "(the folder fit_head or finetune wrote them into) or cache_dir (whose "
-                          "runs/ folder holds them)", param="cache_dir")
+                        + "; fit a head or a fine-tune first, or pass cache_dir=FOLDER whose runs/ "
+                          "holds them, or runs_dir=FOLDER that fit_head or finetune wrote into",
+                        param="cache_dir")
     rows = comparison_rows(found)
-    groups = list(dict.fromkeys(r["group"] for r in rows))
-    if len(groups) > 1:
-        notes.append(f"{len(groups)} groups of runs scored on different images "
-                     f"({'; '.join(groups[:4])}): ranked separately, never against each other")
-    unknown = [Path(str(r["run_dir"])).name for r in rows if r["rows"] == "unknown"]
-    if unknown:
-        notes.append(f"rows unknown (no rows.json, made before fxtl recorded them): "
-                     f"{', '.join(unknown[:6])}{' ...' if len(unknown) > 6 else ''}")
-    for r in rows:
-        for leak in r["leaked_from"]:
-            notes.append(f"{Path(str(r['run_dir'])).name} reports on {leak['images']} images that "
-                         f"{Path(str(leak['run_dir'])).name} learned from: not held out between them")
+    notes += _row_notes(rows)
     todo = _auto_pairs(rows) + [(_find(rows, a), _find(rows, b), "asked for") for a, b in pairs]
     paired, seen = [], set()
     for a, b, how in todo:

@@ -4,7 +4,7 @@ The config is the one list of options. ``fxtl finetune`` builds it from its flag
 :func:`fxtl.finetune` from keyword arguments, the run folder stores its resolved form
 (:meth:`FinetuneConfig.record`, in ``metrics.json`` and the checkpoint) and ``resume`` compares
 the stored record field by field (:data:`RESUME_KEYS`, derived from the fields). Adding an
-option is adding a field here (and its flag in ``fxtl/cli.py``).
+option is adding a field here (and its flag in ``fxtl/cli/training.py``).
 """
 from __future__ import annotations
 
