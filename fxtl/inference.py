@@ -133,7 +133,13 @@ def head_backbone(head, *, trust: bool = False):
         raise ProvenanceError(f"{head.path} has no backbone in its sidecar, so its features cannot "
                               "be recomputed; refit the head with `fxtl fit-head`")
     layer = prov.get("layer")
+    # A head on several layers: the backbone pools them in the pass that makes the features and
+    # hands the head their concatenation, in the head's order.
+    own = layer or "pooled"
+    layers = [n for n in prov.get("layers") or [] if n != own]
     bb = load_backbone(prov["backbone"], layer=None if layer in (None, "pooled") else layer,
-                       inference=True, trust=trust)
+                       layers=layers, inference=True, trust=trust)
+    if prov.get("layers"):
+        bb.concatenate(prov["layers"])
     head.check_features(bb.provenance, bb.feature_dim, source=f"backbone {prov['backbone']} here")
     return bb

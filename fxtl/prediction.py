@@ -33,6 +33,7 @@ from .deploy.runtime import predict_onnx
 from .errors import FxtlError, ParameterError
 from .features.extraction import embed_paths
 from .features.store import load_features
+from .heads.layers import layer_matrix
 from .heads.persistence import load_head
 from .inference import (PredictResult, collect_images, finish_result, head_backbone,
                         resolve_model, score_entry)
@@ -149,8 +150,10 @@ def _refuse_unfinished_finetune(model: Path) -> None:
 
 def _predict_cache(head, cache_path: Path, res: PredictResult, *, top_k: int) -> None:
     cache = load_features(cache_path)
-    head.check_features(cache.attrs, cache.dim, source=str(cache_path))
-    scores = head.scores(cache.features)
+    names = head.provenance.get("layers")
+    X = layer_matrix(cache, names) if names else cache.features
+    head.check_features(cache.attrs, int(X.shape[1]), source=str(cache_path))
+    scores = head.scores(X)
     names = cache.class_names
     for i, s in enumerate(scores):
         e = score_entry(cache.paths[i], s, head.class_names, top_k)

@@ -93,6 +93,7 @@ class Backbone(nn.Module):
         self.register_buffer("_inv_std", 1.0 / std, persistent=False)
         self._captured: dict[str, Any] = {}
         self._stop_early = True
+        self.concat: tuple[str, ...] = ()  # see concatenate()
         modules = dict(model.named_modules())
         if self.layer == PENULTIMATE:
             classifier.register_forward_pre_hook(self._capture_pooled)
@@ -127,9 +128,25 @@ class Backbone(nn.Module):
 
     @property
     def provenance(self) -> dict[str, Any]:
-        return {"backbone": self.spec.name, "architecture": self.spec.arch,
+        prov = {"backbone": self.spec.name, "architecture": self.spec.arch,
                 "weights_sha256": self.weights_sha256, "preprocessing": self.preprocessing.to_dict(),
                 "layer": self.layer, "feature_dim": self.feature_dim, "graph": self.graph}
+        if self.concat:
+            prov["layers"] = list(self.concat)
+        return prov
+
+    def concatenate(self, names: Sequence[str]) -> "Backbone":
+        """Make ``forward`` return the pooled outputs of ``names`` side by side, in that order
+        (``layer``'s name for the features, else names of ``extra_layers``), as a head fitted on
+        several layers of a cache expects them; returns ``self``."""
+        names = tuple(names)
+        unknown = [n for n in names if n != self.layer and n not in self.extra_layers]
+        if not names or unknown:
+            raise BackboneError(f"{self.spec.name} was built without layer(s) "
+                                f"{', '.join(unknown) or '(none given)'}; build it with layers= naming them")
+        dims = {self.layer: self.feature_dim, **self.layer_dims}
+        self.concat, self.feature_dim = names, sum(dims[n] for n in names)
+        return self
 
     def _capture_pooled(self, module, args):
         self._captured["features"] = args[0]
@@ -157,6 +174,10 @@ class Backbone(nn.Module):
         return (x.float() - self._mean) * self._inv_std
 
     def forward(self, x):
+        if self.concat:
+            feats, layers = self.forward_layers(x)
+            parts = {**layers, self.layer: feats}
+            return torch.cat([parts[n].float() for n in self.concat], dim=1)
         self._captured.clear()
         try:
             self.model(self.normalize(x))

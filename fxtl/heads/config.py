@@ -20,7 +20,10 @@ from .dask_backend import BACKENDS
 from .registry import SOLVERS, accepted_params, check_params, get_head, head_names
 from .source import LARGE_ROWS
 
-__all__ = ["HeadConfig", "parse_budget"]
+__all__ = ["HeadConfig", "parse_budget", "LAYER_CHOICES"]
+
+# The named layer choices; anything else is a tuple of layer names.
+LAYER_CHOICES = ("auto", "penultimate")
 
 _DURATION = re.compile(r"\s*([0-9]*\.?[0-9]+)\s*(s|sec|m|min|h)?\s*")
 _SECONDS = {None: 1, "s": 1, "sec": 1, "m": 60, "min": 60, "h": 3600}
@@ -87,6 +90,11 @@ class HeadConfig:
     solver : {"auto", "sklearn", "torch"}
         Which estimator solves logreg, linear-svm and mlp (see
         :func:`fxtl.heads.registry.resolve_solver`).
+    layers : "auto", "penultimate" or tuple of str
+        Which of the cache's layers the heads are fitted on (see :mod:`fxtl.heads.layers`):
+        ``"auto"`` chooses among a multi-layer cache's layers on the selection rows (a plain
+        cache: its features), ``"penultimate"`` uses ``/features`` only, a tuple names the
+        layers to concatenate (the features' own layer name, e.g. ``pooled``, for ``/features``).
 
     Examples
     --------
@@ -113,6 +121,7 @@ class HeadConfig:
     scheduler: Any = None
     budget: float | None = None
     solver: str = "auto"
+    layers: str | tuple[str, ...] = "auto"
 
     def __post_init__(self) -> None:
         models = (self.models,) if isinstance(self.models, str) else tuple(self.models)
@@ -135,6 +144,7 @@ class HeadConfig:
         object.__setattr__(self, "models", tuple(names))
         object.__setattr__(self, "params", MappingProxyType(params))
         object.__setattr__(self, "budget", parse_budget(self.budget))
+        object.__setattr__(self, "layers", _layers(self.layers))
         pca = self.pca
         checks = [
             ("search", isinstance(self.search, bool), "must be True or False"),
@@ -176,6 +186,7 @@ class HeadConfig:
         """The stored form (``metrics.json["config"]``): JSON values only."""
         d = {f.name: getattr(self, f.name) for f in fields(self)}
         d["models"] = list(self.models)
+        d["layers"] = self.layers if isinstance(self.layers, str) else list(self.layers)
         d["params"] = {k: list(v) if isinstance(v, tuple) else v for k, v in self.params.items()}
         s = self.scheduler
         if s is not None and not isinstance(s, str):  # a distributed.Client: its address
@@ -195,9 +206,22 @@ class HeadConfig:
         if "params" in kw and isinstance(kw["params"], Mapping):
             kw["params"] = {k: tuple(v) if isinstance(v, list) else v
                             for k, v in kw["params"].items()}
+        if isinstance(kw.get("layers"), list):
+            kw["layers"] = tuple(kw["layers"])
         if "models" in kw and isinstance(kw["models"], list):
             kw["models"] = tuple(kw["models"])
         return cls(**kw)
+
+
+def _layers(value: Any) -> str | tuple[str, ...]:
+    """``"auto"``, ``"penultimate"``, or a non-empty tuple of distinct layer names."""
+    if value in LAYER_CHOICES:
+        return value
+    names = tuple(value) if isinstance(value, (list, tuple)) else ()
+    if not names or not all(isinstance(n, str) and n for n in names) or len(set(names)) < len(names):
+        raise ParameterError("layers", f"layers must be 'auto', 'penultimate' or a list of distinct "
+                                       f"layer names (`fxtl info CACHE` lists them), got {value!r}")
+    return names
 
 
 def _is_int(v: Any) -> bool:

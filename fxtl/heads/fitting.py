@@ -31,11 +31,12 @@ import numpy as np
 from .._util import now_iso, versions
 from ..data.splits import RunRows, run_rows
 from ..errors import ParameterError
-from ..features.store import FeatureCache
+from ..features.store import FeatureCache, load_features
 from ..report.metrics import classification_metrics
 from ..runtime import release_freed_memory
 from .config import HeadConfig, parse_budget
 from .dask_backend import SearchBackend
+from .layers import LayerChoice, choose_layers, features_name, layer_matrix
 from .model import Head
 from .persistence import load_head
 from .planning import HeadPlan, plan_head
@@ -187,6 +188,7 @@ def _fit_all(cache: str | Path | FeatureCache, cfg: HeadConfig, where: Destinati
                      test_size=cfg.test_size, cv_folds=cfg.cv_folds, search=cfg.search,
                      source=str(source.path) if source.path else "the cache",
                      class_names=source.class_names)
+    source, choice = _choose_layers(cache, source, plan, cfg, log)
     t_start = time.perf_counter()
     results = []
     with contextlib.closing(runner):
@@ -195,12 +197,46 @@ def _fit_all(cache: str | Path | FeatureCache, cfg: HeadConfig, where: Destinati
             if cfg.budget is not None:
                 share = max(0.0, cfg.budget - (time.perf_counter() - t_start)) / (len(names) - i)
             log(f"fxtl: fitting {name} on {len(plan.fit_rows)} rows (report: {plan.eval_split})")
-            results.append(_fit_one(source, name, plan=plan, config=cfg.for_model(name),
-                                    runner=runner, budget=share, progress=progress))
+            res = _fit_one(source, name, plan=plan, config=cfg.for_model(name),
+                           runner=runner, budget=share, progress=progress)
+            res.metrics["layers"] = choice.layers
+            res.metrics["layer_selection"] = dict(choice)
+            results.append(res)
             release_freed_memory()  # the next head starts from what is in use, not the peak
     if where is not None:
         save_runs(results, where)
     return results
+
+
+def _choose_layers(cache: str | Path | FeatureCache, source: RowSource, plan: HeadPlan,
+                   cfg: HeadConfig, log: Callable[[str], None]) -> tuple[RowSource, LayerChoice]:
+    """The layers the heads are fitted on, and a source whose features are their concatenation
+    (``source`` itself when that is ``/features`` alone)."""
+    first = features_name(source.attrs)
+    plain = LayerChoice(layers=[first], steps=[], selection="none", candidates=[first])
+    stored = list(source.attrs.get("layers") or [])
+    if cfg.layers == "penultimate" or (cfg.layers == "auto" and not stored):
+        return source, plain
+    if source.large:
+        if cfg.layers == "auto":
+            plan.notes.append(f"{source.n:,} rows > large_threshold: fitted on /features only "
+                              "(layer choice needs the rows in memory)")
+            return source, plain
+        raise ParameterError("layers", f"{source.path} has {source.n:,} rows, above "
+                             "large_threshold: heads on several layers need them in memory; "
+                             "pass layers='penultimate' or raise large_threshold")
+    fc = cache if isinstance(cache, FeatureCache) else load_features(source.path)
+    choice = choose_layers(fc, plan, layers=cfg.layers, seed=cfg.seed)
+    log(f"fxtl: layers {', '.join(choice.layers)} (chosen on {choice['selection']})")
+    if choice.layers == [first]:
+        return source, choice
+    plan.notes.append(f"fitted on layers {', '.join(choice.layers)} "
+                      f"({'chosen by a probe on ' + choice['selection'] if cfg.layers == 'auto' else 'as given'})")
+    X = layer_matrix(fc, choice.layers)
+    attrs = {**source.attrs, "head_layers": choice.layers}
+    return RowSource(path=source.path, attrs=attrs, labels=source.labels, split=source.split,
+                     class_names=source.class_names, dim=int(X.shape[1]), paths=source.paths,
+                     features=X, large=False), choice
 
 
 def _scalable(names: list[str], source: RowSource, log: Callable[[str], None]) -> list[str]:
@@ -219,6 +255,7 @@ def _provenance(source: RowSource) -> dict[str, Any]:
     return {"backbone": a.get("backbone"), "architecture": a.get("architecture"),
             "weights_sha256": a.get("weights_sha256"), "preprocessing": a.get("preprocessing"),
             "layer": a.get("layer"), "precision": a.get("precision"), "graph": a.get("graph"),
+            **({"layers": list(a["head_layers"])} if a.get("head_layers") else {}),
             "feature_dim": source.dim, "cache_fingerprint": a.get("fingerprint"),
             "dataset": source.dataset, "cache": str(source.path) if source.path else None}
 

@@ -59,8 +59,14 @@ TRUSTED_TYPES = (
 # it must be applied to).
 MEANING_KEYS = ("model", "file", "sha256", "class_names", "feature_dim", "scores", "backbone",
                 "architecture", "weights_sha256", "preprocessing", "layer", "precision", "graph")
-_PROVENANCE_KEYS = ("backbone", "architecture", "weights_sha256", "preprocessing", "layer",
+_PROVENANCE_KEYS = ("backbone", "architecture", "weights_sha256", "preprocessing", "layer", "layers",
                     "precision", "graph", "feature_dim", "cache_fingerprint", "dataset", "cache")
+
+
+def _meaning_keys(sidecar: dict) -> tuple[str, ...]:
+    """MEANING_KEYS, and ``layers`` for a head on several layers (only then: a plain head's
+    sidecar, written before heads had layers, keeps its meaning_sha256)."""
+    return MEANING_KEYS + (("layers",) if "layers" in sidecar else ())
 
 
 def skops_io():
@@ -104,7 +110,7 @@ def save_head(head: Head, path: str | Path) -> Path:
                "scores": "probability" if head.calibrated else "softmax of decision margins",
                "sklearn_version": sklearn.__version__, "versions": versions(), "created": now_iso(),
                **{k: v for k, v in head.provenance.items() if k != "feature_dim"}}
-    sidecar["meaning_sha256"] = meaning_sha256(sidecar, MEANING_KEYS)
+    sidecar["meaning_sha256"] = meaning_sha256(sidecar, _meaning_keys(sidecar))
     atomic_write_json(path.with_suffix(".json"), sidecar)
     head.path = path
     return path
@@ -197,7 +203,7 @@ def _check_sidecar(path: Path, side_path: Path, sidecar: dict) -> None:
     # Heads written before fxtl recorded it have no meaning_sha256: their lists are still
     # cross-checked against the estimator on load (_head).
     recorded = sidecar.get("meaning_sha256")
-    if recorded is not None and recorded != meaning_sha256(sidecar, MEANING_KEYS):
+    if recorded is not None and recorded != meaning_sha256(sidecar, _meaning_keys(sidecar)):
         changed = "class_names, preprocessing, backbone or weights_sha256"
         raise ProvenanceError(f"{side_path} was edited after the head was saved (its {changed} no "
                               "longer match its meaning_sha256), so the head would answer with "
