@@ -161,3 +161,20 @@ def test_compare_pairs_a_layered_head_with_a_plain_one(cache, tmp_path):
     assert {round(r["accuracy"], 6) for r in res.rows} == \
         {round(plain.metrics["accuracy"], 6), round(layered.metrics["accuracy"], 6)}
     assert len(res.paired) == 1
+
+
+def test_cli_layers_option_reaches_the_run(cache, tmp_path):
+    from click.testing import CliRunner
+
+    from fxtl.cli import cli
+
+    runner = CliRunner()
+    r = runner.invoke(cli, ["fit-head", str(cache), "--layers", "pooled, blocks.4", "--no-search",
+                            "--cache-dir", str(tmp_path), "--json"])
+    assert r.exit_code == 0, r.output
+    run = Path(json.loads(r.stdout)["runs"][0]["run_dir"])
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert metrics["layers"] == ["pooled", "blocks.4"]
+    assert metrics["config"]["layers"] == ["pooled", "blocks.4"]
+    bad = runner.invoke(cli, ["fit-head", str(cache), "--layers", " , ", "--cache-dir", str(tmp_path)])
+    assert bad.exit_code == 2 and "--layers" in bad.stderr

@@ -39,6 +39,16 @@ def _pca_value(ctx, param, value):
     raise click.BadParameter("give a whole number of components >= 1 or a fraction in (0, 1)")
 
 
+def _layers_value(ctx, param, value):
+    """``auto``, ``penultimate`` or a comma list of layer names (HeadConfig's ``layers``)."""
+    if value in ("auto", "penultimate"):
+        return value
+    names = tuple(n.strip() for n in value.split(",") if n.strip())
+    if not names:
+        raise click.BadParameter("give auto, penultimate or layer names separated by commas")
+    return names
+
+
 def _jobs_value(ctx, param, value):
     if value == 0:  # joblib: -1 is every core, -2 all but one; 0 means nothing
         raise click.BadParameter("0 jobs cannot run anything; give a count >= 1, or -1 for every core")
@@ -122,11 +132,17 @@ def _fmt_params(p: dict) -> str:
               show_default=True,
               help="logreg, linear-svm and mlp in scikit-learn or in torch (L-BFGS/Adam, every "
                    "core, CUDA when present); auto takes torch on large data.")
+@click.option("--layers", "layers", default="auto", show_default=True, callback=_layers_value,
+              metavar="auto|penultimate|NAME[,NAME...]",
+              help="Features the heads are fitted on, for a cache made with `extract --layers`: "
+                   "auto chooses the layers on the selection split (never the reported one); "
+                   "penultimate uses /features only; or name the layers.")
 @cache_dir_option
 @json_option
 @handle_errors
 def fit_head(cache, models, params, no_search, seed, jobs, test_size, cv_folds, l2_normalize, pca,
-             large_threshold, run_name, backend, scheduler, budget, solver, cache_dir, as_json):
+             large_threshold, run_name, backend, scheduler, budget, solver, layers, cache_dir,
+             as_json):
     """Fit scikit-learn heads on a feature CACHE and report honest scores.
 
     Hyper-parameters are selected on val when a test split exists, else by stratified k-fold
@@ -140,7 +156,8 @@ def fit_head(cache, models, params, no_search, seed, jobs, test_size, cv_folds, 
     config = HeadConfig(models=models, params=parse_params(params), search=not no_search,
                         seed=seed, jobs=jobs, test_size=test_size, cv_folds=cv_folds,
                         l2_normalize=l2_normalize, pca=pca, large_threshold=large_threshold,
-                        backend=backend, scheduler=scheduler, budget=budget, solver=solver)
+                        backend=backend, scheduler=scheduler, budget=budget, solver=solver,
+                        layers=layers)
     where = destination(cache_dir=resolve_cache_dir(cache_dir), run_name=run_name)
     check_destination(where, config.models)  # before the fit: a taken name costs no fitting
     results = []

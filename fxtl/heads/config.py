@@ -4,7 +4,7 @@ The config is the one list of what changes a head's answer (and where its search
 ``fxtl fit-head`` builds it from its flags, :func:`fxtl.heads.fit_heads` from keyword arguments,
 the search reads it, and every run folder stores the config of its own head
 (``metrics.json["config"]``). Adding an option is adding a field here (and its flag in
-``fxtl/cli.py``). Where a run is written is not part of it: fitting returns a value, saving is a
+``fxtl/cli/heads.py``). Where a run is written is not part of it: fitting returns a value, saving is a
 separate step (:mod:`fxtl.heads.runs`).
 """
 from __future__ import annotations
