@@ -535,15 +535,6 @@ def test_merging_the_shards_folder_twice_is_a_no_op(tmp_path, shards):
 
 
 # ----------------------------------------------------------------------------- 19, 20: data
-@pytest.fixture(scope="module")
-def tiny_backbone(tmp_path_factory) -> str:
-    import timm
-    import torch
-
-    torch.manual_seed(0)
-    weights = tmp_path_factory.mktemp("w") / "w.pth"
-    torch.save(timm.create_model("test_efficientnet").state_dict(), weights)
-    return f"timm:test_efficientnet={weights}"
 
 
 def _extract(data: Path, backbone: str, *extra):
@@ -551,26 +542,26 @@ def _extract(data: Path, backbone: str, *extra):
                    "--workers", "0", *extra)
 
 
-def test_cache_dir_inside_a_class_folder_is_named_when_the_class_goes_missing(tmp_path, tiny_backbone):
+def test_cache_dir_inside_a_class_folder_is_named_when_the_class_goes_missing(tmp_path, tiny):
     from fxtl.data.samples import write_shapes
 
     data = write_shapes(tmp_path / "d", per_class=3)
     inside = data / "train" / "circle"
-    first = _extract(data, tiny_backbone, "--cache-dir", inside)
+    first = _extract(data, tiny, "--cache-dir", inside)
     assert first.exit_code == 0, first.stderr[-2000:]
-    again = _extract(data, tiny_backbone, "--cache-dir", inside)
-    line = assert_one_line_error(again.exit_code, again.stderr, "class 'circle'", str(inside),
-                                 "holds images and fxtl output", "--cache-dir outside the data")
+    again = _extract(data, tiny, "--cache-dir", inside)
+    assert_one_line_error(again.exit_code, again.stderr, "class 'circle'", str(inside),
+                          "holds images and fxtl output", "--cache-dir outside the data")
 
 
-def test_float_tiff_of_nan_is_one_warning_saying_what_was_kept(tmp_path, tiny_backbone):
+def test_float_tiff_of_nan_is_one_warning_saying_what_was_kept(tmp_path, tiny):
     from PIL import Image
 
     from fxtl.data.samples import write_shapes
 
     data = write_shapes(tmp_path / "d", per_class=3, splits=("train",))
     Image.fromarray(np.full((40, 40), np.nan, np.float32), "F").save(data / "train" / "circle" / "nan.tif")
-    r = _extract(data, tiny_backbone, "--cache-dir", tmp_path / "c", "--json")
+    r = _extract(data, tiny, "--cache-dir", tmp_path / "c", "--json")
     assert r.exit_code == 0, r.stderr[-2000:]
     assert "RuntimeWarning" not in r.stderr and "invalid value" not in r.stderr, r.stderr
     warned = [line for line in lines(r.stderr) if line.startswith("fxtl: warning:")]
