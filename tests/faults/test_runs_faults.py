@@ -112,7 +112,7 @@ def test_predict_on_a_killed_finetune_says_what_it_is(tmp_path, shapes_dir):
     run.mkdir()
     (run / "checkpoint-last.pt").write_bytes(b"half a checkpoint")
     line = _one_line(["predict", str(run), str(shapes_dir / "val")])
-    assert "did not finish" in line and "resume=True" in line and "joblib" not in line
+    assert "did not finish" in line and "fxtl finetune DATA --resume --run-name ft-killed" in line and "joblib" not in line
 
 
 def test_a_run_without_weights_sha256_is_refused_unless_trusted(run, shapes_dir):
