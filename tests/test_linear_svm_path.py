@@ -8,6 +8,7 @@ from sklearn.datasets import load_digits
 from sklearn.model_selection import StratifiedKFold
 
 import fxtl.heads.search as search
+from fxtl.heads.config import HeadConfig
 from fxtl.heads.grid import PATH_PATIENCE
 from fxtl.heads.registry import DataShape, get_head
 
@@ -28,7 +29,8 @@ def _search(digits, path_param):
     grid = spec.space(DataShape(n_fit=200, dim=64, n_classes=10))["C"]
     assert grid == sorted(grid)  # a path: ascending C
     return search.run_search(spec, X=X, y=y, folds=folds, candidates=[{"C": c} for c in grid],
-                             fixed={}, seed=0, l2_normalize=False, pca=None, jobs=1,
+                             fixed={}, config=HeadConfig(models=("linear-svm",), seed=0, jobs=1,
+                                                         solver="sklearn"),
                              parallel=None, deadline=None, progress=None, path_param=path_param)
 
 

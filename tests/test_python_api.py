@@ -231,7 +231,7 @@ def test_results_as_tables(cache, head_run, bugs):
 
 
 def test_compare_after_fit_head_runs_dir_says_what_to_pass(head_run, tmp_path):
-    with pytest.raises(fxtl.FxtlError, match="runs_dir .* or cache_dir") as e:
+    with pytest.raises(fxtl.FxtlError, match="cache_dir=FOLDER .* or runs_dir=FOLDER") as e:
         fxtl.compare(cache_dir=tmp_path / "elsewhere")
     assert e.value.param == "cache_dir" and "--cache-dir" not in str(e.value)
     assert len(fxtl.compare(runs_dir=head_run.parent, chart=False).rows) == 1

@@ -148,8 +148,8 @@ def test_crashed_shard_resumes_only_its_missing_chunks(data, shard_files, refere
 
     save = chunks.save_chunk
 
-    def crash_after_first_chunk(parts, k, *args):
-        save(parts, k, *args)
+    def crash_after_first_chunk(parts, k, *args, **kwargs):
+        save(parts, k, *args, **kwargs)
         if k == 0:
             raise Crash
 
