@@ -20,7 +20,7 @@ import numpy as np
 from .._util import loads_json, read_json, say, sha256_file
 from ..data.images import EvalTransform, ImageDecodeError, Preprocessing
 from ..errors import FxtlError, ProvenanceError, ParameterError
-from ..inference import PredictResult, collect_images, finish_result
+from ..inference import PredictResult, collect_images, finish_result, score_entry
 from .onnx_graph import ONNX_FORMAT, ONNX_FORMAT_VERSION, require_onnx
 
 __all__ = ["predict_onnx", "OnnxModel", "load_onnx"]
@@ -136,14 +136,6 @@ def load_onnx(path: str | Path, *, threads: int | None = None) -> OnnxModel:
     return OnnxModel(path, sess, meta)
 
 
-def _entry(path: str, scores: np.ndarray, names: Sequence[str], k: int) -> dict[str, Any]:
-    """One prediction in ``fxtl predict``'s shape (argmax, ties to the first class)."""
-    j = int(np.argmax(scores))
-    order = np.argsort(-scores, kind="stable")[:k]
-    return {"path": path, "label": names[j], "index": j, "probability": round(float(scores[j]), 6),
-            "top_k": [{"label": names[i], "probability": round(float(scores[i]), 6)} for i in order]}
-
-
 def predict_onnx(model: str | Path, inputs: Sequence[str | Path], *, top_k: int = 1,
                  batch_size: int | None = None, workers: int | None = None,
                  threads: int | None = None):
@@ -202,6 +194,6 @@ def predict_onnx(model: str | Path, inputs: Sequence[str | Path], *, top_k: int 
             if not good:
                 continue
             scores = net.scores(np.stack([x for _, x in good]))
-            res.predictions.extend(_entry(str(images[i]), s, net.class_names, top_k)
+            res.predictions.extend(score_entry(str(images[i]), s, net.class_names, top_k)
                                    for (i, _), s in zip(good, scores))
     return finish_result(res, errors, t0)
