@@ -18,17 +18,18 @@ from fxtl.features import cache_guard, cache_probe
 from fxtl.features.cache_guard import CacheGuard
 from fxtl.features.store import load_features, read_attrs
 
-# The fuzz benchmark's valid cache: the file the flips below were found in, byte for byte.
-from benchmarks.fuzz_cache import valid_cache as _valid
+# The fuzz benchmark's valid cache (format version 2, as benchmarks/fuzz_cache.py wrote it when
+# the flips below were found), stored byte for byte: a newer writer lays the file out otherwise.
+FUZZED = Path(__file__).parent / "data" / "fuzz-valid-v2.h5"
+from benchmarks.fuzz_cache import valid_cache as _valid  # today's writer, for the other tests
 
 from ._cli import assert_one_line_error, run_fxtl
 
 # One byte flipped in this cache (found by benchmarks/fuzz_cache.py, seeds 1 and 14) makes
 # HDF5 2.0 crash with SIGSEGV, or spin for ever, while h5py reads the root attributes.
 CRASH_FLIP, HANG_FLIP = (13657, 247), (2057, 36)
-# The HDF5 these flips were found with, and the valid file's sha256 under it. Another HDF5, or
-# another writer (format version 3 stamps more attributes), lays the file out differently and the
-# flips land elsewhere: the crash and hang parts are then skipped, visibly, naming which.
+# The HDF5 these flips were found with, and the stored file's sha256. Under another HDF5 the
+# flips may damage the file differently: the crash and hang parts are then skipped, visibly.
 LAYOUT_HDF5, LAYOUT_SHA256 = "2.0.0", "5e5d1d6581074042220f3525d09889356b990fa2c72dd50a68ab13ddfecda235"
 
 
@@ -37,10 +38,9 @@ def _flipped(tmp_path: Path, name: str, flip: tuple[int, int]) -> tuple[Path, bo
 
     False when the file is not the one the flips were found in (see :func:`_skip_unless_known`).
     """
-    data = bytearray(_valid(tmp_path / "valid.h5").read_bytes())
-    known = hashlib.sha256(data).hexdigest() == LAYOUT_SHA256
-    if not known and h5py.version.hdf5_version == LAYOUT_HDF5:
-        _skip_unless_known(known, "flipped file")  # the flips do not damage this file at all
+    data = bytearray(FUZZED.read_bytes())
+    assert hashlib.sha256(data).hexdigest() == LAYOUT_SHA256, f"{FUZZED} was changed"
+    known = h5py.version.hdf5_version == LAYOUT_HDF5
     data[flip[0]] ^= flip[1]
     out = tmp_path / name
     out.write_bytes(bytes(data))
@@ -48,13 +48,11 @@ def _flipped(tmp_path: Path, name: str, flip: tuple[int, int]) -> tuple[Path, bo
 
 
 def _skip_unless_known(known: bool, what: str) -> None:
-    """Skip (visibly) the part of a test that needs the flips' HDF5 layout."""
+    """Skip (visibly) the part of a test that needs the HDF5 the flips were found with."""
     if not known:
-        why = (f"HDF5 {h5py.version.hdf5_version} lays the cache out differently from HDF5 "
-               f"{LAYOUT_HDF5}" if h5py.version.hdf5_version != LAYOUT_HDF5 else
-               "benchmarks/fuzz_cache.valid_cache now writes another file than the one the flips "
-               "were found in (find them again with benchmarks/fuzz_cache.py)")
-        pytest.skip(f"{why}: the {what} was not tested")
+        pytest.skip(f"HDF5 {h5py.version.hdf5_version} is not HDF5 {LAYOUT_HDF5}, with which the "
+                    f"flips were found (find them again with benchmarks/fuzz_cache.py): the {what} "
+                    "was not tested")
 
 
 def _one_line(exc: pytest.ExceptionInfo, path: Path) -> str:
@@ -185,8 +183,7 @@ def test_isolate_false_reads_in_process(tmp_path, monkeypatch):
 def test_the_cli_probe_switch_comes_from_its_option_or_environment(tmp_path):
     """FXTL_CACHE_PROBE is read by the CLI (click's envvar) and passed down, never by the library."""
     bad, known = _flipped(tmp_path, "crash.h5", CRASH_FLIP)
-    if not known:
-        pytest.skip("this HDF5 lays the fuzz cache out differently: the crash flip is elsewhere")
+    _skip_unless_known(known, "crash from the CLI without the probe")
     # In-process, the flip that crashes libhdf5 takes the process down: the switch reached it.
     assert run_fxtl("--no-cache-probe", "info", bad, timeout=120).returncode == -signal.SIGSEGV
     r = run_fxtl("info", bad, timeout=120, env={"FXTL_CACHE_PROBE": "off"})
@@ -218,6 +215,7 @@ def test_a_damaged_hdf5_file_in_a_data_folder_does_not_crash_discovery(tmp_path,
         t0 = time.monotonic()
         seen[name] = is_artifact_folder(folder)
         assert time.monotonic() - t0 < bound
+    _valid(tmp_path / "valid.h5")
     assert is_artifact_folder(tmp_path) is True  # valid.h5: a cache fxtl wrote
     monkeypatch.setattr(_isolate, "_may_fork", lambda: True)
     monkeypatch.setattr(discovery, "require_fxtl_format",
