@@ -50,8 +50,9 @@ def run_demo(*, cache_dir: str | Path | None = None, per_class: int = 60, epochs
         write_digits(data, classes=10, per_class=per_class, val_fraction=0.25, test_fraction=0.25,
                      seed=seed)
     log("fxtl demo: 1/4 advise: how big is the data, how similar to ImageNet?")
-    advice = advise(data, sample=min(240, per_class * 10 // 2), seed=seed, device=device,
-                    precision=precision, progress=True)
+    # One backbone: the demo stays a few minutes on a CPU (`fxtl advise` compares lite1/lite2)
+    advice = advise(data, backbones=["lite0"], sample=min(240, per_class * 10 // 2), seed=seed,
+                    device=device, precision=precision, cache_dir=home, progress=True)
     log(f"fxtl demo: scenario {advice.scenario}: {advice.explanation}")
     log("fxtl demo: 2/4 extract + heads, 3/4 fine-tune, 4/4 compare")
     plan = run_plan(advice, cache_dir=home, device=device, precision=precision, seed=seed,

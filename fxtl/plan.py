@@ -54,10 +54,13 @@ def run_plan(advice: Advice, *, cache_dir: str | Path | None = None, device: str
              image_size: int | None = None, log=None) -> dict[str, Any]:
     """Execute what ``advice`` recommends (``fxtl advise --run``), then compare the runs.
 
+    Runs with the backbone the advice's commands use (``advice.recommended_backbone``).
     Scenario 1: extract + every head. 2 and 4: a full fine-tune (4 trains longer) beside a
-    logistic-regression head. 3: every head, then the last two blocks fine-tuned from the
-    logistic-regression head (LP-FT, crop scale :data:`LP_FT_CROP_SCALE`, at the input size the
-    head was fitted at, so ``image_size`` does not apply to it). The same splits are used
+    logistic-regression head. 3: several layers extracted (``layers="auto"``) and every head
+    choosing among them, then the last two blocks fine-tuned from a logistic-regression head on
+    the penultimate features (LP-FT, crop scale :data:`LP_FT_CROP_SCALE`, at the input size the
+    head was fitted at, so ``image_size`` does not apply to it; that start head is in
+    ``start_head``, not among the compared runs). The same splits are used
     throughout, so ``compare`` lines the results up. Ends with the paired test of the best head
     (best on its search score, not on test: ``best_head``) against the fine-tune on the same
     images (``paired``: exact McNemar) and whether the advice
@@ -65,10 +68,14 @@ def run_plan(advice: Advice, *, cache_dir: str | Path | None = None, device: str
     """
     log = log or (lambda msg: None)
     data = advice.data
+    backbone = advice.recommended_backbone
     heads = ["all"] if advice.scenario in (1, 3) else ["logreg"]
-    out: dict[str, Any] = {"scenario": advice.scenario, "runs": [], "summary": []}
-    log(f"fxtl: scenario {advice.scenario}: extracting features of {data}")
-    ex = extract(data, backbone=advice.backbone, device=device, precision=precision,
+    layers = "auto" if advice.scenario == 3 else None
+    out: dict[str, Any] = {"scenario": advice.scenario, "backbone": backbone, "runs": [],
+                           "summary": []}
+    log(f"fxtl: scenario {advice.scenario}: extracting features of {data} ({backbone}"
+        + (", several layers" if layers else "") + ")")
+    ex = extract(data, backbone=backbone, layers=layers, device=device, precision=precision,
                  cache_dir=cache_dir, progress=log is not None)
     out["cache"] = str(ex.cache)
     out["summary"].append(f"extract: {ex.n} images -> {ex.cache} ({ex.seconds:.1f} s)")
@@ -84,16 +91,20 @@ def run_plan(advice: Advice, *, cache_dir: str | Path | None = None, device: str
         trainable = "last:2" if advice.scenario == 3 else "all"
         n_epochs = epochs or (15 if advice.scenario == 4 else 5)
         kw: dict[str, Any] = {"image_size": image_size}
-        logreg = next((r for r in out["runs"] if r["model"] == "logreg"), None)
         how = ""
-        if advice.scenario == 3 and logreg is not None:
-            kw = {"init_head": logreg["run_dir"], "crop_scale": LP_FT_CROP_SCALE}
+        if advice.scenario == 3:
+            # The fine-tune folds its start head into the classifier, which sees the penultimate
+            # features only; the heads above may have chosen other layers.
+            start = fit_heads(ex.cache, models=["logreg"], layers="penultimate", seed=seed,
+                              cache_dir=cache_dir, log=log)[0]
+            out["start_head"] = str(start.run_dir)
+            kw = {"init_head": str(start.run_dir), "crop_scale": LP_FT_CROP_SCALE}
             how = ", from the logreg head (LP-FT)"
             if image_size:
                 log(f"fxtl: the LP-FT fine-tune runs at the input size the head was fitted at; "
                     f"image size {image_size} applies to fine-tunes from a zero classifier")
         log(f"fxtl: fine-tuning ({trainable}, {n_epochs} epochs{how})")
-        ft = finetune(data, backbone=advice.backbone, trainable=trainable, epochs=n_epochs,
+        ft = finetune(data, backbone=backbone, trainable=trainable, epochs=n_epochs,
                       seed=seed, device=device, precision=precision, cache_dir=cache_dir,
                       progress=log is not None, **kw)
         out["runs"].append({"kind": "finetune", "model": ft.model + (" (LP-FT)" if how else ""),

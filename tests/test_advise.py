@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import csv
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -16,7 +17,8 @@ from fxtl.errors import ParameterError
 
 @pytest.fixture(scope="module")
 def digits_advice(digits_dir):
-    return advise(digits_dir, sample=60)
+    # the cache home the CLI also finds (conftest sets $FXTL_CACHE), so the commands agree
+    return advise(digits_dir, sample=60, backbones=["lite0"], cache_dir=os.environ["FXTL_CACHE"])
 
 
 def test_digits_are_different_from_imagenet(digits_advice):
@@ -77,20 +79,37 @@ def test_scenario_3_fine_tunes_from_the_fitted_head():
     fit = next(i for i, c in enumerate(cmds) if c.startswith("fxtl fit-head"))
     ft = next(i for i, c in enumerate(cmds) if c.startswith("fxtl finetune"))
     assert fit < ft
-    assert "--trainable last:2" in cmds[ft] and "--init-head LOGREG_RUN" in cmds[ft]
+    start = next(c for c in cmds if "--run-name data-lite0-start" in c)
+    assert "--model logreg --layers penultimate" in start and cmds.index(start) < ft
+    assert "--trainable last:2" in cmds[ft]
+    assert f"--init-head {Path(os.environ['FXTL_CACHE']) / 'runs' / 'data-lite0-start'}" in cmds[ft]
     assert "--crop-scale 0.8 1.0" in cmds[ft] and "--image-size" not in cmds[ft]
     assert "LP-FT" in SCENARIOS[3][2] and "--init-head" in SCENARIOS[3][2]
 
 
+def test_scenario_3_recommends_heads_on_several_layers():
+    """Small + different: heads that choose among several layers (Head2Toe), beside the fine-tune."""
+    cmds = _commands(3, "data", "lite0")
+    assert cmds[0] == "fxtl extract data --layers auto"
+    assert cmds[1].startswith("fxtl fit-head CACHE --model all --layers auto --run-name data-lite0")
+    assert "--layers auto" in SCENARIOS[3][2]
+    for k in (1, 2, 4):
+        assert "--layers" not in " ".join(_commands(k, "data", "lite0"))
+
+
 def test_cli_json_is_the_librarys_advice(digits_dir, digits_advice):
     """`advise --json` prints what `advise()` returns for the same data, sample and seed."""
-    r = CliRunner().invoke(cli, ["advise", str(digits_dir), "--sample", "60", "--json"])
+    r = CliRunner().invoke(cli, ["advise", str(digits_dir), "--sample", "60", "--backbone",
+                                 "lite0", "--json"])
     assert r.exit_code == 0, r.output
     d = json.loads(r.stdout)
     want = json.loads(json.dumps(digits_advice.to_dict()))
     assert d.pop("seconds") > 0
     want.pop("seconds")
+    for got in (d, want):  # timings differ from run to run
+        assert got["backbones"]["compared"][0].pop("seconds") > 0
     assert d == want
+    assert [r["backbone"] for r in d["backbones"]["compared"]] == ["lite0"]  # --backbone alone
     assert d["scenario"] == 3 and d["similarity"]["category"] == "different"
 
 
@@ -114,9 +133,15 @@ def test_demo_runs_the_whole_job(tmp_path):
     assert kinds.count("head") >= 2 and kinds[-1] == "finetune" and kinds.count("finetune") == 1
     ft = d["plan"]["runs"][-1]
     cfg = json.loads((Path(ft["run_dir"]) / "metrics.json").read_text())["config"]
-    logreg = next(run for run in d["plan"]["runs"] if run["model"] == "logreg")
-    # LP-FT from the logreg head, at the head's input size, with the milder crop
-    assert cfg["init_head"] and Path(cfg["init_head"]).resolve() == Path(logreg["run_dir"]).resolve()
+    # LP-FT from a logreg head on the penultimate features (the compared heads chose among
+    # several layers), at the head's input size, with the milder crop
+    start = Path(d["plan"]["start_head"])
+    assert cfg["init_head"] and Path(cfg["init_head"]).resolve() == start.resolve()
+    assert start not in [Path(run["run_dir"]) for run in d["plan"]["runs"]]
+    assert json.loads((start / "metrics.json").read_text())["model"] == "logreg"
+    assert json.loads(Path(d["plan"]["runs"][0]["run_dir"], "metrics.json").read_text())["cache"] \
+        == d["plan"]["cache"]
+    assert d["plan"]["cache"].endswith(".h5") and "--layers auto" in d["advice"]["commands"][0]
     assert cfg["image_size"] == 224 and cfg["crop_scale"] == [0.8, 1.0]
     right = {}  # run folder -> {image: predicted correctly}, read from its predictions.csv
     for run in d["plan"]["runs"]:

@@ -20,6 +20,7 @@ its provenance attached (``.provenance``) so preprocessing can always be recover
 """
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 from dataclasses import replace
@@ -37,6 +38,7 @@ if TYPE_CHECKING:  # the class lives with torch, imported only when a network is
 
 __all__ = ["BackboneSpec", "register_backbone", "get_backbone", "list_backbones",
            "load_backbone", "parse_backbone_name", "weights_identity", "WeightsIdentity",
+           "packaged_backbones",
            "DEFAULT_BACKBONE", "MODEL_MANIFEST", "RUN_MEANING_KEYS"]
 
 DEFAULT_BACKBONE = "lite0"
@@ -272,6 +274,32 @@ def list_backbones() -> list[dict[str, Any]]:
         rows.append({"name": spec.name, "source": spec.source, "feature_dim": spec.feature_dim,
                      "available_offline": _weights_available(spec), "description": spec.description,
                      "metrics": json.loads(json.dumps(dict(spec.meta.get("metrics", {}))))})
+    return rows
+
+
+def packaged_backbones() -> list[dict[str, Any]]:
+    """Registered backbones whose weights ship in a pip package (``lite0``, ``lite1``, ``lite2``),
+    in registry order: ``name``, ``installed`` (the package can be imported), ``distribution`` and
+    ``extra`` (fxtl's optional extra that installs it; ``None`` for a core dependency).
+
+    Nothing is imported: asking costs no more than a look at the installed packages.
+
+    Examples
+    --------
+    >>> [(b["name"], b["extra"]) for b in packaged_backbones()]
+    [('lite0', None), ('lite1', 'lite'), ('lite2', 'lite')]
+    """
+    rows = []
+    for spec in _REGISTRY.values():
+        pkg = weights.WEIGHTS_PACKAGES.get(spec.weights or "") if spec.source == "package" else None
+        if pkg is None:
+            continue
+        try:
+            installed = importlib.util.find_spec(pkg.module) is not None
+        except (ImportError, ValueError):  # a broken or half-removed installation
+            installed = False
+        rows.append({"name": spec.name, "installed": installed, "distribution": pkg.distribution,
+                     "extra": pkg.extra})
     return rows
 
 

@@ -10,9 +10,28 @@ from .common import (SEED, backbone_value, cache_dir_option, device_options, emi
                      json_option, log, resolve_cache_dir, show_progress)
 
 
+def _backbones_value(ctx, param, value):
+    """``auto`` or names separated by commas; an unknown name is a usage error (exit 2)."""
+    if value is None:
+        return None
+    if value.strip() == "auto":
+        return "auto"
+    names = [n.strip() for n in value.split(",") if n.strip()]
+    if not names:
+        raise click.BadParameter("give auto or backbone names separated by commas")
+    for name in names:
+        backbone_value(ctx, param, name)
+    return names
+
+
 @click.command()
 @click.argument("data_dir", type=click.Path(exists=True, path_type=Path))
-@click.option("--backbone", "-b", default="lite0", show_default=True, callback=backbone_value)
+@click.option("--backbone", "-b", default="lite0", show_default=True, callback=backbone_value,
+              help="The backbone similarity is measured with; given alone, the only one probed.")
+@click.option("--backbones", default=None, metavar="auto|NAME[,NAME...]", callback=_backbones_value,
+              help="Backbones whose linear probes are compared on the same sample; the commands "
+                   "use another than --backbone only when it is clearly better [default: auto: "
+                   "--backbone and the installed lite0/lite1/lite2; --backbone alone when given].")
 @click.option("--sample", type=click.IntRange(min=10), default=240, show_default=True,
               help="Images decoded to estimate similarity (stratified; the rest are only counted).")
 @click.option("--large-per-class", type=click.IntRange(min=1), default=1000, show_default=True,
@@ -23,14 +42,21 @@ from .common import (SEED, backbone_value, cache_dir_option, device_options, emi
 @cache_dir_option
 @json_option
 @handle_errors
-def advise(data_dir, backbone, sample, large_per_class, seed, run_plan, device, precision, cache_dir,
-           as_json):
-    """Say which of the four transfer-learning scenarios DATA_DIR is in, and what to run."""
+def advise(data_dir, backbone, backbones, sample, large_per_class, seed, run_plan, device,
+           precision, cache_dir, as_json):
+    """Say which of the four transfer-learning scenarios DATA_DIR is in, and what to run.
+
+    The commands under "Next:" name the cache and run folders they will write, so they can be
+    copied and run in order.
+    """
     from ..advice import advise as run_advise
 
-    a = run_advise(data_dir, backbone=backbone, sample=sample, large_per_class=large_per_class,
-                   seed=seed, device=device, precision=precision,
-                   progress=show_progress(as_json))
+    if backbones is None:  # an explicit --backbone alone is the quick, one-backbone advice
+        given = click.get_current_context().get_parameter_source("backbone")
+        backbones = [backbone] if given is not click.core.ParameterSource.DEFAULT else "auto"
+    a = run_advise(data_dir, backbone=backbone, backbones=backbones, sample=sample,
+                   large_per_class=large_per_class, seed=seed, device=device, precision=precision,
+                   cache_dir=cache_dir, progress=show_progress(as_json))
     d = a.to_dict()
     if run_plan:
         from ..plan import run_plan as execute
@@ -53,6 +79,22 @@ def advise(data_dir, backbone, sample, large_per_class, seed, run_plan, device, 
             tops = ", ".join(f"{c.split(',')[0]} ({n})" for c, n in m["imagenet_top_predictions"])
             lines.append(f"              ImageNet familiarity {m['imagenet_familiarity']:.2f} "
                          f"(mean top-1 softmax {m['imagenet_mean_max_softmax']:.2f}; top: {tops})")
+        bbs = d.get("backbones") or {}
+        rows = [r for r in bbs.get("compared", []) if "probe_accuracy" in r]
+        if len(rows) > 1:
+            lines.append(f"  backbones   linear probe on the same {bbs['sample']} images [95%]:")
+            for r in rows:
+                p = r.get("paired", {}).get("p_value")
+                lines.append(f"              {r['backbone']:<8} {r['probe_accuracy']:.3f} "
+                             f"[{r['probe_accuracy_ci95'][0]:.3f}-{r['probe_accuracy_ci95'][1]:.3f}]"
+                             f"  {r['input_size'] or '?'} px, {r.get('seconds', 0):.1f} s"
+                             + (f", p = {p:.2g} vs {d['backbone']}" if p is not None else ""))
+            lines.append(f"              best {bbs['best']}; the commands use {bbs['recommended']} "
+                         f"(rule: {bbs['rule']})")
+            if bbs.get("not_installed"):
+                lines.append(f"              {bbs['install']} would add {', '.join(bbs['not_installed'])}")
+        elif bbs.get("text"):
+            lines.append(f"  {bbs['text']}")
         lines += ["", d["explanation"], "", "Next:"] + [f"  {c}" for c in d["commands"]]
         if d.get("plan"):
             from ..report.comparison import format_table

@@ -30,7 +30,8 @@ from .store import FORMAT_VERSION, read_attrs
 from .torchrun import extract_torchrun
 
 __all__ = ["extract", "merge_shards", "ExtractResult", "embed_paths", "cache_path_for",
-           "cache_fingerprint", "parse_layers", "default_batch_size", "default_workers", "SHARD_FORMAT"]
+           "planned_cache_path", "cache_fingerprint", "parse_layers", "default_batch_size",
+           "default_workers", "SHARD_FORMAT"]
 
 
 def cache_path_for(images: ImageSet, backbone: str, fp: str, cache_dir: Path) -> Path:
@@ -50,6 +51,51 @@ def cache_fingerprint(images: ImageSet, *, backbone: str, identity: WeightsIdent
                        preprocessing=identity.preprocessing.to_dict(), layer=layer,
                        precision=precision, graph=INFERENCE_GRAPH, format_version=FORMAT_VERSION,
                        **parts)
+
+
+def planned_cache_path(data: str | Path | ImageSet, *, backbone: str = DEFAULT_BACKBONE,
+                       layer: str | None = None, layers: str | Sequence[str] | None = None,
+                       precision: str = "auto", device: str = "auto",
+                       cache_dir: str | Path | None = None,
+                       identity: WeightsIdentity | None = None) -> Path | None:
+    """The cache file :func:`extract` with these options writes (or reuses), without extracting.
+
+    The same rule as :func:`extract` (:func:`cache_fingerprint` into :func:`cache_path_for`), so
+    a command printed for later (``fxtl advise``'s "Next:") can name the file it will produce.
+
+    Parameters
+    ----------
+    data : str, Path or ImageSet
+        DATA_DIR, a CSV manifest, or the images already discovered from it.
+    backbone, layer, layers, precision, device, cache_dir
+        As for :func:`extract`.
+    identity : WeightsIdentity, optional
+        The weights hash and preprocessing of a network already built (``Backbone.weights_sha256``,
+        ``.preprocessing``), for backbones whose weights only a built network knows.
+
+    Returns
+    -------
+    Path or None
+        ``None`` when the weights' hash cannot be known without building the network (hub
+        weights) and no ``identity`` was given.
+    """
+    images = data if isinstance(data, ImageSet) else discover(data)
+    spec = parse_backbone_name(backbone)
+    identity = weights_identity(spec) or identity
+    if identity is None:
+        return None
+    precision = resolve_precision(precision, resolve_device(device))
+    return _cache_target(images, spec.name, identity=identity, layer=layer or "pooled",
+                         precision=precision, layers=parse_layers(layers), cache_dir=cache_dir)[1]
+
+
+def _cache_target(images: ImageSet, backbone: str, *, identity: WeightsIdentity, layer: str,
+                  precision: str, layers: tuple[str, ...], cache_dir: str | Path | None
+                  ) -> tuple[str, Path]:
+    """The fingerprint and default file of a cache (``extract`` and ``planned_cache_path``)."""
+    fp = cache_fingerprint(images, backbone=backbone, identity=identity, layer=layer,
+                           precision=precision, layers=layers)
+    return fp, cache_path_for(images, backbone, fp, Path(cache_dir) if cache_dir else default_cache_dir())
 
 
 def parse_layers(layers: str | Sequence[str] | None) -> tuple[str, ...]:
@@ -170,10 +216,9 @@ def extract(data: str | Path, *, backbone: str = DEFAULT_BACKBONE, layer: str | 
         built = load_backbone(backbone, layer=layer, layers=layers, inference=True)
         identity = WeightsIdentity(built.weights_sha256, built.preprocessing)
     layer_name = layer or "pooled"
-    fp = cache_fingerprint(images, backbone=spec.name, identity=identity, layer=layer_name,
-                           precision=precision, layers=layers)
-    path = Path(output) if output else cache_path_for(
-        images, spec.name, fp, Path(cache_dir) if cache_dir else default_cache_dir())
+    fp, path = _cache_target(images, spec.name, identity=identity, layer=layer_name,
+                             precision=precision, layers=layers, cache_dir=cache_dir)
+    path = Path(output) if output else path
 
     def build():
         bb = built or load_backbone(backbone, layer=layer, layers=layers, inference=True)
