@@ -59,7 +59,7 @@ def test_advice_verdict_from_the_paired_test():
 
 
 def test_size_threshold_moves_scenario(digits_dir):
-    a = advise(digits_dir, sample=30, large_per_class=5)
+    a = advise(digits_dir, sample=30, large_per_class=5, backbones=["lite0"])
     assert a.size["category"] == "large" and a.scenario == 4
     assert a.size["classes"] == 3 and a.size["images_per_class_median"] == 8
 

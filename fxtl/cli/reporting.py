@@ -90,7 +90,8 @@ def advise(data_dir, backbone, backbones, sample, large_per_class, seed, run_pla
                              f"  {r['input_size'] or '?'} px, {r.get('seconds', 0):.1f} s"
                              + (f", p = {p:.2g} vs {d['backbone']}" if p is not None else ""))
             lines.append(f"              best {bbs['best']}; the commands use {bbs['recommended']} "
-                         f"(rule: {bbs['rule']})")
+                         f"(another replaces {d['backbone']} only when it probes better at "
+                         f"McNemar p < 0.05 on these images)")
             if bbs.get("not_installed"):
                 lines.append(f"              {bbs['install']} would add {', '.join(bbs['not_installed'])}")
         elif bbs.get("text"):
