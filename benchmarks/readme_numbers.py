@@ -123,19 +123,47 @@ def advise_example(r: Results) -> str:
 
 
 # ----------------------------------------------------------------------------- summary table
+def _before_after_what(d: dict[str, Any]) -> str:
+    text = f"vs {d['revisions']['before']}, {d['rounds']} alternating rounds"
+    load = d.get("loadavg_at_end")
+    return text + (f", load average {load[0]:.1f} at the end" if load else "")
+
+
+def _before_after(d: dict[str, Any], json_name: str) -> str:
+    """``benchmarks/before_after.py``'s summary: medians after vs before, each stage it timed."""
+    s, rates = d["summary"], d.get("rates", {})
+    parts = [f"extract {s['extract']['after_median']:.1f} vs {s['extract']['before_median']:.1f} "
+             f"img/s (**{s['extract']['after_over_before']:.2f}x**)"]
+    if "cache_hit_seconds" in rates.get("after", {}):  # medians of ~0.4 s hide the spread: the runs' ranges
+        a, b = rates["after"]["cache_hit_seconds"], rates["before"]["cache_hit_seconds"]
+        parts.append(f"cache hit {min(a):.2f}-{max(a):.2f} vs {min(b):.2f}-{max(b):.2f} s")
+    if "fit_head_all_seconds" in s:
+        f = s["fit_head_all_seconds"]
+        parts.append(f"`fit-head --model all` {f['after_median']:.1f} vs {f['before_median']:.1f} s")
+    f = s["finetune"]
+    parts.append(f"fine-tune {f['after_median']:.1f} vs {f['before_median']:.1f} train img/s "
+                 f"(**{f['after_over_before']:.2f}x**)")
+    return "; ".join(parts) + f" (`benchmarks/results/{json_name}.json`)"
+
+
 @section("before-after-what")
 def before_after_what(r: Results) -> str:
-    d = r["before_after"]
-    return f"({d['revisions']['before']}), {d['rounds']} alternating rounds"
+    return _before_after_what(r["before_after"])
 
 
 @section("before-after")
 def before_after(r: Results) -> str:
-    s = r["before_after"]["summary"]
-    e, f = s["extract"], s["finetune"]
-    return (f"extract {e['after_median']:.1f} vs {e['before_median']:.1f} img/s "
-            f"(**{e['after_over_before']:.2f}x**); fine-tune {f['after_median']:.1f} vs "
-            f"{f['before_median']:.1f} train img/s (**{f['after_over_before']:.2f}x**)")
+    return _before_after(r["before_after"], "before_after")
+
+
+@section("before-after-ea90e28-what")
+def before_after_ea90e28_what(r: Results) -> str:
+    return _before_after_what(r["before_after_ea90e28"])
+
+
+@section("before-after-ea90e28")
+def before_after_ea90e28(r: Results) -> str:
+    return _before_after(r["before_after_ea90e28"], "before_after_ea90e28")
 
 
 @section("lpft-gap")
@@ -396,29 +424,30 @@ def _ft_rows(r: Results) -> tuple[dict[str, Any], dict[str, Any] | None, dict[st
     return full, lpft, best_head
 
 
-@section("finetune-table")
-def finetune_table(r: Results) -> str:
+@section("finetune-accuracy")
+def finetune_accuracy(r: Results) -> str:
     full, lpft, _ = _ft_rows(r)
     v = r["finetune_accuracy"]["verdict"]
+    return (f"**{_f(full['accuracy'])}** at the last epoch, {full['train_seconds']:.0f} s of "
+            "training" + (f"; LP-FT from the logreg head {_f(lpft['accuracy'])}" if lpft else "")
+            + f" (target: {v['target']}, {'met' if v['passed'] else 'not met'})")
+
+
+@section("finetune-speed")
+def finetune_speed(r: Results) -> str:
     sp = r["finetune_speed"]
+    load = sp["machine"].get("loadavg_at_end")
+    return (f"{sp['fxtl']['images_per_second']:.1f} vs {sp['tutorial']['images_per_second']:.1f} "
+            f"img/s, **{sp['speedup_median_epoch']:.2f}x** median epoch, {sp['speedup']:.2f}x "
+            f"overall" + (f", load average {load[0]:.1f} at the end" if load else "")
+            + f" (target {sp['target'].removeprefix('>= ')}")
+
+
+@section("finetune-ddp")
+def finetune_ddp(r: Results) -> str:
     ddp = r["scale"]["finetune"]["results"]["summary"]
-    first = (f"**{_f(full['accuracy'])}** at the last epoch, {full['train_seconds']:.0f} s of "
-             "training" + (f"; LP-FT from the logreg head {_f(lpft['accuracy'])}" if lpft else "")
-             + f". hymenoptera has train and val only, so val is the reported split and selects "
-             f"nothing: the last epoch is kept (target: {v['target']}, "
-             f"{'met' if v['passed'] else 'not met'})")
-    return "\n".join([
-        "| | |",
-        "|---|---|",
-        f"| full fine-tune, {v['epochs']} epochs, bf16: {v['full_finetune_split']} accuracy | {first} |",
-        f"| training speed, fxtl vs the tutorial loop (fp32, no workers), same data and model | "
-        f"{sp['fxtl']['images_per_second']:.1f} vs {sp['tutorial']['images_per_second']:.1f} img/s: "
-        f"**{sp['speedup_median_epoch']:.2f}x** median epoch, {sp['speedup']:.2f}x overall "
-        f"(target {sp['target'].removeprefix('>= ')}) |",
-        f"| DDP: 1 epoch on 1 vs 2 torchrun processes ({r['scale']['machine']['cores']} cores, "
-        f"`benchmarks/scale.py`) | {ddp['1']['train_images_per_second_median']:.1f} vs "
-        f"{ddp['2']['train_images_per_second_median']:.1f} train img/s |",
-    ])
+    return (f"{ddp['1']['train_images_per_second_median']:.1f} vs "
+            f"{ddp['2']['train_images_per_second_median']:.1f} train img/s")
 
 
 @section("head-vs-finetune")

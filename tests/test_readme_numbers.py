@@ -33,8 +33,8 @@ def test_every_measured_table_is_marked(tools):
     readme_mod, numbers = tools
     text = (ROOT / "README.md").read_text()
     names = readme_mod.section_names(text)
-    for name in ("demo", "demo-verdict", "extract-speed", "heads-scale", "finetune-table",
-                 "before-after", "onnx-export", "scale-memory"):
+    for name in ("demo", "demo-verdict", "advise-example", "extract-speed", "heads-scale",
+                 "finetune-speed", "before-after", "onnx-export", "scale-memory"):
         assert name in names, name
     demo = readme_mod.get_section(text, "demo")
     assert "fxtl demo: scenario" in demo and "head logreg" in demo and demo.count("```") == 2
@@ -44,13 +44,13 @@ def test_every_measured_table_is_marked(tools):
 def test_a_typed_number_is_caught(tools, tmp_path):
     readme_mod, numbers = tools
     text = (ROOT / "README.md").read_text()
-    body = readme_mod.get_section(text, "finetune-table")
-    typed = body.replace("img/s", "img/s ", 1)
+    body = readme_mod.get_section(text, "heads-scale")
+    typed = body.replace("| 0.9", "| 0.8", 1)  # one accuracy, typed over
     assert typed != body
     copy = tmp_path / "README.md"
-    copy.write_text(readme_mod.replace_section(text, "finetune-table", typed))
+    copy.write_text(readme_mod.replace_section(text, "heads-scale", typed))
     problems = numbers.check(copy, BENCH / "results")
-    assert len(problems) == 1 and "'finetune-table' differs" in problems[0]
+    assert len(problems) == 1 and "'heads-scale' differs" in problems[0]
     # ...and a changed result without a regenerated README too; update() fixes both.
     results = tmp_path / "results"
     shutil.copytree(BENCH / "results", results)
@@ -58,8 +58,8 @@ def test_a_typed_number_is_caught(tools, tmp_path):
     (results / "extract_speed.json").write_text(speed.replace('"fraction_of_model_only": 0.',
                                                               '"fraction_of_model_only": 0.9', 1))
     problems = numbers.check(copy, results)
-    assert {p.split("'")[1] for p in problems} == {"finetune-table", "extract-speedup"}
-    assert sorted(numbers.update(copy, results)) == ["extract-speedup", "finetune-table"]
+    assert {p.split("'")[1] for p in problems} == {"heads-scale", "extract-speedup"}
+    assert sorted(numbers.update(copy, results)) == ["extract-speedup", "heads-scale"]
     assert numbers.check(copy, results) == []
     assert "target 85 %: **met**" in copy.read_text()
 
