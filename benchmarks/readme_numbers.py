@@ -134,7 +134,7 @@ def _before_after(d: dict[str, Any], json_name: str) -> str:
     s, rates = d["summary"], d.get("rates", {})
     parts = [f"extract {s['extract']['after_median']:.1f} vs {s['extract']['before_median']:.1f} "
              f"img/s (**{s['extract']['after_over_before']:.2f}x**)"]
-    if "cache_hit_seconds" in rates.get("after", {}):  # medians of ~0.4 s hide the spread: the runs' ranges
+    if "cache_hit_seconds" in rates.get("after", {}):  # medians hide the spread: the ranges
         a, b = rates["after"]["cache_hit_seconds"], rates["before"]["cache_hit_seconds"]
         parts.append(f"cache hit {min(a):.2f}-{max(a):.2f} vs {min(b):.2f}-{max(b):.2f} s")
     if "fit_head_all_seconds" in s:
@@ -208,8 +208,9 @@ def advise_calibration(r: Results) -> str:
     names = {row["dataset"] for row in rows}
     agree = ("all" if th["current_agreement"] == 1 else f"{th['current_agreement']:.0%} of the")
     seeds = len(runs)
-    return (f"{'every image' if settings.get('per_class') is None else str(settings['per_class']) + ' per class'}, "
-            f"{settings['epochs']} epochs, {seeds} split seed{'s' if seeds > 1 else ''}: "
+    images = ("every image" if settings.get("per_class") is None
+              else f"{settings['per_class']} per class")
+    return (f"{images}, {settings['epochs']} epochs, {seeds} split seed{'s' if seeds > 1 else ''}: "
             f"{count['held']} held, **{count['tied']} tied** (not significant), {count['failed']} failed"
             + (f", {untested} untested" if untested else "")
             + f"; the advised method was ahead in {ahead} of {len(tested)} (closest to significant: "
@@ -511,7 +512,8 @@ def main(argv: list[str] | None = None) -> int:
             print(p, file=sys.stderr)
         return 1 if problems else 0
     changed = update(args.readme, args.results)
-    print(f"readme_numbers: {len(changed)} section(s) rewritten" + (f": {', '.join(changed)}" if changed else ""))
+    print(f"readme_numbers: {len(changed)} section(s) rewritten"
+          + (f": {', '.join(changed)}" if changed else ""))
     return 0
 
 

@@ -152,7 +152,7 @@ def choose_run_dir(runs: Path, base: str, *, run_name: str | None, resume: bool)
 
 
 # What a fine-tune writes into its folder (a resumed run may find any of them).
-RUN_FILES = frozenset({"model.pt", "checkpoint-last.pt", "metrics.json", "rows.json",
+RUN_FILES = frozenset({"model.pt", CHECKPOINT_FILE, "metrics.json", "rows.json",
                        "predictions.csv", "fxtl-model.json", "learning_curves.png",
                        "confusion.png", ".lock"})
 
