@@ -20,7 +20,8 @@ seeded 20% hold-out, placed by a hash of each path, so it is the same images for
 
 Results: ``benchmarks/results/backbones_table.json`` (a run with ``--only`` updates its datasets
 and keeps the others). Prints the markdown table and writes it into README.md between the
-``<!-- backbones-table:begin -->`` and ``<!-- backbones-table:end -->`` markers.
+``<!-- fxtl:backbones-table -->`` markers (``benchmarks/readme_numbers.py`` renders the same
+block from the results file).
 """
 from __future__ import annotations
 
@@ -41,7 +42,6 @@ if not SHARED.is_dir():  # a worktree elsewhere than beside shared/
     SHARED = Path("/work/shared/datasets")
 RESULTS = HERE / "results" / "backbones_table.json"
 README = ROOT / "README.md"
-BEGIN, END = "<!-- backbones-table:begin -->", "<!-- backbones-table:end -->"
 DATASETS = ("hymenoptera", "trashnet", "chest_xray", "omniglot", "digits")  # the table's order
 # Cheapest first, so that a run cut short has measured the most datasets (each cell is saved).
 RUN_ORDER = ("chest_xray", "hymenoptera", "trashnet", "digits", "omniglot")
@@ -124,15 +124,14 @@ def markdown(results: list[dict], backbones: list[str]) -> str:
     return "\n".join(lines)
 
 
-def rewrite_readme(block: str) -> bool:
-    text = README.read_text(encoding="utf-8")
-    if BEGIN not in text or END not in text:
-        print(f"README.md has no {BEGIN} ... {END} markers; table not written", file=sys.stderr)
-        return False
-    head, rest = text.split(BEGIN, 1)
-    _, tail = rest.split(END, 1)
-    README.write_text(f"{head}{BEGIN}\n{block}\n{END}{tail}", encoding="utf-8")
-    return True
+def rewrite_readme(block: str) -> None:
+    """README.md's ``backbones-table`` section (benchmarks/readme_numbers.py renders the same
+    text from the results file)."""
+    sys.path.insert(0, str(HERE))
+    from _readme import replace_section
+
+    README.write_text(replace_section(README.read_text(encoding="utf-8"), "backbones-table", block),
+                      encoding="utf-8")
 
 
 def main() -> None:
@@ -182,8 +181,6 @@ def save(cells: list[dict], args: argparse.Namespace, *, date: str | None = None
                                "average recorded per extraction"},
            "command": command or "python benchmarks/backbones_table.py " + " ".join(sys.argv[1:]),
            "results": results, "table": table}
-    args.output.parent.mkdir(parents=True, exist_ok=True)
-    args.output.write_text(json.dumps(out, indent=1) + "\n")
     loads = [r["load_average_before"][0] for r in results]
     block = (f"{table}\n\nBest head of `fit-head --model all` (picked by selection score, never on "
              f"the reported split), its accuracy on the reported split [95% Wilson interval]; "
@@ -193,6 +190,9 @@ def save(cells: list[dict], args: argparse.Namespace, *, date: str | None = None
              f"below a quiet machine's rate (lite0 at fp32: 65 img/s in the table above) and "
              f"not even a reliable ranking of the backbones; the accuracies do not depend on the "
              f"load. {out['date']}; raw: `benchmarks/results/backbones_table.json`.")
+    out["readme_block"] = block
+    args.output.parent.mkdir(parents=True, exist_ok=True)
+    args.output.write_text(json.dumps(out, indent=1) + "\n")
     if not args.no_readme:
         rewrite_readme(block)
 
