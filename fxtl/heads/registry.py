@@ -197,7 +197,8 @@ register_head(HeadSpec(
     description="RBF-kernel SVM, C and gamma searched (Platt-calibrated probabilities)",
     stream=_SGD_HINGE, search_rows=3_000, max_fit_rows=6_000))
 register_head(HeadSpec(
-    name="linear-svm", estimator="sklearn.svm:LinearSVC",
+    # scikit-learn's, its dual solved in the training rows' span when they are fewer than features
+    name="linear-svm", estimator="fxtl.heads.linear_svm:LinearSVC",
     # dual="auto": the primal when rows outnumber features (fast, converges), the dual otherwise.
     defaults={"C": 1e-3, "dual": "auto", "tol": 1e-4, "max_iter": 2000}, space=_linear_svm_space,
     calibrate=True,
