@@ -58,8 +58,17 @@ def run_all(cache: Path, home: Path, tree: Path) -> dict:
                 "fit_seconds": r.get("fit_seconds"), "best_params": r["best_params"],
                 "candidates": r["strategy"]["candidates"] if r.get("strategy") else None,
                 "candidates_tried": r["strategy"]["candidates_tried"] if r.get("strategy") else None,
-                "solver": r.get("solver"), "n_fit": r["n_fit"], "split": r["split"]}
+                "solver": r.get("solver"), "n_fit": r["n_fit"], "split": r["split"],
+                "search": _search_scores(r.get("run_dir"))}
                 for r in runs}}
+
+
+def _search_scores(run_dir: str | None) -> list | None:
+    """Every candidate's mean selection score, from the run's metrics.json."""
+    path = Path(run_dir) / "metrics.json" if run_dir else None
+    if path is None or not path.exists():
+        return None
+    return [[c["params"], c["mean_score"]] for c in json.loads(path.read_text()).get("search", [])]
 
 
 def main() -> None:
