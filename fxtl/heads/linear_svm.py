@@ -66,7 +66,8 @@ class LinearSVC(_SklearnLinearSVC):
     rows than features (see the module docstring); otherwise the parent's fit as it is."""
 
     def fit(self, X, y, sample_weight=None):
-        if sp.issparse(X) or not projects(self, np.shape(X)):
+        shape = getattr(X, "shape", None)  # array-likes without one: the parent's fit
+        if sp.issparse(X) or shape is None or len(shape) != 2 or not projects(self, shape):
             return super().fit(X, y, sample_weight)
         self._validate_params()
         X, y = validate_data(self, X, y, dtype=np.float64, order="C")
