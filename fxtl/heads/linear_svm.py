@@ -28,7 +28,7 @@ import scipy.sparse as sp
 from sklearn.svm import LinearSVC as _SklearnLinearSVC
 from sklearn.utils.validation import validate_data
 
-__all__ = ["LinearSVC", "row_space", "projects"]
+__all__ = ["LinearSVC", "row_space", "to_row_space", "projects"]
 
 
 def projects(est, shape: tuple[int, int]) -> bool:
