@@ -142,8 +142,8 @@ def _beats(new: np.ndarray, old: np.ndarray, min_gain: float) -> tuple[bool, int
     gained = int((new & ~old).sum())
     lost = int((old & ~new).sum())
     diff = gained - lost
-    return (diff > NOISE_Z * np.sqrt(gained + lost) and diff >= min_gain * len(new)
-            and diff > 0), gained, lost
+    return bool(diff > NOISE_Z * np.sqrt(gained + lost) and diff >= min_gain * len(new)
+                and diff > 0), gained, lost
 
 
 def choose_layers(cache: FeatureCache, plan: HeadPlan, *, layers: str | Sequence[str] = "auto",
