@@ -65,7 +65,8 @@ def _data(name: str, root: Path, seed: int) -> Path:
     return calib._data(name, root, None, seed)
 
 
-def heads_stage(name: str, *, work: Path, seed: int, sample: int, row: dict | None, log) -> tuple[dict, dict]:
+def heads_stage(name: str, *, work: Path, seed: int, sample: int, row: dict | None,
+                advice_from: dict | None, log) -> tuple[dict, dict]:
     """advise (unless ``row`` has it), extract --layers auto, heads on penultimate and on the
     chosen layers; returns ``(row, run folders)``."""
     import numpy as np
@@ -81,6 +82,9 @@ def heads_stage(name: str, *, work: Path, seed: int, sample: int, row: dict | No
     data = _data(name, work / "data", seed)
     row = dict(row or {"dataset": name})
     row["data"] = str(data)
+    if "scenario" not in row and advice_from is not None:
+        row.update(advice_from[name], advice_from_file=True)
+        log(f"{name}: scenario {row['scenario']} (advise's row in the calibration's results)")
     if "scenario" not in row:
         a = advise(data, seed=seed, sample=sample)
         row.update(scenario=a.scenario, similarity=a.similarity["score"],
@@ -117,10 +121,12 @@ def heads_stage(name: str, *, work: Path, seed: int, sample: int, row: dict | No
     log(f"{name}: penultimate {bp.metrics['model']} {bp.metrics['accuracy']:.3f}; layers "
         f"{'+'.join(choice.layers)}: {bl.metrics['model']} {bl.metrics['accuracy']:.3f}")
     runs = {"penultimate": str(bp.run_dir), "layers": str(bl.run_dir), "logreg": str(logreg.run_dir)}
+    row["runs"] = runs
     return row, runs
 
 
-def finetune_stage(row: dict, runs: dict, *, work: Path, epochs: int, seed: int, log) -> None:
+def finetune_stage(row: dict, runs: dict, *, work: Path, epochs: int, seed: int, log,
+                   default: bool = True) -> None:
     """The advised fine-tune and the default one (the same run where they coincide)."""
     from fxtl.plan import write_missing_predictions
     from fxtl.training.loop import finetune
@@ -130,8 +136,10 @@ def finetune_stage(row: dict, runs: dict, *, work: Path, epochs: int, seed: int,
     kw = dict(kw)
     if kw.get("init_head") == "LOGREG_RUN":
         kw["init_head"] = runs["logreg"]
+    # resume=True: a finished run of the same configuration (an earlier invocation's) is reported
+    # again instead of trained again
     adv = finetune(data, trainable=trainable, epochs=epochs, seed=seed, cache_dir=cache_dir,
-                   progress=False, **kw)
+                   progress=False, resume=True, **kw)
     write_missing_predictions(adv.run_dir, like=runs["penultimate"], data=data)
     row["advised_finetune"] = _ft_row(adv, what)
     log(f"{row['dataset']}: advised fine-tune ({what}) {adv.accuracy:.3f} (kept epoch "
@@ -139,7 +147,10 @@ def finetune_stage(row: dict, runs: dict, *, work: Path, epochs: int, seed: int,
     if trainable == "all" and not kw:
         row["default_finetune"] = dict(row["advised_finetune"], what="default (the advised run)")
         return
-    dft = finetune(data, epochs=epochs, seed=seed, cache_dir=cache_dir, progress=False)
+    if not default:
+        row["default_finetune"] = None
+        return
+    dft = finetune(data, epochs=epochs, seed=seed, cache_dir=cache_dir, progress=False, resume=True)
     write_missing_predictions(dft.run_dir, like=runs["penultimate"], data=data)
     row["default_finetune"] = _ft_row(dft, "default: all blocks from the probe")
     log(f"{row['dataset']}: default fine-tune {dft.accuracy:.3f} (kept epoch {dft.best_epoch}, "
@@ -148,16 +159,18 @@ def finetune_stage(row: dict, runs: dict, *, work: Path, epochs: int, seed: int,
 
 def pair_stage(row: dict, runs: dict) -> None:
     names = [("layers_vs_penultimate", runs["layers"], runs["penultimate"]),
-             ("layers_vs_advised", runs["layers"], row["advised_finetune"]["run_dir"]),
-             ("default_vs_logreg", row["default_finetune"]["run_dir"], runs["logreg"])]
+             ("layers_vs_advised", runs["layers"], row["advised_finetune"]["run_dir"])]
+    if row.get("default_finetune"):
+        names.append(("default_vs_logreg", row["default_finetune"]["run_dir"], runs["logreg"]))
     pairs, _ = calib.paired_tests([(a, b) for _, a, b in names])
     row["paired"] = {n: calib.pair_row(p) for (n, _, _), p in zip(names, pairs)}
     row["runs"] = runs
     pen = row["heads_penultimate"][row["best_penultimate"]]["accuracy"]
     lay = row["heads_layers"][row["best_layers"]]["accuracy"]
     row["layers_gain_points"] = round(100 * (lay - pen), 1)
-    row["default_gap_points"] = round(
-        100 * (row["default_finetune"]["accuracy"] - row["heads_penultimate"]["logreg"]["accuracy"]), 1)
+    if row.get("default_finetune"):
+        row["default_gap_points"] = round(100 * (row["default_finetune"]["accuracy"]
+                                                 - row["heads_penultimate"]["logreg"]["accuracy"]), 1)
 
 
 # ----------------------------------------------------------------------------- the table
@@ -190,7 +203,10 @@ def table(rows: list[dict]) -> str:
               "on train+val?) | gap (points) | default vs head (only a / only b, p) |",
               "|---|---|---|---|---|"]
     for r in rows:
-        lr, d = r["heads_penultimate"]["logreg"], r["default_finetune"]
+        lr, d = r["heads_penultimate"]["logreg"], r.get("default_finetune")
+        if not d:
+            lines.append(f"| {r['dataset']} | {_acc(lr['accuracy'], lr['accuracy_ci95'])} | not run | - | - |")
+            continue
         lines.append(
             f"| {r['dataset']} | {_acc(lr['accuracy'], lr['accuracy_ci95'])} | "
             f"{_acc(d['accuracy'], d['accuracy_ci95'])} ({d['best_epoch']}/{d['epochs']}; "
@@ -210,6 +226,15 @@ def main() -> None:
     ap.add_argument("--heads-only", action="store_true",
                     help="refit the heads only; the fine-tunes are those stored in --output")
     ap.add_argument("--table", action="store_true", help="print the table of --output and stop")
+    ap.add_argument("--merge", type=Path, action="append", default=[],
+                    help="with --table: first add these result files' datasets to --output")
+    ap.add_argument("--advice-from", type=Path, default=None,
+                    help="take advise's scenario from this advise_calibration.py result (same "
+                         "seed, splits and sample) instead of running advise again")
+    ap.add_argument("--no-default", action="store_true",
+                    help="skip the default fine-tune where it is not the advised run (to save time)")
+    ap.add_argument("--resume", action="store_true",
+                    help="keep the heads of datasets already in --output (their run folders)")
     ap.add_argument("--output", type=Path, default=RESULTS)
     args = ap.parse_args()
     work = args.work or Path(f"/tmp/fxtl-layers-seed{args.seed}")
@@ -219,6 +244,17 @@ def main() -> None:
 
     before = json.loads(args.output.read_text()) if args.output.exists() else {"datasets": []}
     if args.table:
+        for other in args.merge:  # datasets measured by another invocation (another --output)
+            extra = json.loads(other.read_text())
+            names = {r["dataset"] for r in extra["datasets"] if "paired" in r}
+            before["datasets"] = sorted(
+                [r for r in before["datasets"] if r["dataset"] not in names]
+                + [r for r in extra["datasets"] if r["dataset"] in names],
+                key=lambda r: DATASETS.index(r["dataset"]))
+            before.setdefault("merged", []).append({"file": str(other), "datasets": sorted(names),
+                                                    "env": extra.get("env")})
+        if args.merge:
+            args.output.write_text(json.dumps(before, indent=2) + "\n")
         print(table([r for r in before["datasets"] if "paired" in r]))
         return
     stored = {r["dataset"]: r for r in before["datasets"]}
@@ -240,15 +276,29 @@ def main() -> None:
 
     # Every dataset's heads first (minutes; the caches they leave are what the layer choice is
     # studied on), then the fine-tunes (the long part).
+    advice_from = None
+    if args.advice_from:
+        keys = ("scenario", "similarity", "similarity_ci95", "certainty", "train_images", "classes",
+                "advise_seconds")
+        calib_out = json.loads(args.advice_from.read_text())
+        assert calib_out["settings"]["seed"] == args.seed and calib_out["settings"]["sample"] == args.sample
+        advice_from = {r["dataset"]: {k: r[k] for k in keys} for r in calib_out["datasets"]}
     staged = []
     for name in args.only or DATASETS:
+        prev = stored.get(name)
+        if args.resume and prev and prev.get("runs") and "advised_finetune" not in prev and all(
+                Path(v).is_dir() for v in prev["runs"].values()):
+            log(f"{name}: heads kept from {args.output}")
+            staged.append((prev, prev["runs"]))
+            out["datasets"] = [r for r in out["datasets"] if r["dataset"] != name] + [prev]
+            continue
         try:
             old = stored.get(name) if args.heads_only else None
             if args.heads_only and (old is None or "advised_finetune" not in old):
                 raise RuntimeError(f"--heads-only: {args.output} has no fine-tunes of {name}")
             t0 = time.perf_counter()
             row, runs = heads_stage(name, work=work, seed=args.seed, sample=args.sample, row=old,
-                                    log=log)
+                                    advice_from=advice_from, log=log)
             row["heads_seconds"] = round(time.perf_counter() - t0, 1)
             staged.append((row, runs))
             if args.heads_only:
@@ -262,7 +312,8 @@ def main() -> None:
     for row, runs in [] if args.heads_only else staged:
         try:
             t0 = time.perf_counter()
-            finetune_stage(row, runs, work=work, epochs=args.epochs, seed=args.seed, log=log)
+            finetune_stage(row, runs, work=work, epochs=args.epochs, seed=args.seed, log=log,
+                           default=not args.no_default)
             pair_stage(row, runs)
             row["finetune_seconds"] = round(time.perf_counter() - t0, 1)
         except Exception as exc:
