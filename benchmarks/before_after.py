@@ -3,8 +3,10 @@
     .venv/bin/python benchmarks/before_after.py --before /path/to/old/checkout [--after .] \
         [--data ../shared/datasets/hymenoptera] [--rounds 3]
 
-Each round runs, for each checkout, ``python -m fxtl extract DATA --force`` (end-to-end images/s)
-and ``python -m fxtl finetune DATA --epochs 1`` (training images/s of that epoch), with the
+Each round runs, for each checkout, ``python -m fxtl extract DATA --force`` (images/s), the same
+``extract`` again (a cache hit: wall seconds of the whole command, interpreter start included),
+``python -m fxtl fit-head CACHE --model all`` (wall seconds) and
+``python -m fxtl finetune DATA --epochs 1`` (training images/s of that epoch), with the
 checkout first on PYTHONPATH and the same interpreter. Alternating the two sides spreads
 machine noise over both; the medians are compared. Writes benchmarks/results/before_after.json.
 """
@@ -39,9 +41,15 @@ def _fxtl(checkout: Path, *args: str) -> dict:
     return json.loads(proc.stdout)
 
 
-def _extract_rate(checkout: Path, data: Path, cache: Path) -> float:
-    return float(_fxtl(checkout, "extract", str(data), "--force", "--cache-dir", str(cache))
-                 ["images_per_second"])
+def _extract_rate(checkout: Path, data: Path, cache: Path) -> tuple[float, str]:
+    res = _fxtl(checkout, "extract", str(data), "--force", "--cache-dir", str(cache))
+    return float(res["images_per_second"]), str(res["cache"])
+
+
+def _wall(checkout: Path, *args: str) -> float:
+    t = time.perf_counter()
+    _fxtl(checkout, *args)
+    return time.perf_counter() - t
 
 
 def _finetune_rate(checkout: Path, data: Path, cache: Path) -> float:
@@ -59,20 +67,29 @@ def main() -> None:
     ap.add_argument("--output", type=Path, default=HERE / "results" / "before_after.json")
     args = ap.parse_args()
     sides = {"before": args.before.resolve(), "after": args.after.resolve()}
-    rates: dict[str, dict[str, list[float]]] = {s: {"extract": [], "finetune": []} for s in sides}
+    stages = ("extract", "cache_hit_seconds", "fit_head_all_seconds", "finetune")
+    rates: dict[str, dict[str, list[float]]] = {s: {k: [] for k in stages} for s in sides}
     t0 = time.time()
     with tempfile.TemporaryDirectory() as tmp:
         for r in range(args.rounds):
             for side, checkout in sides.items():
                 cache = Path(tmp) / side
-                rates[side]["extract"].append(_extract_rate(checkout, args.data, cache))
+                rate, cache_file = _extract_rate(checkout, args.data, cache)
+                rates[side]["extract"].append(rate)
+                rates[side]["cache_hit_seconds"].append(
+                    _wall(checkout, "extract", str(args.data), "--cache-dir", str(cache)))
+                rates[side]["fit_head_all_seconds"].append(
+                    _wall(checkout, "fit-head", cache_file, "--model", "all",
+                          "--cache-dir", str(cache / f"fit{r}")))
                 if not args.skip_finetune:
                     rates[side]["finetune"].append(_finetune_rate(checkout, args.data, cache))
-                print(f"round {r + 1} {side}: extract {rates[side]['extract'][-1]:.1f} img/s"
+                print(f"round {r + 1} {side}: extract {rates[side]['extract'][-1]:.1f} img/s, "
+                      f"cache hit {rates[side]['cache_hit_seconds'][-1]:.2f} s, "
+                      f"fit-head all {rates[side]['fit_head_all_seconds'][-1]:.1f} s"
                       + ("" if args.skip_finetune else
                          f", finetune {rates[side]['finetune'][-1]:.1f} img/s"), file=sys.stderr)
     summary = {}
-    for stage in ("extract", "finetune"):
+    for stage in stages:
         if not rates["before"][stage]:
             continue
         b, a = (statistics.median(rates[s][stage]) for s in ("before", "after"))

@@ -16,7 +16,7 @@ from typing import Any, Callable
 
 from ._util import atomic_write_bytes, atomic_write_json, default_cache_dir
 
-__all__ = ["run_demo"]
+__all__ = ["run_demo", "summary_text"]
 
 
 def run_demo(*, cache_dir: str | Path | None = None, per_class: int = 60, epochs: int = 2,
@@ -63,6 +63,35 @@ def run_demo(*, cache_dir: str | Path | None = None, per_class: int = 60, epochs
     atomic_write_bytes(demo / "report.md", _markdown(report).encode())
     report["report"] = str(demo / "report.md")
     return report
+
+
+def summary_text(report: dict[str, Any]) -> str:
+    """What ``fxtl demo`` prints: the methods' table, the verdict and where the files are.
+
+    ``report`` is :func:`run_demo`'s return value (``fxtl demo --json``); the README's demo
+    block is this text of a stored report (``benchmarks/demo_table.py``).
+    """
+    r = report
+    lines = ["", f"fxtl demo: scenario {r['advice']['scenario']} "
+                 f"({r['advice']['size']['category']}, {r['advice']['similarity']['category']}) "
+                 f"in {r['seconds']} s", ""]
+    names = [("head " if run["kind"] == "head" else "") + run["model"] for run in r["plan"]["runs"]]
+    w = max([22, *map(len, names)])
+    lines.append(f"  {'method':<{w}} {'split':<6} {'accuracy [95% CI]':>22} {'macro-F1':>8}")
+    for name, run in zip(names, r["plan"]["runs"]):
+        ci = run.get("accuracy_ci95")
+        ci = f"[{ci[0]:.3f}, {ci[1]:.3f}]" if ci else ""
+        lines.append(f"  {name:<{w}} {run['split']:<6} "
+                     f"{run['accuracy']:>7.3f} {ci:>14} {run['macro_f1']:>8.3f}")
+    if r["plan"].get("verdict"):
+        lines += ["", r["plan"]["verdict"]["text"]]
+    lines += ["", f"Report: {r['report']}", f"Embedding map: {r['embedding_png']}"]
+    chart = r["plan"].get("compare", {}).get("chart")
+    if chart:
+        lines.append(f"Comparison chart: {chart}")
+    lines.append("Run folders (metrics.json, confusion.png, learning_curves.png):")
+    lines += [f"  {run['run_dir']}" for run in r["plan"]["runs"]]
+    return "\n".join(lines)
 
 
 def _ci(v: Any) -> str:

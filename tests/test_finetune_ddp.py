@@ -71,9 +71,10 @@ def test_global_batch_must_split_over_the_ranks(shapes_dir, tmp_path, monkeypatc
 def test_two_processes_equal_one_and_resume_across_world_sizes(shapes_dir, tmp_path, tiny):
     # One epoch on 2 processes: one run folder, one checkpoint, one JSON result, the same
     # weights as one process.
-    one = finetune(shapes_dir, backbone=tiny, epochs=1, cache_dir=tmp_path / "one", run_name="r", **TINY)
+    one = finetune(shapes_dir, backbone=tiny, epochs=1, cache_dir=tmp_path / "one", run_name="r",
+                   keep_checkpoint=True, **TINY)
     proc = torchrun(str(shapes_dir), "--backbone", tiny, "--epochs", "1", "--cache-dir",
-                    str(tmp_path / "ddp"), "--run-name", "r", *CLI_TINY)
+                    str(tmp_path / "ddp"), "--run-name", "r", "--keep-checkpoint", *CLI_TINY)
     assert proc.returncode == 0, proc.stderr[-3000:]
     out = json.loads(proc.stdout)  # rank 0 alone reports
     runs = list((tmp_path / "ddp" / "runs").iterdir())
@@ -86,7 +87,8 @@ def test_two_processes_equal_one_and_resume_across_world_sizes(shapes_dir, tmp_p
     assert_same_weights(weights(runs[0]), weights(one.run_dir))
 
     # Two epochs on one process, against: one process stopped in epoch 2, resumed on two.
-    full = finetune(shapes_dir, backbone=tiny, epochs=2, cache_dir=tmp_path / "full", run_name="r", **TINY)
+    full = finetune(shapes_dir, backbone=tiny, epochs=2, cache_dir=tmp_path / "full", run_name="r",
+                    keep_checkpoint=True, **TINY)
 
     class Stop(Exception):
         pass
@@ -100,7 +102,8 @@ def test_two_processes_equal_one_and_resume_across_world_sizes(shapes_dir, tmp_p
                  on_step=stop, **TINY)
     assert torch.load(tmp_path / "cut" / "runs" / "r" / "checkpoint-last.pt", weights_only=True)["epoch"] == 1
     proc = torchrun(str(shapes_dir), "--backbone", tiny, "--epochs", "2", "--cache-dir",
-                    str(tmp_path / "cut"), "--run-name", "r", "--resume", *CLI_TINY)
+                    str(tmp_path / "cut"), "--run-name", "r", "--resume", "--keep-checkpoint",
+                    *CLI_TINY)
     assert proc.returncode == 0, proc.stderr[-3000:]
     out = json.loads(proc.stdout)
     assert out["resumed_from_epoch"] == 1 and out["epochs"] == 2

@@ -85,34 +85,11 @@ def demo(per_class, epochs, image_size, seed, device, precision, cache_dir, as_j
     advise -> extract -> every head -> a short fine-tune -> compare; prints where the report
     and the plots are.
     """
-    from ..demo import run_demo
+    from ..demo import run_demo, summary_text
 
     r = run_demo(cache_dir=resolve_cache_dir(cache_dir), per_class=per_class, epochs=epochs,
                  image_size=image_size, seed=seed, device=device, precision=precision, log=log)
-
-    def human(r):
-        lines = ["", f"fxtl demo: scenario {r['advice']['scenario']} "
-                     f"({r['advice']['size']['category']}, {r['advice']['similarity']['category']}) "
-                     f"in {r['seconds']} s", ""]
-        names = [("head " if run["kind"] == "head" else "") + run["model"] for run in r["plan"]["runs"]]
-        w = max([22, *map(len, names)])
-        lines.append(f"  {'method':<{w}} {'split':<6} {'accuracy [95% CI]':>22} {'macro-F1':>8}")
-        for name, run in zip(names, r["plan"]["runs"]):
-            ci = run.get("accuracy_ci95")
-            ci = f"[{ci[0]:.3f}, {ci[1]:.3f}]" if ci else ""
-            lines.append(f"  {name:<{w}} {run['split']:<6} "
-                         f"{run['accuracy']:>7.3f} {ci:>14} {run['macro_f1']:>8.3f}")
-        if r["plan"].get("verdict"):
-            lines += ["", r["plan"]["verdict"]["text"]]
-        lines += ["", f"Report: {r['report']}", f"Embedding map: {r['embedding_png']}"]
-        chart = r["plan"].get("compare", {}).get("chart")
-        if chart:
-            lines.append(f"Comparison chart: {chart}")
-        lines.append("Run folders (metrics.json, confusion.png, learning_curves.png):")
-        lines += [f"  {run['run_dir']}" for run in r["plan"]["runs"]]
-        return "\n".join(lines)
-
-    emit(r, as_json, human)
+    emit(r, as_json, summary_text)
 
 
 @click.command()

@@ -80,7 +80,11 @@ class _Trainable(click.ParamType):
 @click.option("--run-name", default=None,
               help="Run folder name [default: <dataset>-<backbone>-ft-<trainable>-<config hash>].")
 @click.option("--resume", is_flag=True,
-              help="Continue a killed run (--run-name, else the latest of the same settings).")
+              help="Continue a killed run (--run-name, else the latest of the same settings); "
+                   "a finished run has nothing to resume and reports its results.")
+@click.option("--keep-checkpoint", is_flag=True,
+              help="Keep checkpoint-last.pt (the training state, ~3x the model) once the run "
+                   "has finished; by default only an unfinished run keeps it.")
 @cache_dir_option
 @json_option
 @handle_errors

@@ -4,6 +4,11 @@ After every epoch the whole state (model, optimizer, scheduler, scaler, torch RN
 metric, history) is written atomically; ``resume`` continues from it and ends with the same
 weights as an uninterrupted run (on the same machine, device and thread count). A checkpoint is
 read with ``torch.load(weights_only=True)``: tensors and plain containers only.
+
+A run is finished when its manifest (``fxtl-model.json``, written last) is in place; only then
+is the checkpoint removed (:func:`remove_checkpoint`, unless ``keep_checkpoint``), so a run
+stopped at any earlier point keeps what ``resume`` needs, and resuming a finished run has
+nothing to do (:func:`is_finished`).
 """
 from __future__ import annotations
 
@@ -14,7 +19,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from .._util import atomic_path, ensure_dir, meaning_sha256, unique_dir
-from ..backbones.registry import RUN_MEANING_KEYS
+from ..backbones.registry import MODEL_MANIFEST, RUN_MEANING_KEYS
 from ..data.splits import check_run_name
 from ..errors import FxtlError, ProvenanceError
 from .config import RESUME_KEYS
@@ -24,10 +29,12 @@ if TYPE_CHECKING:
 
 __all__ = ["CHECKPOINT_FORMAT", "CHECKPOINT_VERSION", "TrainState", "rng_state", "set_rng_state",
            "torch_save", "load_checkpoint", "choose_run_dir", "discard_unfinished", "initial_state",
-           "RUN_FILES", "manifest_digest"]
+           "RUN_FILES", "manifest_digest", "CHECKPOINT_FILE", "is_finished", "remove_checkpoint",
+           "check_same_settings"]
 
 CHECKPOINT_FORMAT = "fxtl-finetune-checkpoint"
 CHECKPOINT_VERSION = 1
+CHECKPOINT_FILE = "checkpoint-last.pt"
 
 
 @dataclass
@@ -107,9 +114,29 @@ def manifest_digest(manifest: dict[str, Any]) -> str:
     return meaning_sha256(manifest, RUN_MEANING_KEYS)
 
 
+def is_finished(run_dir: Path) -> bool:
+    """Has the fine-tune in ``run_dir`` finished? Its manifest is the last file a run writes."""
+    return (Path(run_dir) / MODEL_MANIFEST).is_file()
+
+
+def remove_checkpoint(run_dir: Path) -> None:
+    """Remove a finished run's checkpoint (about 3x the model; nothing resumes a finished run).
+    An unfinished run keeps it, whatever the caller asks."""
+    if is_finished(run_dir):
+        (Path(run_dir) / CHECKPOINT_FILE).unlink(missing_ok=True)
+
+
+def _last_written(run_dir: Path) -> float:
+    """When the run last saved its state: the checkpoint, else (finished, checkpoint removed)
+    the manifest."""
+    ckpt = run_dir / CHECKPOINT_FILE
+    return (ckpt if ckpt.is_file() else run_dir / MODEL_MANIFEST).stat().st_mtime
+
+
 def choose_run_dir(runs: Path, base: str, *, run_name: str | None, resume: bool) -> Path:
-    """The folder to train into: an exact ``run_name``, the latest ``base*`` run when resuming,
-    else a new ``base``, ``base-2``, ... folder."""
+    """The folder to train into: an exact ``run_name``, the latest ``base*`` run when resuming
+    (unfinished, or finished: then there is nothing to resume), else a new ``base``, ``base-2``,
+    ... folder."""
     ensure_dir(runs)
     if run_name:
         check_run_name(run_name)
@@ -118,14 +145,14 @@ def choose_run_dir(runs: Path, base: str, *, run_name: str | None, resume: bool)
         return run_dir
     if resume:
         found = [d for d in runs.glob(f"{base}*") if re.fullmatch(re.escape(base) + r"(-\d+)?", d.name)
-                 and (d / "checkpoint-last.pt").is_file()]
+                 and ((d / CHECKPOINT_FILE).is_file() or is_finished(d))]
         if found:
-            return max(found, key=lambda d: (d / "checkpoint-last.pt").stat().st_mtime)
+            return max(found, key=_last_written)
     return unique_dir(runs, base)
 
 
 # What a fine-tune writes into its folder (a resumed run may find any of them).
-RUN_FILES = frozenset({"model.pt", "checkpoint-last.pt", "metrics.json", "rows.json",
+RUN_FILES = frozenset({"model.pt", CHECKPOINT_FILE, "metrics.json", "rows.json",
                        "predictions.csv", "fxtl-model.json", "learning_curves.png",
                        "confusion.png", ".lock"})
 
@@ -141,11 +168,16 @@ def _check_reusable(run_dir: Path, *, resume: bool) -> None:
                      and p.name != ".lock")
     if not present:
         return
-    has_ckpt = (run_dir / "checkpoint-last.pt").is_file()
-    foreign = [n for n in present if n not in RUN_FILES or not has_ckpt and n != "model.pt"]
+    has_ckpt = (run_dir / CHECKPOINT_FILE).is_file()
+    finished = is_finished(run_dir)  # its checkpoint may be gone: removed once finished
+    foreign = [n for n in present if n not in RUN_FILES
+               or not (has_ckpt or finished) and n != "model.pt"]
     if foreign:
         raise FxtlError(f"run folder {run_dir} holds another run's files ({', '.join(foreign[:3])}"
                         f"{', ...' if len(foreign) > 3 else ''}); choose another run name")
+    if not resume and finished:
+        raise FxtlError(f"run folder {run_dir} already holds a run, finished; choose another run "
+                        "name (or delete the folder)")
     if not resume and has_ckpt:
         raise FxtlError(f"run folder {run_dir} already holds a run; resume it, or choose "
                         "another run name (or delete the folder)")
@@ -155,8 +187,9 @@ def _check_reusable(run_dir: Path, *, resume: bool) -> None:
 
 def discard_unfinished(run_dir: Path) -> None:
     """Remove what a new run wrote before its first checkpoint (so no folder holds only
-    ``model.pt``); a folder with a checkpoint is left as it is, resumable."""
-    if (run_dir / "checkpoint-last.pt").exists():
+    ``model.pt``); a folder with a checkpoint is left as it is, resumable, and a finished one
+    (its checkpoint perhaps removed) as it is."""
+    if (run_dir / CHECKPOINT_FILE).exists() or is_finished(run_dir):
         return
     for name in ("model.pt", ".lock"):
         (run_dir / name).unlink(missing_ok=True)
@@ -180,13 +213,7 @@ def initial_state(trainer: Trainer, ckpt_path: Path, record: dict[str, Any], *,
             print(f"fxtl: no checkpoint in {ckpt_path.parent}; starting the run", file=sys.stderr)
         return TrainState()
     ckpt = load_checkpoint(ckpt_path)
-    old = ckpt.get("config", {})
-    defaults = {"flip": True}  # keys a record holds only when they differ from these
-    diff = [k for k in RESUME_KEYS if old.get(k, defaults.get(k)) != record.get(k, defaults.get(k))]
-    if diff:
-        raise ProvenanceError(f"{ckpt_path} was made with other settings ({diff[0]}: "
-                              f"{old.get(diff[0])!r}, now {record.get(diff[0])!r}); resume with "
-                              "the same settings, or start a new run")
+    check_same_settings(ckpt.get("config", {}), record, source=ckpt_path)
     trainer.load_state(ckpt)
     set_rng_state(ckpt["rng"])
     state = TrainState.from_checkpoint(ckpt)
@@ -194,3 +221,15 @@ def initial_state(trainer: Trainer, ckpt_path: Path, record: dict[str, Any], *,
         print(f"fxtl: resuming {ckpt_path.parent.name} after epoch {state.epoch}/{record['epochs']}",
               file=sys.stderr)
     return state
+
+
+def check_same_settings(old: dict[str, Any], record: dict[str, Any], *, source: Path) -> None:
+    """Refuse to resume (or report) a run made with other settings than ``record``: every
+    :data:`RESUME_KEYS` entry of ``old`` (the stored record, read from ``source``) must match."""
+    defaults = {"flip": True}  # keys a record holds only when they differ from these
+    old = old if isinstance(old, dict) else {}
+    diff = [k for k in RESUME_KEYS if old.get(k, defaults.get(k)) != record.get(k, defaults.get(k))]
+    if diff:
+        raise ProvenanceError(f"{source} was made with other settings ({diff[0]}: "
+                              f"{old.get(diff[0])!r}, now {record.get(diff[0])!r}); resume with "
+                              "the same settings, or start a new run")

@@ -39,7 +39,8 @@ PROBE_LR_FACTOR = 0.4
 SELECTION_HOLDOUT = "holdout-selection"
 
 _TRAINABLE = re.compile(r"all|head|last:(\d+)")
-# Fields that only say where or how fast a run computes: a resumed run may change them.
+# Fields that only say where or how fast a run computes, or what it keeps once finished: a
+# resumed run may change them, and they are not part of the stored record (nor the run name).
 _NOT_COMPARED = "resume"
 
 
@@ -101,6 +102,9 @@ class FinetuneConfig:
         ``auto`` picks CUDA when present and bf16 where the hardware runs it natively.
     workers : int, optional
         Decoding processes (default: none on a CPU with at most 2 cores, else one per spare core).
+    keep_checkpoint : bool
+        Keep ``checkpoint-last.pt`` (the whole training state, about 3x the model) once the run
+        has finished. By default it is removed then: only an unfinished run needs it to resume.
 
     Examples
     --------
@@ -137,6 +141,7 @@ class FinetuneConfig:
     device: str = field(default="auto", metadata={_NOT_COMPARED: False})
     precision: str = "auto"
     workers: int | None = field(default=None, metadata={_NOT_COMPARED: False})
+    keep_checkpoint: bool = field(default=False, metadata={_NOT_COMPARED: False})
 
     def __post_init__(self) -> None:
         for name, allowed in (("optimizer", OPTIMIZERS), ("bn", BN_MODES), ("monitor", MONITORS),
@@ -177,6 +182,7 @@ class FinetuneConfig:
             ("workers", self.workers is None or _is_int(self.workers) and self.workers >= 0,
              "must be an integer >= 0"),
             ("flip", isinstance(self.flip, bool), "must be True or False"),
+            ("keep_checkpoint", isinstance(self.keep_checkpoint, bool), "must be True or False"),
         ]
         for name, ok, rule in checks:
             if not ok:

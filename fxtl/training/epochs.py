@@ -23,7 +23,8 @@ from ..distributed import TrainingGroup, available_cores
 from ..errors import DataError
 from ..runtime import default_workers
 from .augment import TrainImages, TrainTransform, epoch_sampler
-from .checkpoints import CHECKPOINT_FORMAT, CHECKPOINT_VERSION, TrainState, rng_state, torch_save
+from .checkpoints import (CHECKPOINT_FILE, CHECKPOINT_FORMAT, CHECKPOINT_VERSION, TrainState,
+                          rng_state, torch_save)
 from .config import FinetuneConfig
 from .rows import Splits
 from .trainer import Trainer, evaluate_loader, note_errors
@@ -219,7 +220,7 @@ class EpochRunner:
         if self.group.is_primary:  # one writer; every rank holds the same state
             torch_save({"format": CHECKPOINT_FORMAT, "format_version": CHECKPOINT_VERSION,
                         "config": self.record, **trainer.state(), "rng": rng_state(),
-                        **state.to_dict()}, run_dir / "checkpoint-last.pt")
+                        **state.to_dict()}, run_dir / CHECKPOINT_FILE)
 
     def _select(self, trainer: Trainer, state: TrainState, row: dict[str, Any], improved: bool,
                 run_dir: Path) -> None:

@@ -40,7 +40,8 @@ Run folder ``<cache-dir>/runs/<run-name>/``:
 
 ``fxtl-model.json``     manifest (makes the folder a backbone: ``load_backbone(run_dir)``)
 ``model.pt``            ``torch.save`` of the network's state dict (best epoch), new classifier
-``checkpoint-last.pt``  training state for ``resume`` (``torch.load(..., weights_only=True)``)
+``checkpoint-last.pt``  training state for ``resume`` (``torch.load(..., weights_only=True)``);
+                        removed once the run has finished, unless ``keep_checkpoint``
 ``metrics.json``        the :mod:`fxtl.report.metrics` schema, ``kind="finetune"``, plus ``history``
 ``rows.json``           which images trained, selected and reported (:class:`fxtl.data.splits.RunRows`)
 ``learning_curves.png`` loss and accuracy per epoch, train and val
@@ -51,6 +52,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -59,19 +61,20 @@ from typing import TYPE_CHECKING, Any, Callable
 import numpy as np
 
 from .. import __version__
-from .._util import (atomic_write_json, default_cache_dir, ensure_dir, file_lock, sha256_file,
-                     slug)
+from .._util import (atomic_write_json, default_cache_dir, ensure_dir, file_lock, read_json,
+                     sha256_file, slug)
 from ..backbones.registry import MODEL_MANIFEST, load_backbone
 from ..data.discovery import ImageSet, discover, fingerprint
 from ..data.images import Preprocessing
 from ..data.splits import save_rows
 from ..distributed import TrainingGroup, place_rank, torchrun_env
-from ..errors import ParameterError
+from ..errors import FxtlError, ParameterError
 from ..runtime import resolve_device, resolve_precision
 from .augment import TrainTransform, epoch_sampler
 from .blocks import block_groups
-from .checkpoints import (CHECKPOINT_FORMAT, CHECKPOINT_VERSION, choose_run_dir, manifest_digest,
-                          discard_unfinished, initial_state, torch_save)
+from .checkpoints import (CHECKPOINT_FILE, CHECKPOINT_FORMAT, CHECKPOINT_VERSION,
+                          check_same_settings, choose_run_dir, discard_unfinished, initial_state,
+                          is_finished, manifest_digest, remove_checkpoint, torch_save)
 from .config import (BN_FROZEN_BELOW, BN_MODES, DEFAULT_LR, MONITORS, OPTIMIZERS, FinetuneConfig,
                      parse_trainable)
 from .curves import plot_learning_curves
@@ -123,7 +126,7 @@ class FinetuneResult:
         d.update({k: self.metrics.get(k) for k in ("balanced_accuracy", "n", "backbone", "dataset",
                                                     "precision", "device", "bn")})
         d["artifacts"] = {name: str(self.run_dir / name) for name in
-                          (MODEL_MANIFEST, "model.pt", "checkpoint-last.pt", "metrics.json", "rows.json",
+                          (MODEL_MANIFEST, "model.pt", CHECKPOINT_FILE, "metrics.json", "rows.json",
                            "learning_curves.png", "confusion.png") if (self.run_dir / name).exists()}
         return d
 
@@ -148,7 +151,8 @@ def finetune(data: str | Path, *, config: FinetuneConfig | None = None,
         ``-2``, ``-3``... when taken).
     resume : bool
         Continue the run (``run_name``, else the latest run of the same configuration) from its
-        last checkpoint; starts afresh when there is none.
+        last checkpoint; starts afresh when there is none. A finished run has nothing to resume:
+        its stored results are returned (the settings must match), nothing is trained.
     progress : bool
         Progress bar per epoch on stderr (loss, accuracy, images/s).
     on_step : callable, optional
@@ -212,7 +216,10 @@ def finetune(data: str | Path, *, config: FinetuneConfig | None = None,
         if group.is_primary:
             run_dir = ensure_dir(choose_run_dir(runs / "runs", base, run_name=run_name, resume=resume))
         run_dir = Path(group.broadcast(str(run_dir)))
-        fresh = not (run_dir / "checkpoint-last.pt").exists()
+        if resume and is_finished(run_dir):
+            return _finished_result(run_dir, record, seconds=time.perf_counter() - t_start,
+                                    group=group)
+        fresh = not (run_dir / CHECKPOINT_FILE).exists()
         try:
             metrics, resumed_from = _train(run, trainer, run_dir, record, group=group, resume=resume,
                                            on_step=on_step, init_info=init_info, cfg=cfg)
@@ -226,15 +233,43 @@ def finetune(data: str | Path, *, config: FinetuneConfig | None = None,
                 discard_unfinished(run_dir)
             raise
         group.barrier()  # the run folder is complete before any rank returns
+        if group.is_primary and not cfg.keep_checkpoint:
+            remove_checkpoint(run_dir)  # finished: its manifest is in place
+    return _result(run_dir, metrics, seconds=time.perf_counter() - t_start,
+                   resumed_from=resumed_from, group=group)
+
+
+def _result(run_dir: Path, metrics: dict[str, Any], *, seconds: float, resumed_from: int,
+            group: TrainingGroup) -> FinetuneResult:
     return FinetuneResult(
         run_dir=run_dir, model=metrics["model"], split=metrics["split"],
         accuracy=metrics["accuracy"], macro_f1=metrics["macro_f1"], epochs=metrics["epochs"],
-        seconds=time.perf_counter() - t_start, best_epoch=metrics["best_epoch"],
+        seconds=seconds, best_epoch=metrics["best_epoch"],
         fit_seconds=metrics["fit_seconds"], trainable_params=metrics["trainable_params"],
         train_images_per_second=metrics["train_images_per_second"],
         inference_images_per_second=metrics["inference_images_per_second"],
         stopped_early=metrics["stopped_early"], resumed_from_epoch=resumed_from,
         errors=metrics["errors"], metrics=metrics, rank=group.rank, world_size=group.world_size)
+
+
+def _finished_result(run_dir: Path, record: dict[str, Any], *, seconds: float,
+                     group: TrainingGroup) -> FinetuneResult:
+    """``resume`` of a finished run: nothing to train; its stored results, when it was made with
+    these settings (its checkpoint may have been removed, so ``metrics.json`` says which)."""
+    path = run_dir / "metrics.json"
+    try:
+        metrics = read_json(path)
+        check_same_settings(metrics["config"], record, source=path)
+        result = _result(run_dir, metrics, seconds=seconds, resumed_from=int(metrics["epochs"]),
+                         group=group)
+    except (OSError, ValueError, TypeError, KeyError) as exc:
+        reason = f"no {exc}" if isinstance(exc, KeyError) else str(exc).splitlines()[0][:120]
+        raise FxtlError(f"{path} of the finished run {run_dir.name} cannot be read ({reason}); "
+                        "start a new run under another run name") from None
+    if group.is_primary:
+        print(f"fxtl: {run_dir.name} is finished (its {MODEL_MANIFEST} is in place): nothing to "
+              "resume; its results follow", file=sys.stderr)
+    return result
 
 
 def _train(run: EpochRunner, trainer: Trainer, run_dir: Path, record: dict[str, Any], *,
@@ -247,7 +282,7 @@ def _train(run: EpochRunner, trainer: Trainer, run_dir: Path, record: dict[str, 
     initial = None
     kept: dict[str, Any] = {}  # the probe's training features, for the refit below
     with lock:
-        state = initial_state(trainer, run_dir / "checkpoint-last.pt", record, resume=resume,
+        state = initial_state(trainer, run_dir / CHECKPOINT_FILE, record, resume=resume,
                               quiet=not group.is_primary)
         resumed_from = int(state.epoch)
         if state.epoch == 0 and state.best is None:  # a fresh start (a resumed one has its weights)

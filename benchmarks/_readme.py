@@ -1,0 +1,107 @@
+"""Sections of README.md that benchmark scripts write from their results (never typed by hand).
+
+A section is the text between ``<!-- fxtl:NAME -->`` and ``<!-- /fxtl:NAME -->`` (NAME: lower
+case letters, digits and ``-``). Two shapes:
+
+- **block**: the opening marker ends its line and the closing one starts a line; the body is
+  whole lines (a table, a code block, a paragraph);
+- **inline**: anything else, e.g. inside a sentence or a table cell (markdown hides the
+  comments); the body is one line of text.
+
+A name may appear more than once (the same number quoted in two places): every copy gets the
+same body. Used by ``benchmarks/readme_numbers.py`` (which knows every section's renderer) and by
+any script that writes its own table::
+
+    from _readme import replace_section
+    text = replace_section(text, "backbones-table", body)
+"""
+from __future__ import annotations
+
+import re
+
+__all__ = ["replace_section", "section_names", "get_section", "MarkerError"]
+
+_NAME = r"[a-z0-9][a-z0-9-]*"
+_OPEN = re.compile(rf"<!-- fxtl:({_NAME}) -->")
+
+
+class MarkerError(ValueError):
+    """A section's markers are missing, unbalanced or nested."""
+
+
+def _spans(text: str, name: str) -> list[tuple[int, int]]:
+    """(start, end) of the body of every copy of section ``name``, in order."""
+    opening, closing = f"<!-- fxtl:{name} -->", f"<!-- /fxtl:{name} -->"
+    spans, pos = [], 0
+    while True:
+        start = text.find(opening, pos)
+        if start < 0:
+            break
+        body = start + len(opening)
+        end = text.find(closing, body)
+        if end < 0:
+            raise MarkerError(f"README section {name!r} opened without {closing}")
+        if _OPEN.search(text, body, end):
+            raise MarkerError(f"README section {name!r} holds another section's marker")
+        spans.append((body, end))
+        pos = end + len(closing)
+    if not spans:
+        raise MarkerError(f"README has no section {name!r}: add {opening} ... {closing} where it goes")
+    if text.count(closing) != len(spans):
+        raise MarkerError(f"README section {name!r} has a {closing} without its opening marker")
+    return spans
+
+
+def section_names(text: str) -> list[str]:
+    """Names of the marked sections, each once, in order of first appearance."""
+    return list(dict.fromkeys(_OPEN.findall(text)))
+
+
+def _is_block(text: str, body: int, end: int) -> bool:
+    return text.startswith("\n", body) and (end == 0 or text[end - 1] == "\n")
+
+
+def get_section(text: str, name: str) -> str:
+    """The body of section ``name`` (its first copy), as :func:`replace_section` takes it."""
+    body, end = _spans(text, name)[0]
+    return text[body + 1:end - 1] if _is_block(text, body, end) else text[body:end]
+
+
+def replace_section(text: str, name: str, body: str) -> str:
+    """``text`` with every copy of section ``name`` holding ``body``.
+
+    Parameters
+    ----------
+    text : str
+        The README.
+    name : str
+        The section (``<!-- fxtl:NAME -->``).
+    body : str
+        Its new content: whole lines for a block section (a final newline is optional), one
+        line for an inline section.
+
+    Raises
+    ------
+    MarkerError
+        No such section, unbalanced markers, or a newline in an inline section's body.
+
+    Examples
+    --------
+    >>> replace_section("x <!-- fxtl:n -->1<!-- /fxtl:n --> y", "n", "2")
+    'x <!-- fxtl:n -->2<!-- /fxtl:n --> y'
+    >>> replace_section("<!-- fxtl:t -->\\nold\\n<!-- /fxtl:t -->\\n", "t", "a\\nb")
+    '<!-- fxtl:t -->\\na\\nb\\n<!-- /fxtl:t -->\\n'
+    """
+    out, pos = [], 0
+    for start, end in _spans(text, name):
+        if _is_block(text, start, end):
+            new = "\n" + body.strip("\n") + "\n"
+        elif "\n" in body.strip("\n"):
+            raise MarkerError(f"README section {name!r} is inline (inside a line): its body must "
+                              "be one line; put the markers on lines of their own for a block")
+        else:
+            new = body.strip("\n")
+        out += [text[pos:start], new]
+        pos = end
+    out.append(text[pos:])
+    return "".join(out)
