@@ -158,8 +158,9 @@ def finetune_stage(row: dict, runs: dict, *, work: Path, epochs: int, seed: int,
 
 
 def pair_stage(row: dict, runs: dict) -> None:
-    names = [("layers_vs_penultimate", runs["layers"], runs["penultimate"]),
-             ("layers_vs_advised", runs["layers"], row["advised_finetune"]["run_dir"])]
+    names = [("layers_vs_penultimate", runs["layers"], runs["penultimate"])]
+    if row.get("advised_finetune"):
+        names.append(("layers_vs_advised", runs["layers"], row["advised_finetune"]["run_dir"]))
     if row.get("default_finetune"):
         names.append(("default_vs_logreg", row["default_finetune"]["run_dir"], runs["logreg"]))
     pairs, _ = calib.paired_tests([(a, b) for _, a, b in names])
@@ -191,14 +192,15 @@ def table(rows: list[dict]) -> str:
              "|---|---|---|---|---|---|---|"]
     for r in rows:
         hp, hl, f = (r["heads_penultimate"][r["best_penultimate"]],
-                     r["heads_layers"][r["best_layers"]], r["advised_finetune"])
+                     r["heads_layers"][r["best_layers"]], r.get("advised_finetune"))
+        ft = (f"{f['what'].split(' (')[0]}: {_acc(f['accuracy'], f['accuracy_ci95'])} "
+              f"({f['best_epoch']}/{f['epochs']})") if f else "not run"
         lines.append(
             f"| {r['dataset']} ({r['train_images']}, {r['scenario']}) | {r['best_penultimate']} "
             f"{_acc(hp['accuracy'], hp['accuracy_ci95'])} | {'+'.join(r['layers'])}: "
             f"{r['best_layers']} {_acc(hl['accuracy'], hl['accuracy_ci95'])} | "
             f"{r['layers_gain_points']:+.1f} | {_p(r['paired']['layers_vs_penultimate'])} | "
-            f"{f['what'].split(' (')[0]}: {_acc(f['accuracy'], f['accuracy_ci95'])} "
-            f"({f['best_epoch']}/{f['epochs']}) | {_p(r['paired']['layers_vs_advised'])} |")
+            f"{ft} | {_p(r['paired'].get('layers_vs_advised'))} |")
     lines += ["", "| data | logreg head (penultimate) | default fine-tune (kept epoch; start refitted "
               "on train+val?) | gap (points) | default vs head (only a / only b, p) |",
               "|---|---|---|---|---|"]
@@ -211,7 +213,7 @@ def table(rows: list[dict]) -> str:
             f"| {r['dataset']} | {_acc(lr['accuracy'], lr['accuracy_ci95'])} | "
             f"{_acc(d['accuracy'], d['accuracy_ci95'])} ({d['best_epoch']}/{d['epochs']}; "
             f"{'yes' if d.get('final_refit') else 'no'}) | {r['default_gap_points']:+.1f} | "
-            f"{_p(r['paired']['default_vs_logreg'])} |")
+            f"{_p(r['paired'].get('default_vs_logreg'))} |")
     return "\n".join(lines)
 
 
@@ -226,6 +228,8 @@ def main() -> None:
     ap.add_argument("--heads-only", action="store_true",
                     help="refit the heads only; the fine-tunes are those stored in --output")
     ap.add_argument("--table", action="store_true", help="print the table of --output and stop")
+    ap.add_argument("--pairs-only", action="store_true",
+                    help="pair the runs already stored in --output (no fitting, no training)")
     ap.add_argument("--merge", type=Path, action="append", default=[],
                     help="with --table: first add these result files' datasets to --output")
     ap.add_argument("--advice-from", type=Path, default=None,
@@ -243,7 +247,12 @@ def main() -> None:
         print(f"[{time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
 
     before = json.loads(args.output.read_text()) if args.output.exists() else {"datasets": []}
-    if args.table:
+    if args.pairs_only:
+        for r in before["datasets"]:
+            if r.get("runs"):
+                pair_stage(r, r["runs"])
+        args.output.write_text(json.dumps(before, indent=2) + "\n")
+    if args.table or args.pairs_only:
         for other in args.merge:  # datasets measured by another invocation (another --output)
             extra = json.loads(other.read_text())
             names = {r["dataset"] for r in extra["datasets"] if "paired" in r}
