@@ -451,6 +451,32 @@ def finetune_ddp(r: Results) -> str:
             f"{ddp['2']['train_images_per_second_median']:.1f} train img/s")
 
 
+@section("heads-classes")
+def heads_classes(r: Results) -> str:
+    labels = r["heads_classes"]["labels"]
+    before, after = labels["before"]["caches"], labels["after"]["caches"]
+    digits = [n for n in ("digits300", "digits600", "digits1000") if n in after]
+
+    def cpu(runs, names):
+        return " / ".join(f"{runs[n]['cpu_seconds_median']:.1f}" for n in names)
+
+    loads = [rep["load_before"][0] for lab in (before, after) for c in lab.values()
+             for rep in c["repeats"]]
+    same = all(after[n]["repeats"][0]["heads"][m][k] == before[n]["repeats"][0]["heads"][m][k]
+               for n in after for m in after[n]["repeats"][0]["heads"]
+               for k in ("best_params", "selection_score", "accuracy"))
+    rows = " / ".join(f"{after[n]['repeats'][0]['heads']['logreg']['n_fit']:,}" for n in digits)
+    omni, hym = after["omniglot"], after["hymenoptera"]
+    return (f"load average {min(loads):.1f}-{max(loads):.1f}; `fit-head --model all` on 10-class "
+            f"lite0 digits with {rows} fit rows takes {cpu(after, digits)} s of CPU (before: "
+            f"{cpu(before, digits)} s), on omniglot ({omni['repeats'][0]['heads']['logreg']['n_fit']} "
+            f"rows, {omni['classes']} classes) {omni['cpu_seconds_median']:.1f} s "
+            f"({before['omniglot']['cpu_seconds_median']:.1f} s), on hymenoptera "
+            f"{hym['cpu_seconds_median']:.1f} s ({before['hymenoptera']['cpu_seconds_median']:.1f} s), "
+            + ("every head with the same parameters, selection score and accuracy as before"
+               if same else "some heads chose or scored differently (see the json)"))
+
+
 @section("head-vs-finetune")
 def head_vs_finetune(r: Results) -> str:
     full, _, head = _ft_rows(r)

@@ -14,6 +14,7 @@ from sklearn.utils.estimator_checks import parametrize_with_checks
 from threadpoolctl import threadpool_limits
 
 from fxtl.heads.kernel_svm import RBFSVC
+from fxtl.heads.linear_svm import LinearSVC
 from fxtl.heads.mlp import MLPClassifier
 from fxtl.heads.model import Head
 from fxtl.heads.torch_heads import TorchLinearSVC, TorchLogisticRegression, TorchMLPClassifier
@@ -22,6 +23,8 @@ from fxtl.heads.torch_heads import TorchLinearSVC, TorchLogisticRegression, Torc
 # checks' blobs (scikit-learn's own checks run LogisticRegression with max_iter=5).
 ESTIMATORS = [
     RBFSVC(),
+    LinearSVC(),
+    LinearSVC(C=0.1, dual=True),  # the row-span dual wherever a check has fewer rows than features
     MLPClassifier(hidden_layer_sizes=(16,), learning_rate_init=0.01, max_iter=50),
     TorchLogisticRegression(device="cpu", max_iter=30),
     TorchLinearSVC(device="cpu", max_iter=30),
@@ -34,9 +37,13 @@ _SOLVER_STOPS = ("L-BFGS stops at tol: the weighted fit and the fit on repeated 
                  "(test_sample_weights_equal_repeated_rows checks them at 1e-4)")
 _LIBSVM = ("libsvm scales C per row, so a weight is not a repeated row (scikit-learn lists SVC "
            "the same way)")
+_LIBLINEAR_DUAL = ("liblinear's dual visits rows in a random order, so a weight is not a repeated "
+                   "row (scikit-learn lists LinearSVC the same way)")
 EXPECTED_FAILURES = {
     RBFSVC: {"check_sample_weight_equivalence_on_dense_data": _LIBSVM,
              "check_sample_weight_equivalence_on_sparse_data": _LIBSVM},
+    LinearSVC: {"check_sample_weight_equivalence_on_dense_data": _LIBLINEAR_DUAL,
+                "check_sample_weight_equivalence_on_sparse_data": _LIBLINEAR_DUAL},
     TorchLogisticRegression: {"check_sample_weight_equivalence_on_dense_data": _SOLVER_STOPS},
     TorchLinearSVC: {"check_sample_weight_equivalence_on_dense_data": _SOLVER_STOPS},
     TorchMLPClassifier: {"check_sample_weight_equivalence_on_dense_data":

@@ -4,6 +4,7 @@ distances, fits side by side in threads, a budget between rounds."""
 from __future__ import annotations
 
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -11,7 +12,9 @@ from sklearn.datasets import load_digits
 from sklearn.model_selection import GridSearchCV, ParameterGrid, StratifiedKFold
 
 from fxtl.heads.grid import map_threads, pick_best, prepare_folds, score_grid, uses_kernel_cache
-from fxtl.heads.registry import DataShape, build_pipeline, get_head
+from fxtl.heads.registry import DataShape, build_pipeline, get_head, head_names
+
+DOCS = Path(__file__).resolve().parents[1] / "docs"
 
 
 @pytest.fixture(scope="module")
@@ -114,3 +117,14 @@ def test_a_path_stops_once_its_scores_fall_past_the_best(monkeypatch):
     assert out.best == {"C": 2} and not out.stopped_by_budget
     fitted.clear()
     assert score_grid("x", [fold], cands).tried == 9  # no patience: every candidate
+
+
+def test_candidate_counts_are_the_documented_ones():
+    """Each candidate costs a fit per fold (5 on hymenoptera-sized data): a grid that grows is a
+    decision about speed, so its size is the one docs/scaling.md states."""
+    shape = DataShape(n_fit=196, dim=1280, n_classes=2)  # hymenoptera's CV folds
+    counts = {name: len(ParameterGrid(get_head(name).space(shape))) for name in head_names()}
+    assert counts == {"logreg": 13, "svm": 16, "linear-svm": 9, "mlp": 3, "knn": 16}
+    stated = (f"{sum(counts.values())} candidates, "
+              + ", ".join(f"{name} {n}" for name, n in counts.items()))
+    assert stated in " ".join((DOCS / "scaling.md").read_text().split())

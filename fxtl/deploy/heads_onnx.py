@@ -312,7 +312,8 @@ def convert_head(pipeline, *, class_positions: Sequence[int], n_classes: int, fe
 
 def register_torch_heads() -> None:
     """Tell skl2onnx to convert fxtl's estimators (:mod:`fxtl.heads.torch_heads`,
-    :class:`~fxtl.heads.kernel_svm.RBFSVC` and :class:`~fxtl.heads.mlp.MLPClassifier`) with the
+    :class:`~fxtl.heads.kernel_svm.RBFSVC`, :class:`~fxtl.heads.linear_svm.LinearSVC` and
+    :class:`~fxtl.heads.mlp.MLPClassifier`) with the
     converters of their scikit-learn parents
     (they hold the parents' fitted attributes). Idempotent."""
     from skl2onnx import update_registered_converter
@@ -323,6 +324,7 @@ def register_torch_heads() -> None:
     from skl2onnx.shape_calculators.support_vector_machines import calculate_sklearn_svm_output_shapes
 
     from ..heads.kernel_svm import RBFSVC
+    from ..heads.linear_svm import LinearSVC
     from ..heads.mlp import MLPClassifier
     from ..heads.torch_heads import TorchLinearSVC, TorchLogisticRegression, TorchMLPClassifier
 
@@ -339,6 +341,9 @@ def register_torch_heads() -> None:
             (TorchLogisticRegression, "SklearnLinearClassifier", convert_sklearn_linear_classifier,
              {**labels, "raw_scores": [True, False]}),
             (TorchLinearSVC, "SklearnLinearSVC", convert_sklearn_linear_classifier,
+             {"nocl": [True, False], "output_class_labels": [False, True],
+              "raw_scores": [True, False]}),
+            (LinearSVC, "SklearnLinearSVC", convert_sklearn_linear_classifier,
              {"nocl": [True, False], "output_class_labels": [False, True],
               "raw_scores": [True, False]}),
             (TorchMLPClassifier, "SklearnMLPClassifier", convert_sklearn_mlp_classifier, labels),

@@ -7,6 +7,9 @@ candidate's estimator on every fold:
 
 * warm-started (``warm=True``, e.g. logistic regression's C path): each fold keeps one estimator
   whose next fit starts from the previous candidate's solution;
+* the linear SVM with fewer rows than features: a fold's rows are expressed once in their own
+  span (:mod:`fxtl.heads.linear_svm`), where liblinear's dual does the same iterations on fewer
+  columns;
 * the RBF SVM on a precomputed kernel: a fold's squared distances are computed once and each
   ``gamma`` is one ``exp`` of them, so libsvm never recomputes a kernel row;
 * otherwise the fits of a round of candidates run in threads (libsvm, liblinear and BLAS release
@@ -91,7 +94,10 @@ def prepare_folds(pipeline_factory: Callable[[], Any], *, X: np.ndarray, y: np.n
                   folds: list[tuple[np.ndarray, np.ndarray]], kernel: bool = False) -> list[PreparedFold]:
     """Fit the pipeline's preprocessing once per fold (``pipeline_factory()`` gives an unfitted
     Pipeline) and transform its rows; with ``kernel`` also their squared distances."""
+    from sklearn.base import clone
+
     from .kernel_svm import sq_distances
+    from .linear_svm import LinearSVC, projects, row_space, to_row_space
 
     out = []
     for tr, te in folds:
@@ -102,7 +108,14 @@ def prepare_folds(pipeline_factory: Callable[[], Any], *, X: np.ndarray, y: np.n
             Xte = pre.transform(X[te])
         else:
             Xtr, Xte = X[tr], X[te]
-        fold = PreparedFold(Xtr, y[tr], Xte, y[te], pipe.steps[-1][1])
+        est = pipe.steps[-1][1]
+        if isinstance(est, LinearSVC) and projects(est, Xtr.shape):
+            # the fold's rows in their own span, once for every candidate (fxtl.heads.linear_svm)
+            scaling = float(est.intercept_scaling) if est.fit_intercept else None
+            Q, Xtr_r = row_space(Xtr, intercept_scaling=scaling)
+            Xtr, Xte = Xtr_r, to_row_space(Xte, Q, intercept_scaling=scaling)
+            est = clone(est).set_params(dual=True, fit_intercept=False)
+        fold = PreparedFold(Xtr, y[tr], Xte, y[te], est)
         if kernel:
             fold.d_train, fold.d_test = sq_distances(Xtr, Xtr), sq_distances(Xte, Xtr)
         out.append(fold)

@@ -41,6 +41,7 @@ HEAD_FORMAT_VERSION = 2
 # imports scikit-learn, not torch). Nothing here runs code.
 TRUSTED_TYPES = (
     "fxtl.heads.kernel_svm.RBFSVC",
+    "fxtl.heads.linear_svm.LinearSVC",
     "fxtl.heads.mlp.MLPClassifier",
     "fxtl.heads.torch_heads.TorchLinearSVC",
     "fxtl.heads.torch_heads.TorchLogisticRegression",
