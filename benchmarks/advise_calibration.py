@@ -110,6 +110,37 @@ def _data(name: str, tmp: Path, per_class: int | None, seed: int = 0) -> Path:
     return split_manifest(name, tmp, per_class=per_class, seed=seed)
 
 
+# ----------------------------------------------------------------------------- shared pieces
+def head_rows(heads) -> dict:
+    """``{model: its test accuracy, interval, selection score...}`` of fit_heads' results."""
+    return {h.metrics["model"]: {k: h.metrics.get(k) for k in (
+        "accuracy", "accuracy_ci95", "macro_f1", "macro_f1_ci95", "split", "n",
+        "selection", "selection_score", "fit_seconds")} for h in heads}
+
+
+def best_head(heads):
+    """The head with the best selection score (val), never picked on test (ties: logreg)."""
+    return max(heads, key=lambda h: (h.metrics.get("selection_score") or 0.0,
+                                     h.metrics["model"] == "logreg"))
+
+
+def paired_tests(pairs: list[tuple]) -> tuple[list, object]:
+    """The exact McNemar test of each ``(a, b)`` run pair on their common test images
+    (``compare``); returns ``([pair or None per input], compare's result)``."""
+    from fxtl.report.comparison import compare
+
+    runs = list(dict.fromkeys(str(Path(r)) for ab in pairs for r in ab))
+    res = compare(runs=runs, chart=False, pairs=pairs)
+    same = lambda x, y: Path(str(x)).resolve() == Path(str(y)).resolve()  # noqa: E731
+    return [next((p for p in res.paired if same(p["a"], a) and same(p["b"], b)), None)
+            for a, b in pairs], res
+
+
+def pair_row(pair: dict | None) -> dict | None:
+    return {k: pair.get(k) for k in ("n", "a_only_correct", "b_only_correct", "p_value", "test",
+                                     "a_accuracy", "b_accuracy", "text", "note")} if pair else None
+
+
 # ----------------------------------------------------------------------------- one dataset
 def _finetune_plan(scenario: int, lpft: bool) -> tuple[str, dict, str]:
     """(trainable, finetune() keyword arguments, description) of the recommended fine-tune."""
@@ -129,7 +160,6 @@ def run_dataset(name: str, *, tmp: Path, cache: Path, epochs: int, image_size: i
     from fxtl.advice import advice_verdict, advise
     from fxtl.heads.fitting import fit_heads
     from fxtl.plan import write_missing_predictions
-    from fxtl.report.comparison import compare
     from fxtl.training.loop import finetune
 
     t0 = time.perf_counter()
@@ -147,11 +177,8 @@ def run_dataset(name: str, *, tmp: Path, cache: Path, epochs: int, image_size: i
     ex = fxtl.extract(data, cache_dir=cache, progress=False)
     row["extract_seconds"] = round(ex.seconds, 1)
     heads = fit_heads(ex.cache, models=list(HEADS), cache_dir=cache, seed=seed)
-    row["heads"] = {h.metrics["model"]: {k: h.metrics.get(k) for k in (
-        "accuracy", "accuracy_ci95", "macro_f1", "macro_f1_ci95", "split", "n",
-        "selection", "selection_score", "fit_seconds")} for h in heads}
-    best = max(heads, key=lambda h: (h.metrics.get("selection_score") or 0.0,
-                                     h.metrics["model"] == "logreg"))
+    row["heads"] = head_rows(heads)
+    best = best_head(heads)
     logreg = next(h for h in heads if h.metrics["model"] == "logreg")
     row["best_head"] = best.metrics["model"]
     log(f"{name}: heads " + ", ".join(f"{k} {v['accuracy']:.3f}" for k, v in row["heads"].items())
@@ -175,12 +202,9 @@ def run_dataset(name: str, *, tmp: Path, cache: Path, epochs: int, image_size: i
                        "predictions": "predict() on the head's test images" if wrote else "finetune",
                        "settings": {k: (v if k != "init_head" else "the logreg head of this row")
                                     for k, v in {"epochs": epochs, **kw}.items()}}
-    res = compare(runs=[best.run_dir, ft.run_dir], chart=False, pairs=[(best.run_dir, ft.run_dir)])
-    pair = next((p for p in res.paired if Path(p["a"]).resolve() == Path(best.run_dir).resolve()
-                 and Path(p["b"]).resolve() == Path(ft.run_dir).resolve()), None)
-    row["paired"] = {k: pair.get(k) for k in ("n", "a_only_correct", "b_only_correct", "p_value",
-                                              "test", "a_accuracy", "b_accuracy", "text", "note")
-                     } if pair else None
+    pairs, res = paired_tests([(best.run_dir, ft.run_dir)])
+    pair = pairs[0]
+    row["paired"] = pair_row(pair)
     row["groups"] = res.groups
     verdict = advice_verdict(a.scenario, pair)
     row["advised"], row["verdict"], row["winner"] = verdict["advised"], verdict["verdict"], verdict["winner"]

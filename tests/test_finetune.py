@@ -407,8 +407,18 @@ def _classifier(run_dir: Path) -> torch.Tensor:
     return torch.load(run_dir / "model.pt", weights_only=True)["classifier.weight"]
 
 
+def _flipped(src: Path, dst: Path, splits: tuple[str, ...]) -> Path:
+    """A copy of ``src`` (circle/square) with every label of ``splits`` swapped."""
+    for split in ("train", "val", "test"):
+        for cls in ("circle", "square"):
+            other = {"circle": "square", "square": "circle"}[cls] if split in splits else cls
+            shutil.copytree(src / split / cls, dst / split / other)
+    return dst
+
+
 def test_default_starts_from_a_probe_fitted_on_the_training_rows_only(shapes3_dir, tmp_path, tiny):
-    """The probe learns from train alone: scrambling val and test leaves it unchanged."""
+    """The start that val judges learns from train alone (scrambling val and test leaves it
+    unchanged); once val keeps it, it is refitted on train+val, and test takes no part."""
     res = finetune(shapes3_dir, backbone=tiny, epochs=0, cache_dir=tmp_path / "a", **TINY)
     m = res.metrics
     assert m["config"]["init"] == "probe" and m["config"]["lr"] == pytest.approx(2e-4)
@@ -417,17 +427,45 @@ def test_default_starts_from_a_probe_fitted_on_the_training_rows_only(shapes3_di
     assert probe["folds"] == 5 and probe["C"] in [pytest.approx(c) for c in
                                                   np.logspace(-4, 2, 13)]
     assert res.best_epoch == 0 and m["initial"]["val_accuracy"] is not None
+    refit = m["final_refit"]
+    assert refit["refit_rows"] == 24 and refit["refit_split"] == "train+val" and refit["folds"] == 5
+    assert any("refitted on the 24 train+val images" in n for n in m["notes"])
     w = _classifier(res.run_dir)
     assert w.abs().sum() > 0  # not the zero start
-    # val and test with every label flipped: same training rows, so the same probe
-    data = tmp_path / "flipped"
-    for split in ("train", "val", "test"):
-        for cls in ("circle", "square"):
-            other = {"circle": "square", "square": "circle"}[cls] if split != "train" else cls
-            shutil.copytree(shapes3_dir / split / cls, data / split / other)
-    again = finetune(data, backbone=tiny, epochs=0, cache_dir=tmp_path / "b", **TINY)
+    # test labels flipped: nothing learned from or chosen on them, so the same classifier
+    again = finetune(_flipped(shapes3_dir, tmp_path / "test-flipped", ("test",)), backbone=tiny,
+                     epochs=0, cache_dir=tmp_path / "b", **TINY)
     assert torch.allclose(_classifier(again.run_dir), w)
     assert again.accuracy == pytest.approx(1 - res.accuracy)
+    # val labels flipped too: the start val judged is the same (train only), its val score flips
+    both = finetune(_flipped(shapes3_dir, tmp_path / "flipped", ("val", "test")), backbone=tiny,
+                    epochs=0, cache_dir=tmp_path / "c", **TINY)
+    assert both.metrics["init_probe"]["C"] == probe["C"]
+    assert both.metrics["init_probe"]["cv_accuracy"] == probe["cv_accuracy"]
+    assert both.metrics["initial"]["val_accuracy"] == pytest.approx(1 - m["initial"]["val_accuracy"])
+
+
+def test_kept_init_head_is_the_fit_head_head_on_the_same_rows(shapes3_dir, tmp_path, tiny):
+    """LP-FT from a fit-head logreg run, the start kept by val: the reported model is that head
+    (same C, refitted on the same train+val rows), so it scores what the head scores."""
+    from fxtl.heads.fitting import fit_head
+
+    cache = fxtl.extract(shapes3_dir, backbone=tiny, cache_dir=tmp_path, progress=False,
+                         workers=0, precision="fp32").cache
+    fitted = fit_head(cache, model="logreg", cache_dir=tmp_path)
+    assert fitted.metrics["split"] == "test" and fitted.metrics["n_fit"] == 24
+    res = finetune(shapes3_dir, backbone=tiny, init_head=fitted.run_dir, epochs=0,
+                   cache_dir=tmp_path, precision="fp32", workers=0, progress=False)
+    m = res.metrics
+    assert m["init_head"]["refit_rows"] == 12 and m["final_refit"]["refit_rows"] == 24
+    assert m["final_refit"]["refit_split"] == "train+val"
+    got = _classifier(res.run_dir).numpy()
+    W, _ = linear_head_weights(fitted.estimator, fitted.head.class_names, ["circle", "square"],
+                               feature_dim=got.shape[1])
+    # the same fit up to the solver's tolerance (the rows come in another order)
+    np.testing.assert_allclose(got, W, rtol=1e-3, atol=1e-3 * np.abs(W).max())
+    assert res.split == "test" and res.accuracy == pytest.approx(fitted.metrics["accuracy"])
+    assert m["confusion_matrix"] == fitted.metrics["confusion_matrix"]
 
 
 def test_epoch_0_is_kept_unless_an_epoch_beats_it_on_val(shapes3_dir, tmp_path, tiny):

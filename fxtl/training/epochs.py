@@ -118,9 +118,21 @@ class EpochRunner:
     def train_rows_loader(self):
         """The training images in order, evaluation preprocessing, every row on every rank
         (the probe's features: each rank fits the same probe)."""
-        return make_loader(ImageDataset([self.paths[i] for i in self.splits.train], self.pre),
+        return self.rows_loader(self.splits.train)
+
+    def rows_loader(self, rows: np.ndarray):
+        """``rows``' images in order, evaluation preprocessing, every row on every rank."""
+        return make_loader(ImageDataset([self.paths[i] for i in rows], self.pre),
                            batch_size=self.batch_size * 2, device=self.device,
                            workers=self.workers, persistent=False)
+
+    def load_kept(self, trainer: Trainer, run_dir: Path) -> None:
+        """Load the kept weights (``model.pt``, written by rank 0) into ``trainer``."""
+        import torch
+
+        self.group.barrier()
+        trainer.net.load_state_dict(torch.load(run_dir / "model.pt", map_location=self.device,
+                                               weights_only=True))
 
     def keep_initial(self, trainer: Trainer, state: TrainState, run_dir: Path) -> dict[str, Any] | None:
         """Epoch 0: score the fitted start on the selection split and keep it as the best so far,

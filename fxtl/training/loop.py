@@ -74,12 +74,12 @@ from .augment import TrainTransform, epoch_sampler
 from .blocks import block_groups
 from .checkpoints import (CHECKPOINT_FILE, CHECKPOINT_FORMAT, CHECKPOINT_VERSION,
                           check_same_settings, choose_run_dir, discard_unfinished, initial_state,
-                          is_finished, manifest_digest, remove_checkpoint)
+                          is_finished, manifest_digest, remove_checkpoint, torch_save)
 from .config import (BN_FROZEN_BELOW, BN_MODES, DEFAULT_LR, MONITORS, OPTIMIZERS, FinetuneConfig,
                      parse_trainable)
 from .curves import plot_learning_curves
 from .epochs import EpochRunner
-from .lpft import linear_head_weights, new_classifier, probe_classifier
+from .lpft import linear_head_weights, new_classifier, probe_classifier, refit_kept_start
 from .rows import plan_splits, run_rows
 from .trainer import Trainer
 
@@ -280,6 +280,7 @@ def _train(run: EpochRunner, trainer: Trainer, run_dir: Path, record: dict[str, 
     lock = file_lock(run_dir / ".lock", what=f"the run {run_dir.name}") if group.is_primary \
         else contextlib.nullcontext()
     initial = None
+    kept: dict[str, Any] = {}  # the probe's training features, for the refit below
     with lock:
         state = initial_state(trainer, run_dir / CHECKPOINT_FILE, record, resume=resume,
                               quiet=not group.is_primary)
@@ -289,16 +290,25 @@ def _train(run: EpochRunner, trainer: Trainer, run_dir: Path, record: dict[str, 
                 init_info = probe_classifier(trainer, run.train_rows_loader(),
                                              run.labels[run.splits.train], run.images.class_names,
                                              errors=state.errors, seed=cfg.seed,
-                                             paths=[run.paths[i] for i in run.splits.train])
+                                             paths=[run.paths[i] for i in run.splits.train],
+                                             keep=kept)
                 if init_info is not None:
                     init_info["kind"] = "probe"
             if init_info is not None:
                 initial = run.keep_initial(trainer, state, run_dir)
         while not state.done and state.epoch < record["epochs"]:
             run.train_epoch(trainer, state, run_dir, on_step=on_step)
+        final_refit = _refit_kept_start(run, trainer, state, run_dir, cfg=cfg, kept=kept)
         metrics = run.report(trainer, state, run_dir)
     if initial is not None:
         metrics["initial"] = initial
+    if final_refit is not None:
+        metrics["final_refit"] = final_refit
+        metrics["notes"].append(
+            f"{run.splits.val_name} kept the fitted start (epoch 0) over every trained epoch, so "
+            f"it was refitted on the {final_refit['refit_rows']} {final_refit['refit_split']} "
+            f"images before the report, as fit-head refits the head its selection chose; "
+            f"the {run.splits.report_name} images took no part")
     if init_info is not None and init_info["kind"] == "init_head":
         metrics["init_head"] = init_info
         metrics["notes"].append(
@@ -316,6 +326,27 @@ def _train(run: EpochRunner, trainer: Trainer, run_dir: Path, record: dict[str, 
         metrics["notes"].append("fewer than two classes have a readable training image: the "
                                 "classifier started at zero")
     return metrics, resumed_from
+
+
+def _refit_kept_start(run: EpochRunner, trainer: Trainer, state, run_dir: Path, *,
+                      cfg: FinetuneConfig, kept: dict[str, Any]) -> dict[str, Any] | None:
+    """When the selection split kept the fitted start (epoch 0 is the best), refit that start on
+    the training and selection rows (:func:`~fxtl.training.lpft.refit_kept_start`) and save it as
+    the kept weights; the refit's info, or None when the rule does not apply.
+
+    Deterministic, so a resumed run that reports again refits to the same classifier."""
+    fitted_start = cfg.init_head is not None or cfg.init == "probe"
+    if not (fitted_start and run.splits.val is not None and state.best is not None
+            and int(state.best["epoch"]) == 0):
+        return None
+    run.load_kept(trainer, run_dir)
+    info = refit_kept_start(trainer, init_head=cfg.init_head, images=run.images, labels=run.labels,
+                            rows={"train": run.splits.train, "val": run.splits.val},
+                            loader_for=run.rows_loader, errors=state.errors, paths=run.paths,
+                            seed=cfg.seed, kept=kept)
+    if info is not None and run.group.is_primary:
+        torch_save(trainer.net.state_dict(), run_dir / "model.pt")
+    return info
 
 
 def _network(cfg: FinetuneConfig, images: ImageSet, train_labels: np.ndarray):

@@ -10,6 +10,11 @@ layer:
   rows;
 * ``init_head``: a ``fit-head`` run refitted (a ``sklearn.base.clone``, same hyper-parameters)
   on the training rows of its own feature cache.
+
+When the selection split keeps that start (no trained epoch beat it there), the start is refitted
+on the training *and* selection rows before the report (:func:`refit_kept_start`): what
+``fit-head`` does with the hyper-parameters its selection chose, so the run reports the head it
+kept fitted on the same rows as ``fit-head``'s, and the reported split still takes no part.
 """
 from __future__ import annotations
 
@@ -35,7 +40,8 @@ if TYPE_CHECKING:
     from .trainer import Trainer
 
 __all__ = ["linear_head_weights", "load_linear_head", "head_cache", "refit_on_train_rows",
-           "new_classifier", "fit_probe", "probe_classifier", "PROBE_CS", "PROBE_FOLDS"]
+           "new_classifier", "fit_probe", "probe_classifier", "pooled_features",
+           "refit_kept_start", "PROBE_CS", "PROBE_FOLDS"]
 
 # The probe's C grid (fit-head's logreg grid) and its cross-validation folds (fewer when the
 # smallest class has fewer training rows).
@@ -137,12 +143,14 @@ def head_cache(run: str | Path, head: Any) -> Path:
 
 
 def refit_on_train_rows(run: str | Path, bb: Backbone, images: ImageSet,
-                        train_rows: np.ndarray) -> tuple[Any, list[str], dict[str, Any]]:
+                        train_rows: np.ndarray, *, split: str = "train"
+                        ) -> tuple[Any, list[str], dict[str, Any]]:
     """A clone of ``run``'s head (same hyper-parameters) fitted on the fine-tune's training rows.
 
     ``fit-head`` may have fitted the head on train+val (or its hold-out differs); a start head that
     has seen the fine-tune's selection or report images would make those numbers optimistic. The
     head's own cache supplies the features of exactly the training images (matched by path).
+    ``split`` names the rows in ``info`` (``train+val`` for :func:`refit_kept_start`).
 
     Returns ``(pipeline, class_names, info)``; ``info`` says which cache and how many rows.
     """
@@ -165,7 +173,7 @@ def refit_on_train_rows(run: str | Path, bb: Backbone, images: ImageSet,
         warnings.simplefilter("ignore")  # convergence notes: the head's own run reported them
         pipeline.fit(cache.features[rows], cache.labels[rows])
     info = {"head": str(head.path or run), "cache": str(cache_path), "refit_rows": int(len(rows)),
-            "refit_split": "train"}
+            "refit_split": split}
     return pipeline, list(cache.class_names), info
 
 
@@ -197,11 +205,13 @@ def new_classifier(bb: Backbone, class_names: Sequence[str], init_head: str | Pa
 
 
 
-def fit_probe(features: np.ndarray, labels: np.ndarray, *, seed: int) -> tuple[Any, dict[str, Any]]:
+def fit_probe(features: np.ndarray, labels: np.ndarray, *, seed: int,
+              split: str = "train") -> tuple[Any, dict[str, Any]]:
     """A ``StandardScaler -> LogisticRegression`` fitted on these rows; C by stratified k-fold CV.
 
-    Only the rows given take part (the fine-tune's training rows): the folds choose C, then the
-    model is refitted on all of them. With fewer than two rows in some class C stays at 1.
+    Only the rows given take part (the fine-tune's training rows; ``split`` names them in
+    ``info``): the folds choose C, then the model is refitted on all of them. With fewer than two
+    rows in some class C stays at 1.
 
     Returns ``(pipeline, info)``; ``info`` holds ``C``, ``folds``, ``rows`` and the CV accuracy.
     """
@@ -221,7 +231,7 @@ def fit_probe(features: np.ndarray, labels: np.ndarray, *, seed: int) -> tuple[A
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # convergence and deprecation notes of a throwaway fit
         pipeline.fit(features, labels)
-    info: dict[str, Any] = {"head": "probe", "refit_rows": int(len(labels)), "refit_split": "train",
+    info: dict[str, Any] = {"head": "probe", "refit_rows": int(len(labels)), "refit_split": split,
                             "C": 1.0, "folds": folds if folds >= 2 else 0}
     if folds >= 2:
         info["C"] = float(np.ravel(est.C_)[0])
@@ -229,23 +239,18 @@ def fit_probe(features: np.ndarray, labels: np.ndarray, *, seed: int) -> tuple[A
     return pipeline, info
 
 
-def probe_classifier(trainer: Trainer, loader, labels: np.ndarray, class_names: Sequence[str], *,
-                     errors: dict[str, str], paths: Sequence[str], seed: int) -> dict[str, Any] | None:
-    """Fit the probe on the training images of ``loader`` and fold it into the classifier.
-
-    ``loader`` yields ``ImageDataset`` items of the training rows in order (evaluation
-    preprocessing); ``labels`` are theirs. Every process computes the same features and the same
-    fit, so under torchrun the ranks stay identical. Returns the probe's info, or None when fewer
-    than two classes have a readable training image (the classifier then stays at zero).
-    """
+def pooled_features(trainer: Trainer, loader, n: int, *, errors: dict[str, str],
+                    paths: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
+    """The classifier's inputs (the pooled features) of the ``n`` images ``loader`` yields
+    (``ImageDataset`` items, in order), in eval mode at the run's precision: ``(features, seen)``,
+    ``seen`` False where an image could not be decoded."""
     import torch
 
     classifier = trainer.net.get_submodule(trainer.bb.classifier_name)
     captured: list = []
     hook = classifier.register_forward_pre_hook(lambda module, args: captured.append(args[0]))
-    feats = np.zeros((len(labels), classifier.in_features), dtype=np.float32)
-    seen = np.zeros(len(labels), dtype=bool)
-    t0 = time.perf_counter()
+    feats = np.zeros((n, classifier.in_features), dtype=np.float32)
+    seen = np.zeros(n, dtype=bool)
     trainer.net.eval()
     try:
         with torch.inference_mode(), autocast(trainer.device, trainer.precision):
@@ -261,14 +266,97 @@ def probe_classifier(trainer: Trainer, loader, labels: np.ndarray, class_names: 
                 seen[rows] = True
     finally:
         hook.remove()
+    return feats, seen
+
+
+def _fold_into_classifier(trainer: Trainer, W: np.ndarray, b: np.ndarray) -> None:
+    import torch
+
+    classifier = trainer.net.get_submodule(trainer.bb.classifier_name)
+    with torch.no_grad():
+        classifier.weight.copy_(torch.from_numpy(W))
+        classifier.bias.copy_(torch.from_numpy(b))
+
+
+def probe_classifier(trainer: Trainer, loader, labels: np.ndarray, class_names: Sequence[str], *,
+                     errors: dict[str, str], paths: Sequence[str], seed: int,
+                     keep: dict[str, Any] | None = None) -> dict[str, Any] | None:
+    """Fit the probe on the training images of ``loader`` and fold it into the classifier.
+
+    ``loader`` yields ``ImageDataset`` items of the training rows in order (evaluation
+    preprocessing); ``labels`` are theirs. Every process computes the same features and the same
+    fit, so under torchrun the ranks stay identical. Returns the probe's info, or None when fewer
+    than two classes have a readable training image (the classifier then stays at zero).
+    ``keep``, when given, receives the features (``keep["train"] = (features, seen)``) so that
+    :func:`refit_kept_start` need not compute them again.
+    """
+    t0 = time.perf_counter()
+    feats, seen = pooled_features(trainer, loader, len(labels), errors=errors, paths=paths)
+    if keep is not None:
+        keep["train"] = (feats, seen)
     y = labels[seen]
     if len(np.unique(y)) < 2:
         return None
     pipeline, info = fit_probe(feats[seen], y, seed=seed)
     W, b = linear_head_weights(pipeline, list(class_names), class_names,
-                               feature_dim=classifier.in_features)
-    with torch.no_grad():
-        classifier.weight.copy_(torch.from_numpy(W))
-        classifier.bias.copy_(torch.from_numpy(b))
+                               feature_dim=feats.shape[1])
+    _fold_into_classifier(trainer, W, b)
+    info["seconds"] = round(time.perf_counter() - t0, 3)
+    return info
+
+
+def refit_kept_start(trainer: Trainer, *, init_head: str | Path | None, images: ImageSet,
+                     labels: np.ndarray, rows: dict[str, np.ndarray], loader_for, errors: dict[str, str],
+                     paths: Sequence[str], seed: int, kept: dict[str, Any] | None = None
+                     ) -> dict[str, Any] | None:
+    """Refit the fitted start the selection split kept (epoch 0) on the training and selection
+    rows, and fold it into ``trainer``'s classifier (which must hold the kept weights).
+
+    This is ``fit-head``'s rule: the selection rows choose (here: the start over every trained
+    epoch), then the chosen model is refitted on every row that is not reported on. The probe's C
+    is chosen again by k-fold CV on those rows; an ``init_head`` keeps its hyper-parameters and is
+    refitted on the same rows of its own cache. The reported rows take no part.
+
+    Parameters
+    ----------
+    rows : {"train": ndarray, "val": ndarray}
+        Row indices into ``images.samples`` / ``labels``.
+    loader_for : callable
+        ``loader_for(rows)``: the rows' images in order, evaluation preprocessing.
+    kept : dict, optional
+        :func:`probe_classifier`'s ``keep``: the training rows' features already computed.
+
+    Returns
+    -------
+    dict or None
+        What was refitted (``refit_rows``, ``refit_split``, ``C``...); None when fewer than two
+        classes have a readable image.
+    """
+    t0 = time.perf_counter()
+    both = np.concatenate([rows["train"], rows["val"]])
+    if init_head is not None:
+        pipeline, head_classes, info = refit_on_train_rows(init_head, trainer.bb, images, both,
+                                                           split="train+val")
+        classifier = trainer.net.get_submodule(trainer.bb.classifier_name)
+        W, b = linear_head_weights(pipeline, head_classes, images.class_names,
+                                   feature_dim=classifier.in_features)
+    else:
+        parts = []
+        for name in ("train", "val"):
+            if name == "train" and kept and "train" in kept:
+                parts.append(kept["train"])
+                continue
+            r = rows[name]
+            parts.append(pooled_features(trainer, loader_for(r), len(r), errors=errors,
+                                         paths=[paths[i] for i in r]))
+        feats = np.concatenate([p[0] for p in parts])
+        seen = np.concatenate([p[1] for p in parts])
+        y = labels[both][seen]
+        if len(np.unique(y)) < 2:
+            return None
+        pipeline, info = fit_probe(feats[seen], y, seed=seed, split="train+val")
+        W, b = linear_head_weights(pipeline, list(images.class_names), images.class_names,
+                                   feature_dim=feats.shape[1])
+    _fold_into_classifier(trainer, W, b)
     info["seconds"] = round(time.perf_counter() - t0, 3)
     return info
