@@ -295,7 +295,7 @@ def main() -> None:
     staged = []
     for name in args.only or DATASETS:
         prev = stored.get(name)
-        if args.resume and prev and prev.get("runs") and "advised_finetune" not in prev and all(
+        if args.resume and prev and prev.get("runs") and all(
                 Path(v).is_dir() for v in prev["runs"].values()):
             log(f"{name}: heads kept from {args.output}")
             staged.append((prev, prev["runs"]))
