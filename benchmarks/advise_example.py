@@ -57,10 +57,9 @@ def main(argv: list[str] | None = None) -> int:
     print(f"advise_example: {result['wall_seconds']} s; wrote {args.output}")
     if not args.no_readme:
         sys.path.insert(0, str(HERE))
-        from readme_numbers import update
+        from readme_numbers import update_and_say
 
-        changed = update()
-        print(f"advise_example: README sections rewritten: {', '.join(changed) or 'none'}")
+        update_and_say("advise_example")
     return 0
 
 

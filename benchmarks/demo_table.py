@@ -100,10 +100,9 @@ def main(argv: list[str] | None = None) -> int:
     print(f"demo_table: {result['wall_seconds']} s; wrote {args.output}")
     if not args.no_readme:
         sys.path.insert(0, str(HERE))
-        from readme_numbers import update
+        from readme_numbers import update_and_say
 
-        changed = update()
-        print(f"demo_table: README sections rewritten: {', '.join(changed) or 'none'}")
+        update_and_say("demo_table")
     return 0
 
 

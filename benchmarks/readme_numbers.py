@@ -531,6 +531,13 @@ def update(readme: Path = README, results: Path = RESULTS) -> list[str]:
     return changed
 
 
+def update_and_say(who: str) -> None:
+    """:func:`update`, then one line naming the sections that changed (for the scripts whose
+    results feed the README)."""
+    changed = update()
+    print(f"{who}: README sections rewritten: {', '.join(changed) or 'none'}")
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--check", action="store_true",

@@ -56,13 +56,18 @@ def shapes_cache(shapes_dir, tmp_path_factory) -> Path:
     return res.cache
 
 
-@pytest.fixture(scope="session")
-def tiny(tmp_path_factory) -> str:
-    """``timm:test_efficientnet=<file>``: seeded random weights, offline, a fraction of lite0's cost."""
+def tiny_backbone(folder: Path, *, seed: int, name: str = "test_efficientnet.pth") -> str:
+    """``timm:test_efficientnet=<file>``: the tiny architecture with weights seeded by ``seed``."""
     import timm
     import torch
 
-    torch.manual_seed(0)
-    path = tmp_path_factory.mktemp("weights") / "test_efficientnet.pth"
+    torch.manual_seed(seed)
+    path = folder / name
     torch.save(timm.create_model("test_efficientnet").state_dict(), path)
     return f"timm:test_efficientnet={path}"
+
+
+@pytest.fixture(scope="session")
+def tiny(tmp_path_factory) -> str:
+    """``timm:test_efficientnet=<file>``: seeded random weights, offline, a fraction of lite0's cost."""
+    return tiny_backbone(tmp_path_factory.mktemp("weights"), seed=0)

@@ -20,6 +20,8 @@ from fxtl.errors import BackboneError
 from fxtl.features.extraction import planned_cache_path
 from fxtl.report.metrics import mcnemar_exact, wilson_interval
 
+from .conftest import tiny_backbone
+
 NAMES = ("eins", "grüne Käfer", "null")  # a space and a non-ASCII letter
 
 
@@ -40,13 +42,7 @@ def data(tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def tiny2(tmp_path_factory) -> str:
     """Another seeded file of the tiny architecture: a second backbone to compare, as cheap."""
-    import timm
-    import torch
-
-    torch.manual_seed(1)
-    path = tmp_path_factory.mktemp("weights2") / "tiny_two.pth"
-    torch.save(timm.create_model("test_efficientnet").state_dict(), path)
-    return f"timm:test_efficientnet={path}"
+    return tiny_backbone(tmp_path_factory.mktemp("weights2"), seed=1, name="tiny_two.pth")
 
 
 def _run(args: list[str]) -> dict:
