@@ -16,7 +16,8 @@ For each dataset, on one train / selection / report split:
 * with ``--zero`` also the recipe before: the same run from a zero classifier (``init="zero"``).
 
 Splits: hymenoptera keeps its own folders (train, val) as a user gets them (the layout of the
-issue's numbers): ``val`` is reported on, there is no selection split and the last epoch is kept.
+issue's numbers): ``val`` is reported on, and the fine-tune selects on a hold-out of train
+(``holdout-selection``; results written before that change kept the last epoch).
 The class-folder sets (trashnet, chest_xray, omniglot) and scikit-learn's digits get the
 calibration's 60/15/25 train/val/test split per class (benchmarks/advise_calibration.py), test
 reported, val selecting. ``--cap NAME=N`` first draws N images per class (hymenoptera: N training

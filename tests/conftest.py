@@ -32,7 +32,8 @@ def shapes_dir(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def shapes3_dir(tmp_path_factory) -> Path:
     """train/val/test split folders, 2 classes, 6 images each per split: a fine-tune early-stops
-    on val and reports on test (with train/val only, val is reported on and selects nothing)."""
+    on val and reports on test (with train/val only, val is reported on and a hold-out of train
+    selects)."""
     from fxtl.data.samples import write_shapes
 
     return write_shapes(tmp_path_factory.mktemp("shapes3"), per_class=6,

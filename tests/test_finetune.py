@@ -55,12 +55,14 @@ def test_run_folder_and_metrics(run2, shapes_dir):
     assert np.asarray(m["confusion_matrix"]).sum() == 12
     assert set(m["per_class"]) == {"circle", "square"} and m["class_names"] == ["circle", "square"]
     assert m["epochs"] == 2 and [h["epoch"] for h in m["history"]] == [1, 2]
-    # train + val: val is the reported split, so it selects nothing (no early stopping on the
-    # images reported on): no per-epoch val score, the last epoch is kept
-    assert all({"train_loss", "train_accuracy"} <= set(h) and "val_accuracy" not in h
-               for h in m["history"])
-    assert m["best_epoch"] == 2 and m["selection_split"] is None
-    assert any("val is the reported split" in n for n in m["notes"])
+    # train + val: val is the reported split, so the epoch (the probe's start included) is
+    # selected on a hold-out of train, never on the images reported on
+    assert all({"train_loss", "train_accuracy", "val_accuracy"} <= set(h) for h in m["history"])
+    assert m["selection_split"] == "holdout-selection" and m["n_train"] < 12
+    scores = [m["initial"]["val_accuracy"]] + [h["val_accuracy"] for h in m["history"]]
+    assert scores[m["best_epoch"]] == max(scores)
+    assert any("val is the reported split, so selecting on a 20% hold-out of train" in n
+               for n in m["notes"])
     model = fxtl.load_backbone("lite0").model
     assert m["trainable_params"] == m["total_params"] == \
         sum(p.numel() for n, p in model.named_parameters() if not n.startswith("classifier")) + 1281 * 2
@@ -115,8 +117,9 @@ def test_block_groups_and_trainable_parsing():
 
 
 def test_last2_trains_only_the_last_blocks(shapes_dir, tmp_path):
+    # No selection, so the trained epoch is the one saved (a hold-out could keep the start).
     res = finetune(shapes_dir, trainable="last:2", epochs=1, lr=1e-2, bn="train",
-                   cache_dir=tmp_path, **TINY)
+                   selection_holdout=False, cache_dir=tmp_path, **TINY)
     before = fxtl.load_backbone("lite0").model.state_dict()
     after = torch.load(res.run_dir / "model.pt", weights_only=True)
     trained_prefixes = ("blocks.6.", "conv_head.", "bn2.", "classifier.")
@@ -217,7 +220,10 @@ def test_bad_images_are_skipped(shapes_dir, tmp_path, tiny):
     assert set(reasons) == {"broken.jpg", "empty.png"}
     assert "empty" in reasons["empty.png"]
     assert res.metrics["n"] == 12  # the unreadable val image is not scored
-    assert res.metrics["history"][0]["train_images"] == 12
+    # the 12 readable train images: those that train, and the hold-out that selects
+    rows = json.loads((res.run_dir / "rows.json").read_text())
+    assert res.metrics["history"][0]["train_images"] == rows["train"]["n"]
+    assert rows["train"]["n"] + rows["selection"]["n"] == 12
 
 
 def test_early_stopping_keeps_best_epoch(shapes3_dir, tmp_path, tiny):
@@ -352,7 +358,8 @@ def test_config_is_validated_and_errors_name_parameters(shapes_dir, tmp_path):
     with pytest.raises(dataclasses.FrozenInstanceError):
         cfg.epochs = 4  # type: ignore[misc]
     rec = cfg.record(data_fingerprint="f")
-    assert set(rec) == set(RESUME_KEYS) - {"flip", "init"} and "device" not in rec and "workers" not in rec
+    assert set(rec) == set(RESUME_KEYS) - {"flip", "init", "selection_holdout"}
+    assert "device" not in rec and "workers" not in rec
     assert cfg.replace(flip=False).record(data_fingerprint="f")["flip"] is False
     r = CliRunner().invoke(cli, ["finetune", str(shapes_dir), "--cache-dir", str(tmp_path),
                                  "--test-size", "0.999999", "--patience", "-1"])

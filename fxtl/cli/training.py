@@ -55,8 +55,8 @@ class _Trainable(click.ParamType):
                    f"{BN_FROZEN_BELOW} training images.")
 @click.option("--patience", type=click.IntRange(min=0), default=3, show_default=True,
               help="Early stopping: epochs without improvement on the selection split (val "
-                   "when a test split reports; a hold-out of train with train only; none with "
-                   "two splits) (0: never stop early).")
+                   "when a test split reports, else a hold-out of train; none with "
+                   "--no-selection-holdout) (0: never stop early).")
 @click.option("--monitor", type=click.Choice(MONITORS), default="accuracy", show_default=True,
               help="Selection-split metric for early stopping and the kept epoch (ties: lower loss).")
 @click.option("--crop-scale", type=click.FloatRange(0, 1, min_open=True), nargs=2, default=(0.25, 1.0),
@@ -66,14 +66,20 @@ class _Trainable(click.ParamType):
 @click.option("--init", type=click.Choice(INITS), default="probe", show_default=True,
               help="How the classifier starts: probe = a logistic regression fitted on the "
                    "training images' features (LP-FT, Kumar et al. 2022; kept as epoch 0 unless "
-                   "an epoch beats it on val); zero = a zero classifier.")
+                   "an epoch beats it on the selection split); zero = a zero classifier.")
 @click.option("--init-head", type=click.Path(exists=True, path_type=Path), default=None,
               help="Start the classifier from a fit-head logreg run refitted on the training "
                    "images (LP-FT with that head's settings; overrides --init).")
+@click.option("--no-selection-holdout", "no_selection_holdout", is_flag=True,
+              help="Where DATA_DIR has no val split to select on (train only, or train + one "
+                   "reported split): train on every train image and keep the last epoch, "
+                   "instead of selecting the epoch (the probe's start included) on a "
+                   "--test-size hold-out of train.")
 @click.option("--seed", type=SEED, default=0, show_default=True,
               help="Seeds the classifier, shuffling, augmentation and hold-out.")
 @click.option("--test-size", type=click.FloatRange(0, 1, min_open=True, max_open=True), default=0.2,
-              show_default=True, help="Stratified hold-out fraction when DATA_DIR has only train.")
+              show_default=True, help="Hold-out fraction of train: the reported one when "
+                   "DATA_DIR has only train, and the selection one.")
 @device_options
 @click.option("--workers", type=click.IntRange(min=0), default=None,
               help="Decoding processes [default: none on a CPU with <= 2 cores, else one per spare core].")
@@ -88,14 +94,15 @@ class _Trainable(click.ParamType):
 @cache_dir_option
 @json_option
 @handle_errors
-def finetune(data_dir, run_name, resume, cache_dir, as_json, no_flip, patience, **options):
+def finetune(data_dir, run_name, resume, cache_dir, as_json, no_flip, no_selection_holdout,
+             patience, **options):
     """Fine-tune the backbone on DATA_DIR (same splits and metrics as fit-head).
 
     The classifier starts from a logistic regression fitted on the training images' features
     (--init zero: from zeros). Trains on train, keeps the best epoch on val (epoch 0 is that
-    start) and reports on test. With two splits the second
-    is only reported on and the last epoch is kept; with only train, it reports on fit-head's
-    stratified hold-out and selects on a second one. No image both selects and reports. The run folder
+    start) and reports on test. With two splits the second is only reported on and the epoch
+    is selected on a hold-out of train; with only train, it reports on fit-head's hold-out and
+    selects on a second one. No image both selects and reports. The run folder
     <cache-dir>/runs/<run>/ holds the model (usable as --backbone and by predict), metrics.json,
     rows.json, learning curves and confusion matrix.
 
@@ -113,7 +120,8 @@ def finetune(data_dir, run_name, resume, cache_dir, as_json, no_flip, patience, 
     prepare_compute_process()
 
     # Every other option is a FinetuneConfig field of the same name.
-    config = FinetuneConfig(flip=not no_flip, patience=patience or None, **options)
+    config = FinetuneConfig(flip=not no_flip, selection_holdout=not no_selection_holdout,
+                            patience=patience or None, **options)
     res = run_finetune(data_dir, config=config, cache_dir=resolve_cache_dir(cache_dir),
                        run_name=run_name, resume=resume, progress=show_progress())
     if res.rank != 0:  # under torchrun only rank 0 reports, so stdout holds one result

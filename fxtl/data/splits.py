@@ -1,19 +1,20 @@
 """What heads and fine-tuning share about rows: which images learn, select and report, the
 record of them, and the rule for run names.
 
-=====================  ===============================  =========================
-dataset splits         ``val`` (selects, when given)    ``report``
-=====================  ===============================  =========================
-train + val + test     ``val``                          ``test``
-train + val            none                             ``val``
-train + test           none                             ``test``
-train only             a 2nd hold-out, if asked for     ``holdout`` of train
-=====================  ===============================  =========================
+=====================  ======================================  =========================
+dataset splits         ``val`` (selects, when given)           ``report``
+=====================  ======================================  =========================
+train + val + test     ``val``                                 ``test``
+train + val            a hold-out of train, if asked for       ``val``
+train + test           a hold-out of train, if asked for       ``test``
+train only             a 2nd hold-out, if asked for            ``holdout`` of train
+=====================  ======================================  =========================
 
 :func:`plan_splits` is the only place that decides this; ``fit-head`` and ``finetune`` both call
 it, so their results compare on the same images. No split both selects and reports: with two
-splits the second reports (a head then selects by k-fold CV inside train, a fine-tune keeps its
-last epoch).
+splits the second reports, and the selection happens inside train (a head by k-fold CV, a
+fine-tune on a hold-out of train, :data:`SELECTION_HOLDOUT`, that it learns from only through
+the epoch it keeps). The reported rows never depend on whether a selection hold-out is carved.
 
 A hold-out decides each image by itself (:func:`hash_holdout`): a hash of its path and the seed
 says which side it is on. A head sees a cache, which lacks the images that failed to decode; a
@@ -38,10 +39,14 @@ from ..errors import DataError, FxtlError, ParameterError
 
 __all__ = ["SplitPlan", "plan_splits", "hash_holdout", "RowSet", "RunRows", "run_rows",
            "leaked_rows", "save_rows", "load_rows", "check_run_name", "ROWS_FILE",
-           "SELECTION_HOLDOUT"]
+           "SELECTION_HOLDOUT", "MIN_TRAIN_PER_CLASS"]
 
-# The selection split's name when the data has only train (the report hold-out is "holdout").
+# The selection split's name when it is a hold-out of train (the report hold-out is "holdout").
 SELECTION_HOLDOUT = "holdout-selection"
+# A selection hold-out of a two-split dataset must leave every class this many training images
+# (and take at least one): below that the hold-out would leave the class next to nothing to
+# learn from and score it on one image, so the plan trains on all of train instead.
+MIN_TRAIN_PER_CLASS = 2
 # What a run folder may be called: one path component, no hidden or control characters.
 _RUN_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
 
@@ -146,10 +151,14 @@ def plan_splits(labels: np.ndarray, split: np.ndarray, keys: Sequence[str], *, s
     keys : sequence of str
         Per row, what identifies its image (its relative path); see :func:`hash_holdout`.
     seed, test_size : int, float
-        Of the hold-outs carved when the data has only train.
+        Of the hold-outs carved from train (the report's when the data has only train, the
+        selection's).
     select_holdout : bool
-        With only train: also carve a selection hold-out from what the report leaves
-        (a fine-tune early-stops on it; a head selects by k-fold CV and passes False).
+        Where the data has no val split to select on (train only, or train and one reported
+        split): also carve a selection hold-out from the training rows (a fine-tune keeps an
+        epoch and stops early on it; a head selects by k-fold CV and passes False). With two
+        splits a class left with fewer than :data:`MIN_TRAIN_PER_CLASS` training images gets
+        no hold-out: the plan then has none, and a note says why.
     source : str
         The dataset folder or cache, named in errors.
     error : FxtlError subclass
@@ -163,12 +172,13 @@ def plan_splits(labels: np.ndarray, split: np.ndarray, keys: Sequence[str], *, s
         found = ", ".join(sorted(set(split.tolist()))) or "none"
         raise error(f"{source} has no labelled train rows (splits: {found}); give it a train "
                     "split (train/<class>/, or class folders)")
-    if len(rows["test"]):
-        val = rows["val"] if len(rows["val"]) else None
-        return SplitPlan(rows["train"], val, "val" if val is not None else "", rows["test"], "test")
-    if len(rows["val"]):
-        return SplitPlan(rows["train"], None, "", rows["val"], "val")
+    if len(rows["test"]) and len(rows["val"]):
+        return SplitPlan(rows["train"], rows["val"], "val", rows["test"], "test")
     kw = dict(test_size=test_size, seed=seed, source=source, class_names=class_names)
+    if len(rows["test"]) or len(rows["val"]):
+        report_name = "test" if len(rows["test"]) else "val"
+        plan = SplitPlan(rows["train"], None, "", rows[report_name], report_name)
+        return _select_in_train(plan, labels, keys, **kw) if select_holdout else plan
     rest, held = hash_holdout(rows["train"], labels, keys, **kw)
     note = (f"no val/test split: reporting on a {test_size:.0%} hold-out of train (seed "
             f"{int(seed)}, each image placed by a hash of its path, as fit-head and finetune both do)")
@@ -177,6 +187,35 @@ def plan_splits(labels: np.ndarray, split: np.ndarray, keys: Sequence[str], *, s
     fit, select = hash_holdout(rest, labels, keys, salt="selection", **kw)
     return SplitPlan(fit, select, SELECTION_HOLDOUT, held, "holdout",
                      (note + f"; selecting on a second {test_size:.0%} hold-out of the rest",))
+
+
+def _select_in_train(plan: SplitPlan, labels: np.ndarray, keys: Sequence[str], *,
+                     test_size: float, seed: int, source: str,
+                     class_names: Sequence[str] | None) -> SplitPlan:
+    """``plan`` (train and a reported split) with a selection hold-out carved from its training
+    rows (:func:`hash_holdout`, salt ``selection``: as train-only data gets its second one);
+    ``plan`` with a note instead when a class would keep under :data:`MIN_TRAIN_PER_CLASS`."""
+    def named(c: int) -> str:
+        return repr(class_names[c] if class_names is not None else str(c))
+
+    classes, counts = np.unique(labels[plan.train], return_counts=True)
+    if counts.min() < 2:  # hash_holdout needs one image on each side
+        c, n = int(classes[np.argmin(counts)]), int(counts.min())
+        return plan.with_notes(f"class {named(c)} has {n} train image(s), too few for a selection "
+                               "hold-out: every train image trains, nothing selects")
+    fit, select = hash_holdout(plan.train, labels, keys, test_size=test_size, seed=seed,
+                               salt="selection", source=source, class_names=class_names)
+    kept = np.bincount(labels[fit], minlength=int(classes.max()) + 1)[classes]
+    if kept.min() < MIN_TRAIN_PER_CLASS:
+        i = int(np.argmin(kept))
+        return plan.with_notes(f"class {named(int(classes[i]))} has {int(counts[i])} train images, "
+                               f"too few for a selection hold-out (it would keep {int(kept[i])} to "
+                               "train on): every train image trains, nothing selects")
+    return SplitPlan(fit, select, SELECTION_HOLDOUT, plan.report, plan.report_name,
+                     plan.notes + (f"train + {plan.report_name} only: {plan.report_name} is the "
+                                   f"reported split, so selecting on a {test_size:.0%} hold-out "
+                                   f"of train (seed {int(seed)}, each image placed by a hash of "
+                                   "its path)",))
 
 
 def check_run_name(name: str | None, *, param: str = "run_name") -> str | None:

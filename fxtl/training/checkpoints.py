@@ -229,6 +229,12 @@ def check_same_settings(old: dict[str, Any], record: dict[str, Any], *, source: 
     defaults = {"flip": True}  # keys a record holds only when they differ from these
     old = old if isinstance(old, dict) else {}
     diff = [k for k in RESUME_KEYS if old.get(k, defaults.get(k)) != record.get(k, defaults.get(k))]
+    if "selection_holdout" in diff and "selection_holdout" not in old \
+            and record.get("selection_holdout") is True:
+        raise ProvenanceError(f"{source} was made by a fine-tune that trained on every train "
+                              "image and selected on nothing; resume it with that plan "
+                              "(selection_holdout=False, --no-selection-holdout), or start a new "
+                              "run, which selects on a hold-out of train")
     if diff:
         raise ProvenanceError(f"{source} was made with other settings ({diff[0]}: "
                               f"{old.get(diff[0])!r}, now {record.get(diff[0])!r}); resume with "

@@ -35,7 +35,7 @@ DEFAULT_LR = {"adamw": 5e-4, "sgd": 1e-2}
 # the full rate moves the pretrained features away from what the probe was fitted on
 # (docs/finetune.md).
 PROBE_LR_FACTOR = 0.4
-# The selection split's name when the data has only train (the report hold-out is "holdout").
+# The selection split's name when it is a hold-out of train (the report hold-out is "holdout").
 SELECTION_HOLDOUT = "holdout-selection"
 
 _TRAINABLE = re.compile(r"all|head|last:(\d+)")
@@ -77,7 +77,8 @@ class FinetuneConfig:
         BatchNorm statistics; ``auto`` freezes them when the smallest class has fewer than
         :data:`BN_FROZEN_BELOW` training images.
     patience : int, optional
-        Stop after this many epochs without improvement on the selection split (None: never).
+        Stop after this many epochs without improvement on the selection split (None: never;
+        no selection split, see ``selection_holdout``: never).
     monitor : {"accuracy", "loss"}
         What "improvement" means (accuracy ties are broken by lower loss).
     crop_scale : (float, float)
@@ -94,10 +95,18 @@ class FinetuneConfig:
         A ``fit-head`` logistic-regression run on this backbone's features: the classifier starts
         from it refitted on this fine-tune's training rows (LP-FT with that head's
         hyper-parameters; overrides ``init``).
+    selection_holdout : bool
+        Where the data has no val split to select on (train only; train and one reported split,
+        e.g. train + val with val reported), select on a ``test_size`` hold-out of train
+        (:data:`SELECTION_HOLDOUT`): the fitted start is epoch 0 there, the best epoch is kept,
+        ``patience`` stops early, and a kept start is refitted on train plus the hold-out. False:
+        every training image trains, nothing selects and the last epoch is kept. Data with
+        train, val and test selects on val either way.
     seed : int
         Seeds the classifier, the shuffling, the augmentation and the hold-outs.
     test_size : float
-        Hold-out fraction when the data has only a train split.
+        Fraction of train held out: to report on when the data has only a train split, and to
+        select on (``selection_holdout``).
     device, precision : str
         ``auto`` picks CUDA when present and bf16 where the hardware runs it natively.
     workers : int, optional
@@ -136,6 +145,7 @@ class FinetuneConfig:
     flip: bool = True
     init: str = "probe"
     init_head: str | None = None
+    selection_holdout: bool = True
     seed: int = 0
     test_size: float = 0.2
     device: str = field(default="auto", metadata={_NOT_COMPARED: False})
@@ -182,6 +192,7 @@ class FinetuneConfig:
             ("workers", self.workers is None or _is_int(self.workers) and self.workers >= 0,
              "must be an integer >= 0"),
             ("flip", isinstance(self.flip, bool), "must be True or False"),
+            ("selection_holdout", isinstance(self.selection_holdout, bool), "must be True or False"),
             ("keep_checkpoint", isinstance(self.keep_checkpoint, bool), "must be True or False"),
         ]
         for name, ok, rule in checks:
@@ -202,12 +213,16 @@ class FinetuneConfig:
         probe = self.init == "probe" and self.init_head is None
         return DEFAULT_LR[self.optimizer] * (PROBE_LR_FACTOR if probe else 1.0)
 
-    def record(self, *, data_fingerprint: str) -> dict[str, Any]:
+    def record(self, *, data_fingerprint: str, two_splits: bool = False) -> dict[str, Any]:
         """The stored form (``metrics.json["config"]``, the checkpoint): every compared field.
 
         ``flip`` appears only when off and ``init`` only when not ``zero``, so runs and
         checkpoints made before those options keep their names and resume with the settings they
-        were made with.
+        were made with. ``selection_holdout`` appears only where it gives other rows than runs
+        made without the option had: on with ``two_splits`` (the data has train and one reported
+        split, and no val split to select on), off without. So a two-split checkpoint that
+        selected on nothing resumes only with ``selection_holdout=False``, never silently on a
+        hold-out of its training rows.
         """
         d: dict[str, Any] = {f.name: getattr(self, f.name) for f in fields(self)
                              if f.metadata.get(_NOT_COMPARED, True)}
@@ -220,6 +235,8 @@ class FinetuneConfig:
             del d["flip"]
         if self.init == "zero" or self.init_head is not None:
             del d["init"]
+        if self.selection_holdout != two_splits:
+            del d["selection_holdout"]
         d["data_fingerprint"] = data_fingerprint
         return d
 

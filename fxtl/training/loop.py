@@ -3,7 +3,8 @@
 The same backbone registry, discovery, splits and bad-image handling as ``extract``; a new
 linear classifier replaces the ImageNet one. By default it starts from a logistic-regression
 probe fitted on the training rows' own features (``init="probe"``: LP-FT, Kumar et al. 2022),
-kept as epoch 0 unless a trained epoch beats it on the selection split; ``init_head`` starts from
+kept as epoch 0 unless a trained epoch beats it on the selection split (val when a test split
+reports, else a hold-out of train: :mod:`fxtl.training.rows`); ``init_head`` starts from
 a ``fit-head`` run refitted on those rows instead, ``init="zero"`` from zeros. What trains
 is ``trainable``: ``all`` (the default), ``head`` (the new classifier only) or ``last:N`` (the
 last N blocks, :func:`~fxtl.training.blocks.block_groups`, and the classifier).
@@ -80,7 +81,7 @@ from .config import (BN_FROZEN_BELOW, BN_MODES, DEFAULT_LR, MONITORS, OPTIMIZERS
 from .curves import plot_learning_curves
 from .epochs import EpochRunner
 from .lpft import linear_head_weights, new_classifier, probe_classifier, refit_kept_start
-from .rows import plan_splits, run_rows
+from .rows import plan_splits, run_rows, two_splits
 from .trainer import Trainer
 
 if TYPE_CHECKING:  # the class is built lazily (importing it imports torch)
@@ -191,14 +192,15 @@ def finetune(data: str | Path, *, config: FinetuneConfig | None = None,
         workers = rank_workers if workers is None else workers
     cfg = cfg.replace(device=device, workers=workers,
                       precision=resolve_precision(cfg.precision, device))
-    splits = plan_splits(images, seed=cfg.seed, test_size=cfg.test_size)
+    splits = plan_splits(images, seed=cfg.seed, test_size=cfg.test_size,
+                         selection_holdout=cfg.selection_holdout)
     labels = np.array([s.label for s in images.samples], dtype=np.int64)
     cuda = [torch.device(device).index or 0] if device.startswith("cuda") else []
     with TrainingGroup(env, device) as group, torch.random.fork_rng(devices=cuda):
         torch.manual_seed(cfg.seed)  # dropout draws from it; fork_rng restores the caller's
         bb, cfg, groups, n_train_blocks = _network(cfg, images, labels[splits.train])
         pre = bb.preprocessing
-        record = cfg.record(data_fingerprint=fingerprint(images))
+        record = cfg.record(data_fingerprint=fingerprint(images), two_splits=two_splits(splits))
         init_info = new_classifier(bb, images.class_names, cfg.init_head, images=images,
                                    train_rows=splits.train)
         if init_info is not None:
@@ -304,10 +306,12 @@ def _train(run: EpochRunner, trainer: Trainer, run_dir: Path, record: dict[str, 
         metrics["initial"] = initial
     if final_refit is not None:
         metrics["final_refit"] = final_refit
+        every = " (every train image, the rows fit-head fits its head on)" \
+            if two_splits(run.splits) else ""
         metrics["notes"].append(
             f"{run.splits.val_name} kept the fitted start (epoch 0) over every trained epoch, so "
             f"it was refitted on the {final_refit['refit_rows']} {final_refit['refit_split']} "
-            f"images before the report, as fit-head refits the head its selection chose; "
+            f"images{every} before the report, as fit-head refits the head its selection chose; "
             f"the {run.splits.report_name} images took no part")
     if init_info is not None and init_info["kind"] == "init_head":
         metrics["init_head"] = init_info
@@ -343,7 +347,7 @@ def _refit_kept_start(run: EpochRunner, trainer: Trainer, state, run_dir: Path, 
     info = refit_kept_start(trainer, init_head=cfg.init_head, images=run.images, labels=run.labels,
                             rows={"train": run.splits.train, "val": run.splits.val},
                             loader_for=run.rows_loader, errors=state.errors, paths=run.paths,
-                            seed=cfg.seed, kept=kept)
+                            seed=cfg.seed, kept=kept, split=f"train+{run.splits.val_name}")
     if info is not None and run.group.is_primary:
         torch_save(trainer.net.state_dict(), run_dir / "model.pt")
     return info

@@ -150,7 +150,8 @@ def refit_on_train_rows(run: str | Path, bb: Backbone, images: ImageSet,
     ``fit-head`` may have fitted the head on train+val (or its hold-out differs); a start head that
     has seen the fine-tune's selection or report images would make those numbers optimistic. The
     head's own cache supplies the features of exactly the training images (matched by path).
-    ``split`` names the rows in ``info`` (``train+val`` for :func:`refit_kept_start`).
+    ``split`` names the rows in ``info`` (``train+<selection split>`` for
+    :func:`refit_kept_start`).
 
     Returns ``(pipeline, class_names, info)``; ``info`` says which cache and how many rows.
     """
@@ -307,8 +308,8 @@ def probe_classifier(trainer: Trainer, loader, labels: np.ndarray, class_names: 
 
 def refit_kept_start(trainer: Trainer, *, init_head: str | Path | None, images: ImageSet,
                      labels: np.ndarray, rows: dict[str, np.ndarray], loader_for, errors: dict[str, str],
-                     paths: Sequence[str], seed: int, kept: dict[str, Any] | None = None
-                     ) -> dict[str, Any] | None:
+                     paths: Sequence[str], seed: int, kept: dict[str, Any] | None = None,
+                     split: str = "train+val") -> dict[str, Any] | None:
     """Refit the fitted start the selection split kept (epoch 0) on the training and selection
     rows, and fold it into ``trainer``'s classifier (which must hold the kept weights).
 
@@ -325,6 +326,9 @@ def refit_kept_start(trainer: Trainer, *, init_head: str | Path | None, images: 
         ``loader_for(rows)``: the rows' images in order, evaluation preprocessing.
     kept : dict, optional
         :func:`probe_classifier`'s ``keep``: the training rows' features already computed.
+    split : str
+        Names the rows in the returned info (``train+holdout-selection`` when the selection
+        rows are a hold-out of train).
 
     Returns
     -------
@@ -336,7 +340,7 @@ def refit_kept_start(trainer: Trainer, *, init_head: str | Path | None, images: 
     both = np.concatenate([rows["train"], rows["val"]])
     if init_head is not None:
         pipeline, head_classes, info = refit_on_train_rows(init_head, trainer.bb, images, both,
-                                                           split="train+val")
+                                                           split=split)
         classifier = trainer.net.get_submodule(trainer.bb.classifier_name)
         W, b = linear_head_weights(pipeline, head_classes, images.class_names,
                                    feature_dim=classifier.in_features)
@@ -354,7 +358,7 @@ def refit_kept_start(trainer: Trainer, *, init_head: str | Path | None, images: 
         y = labels[both][seen]
         if len(np.unique(y)) < 2:
             return None
-        pipeline, info = fit_probe(feats[seen], y, seed=seed, split="train+val")
+        pipeline, info = fit_probe(feats[seen], y, seed=seed, split=split)
         W, b = linear_head_weights(pipeline, list(images.class_names), images.class_names,
                                    feature_dim=feats.shape[1])
     _fold_into_classifier(trainer, W, b)
