@@ -250,3 +250,18 @@ def test_a_checkpoint_that_selected_on_nothing_never_resumes_on_a_holdout(data, 
     assert res.resumed_from_epoch == 1 and res.best_epoch == 2
     assert load_rows(res.run_dir).selection is None
     assert res.metrics["n_train"] == 2 * N_TRAIN
+
+
+def test_only_a_higher_accuracy_replaces_the_fitted_start():
+    """The start's loss (a logistic regression's, often strongly penalised) does not compare with
+    a trained network's: against epoch 0 an accuracy tie keeps the start; later ties go to the
+    lower loss, and monitor="loss" compares losses as asked."""
+    from fxtl.training.epochs import is_improvement
+
+    start = {"epoch": 0, "accuracy": 0.9375, "loss": 0.53}
+    assert not is_improvement(0.9375, 0.21, start, "accuracy")
+    assert is_improvement(0.9583, 0.60, start, "accuracy")
+    trained = {**start, "epoch": 2}
+    assert is_improvement(0.9375, 0.21, trained, "accuracy")
+    assert not is_improvement(0.9375, 0.60, trained, "accuracy")
+    assert is_improvement(0.9, 0.21, start, "loss") and is_improvement(0.5, 0.1, None, "accuracy")

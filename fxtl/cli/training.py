@@ -58,7 +58,8 @@ class _Trainable(click.ParamType):
                    "when a test split reports, else a hold-out of train; none with "
                    "--no-selection-holdout) (0: never stop early).")
 @click.option("--monitor", type=click.Choice(MONITORS), default="accuracy", show_default=True,
-              help="Selection-split metric for early stopping and the kept epoch (ties: lower loss).")
+              help="Selection-split metric for early stopping and the kept epoch (ties: lower "
+                   "loss; the fitted start gives way only to a higher accuracy).")
 @click.option("--crop-scale", type=click.FloatRange(0, 1, min_open=True), nargs=2, default=(0.25, 1.0),
               show_default=True, help="Area fraction range of the random resized crop.")
 @click.option("--no-flip", "no_flip", is_flag=True,

@@ -80,7 +80,8 @@ class FinetuneConfig:
         Stop after this many epochs without improvement on the selection split (None: never;
         no selection split, see ``selection_holdout``: never).
     monitor : {"accuracy", "loss"}
-        What "improvement" means (accuracy ties are broken by lower loss).
+        What "improvement" means (accuracy ties are broken by lower loss, except against
+        the fitted start, epoch 0, which only a higher accuracy replaces).
     crop_scale : (float, float)
         Area fraction range of the random resized crop.
     flip : bool

@@ -60,12 +60,21 @@ def progress_bar(total: int, desc: str, enabled: bool):
 
 
 def is_improvement(acc: float, loss: float, best: dict[str, Any] | None, monitor: str) -> bool:
-    """Better than ``best``: lower loss, or higher accuracy (ties broken by lower loss)."""
+    """Better than ``best``: lower loss, or higher accuracy (ties broken by lower loss).
+
+    Against the fitted start (``best["epoch"] == 0``) accuracy must be higher: the start's loss
+    is that of a logistic regression whose C was chosen for accuracy (often a strong penalty,
+    so soft probabilities), not comparable with a trained network's, and a tie broken by it
+    would replace the start by a trained epoch that is no more accurate.
+    """
     if best is None:
         return True
     if monitor == "loss":
         return loss < best["loss"] - MIN_DELTA
-    return acc > best["accuracy"] + 1e-12 or (acc >= best["accuracy"] - 1e-12 and loss < best["loss"] - MIN_DELTA)
+    higher = acc > best["accuracy"] + 1e-12
+    if best.get("epoch") == 0:
+        return higher
+    return higher or (acc >= best["accuracy"] - 1e-12 and loss < best["loss"] - MIN_DELTA)
 
 
 @dataclass
