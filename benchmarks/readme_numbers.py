@@ -434,9 +434,29 @@ def _ft_rows(r: Results) -> tuple[dict[str, Any], dict[str, Any] | None, dict[st
 @section("finetune-accuracy")
 def finetune_accuracy(r: Results) -> str:
     full, lpft, _ = _ft_rows(r)
-    v = r["finetune_accuracy"]["verdict"]
-    return (f"**{_f(full['accuracy'])}** at the last epoch, {full['train_seconds']:.0f} s of "
-            "training" + (f"; LP-FT from the logreg head {_f(lpft['accuracy'])}" if lpft else "")
+    res = r["finetune_accuracy"]
+    v = res["verdict"]
+    d, pair = v["default_finetune"], v["paired"]
+    trained = ", ".join(_f(a) for a in d["val_accuracy_per_epoch"])
+    ran = f"{v['epochs']} epoch(s)" + (" (stopped early)" if d["stopped_early"] else "")
+    if v["best_epoch"] == 0:
+        kept = (f"kept epoch 0, the probe, refitted on every train image: no trained epoch beat its "
+                f"{_f(d['initial_val_accuracy'])} on a hold-out of {d['n_selection']} train images "
+                f"({trained} after {ran})")
+    else:
+        kept = (f"kept epoch {v['best_epoch']} of {ran}, chosen on a hold-out of "
+                f"{d['n_selection']} train images (the probe {_f(d['initial_val_accuracy'])}, "
+                f"then {trained})")
+    m = res["machine"]
+    load = (f", load average {m['loadavg_before'][0]:.1f} at the start and "
+            f"{m['loadavg_at_end'][0]:.1f} at the end") if "loadavg_before" in m else ""
+    return (f"**{_f(full['accuracy'])}** ({v['precision']}; {kept}; {full['train_seconds']:.0f} s "
+            f"of training{load}"
+            + f"); the logreg head {_f(v['logreg_head_accuracy'])} on the same {pair['n']} val "
+            f"images ({v['gap_points']:+.1f} points; {pair['a_only_correct']} / "
+            f"{pair['b_only_correct']} images right only for the head / the fine-tune, "
+            f"p = {pair['p_value']:.2g})"
+            + (f"; LP-FT from the logreg head {_f(lpft['accuracy'])}" if lpft else "")
             + f" (target: {v['target']}, {'met' if v['passed'] else 'not met'})")
 
 
