@@ -211,11 +211,11 @@ def _select_in_train(plan: SplitPlan, labels: np.ndarray, keys: Sequence[str], *
         return plan.with_notes(f"class {named(int(classes[i]))} has {int(counts[i])} train images, "
                                f"too few for a selection hold-out (it would keep {int(kept[i])} to "
                                "train on): every train image trains, nothing selects")
+    note = (f"train + {plan.report_name} only: {plan.report_name} is the reported split, so "
+            f"selecting on a {test_size:.0%} hold-out of train (seed {int(seed)}, each image "
+            "placed by a hash of its path)")
     return SplitPlan(fit, select, SELECTION_HOLDOUT, plan.report, plan.report_name,
-                     plan.notes + (f"train + {plan.report_name} only: {plan.report_name} is the "
-                                   f"reported split, so selecting on a {test_size:.0%} hold-out "
-                                   f"of train (seed {int(seed)}, each image placed by a hash of "
-                                   "its path)",))
+                     plan.notes + (note,))
 
 
 def check_run_name(name: str | None, *, param: str = "run_name") -> str | None:
