@@ -497,7 +497,7 @@ def heads_classes(r: Results) -> str:
                for k in ("best_params", "selection_score", "accuracy"))
     rows = " / ".join(f"{after[n]['repeats'][0]['heads']['logreg']['n_fit']:,}" for n in digits)
     omni, hym = after["omniglot"], after["hymenoptera"]
-    return (f"load average {min(loads):.1f}-{max(loads):.1f}; `fit-head --model all` on 10-class "
+    text = (f"load average {min(loads):.1f}-{max(loads):.1f}; `fit-head --model all` on 10-class "
             f"lite0 digits with {rows} fit rows takes {cpu(after, digits)} s of CPU (before: "
             f"{cpu(before, digits)} s), on omniglot ({omni['repeats'][0]['heads']['logreg']['n_fit']} "
             f"rows, {omni['classes']} classes) {omni['cpu_seconds_median']:.1f} s "
@@ -505,6 +505,23 @@ def heads_classes(r: Results) -> str:
             f"{hym['cpu_seconds_median']:.1f} s ({before['hymenoptera']['cpu_seconds_median']:.1f} s), "
             + ("every head with the same parameters, selection score and accuracy as before"
                if same else "some heads chose or scored differently (see the json)"))
+    alone = labels.get("alone")
+    if not alone:
+        return text
+    a = alone["caches"]
+    a_loads = [rep["load_before"][0] for c in a.values() for rep in c["repeats"]]
+    walls = {n: a[n]["wall_seconds_median"] for n in a}
+    target = r["heads_classes"]["target_seconds"]
+    met = [n for n in digits if walls.get(n, float("inf")) <= target]
+    return (text + f". Latest, at {alone.get('git_commit', '?')[:7]} with no other job on the CPU "
+            f"(load average {min(a_loads):.1f}-{max(a_loads):.1f} before each run, "
+            f"{alone.get('date', '?')[:10]}): wall "
+            + " / ".join(f"{walls[n]:.1f}" for n in digits if n in walls)
+            + f" s on digits {rows} rows, omniglot {walls.get('omniglot', float('nan')):.1f} s, "
+            f"hymenoptera {walls.get('hymenoptera', float('nan')):.1f} s (CPU "
+            + " / ".join(f"{a[n]['cpu_seconds_median']:.1f}" for n in digits if n in a)
+            + f" s); the {target:.0f} s target is "
+            + (f"met on {', '.join(met)}" if met else "met on none of the 10-class sets"))
 
 
 @section("head-vs-finetune")
