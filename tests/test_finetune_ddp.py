@@ -16,8 +16,12 @@ from fxtl.training.loop import epoch_sampler, finetune
 
 ROOT = Path(__file__).resolve().parents[1]
 # fp32 and frozen BatchNorm: a 2-process step computes the single-process step's gradient.
-TINY = dict(image_size=32, batch_size=4, workers=0, progress=False, precision="fp32", bn="frozen")
-CLI_TINY = ["--image-size", "32", "--batch-size", "4", "--precision", "fp32", "--bn", "frozen"]
+# Every one of the 12 train images trains (no selection hold-out): an even count, so no rank
+# pads its share with a repeated image (the sampler pads like torch's DistributedSampler).
+TINY = dict(image_size=32, batch_size=4, workers=0, progress=False, precision="fp32", bn="frozen",
+            selection_holdout=False)
+CLI_TINY = ["--image-size", "32", "--batch-size", "4", "--precision", "fp32", "--bn", "frozen",
+            "--no-selection-holdout"]
 
 
 
