@@ -188,16 +188,22 @@ def test_tiny_class_falls_back_to_every_train_image_with_a_note(tmp_path):
                                   "val": dict.fromkeys(CLASSES, 2)})
     plan1 = ft_rows.plan_splits(discover(one), seed=0, test_size=0.2)
     assert plan1.val is None and any("'honey bée' has 1 train image(s)" in n for n in plan1.notes)
-    # 3 images can spare one: a hold-out, every class keeping 2 or more to train on
+    # 3 images: the hash decides. Seed 0 holds one out and keeps 2 to train on; seed 11 would
+    # hold 2 out and keep 1, so it falls back too.
     three = _write(tmp_path / "f", {"train": {"ants": 8, "honey bée": 3},
                                     "val": dict.fromkeys(CLASSES, 2)})
     images = discover(three)
-    plan3 = ft_rows.plan_splits(images, seed=0, test_size=0.2)
     labels = np.array([s.label for s in images.samples])
-    if plan3.val is not None:
-        assert np.bincount(labels[plan3.train]).min() >= 2
-    else:
-        assert any("would keep 1 to train on" in n for n in plan3.notes)
+    plan3 = ft_rows.plan_splits(images, seed=0, test_size=0.2)
+    assert plan3.val is not None and np.bincount(labels[plan3.train]).tolist() == [7, 2]
+    split = np.array([s.split for s in images.samples])
+    keys = [s.path for s in images.samples]
+    plan6 = plan_splits(labels, split, keys, seed=11, test_size=0.2, select_holdout=True,
+                        source="t", class_names=list(CLASSES))
+    assert plan6.val is None and len(plan6.train) == 11
+    assert plan6.notes == ("class 'honey bée' has 3 train images, too few for a selection hold-out "
+                           "(it would keep 1 to train on): every train image trains, nothing "
+                           "selects",)
 
 
 def test_opt_out_trains_on_every_train_image_and_keeps_the_last_epoch(data, tiny, tmp_path):
