@@ -2,6 +2,7 @@
 
     .venv/bin/python benchmarks/advise_calibration.py [--epochs 3] [--only NAME ...]
         [--no-lpft] [--image-size PX] [--output FILE]
+    .venv/bin/python benchmarks/advise_calibration.py --rejudge [--output FILE]
 
 For hymenoptera, trashnet, chest_xray and omniglot (``../shared/datasets``) and scikit-learn's
 handwritten digits (the demo's 600: 60 per class) this runs ``advise``, then on the same
@@ -10,13 +11,19 @@ train / val / test rows:
 * heads on the frozen features (all five; hyper-parameters searched on ``val``, refit
   on train+val); the *best head* is the one with the best selection score (``val``), never
   chosen on test;
-* the fine-tune the advice recommends (scenario 1 recommends none, so its counterpart is the
-  full fine-tune the advice says would not pay; 2 and 4: the full network; 3: the last two
-  blocks from the logistic head, LP-FT, or from a zero classifier with ``--no-lpft``),
-  early-stopped on ``val``;
+* the fine-tune of the advice's plan (scenario 1 runs none, so its counterpart is the full
+  fine-tune the advice says would not pay; 2 and 4: the full network; 3: its comparison, the
+  last two blocks from the logistic head, LP-FT, or from a zero classifier with
+  ``--no-lpft``), early-stopped on ``val``;
 * both scored on ``test`` with 95% intervals, and paired on the same test images with the exact
   McNemar test: the advice *held* (the advised method significantly better), *tied* (not
-  significant, p >= 0.05) or *failed* (the other significantly better).
+  significant, p >= 0.05) or *failed* (the other significantly better). The advised method is
+  ``fxtl.advice.advised_method``'s: a head for scenarios 1 and 3, the fine-tune for 2 and 4.
+  This script's head is the best one on the penultimate features; for scenario 3 advise now
+  recommends heads on the layers they choose, measured by benchmarks/layers_accuracy.py.
+
+``--rejudge`` judges the rows stored in ``--output`` again with today's advice (after the advice
+of a scenario changed), from their stored paired tests, without running anything again.
 
 Every dataset gets a test split no run selects on: hymenoptera's ``val`` folder becomes the test
 split and 20% of its ``train`` the val split; the class-folder sets are split 60/15/25 per class
@@ -144,7 +151,7 @@ def pair_row(pair: dict | None) -> dict | None:
 # ----------------------------------------------------------------------------- one dataset
 def _finetune_plan(scenario: int, lpft: bool) -> tuple[str, dict, str]:
     """(trainable, finetune() keyword arguments, description) of the recommended fine-tune."""
-    from fxtl.advice import LP_FT_CROP_SCALE
+    from fxtl.advice_commands import LP_FT_CROP_SCALE
 
     if scenario == 3 and lpft:
         return "last:2", {"init_head": "LOGREG_RUN", "crop_scale": LP_FT_CROP_SCALE}, \
@@ -215,11 +222,15 @@ def run_dataset(name: str, *, tmp: Path, cache: Path, epochs: int, image_size: i
 
 # ----------------------------------------------------------------------------- the threshold
 def _agrees(row: dict, threshold: float) -> bool:
-    """Would the advice at ``threshold`` not have failed on ``row``? (every dataset here is
-    small, so similar -> scenario 1 -> head, different -> a fine-tune)."""
+    """Would the advice at ``threshold`` not have failed on ``row``? Every dataset here is small,
+    so the threshold puts it in scenario 1 (similar) or 3 (different), and each advises what
+    ``fxtl.advice.advised_method`` says. Since scenario 3 advises the several-layer head, both
+    sides advise a head: a threshold can then disagree only where a fine-tune won significantly."""
+    from fxtl.advice import advised_method
+
     if row["verdict"] in ("tied", "untested"):
         return True
-    advised = "head" if row["similarity"] >= threshold else "finetune"
+    advised = advised_method(1 if row["similarity"] >= threshold else 3)
     return advised == row["winner"]
 
 
@@ -242,6 +253,40 @@ def threshold_check(rows: list[dict], current: float) -> dict:
             "leave_one_out_agreement": loo_agreement, "leave_one_out": loo,
             "refitted": round(refit, 4) if refit is not None else None,
             "rule": "refit only if leave-one-dataset-out agreement beats the current threshold's"}
+
+
+# ----------------------------------------------------------------------------- judging again
+def rejudge(path: Path, log) -> dict:
+    """Judge the rows stored in ``path`` again with today's ``advice_verdict`` (scenario 3 now
+    advises the several-layer head), on the paired tests stored there: nothing is advised,
+    fitted or trained again. Each row's first judgement stays in ``judged_as_measured``; the
+    threshold check and the summary are recomputed; ``rejudged`` says when and with what."""
+    from fxtl.advice import SIMILAR_AT, advice_verdict
+
+    out = json.loads(path.read_text())
+    for row in out["datasets"]:
+        row.setdefault("judged_as_measured",
+                       {k: row.get(k) for k in ("advised", "verdict", "winner")})
+        pair = row.get("paired")
+        if pair:  # the stored pair lacks the names describe_pair writes: the row has them
+            pair = {**pair, "a_method": f"head:{row['best_head']}",
+                    "b_method": f"finetune:{row['finetune']['trainable']}",
+                    "split": row["finetune"].get("split")}
+        v = advice_verdict(row["scenario"], pair)
+        row["advised"], row["verdict"], row["winner"] = v["advised"], v["verdict"], v["winner"]
+        before = row["judged_as_measured"]
+        log(f"{row['dataset']}: scenario {row['scenario']}: {before['advised']} {before['verdict']}"
+            f" -> {row['advised']} {row['verdict']}")
+    rows = out["datasets"]
+    out["threshold"] = threshold_check(rows, SIMILAR_AT) if len(rows) > 1 else None
+    out["summary"] = {v: sum(r["verdict"] == v for r in rows)
+                      for v in ("held", "tied", "failed", "untested")}
+    out["rejudged"] = {**_env(), "what": (
+        "advised / verdict / winner recomputed by fxtl.advice.advice_verdict from the stored "
+        "paired test of each row (its best head on the penultimate features vs its fine-tune); "
+        "no run repeated. judged_as_measured: the judgement when the row was measured")}
+    path.write_text(json.dumps(out, indent=2) + "\n")
+    return out
 
 
 # ----------------------------------------------------------------------------- main
@@ -298,12 +343,21 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0,
                     help="seeds the splits (and digits drawn), advise's sample, the heads and the "
                          "fine-tune; another seed is another draw of every test set")
+    ap.add_argument("--rejudge", action="store_true",
+                    help="judge the rows stored in --output again with today's advice (no run "
+                         "repeated), recompute the threshold check, and print the table")
     ap.add_argument("--output", type=Path, default=RESULTS)
     args = ap.parse_args()
     from fxtl.advice import SIMILAR_AT
 
     def log(msg: str) -> None:
         print(f"[{time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
+
+    if args.rejudge:
+        judged = rejudge(args.output, log)
+        print("\n" + _table(judged["datasets"]))
+        print(f"\nverdicts: {judged['summary']}")
+        return
 
     tmp = Path(tempfile.mkdtemp(prefix="fxtl-calib-"))
     cache = tmp / "cache"

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from _readme import get_section, replace_section, section_names
+from fxtl.advice import advice_verdict
 from fxtl.demo import summary_text
 
 HERE = Path(__file__).resolve().parent
@@ -195,7 +196,8 @@ def lpft_gap(r: Results) -> str:
 
 @section("advise-calibration")
 def advise_calibration(r: Results) -> str:
-    """benchmarks/advise_calibration.py, every seed's json (advise_calibration*.json)."""
+    """benchmarks/advise_calibration.py, every seed's json (advise_calibration*.json), and
+    scenario 3's head on the layers it chooses vs LP-FT (benchmarks/layers_accuracy.py)."""
     runs = r.all("advise_calibration*")
     rows = [row for run in runs for row in run["datasets"]]
     count = {v: sum(1 for row in rows if row["verdict"] == v) for v in ("held", "tied", "failed")}
@@ -216,7 +218,12 @@ def advise_calibration(r: Results) -> str:
     seeds = len(runs)
     images = ("every image" if settings.get("per_class") is None
               else f"{settings['per_class']} per class")
-    return (f"{images}, {settings['epochs']} epochs, {seeds} split seed{'s' if seeds > 1 else ''}: "
+    judged = ""
+    if all(run.get("rejudged") for run in runs):
+        judged = (", judged again with scenario 3 advising the head (`--rejudge`, on the stored "
+                  "pairs: best penultimate head vs fine-tune)")
+    return (f"{images}, {settings['epochs']} epochs, {seeds} split seed{'s' if seeds > 1 else ''}"
+            f"{judged}: "
             f"{count['held']} held, **{count['tied']} tied** (not significant), {count['failed']} failed"
             + (f", {untested} untested" if untested else "")
             + f"; the advised method was ahead in {ahead} of {len(tested)} (closest to significant: "
@@ -224,7 +231,24 @@ def advise_calibration(r: Results) -> str:
             f"vs fine-tune {_f(closest['paired']['b_accuracy'])}, p = "
             f"{closest['paired']['p_value']:.2g}); the "
             f"threshold {th['current']} agrees with {agree} {len(names)} datasets"
-            + (", leave-one-dataset-out too" if th.get("leave_one_out_agreement") == 1 else ""))
+            + (", leave-one-dataset-out too" if th.get("leave_one_out_agreement") == 1 else "")
+            + f". {_layers_verdicts(r['layers_accuracy'])}")
+
+
+def _layers_verdicts(d: dict[str, Any]) -> str:
+    """Scenario 3's advice as advise gives it now, judged on benchmarks/layers_accuracy.py's
+    pairs of the chosen-layers head against the LP-FT fine-tune."""
+    by: dict[str, list[str]] = {}
+    for row in d["datasets"]:
+        p = (row.get("paired") or {}).get("layers_vs_advised")
+        if row.get("scenario") != 3 or not p:
+            continue
+        v = advice_verdict(3, {**p, "a_method": "head", "b_method": "finetune"})["verdict"]
+        by.setdefault(v, []).append(f"{row['dataset']} ({_f(p['a_accuracy'])} vs "
+                                    f"{_f(p['b_accuracy'])}, p = {p['p_value']:.2g})")
+    parts = [f"{v} on {_join_and(by[v])}" for v in ("held", "tied", "failed", "untested") if v in by]
+    return (f"Scenario 3's head on the layers it chooses vs its LP-FT fine-tune (split seed "
+            f"{d['settings']['seed']}, `benchmarks/layers_accuracy.py`): " + "; ".join(parts))
 
 
 @section("onnx-export")
@@ -517,7 +541,7 @@ def heads_classes(r: Results) -> str:
                for k in ("best_params", "selection_score", "accuracy"))
     rows = " / ".join(f"{after[n]['repeats'][0]['heads']['logreg']['n_fit']:,}" for n in digits)
     omni, hym = after["omniglot"], after["hymenoptera"]
-    return (f"load average {min(loads):.1f}-{max(loads):.1f}; `fit-head --model all` on 10-class "
+    text = (f"load average {min(loads):.1f}-{max(loads):.1f}; `fit-head --model all` on 10-class "
             f"lite0 digits with {rows} fit rows takes {cpu(after, digits)} s of CPU (before: "
             f"{cpu(before, digits)} s), on omniglot ({omni['repeats'][0]['heads']['logreg']['n_fit']} "
             f"rows, {omni['classes']} classes) {omni['cpu_seconds_median']:.1f} s "
@@ -525,6 +549,23 @@ def heads_classes(r: Results) -> str:
             f"{hym['cpu_seconds_median']:.1f} s ({before['hymenoptera']['cpu_seconds_median']:.1f} s), "
             + ("every head with the same parameters, selection score and accuracy as before"
                if same else "some heads chose or scored differently (see the json)"))
+    alone = labels.get("alone")
+    if not alone:
+        return text
+    a = alone["caches"]
+    a_loads = [rep["load_before"][0] for c in a.values() for rep in c["repeats"]]
+    walls = {n: a[n]["wall_seconds_median"] for n in a}
+    target = r["heads_classes"]["target_seconds"]
+    met = [n for n in digits if walls.get(n, float("inf")) <= target]
+    return (text + f". Latest, at {alone.get('git_commit', '?')[:7]} with no other job on the CPU "
+            f"(load average {min(a_loads):.1f}-{max(a_loads):.1f} before each run, "
+            f"{alone.get('date', '?')[:10]}): wall "
+            + " / ".join(f"{walls[n]:.1f}" for n in digits if n in walls)
+            + f" s on digits {rows} rows, omniglot {walls.get('omniglot', float('nan')):.1f} s, "
+            f"hymenoptera {walls.get('hymenoptera', float('nan')):.1f} s (CPU "
+            + " / ".join(f"{a[n]['cpu_seconds_median']:.1f}" for n in digits if n in a)
+            + f" s); the {target:.0f} s target is "
+            + (f"met on {', '.join(met)}" if met else "met on none of the 10-class sets"))
 
 
 @section("head-vs-finetune")

@@ -1,17 +1,28 @@
 """Which of the lecture's four scenarios is a dataset in? (``fxtl advise``)
 
-The decision table (CS231n "Transfer Learning" notes, the lecture fxtl comes from):
+The decision table (CS231n "Transfer Learning" notes, the lecture fxtl comes from), and what
+fxtl recommends in each (:data:`~fxtl.advice_commands.RECOMMENDATIONS`, judged by
+:func:`advice_verdict`):
 
 =========  ===========================  ==================================================
-scenario   data                         what to do
+scenario   data                         what to do (what fxtl recommends)
 =========  ===========================  ==================================================
 1          small, similar to ImageNet   transfer learning: train only a classifier head
+                                        (every head on the penultimate features)
 2          large, similar               fine-tune the whole network
-3          small, different             train as few layers as possible (last blocks, or
-                                        a head on earlier-layer features)
+3          small, different             train as few layers as possible: last blocks, or
+                                        a head on earlier-layer features (a head on the
+                                        layers it chooses, ``--layers auto``; the LP-FT
+                                        fine-tune of the last two blocks runs beside it as
+                                        the comparison)
 4          large, different             fine-tune everything from pretrained weights (from
                                         scratch is possible, but rarely better)
 =========  ===========================  ==================================================
+
+Scenario 3 recommends the head because it trains no layer of the network at all and, on the
+calibration's three datasets unlike ImageNet (test splits nothing selects on), the head on
+the chosen layers matched or beat the LP-FT fine-tune every time, significantly on one
+(docs/layers.md); ``compare`` and ``advise --run`` still test it against the fine-tune.
 
 Size is measured from the file list: training images per class (median) against
 ``large_per_class`` (default 1,000, about ImageNet's 1,300 per class: below it a network of
@@ -37,40 +48,35 @@ boundary, the explanation says the advice is not sure (:func:`certainty`). How t
 were chosen, and on which data (five real datasets, with a paired test of head against
 fine-tune), is in docs/advise.md.
 
-Which backbone: the same sampled images are embedded by every compared backbone (by default the
-installed Lite backbones, :func:`backbones_to_compare`) and the same probe is cross-validated on
-the same folds; the commands switch from ``backbone`` to another one only when it is clearly
-better (:data:`BACKBONE_RULE`, :func:`choose_backbone`). The scenario is always measured with
-``backbone``.
+Which backbone (:mod:`fxtl.advice_backbones`): the same sampled images are embedded by every
+compared backbone (by default the installed Lite backbones, :func:`backbones_to_compare`) and
+the same probe is cross-validated on the same folds; the commands switch from ``backbone`` to
+another one only when it is clearly better (:data:`BACKBONE_RULE`, :func:`choose_backbone`).
+The scenario is always measured with ``backbone``.
 
-The commands name the files they will write (the cache through
+The commands (:mod:`fxtl.advice_commands`) name the files they will write (the cache through
 :func:`fxtl.features.extraction.planned_cache_path`, the run folders through ``--run-name``),
-so they can be run as printed; ``Advice.outputs`` lists them.
+so they can be run as printed; ``Advice.outputs`` lists them and ``Advice.recommendation`` says
+which command is the recommendation and which the comparison.
 """
 from __future__ import annotations
 
-import shlex
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Sequence
 
 import numpy as np
 
-from ._util import default_cache_dir, slug
-from .backbones.registry import (DEFAULT_BACKBONE, WeightsIdentity, load_backbone,
-                                 packaged_backbones, parse_backbone_name)
+from .advice_backbones import (BACKBONE_RULE, ProbeSample, backbones_to_compare, choose_backbone,
+                               compare_backbones, probe_correct)
+from .advice_commands import RECOMMENDATIONS, next_steps, recommendation
+from .backbones.registry import DEFAULT_BACKBONE, WeightsIdentity, load_backbone
 from .data.discovery import ImageSet, discover
-from .data.splits import check_run_name
 from .errors import DataError, FxtlError, ParameterError
-from .features.extraction import embed_paths, planned_cache_path
-from .heads.config import HeadConfig
+from .features.extraction import embed_paths
 from .heads.params import check_seed
-from .heads.registry import get_head
-from .heads.source import LARGE_ROWS
-from .heads.runs import Destination
-from .report.comparison import SIGNIFICANCE
-from .report.metrics import mcnemar_exact, wilson_interval
+from .report.comparison import SIGNIFICANCE, describe_pair
 
 __all__ = ["advise", "Advice", "measure_similarity", "SCENARIOS", "certainty", "advised_method",
            "advice_verdict", "SIZE_NEAR_FACTOR", "choose_backbone", "backbones_to_compare",
@@ -81,11 +87,13 @@ SCENARIOS = {
         "fine-tuning this little data would overfit."),
     2: ("large", "similar", "Fine-tune the whole network: there is enough data, and the "
         "pretrained features are a good start."),
-    3: ("small", "different", "Train as few layers as possible: fit heads on the frozen features "
-        "of several layers (extract --layers auto; each head chooses its layers on the selection "
-        "split, as earlier layers often transfer better to data unlike ImageNet), then fine-tune "
-        "only the last blocks starting from a logistic-regression head on the penultimate features "
-        "(LP-FT: --init-head with that run folder), and keep whichever wins on held-out data."),
+    3: ("small", "different", "Train as few layers as possible. Recommended: heads on the frozen "
+        "features of several layers (extract --layers auto, fit-head --layers auto: each head "
+        "chooses its layers on the selection split, as earlier layers often transfer better to "
+        "data unlike ImageNet); they train no layer of the network. As the comparison, fine-tune "
+        "only the last two blocks starting from a logistic-regression head on the penultimate "
+        "features (LP-FT: --init-head with that run folder); compare tests the two on held-out "
+        "data, and the fine-tune is worth its cost only where it wins."),
     4: ("large", "different", "Fine-tune everything from the pretrained weights: training from "
         "scratch is possible with this much data, but pretrained initialisation is usually better."),
 }
@@ -97,20 +105,6 @@ LARGE_PER_CLASS = 1000
 # small/large line is an order of magnitude, not a sharp threshold.
 SIZE_NEAR_FACTOR = 2.0
 PIXELS_SIDE = 16
-# Scenario 3's fine-tune starts from the fitted logistic-regression head (LP-FT) with a milder
-# random crop than finetune's default (0.25, 1): the head was fitted on centre crops, and on
-# heavily cropped digits it is confidently wrong (first-epoch train loss 17.5 at (0.25, 1), 3.7
-# at (0.8, 1) on the demo's digits). It runs at the input size the head's features were
-# extracted at: folded into the network at 128 instead of 224 px the digits head scores 0.11.
-# Measurements: docs/advise.md.
-LP_FT_CROP_SCALE = (0.8, 1.0)
-# When the Next commands switch to another backbone than the one the scenario was measured with:
-# only when the sample says so beyond its noise. Probe accuracies on ~240 images have intervals
-# about 6 points wide, so a larger network "winning" by a point or two is no reason to pay its
-# slower extraction.
-BACKBONE_RULE = ("a compared backbone replaces {reference} in the commands only when its probe is "
-                 "more accurate on the same sampled images and the exact McNemar test against "
-                 "{reference}'s probe gives p < {level}; otherwise the commands keep {reference}")
 
 
 @dataclass
@@ -131,6 +125,9 @@ class Advice:
     backbones: dict[str, Any] = field(default_factory=dict)
     # What the commands will write: the cache file, the run folders ("Next:" names them).
     outputs: dict[str, Any] = field(default_factory=dict)
+    # The recommended method, its command and runs, and the comparison run beside it
+    # (:func:`fxtl.advice_commands.recommendation`; ``method`` is what advice_verdict judges).
+    recommendation: dict[str, Any] = field(default_factory=dict)
 
     @property
     def recommended_backbone(self) -> str:
@@ -166,21 +163,6 @@ def _stratified_sample(images: ImageSet, n: int, seed: int) -> list[int]:
         rng.shuffle(members)
         chosen += members[:per].tolist()
     return sorted(chosen)
-
-
-def _probe_correct(X: np.ndarray, y: np.ndarray, seed: int) -> np.ndarray | None:
-    """Per image: did the cross-validated linear probe get it right? (``None``: too few images)."""
-    from sklearn.linear_model import RidgeClassifierCV
-    from sklearn.model_selection import StratifiedKFold, cross_val_predict
-    from sklearn.pipeline import make_pipeline
-    from sklearn.preprocessing import StandardScaler
-
-    folds = int(min(5, np.bincount(y)[np.bincount(y) > 0].min()))
-    if folds < 2:
-        return None
-    probe = make_pipeline(StandardScaler(), RidgeClassifierCV(alphas=np.logspace(-1, 4, 11)))
-    cv = StratifiedKFold(folds, shuffle=True, random_state=seed)
-    return cross_val_predict(probe, X, y, cv=cv) == y
 
 
 def _refuse_too_few(images: ImageSet, labels: list[int], *, after_decoding: bool = False) -> None:
@@ -221,18 +203,6 @@ def _score_interval(fam_i: np.ndarray | None, deep_ok: np.ndarray, pix_ok: np.nd
     return [round(float(np.quantile(scores, 0.025)), 4), round(float(np.quantile(scores, 0.975)), 4)]
 
 
-@dataclass(frozen=True)
-class _Sample:
-    """The sampled images as the first backbone embedded them: what the others are probed on."""
-
-    paths: list[str]  # the images that decoded, in probe order
-    labels: np.ndarray
-    correct: np.ndarray | None  # per image: did the cross-validated probe get it right?
-    identity: WeightsIdentity  # of the network that embedded them (names its cache)
-    input_size: int | None
-    seconds: float
-
-
 def measure_similarity(images: ImageSet, *, backbone: str = DEFAULT_BACKBONE, sample: int = 240,
                        seed: int = 0, device: str = "auto", precision: str = "auto",
                        progress: bool = False) -> dict[str, Any]:
@@ -242,7 +212,7 @@ def measure_similarity(images: ImageSet, *, backbone: str = DEFAULT_BACKBONE, sa
 
 
 def _measure(images: ImageSet, *, backbone: str, sample: int, seed: int, device: str,
-             precision: str, progress: bool) -> tuple[dict[str, Any], _Sample]:
+             precision: str, progress: bool) -> tuple[dict[str, Any], ProbeSample]:
     import torch
     from PIL import Image
 
@@ -285,7 +255,7 @@ def _measure(images: ImageSet, *, backbone: str, sample: int, seed: int, device:
         top_classes = [(bb.categories[i], int(c)) for i, c in
                        sorted(enumerate(top), key=lambda t: -t[1])[:3] if c]
         mean_max = float(p.max(1).mean())
-    deep_ok, pix_ok = _probe_correct(F, y, seed), _probe_correct(P, y, seed)
+    deep_ok, pix_ok = probe_correct(F, y, seed=seed), probe_correct(P, y, seed=seed)
     acc_deep = float(deep_ok.mean()) if deep_ok is not None else float("nan")
     acc_pix = float(pix_ok.mean()) if pix_ok is not None else float("nan")
     chance = float(np.bincount(y).max() / len(y))
@@ -302,260 +272,14 @@ def _measure(images: ImageSet, *, backbone: str, sample: int, seed: int, device:
                     "imagenet_mean_max_softmax": round(mean_max, 4),
                     "imagenet_top_predictions": top_classes})
     crop = getattr(bb.preprocessing, "crop", None)
-    return out, _Sample(paths=[paths[k] for k in keep], labels=y, correct=deep_ok,
-                        identity=WeightsIdentity(bb.weights_sha256, bb.preprocessing),
-                        input_size=crop, seconds=seconds)
-
-
-# --------------------------------------------------------------------- which backbone probes best
-def backbones_to_compare(backbones: str | Sequence[str], *, reference: str = DEFAULT_BACKBONE
-                         ) -> tuple[list[str], list[dict[str, Any]]]:
-    """The backbones whose probes advise compares, and the packaged ones it cannot (not installed).
-
-    ``"auto"``: ``reference`` and, when it is one of the registry's packaged backbones (``lite0``,
-    ``lite1``, ``lite2``), the other packaged ones that are installed. A name or a list: those,
-    ``reference`` first (the scenario is measured with it).
-
-    Returns
-    -------
-    (list of str, list of dict)
-        The names to probe, and :func:`~fxtl.backbones.registry.packaged_backbones` rows of those
-        ``"auto"`` left out because their weights package is missing.
-
-    Examples
-    --------
-    >>> backbones_to_compare("lite2, lite0", reference="lite0")
-    (['lite0', 'lite2'], [])
-    """
-    if isinstance(backbones, str) and backbones.strip() == "auto":
-        packaged = packaged_backbones()
-        if reference not in {p["name"] for p in packaged}:
-            return [reference], []
-        names = [reference] + [p["name"] for p in packaged if p["installed"] and p["name"] != reference]
-        return names, [p for p in packaged if not p["installed"] and p["name"] != reference]
-    given = backbones.split(",") if isinstance(backbones, str) else list(backbones)
-    if not all(isinstance(b, str) for b in given):
-        raise ParameterError("backbones", f"backbones must be 'auto' or backbone names, got {backbones!r}")
-    names = [reference]
-    for name in (b.strip() for b in given):
-        if name and name not in names:
-            parse_backbone_name(name)  # an unknown name fails here, before any network is built
-            names.append(name)
-    return names, []
-
-
-def _probe_backbone(name: str, sample: _Sample, *, seed: int, device: str, precision: str,
-                    progress: bool) -> tuple[np.ndarray | None, dict[str, Any], WeightsIdentity]:
-    """Embed the sampled images with ``name`` and cross-validate the same probe on the same folds."""
-    t0 = time.perf_counter()
-    bb = load_backbone(name, inference=True)
-    order, parts, failed = [], [], 0
-    for rows, f, _, bad in embed_paths(bb, sample.paths, device=device, precision=precision,
-                                       progress=progress, desc=f"advise {Path(name).name}"):
-        bad_rows = {i for i, _ in bad}
-        failed += len(bad_rows)
-        ok = [k for k, r in enumerate(rows.tolist()) if r not in bad_rows]
-        parts.append(f[ok])
-        order += [int(rows[k]) for k in ok]
-    identity = WeightsIdentity(bb.weights_sha256, bb.preprocessing)
-    info = {"backbone": name, "input_size": getattr(bb.preprocessing, "crop", None),
-            "seconds": round(time.perf_counter() - t0, 2)}  # as the first's: build + embed
-    if failed or order != list(range(len(sample.paths))):
-        # Same decoder as the first backbone; a file that changed in between is not compared.
-        return None, {**info, "note": f"{failed} sampled image(s) failed to decode: not compared"}, identity
-    correct = _probe_correct(np.concatenate(parts), sample.labels, seed)
-    return correct, info, identity
-
-
-def _probe_row(info: dict[str, Any], correct: np.ndarray, reference_correct: np.ndarray | None,
-               reference: str) -> dict[str, Any]:
-    n, k = int(correct.size), int(correct.sum())
-    lo, hi = wilson_interval(k, n)
-    row = {**info, "n": n, "correct": k, "probe_accuracy": round(k / n, 4),
-           "probe_accuracy_ci95": [round(lo, 4), round(hi, 4)]}
-    if reference_correct is not None and info["backbone"] != reference:
-        t = mcnemar_exact(correct, reference_correct)
-        row["paired"] = {"against": reference, "only_this_correct": t["a_only_correct"],
-                         "only_reference_correct": t["b_only_correct"],
-                         "p_value": round(float(t["p_value"]), 4), "test": t["test"]}
-    return row
-
-
-def choose_backbone(rows: Sequence[dict[str, Any]], *, reference: str) -> dict[str, str]:
-    """The best probe, and the backbone the commands use under :data:`BACKBONE_RULE`.
-
-    ``rows`` are the per-backbone probe results (``backbone``, ``probe_accuracy`` and, for every
-    backbone but ``reference``, ``paired`` with the exact McNemar ``p_value`` against it).
-
-    Examples
-    --------
-    >>> rows = [{"backbone": "lite0", "probe_accuracy": 0.95},
-    ...         {"backbone": "lite2", "probe_accuracy": 0.97, "paired": {"p_value": 0.18}}]
-    >>> choose_backbone(rows, reference="lite0")
-    {'best': 'lite2', 'recommended': 'lite0'}
-    >>> rows[1]["paired"]["p_value"] = 0.01
-    >>> choose_backbone(rows, reference="lite0")["recommended"]
-    'lite2'
-    """
-    scored = [r for r in rows if r.get("probe_accuracy") is not None]
-    ref = next((r for r in scored if r["backbone"] == reference), None)
-    if ref is None:
-        return {"best": reference, "recommended": reference}
-    # ties go to the reference, then to the earlier (listed first: usually smaller) backbone
-    best = max(scored, key=lambda r: (r["probe_accuracy"], r is ref, -scored.index(r)))
-    clear = [r for r in scored if r is not ref and r["probe_accuracy"] > ref["probe_accuracy"]
-             and r.get("paired", {}).get("p_value", 1.0) < SIGNIFICANCE]
-    chosen = max(clear, key=lambda r: (r["probe_accuracy"], -scored.index(r))) if clear else ref
-    return {"best": best["backbone"], "recommended": chosen["backbone"]}
-
-
-def _compare_backbones(names: list[str], missing: list[dict[str, Any]], sample: _Sample, *,
-                       reference: str, seed: int, device: str, precision: str, progress: bool
-                       ) -> tuple[dict[str, Any], dict[str, WeightsIdentity]]:
-    identities = {reference: sample.identity}
-    rows = []
-    if sample.correct is not None:
-        rows.append(_probe_row({"backbone": reference, "input_size": sample.input_size,
-                                "seconds": round(sample.seconds, 2)}, sample.correct, None, reference))
-    for name in names[1:]:
-        try:
-            correct, info, identities[name] = _probe_backbone(
-                name, sample, seed=seed, device=device, precision=precision, progress=progress)
-        except FxtlError as exc:  # a comparison that cannot run leaves the advice standing
-            rows.append({"backbone": name, "note": f"not compared: {exc}"})
-            continue
-        rows.append(_probe_row(info, correct, sample.correct, reference) if correct is not None else info)
-    pick = choose_backbone(rows, reference=reference)
-    rule = BACKBONE_RULE.format(reference=reference, level=SIGNIFICANCE)
-    extras = sorted({p["extra"] for p in missing if p["extra"]})
-    install = " or ".join(f"pip install 'fxtl[{e}]'" for e in extras) or None
-    out = {"sample": len(sample.paths), "compared": rows, **pick, "rule": rule,
-           "not_installed": [p["name"] for p in missing], "install": install}
-    out["text"] = _backbones_text(out, reference=reference)
-    return out, identities
-
-
-def _backbones_text(d: dict[str, Any], *, reference: str) -> str:
-    rows = [r for r in d["compared"] if "probe_accuracy" in r]
-    missing = ""
-    if d["not_installed"]:
-        missing = (f"{d['install'] or 'installing their weights packages'} would let advise compare "
-                   f"{', '.join(d['not_installed'])} on this sample too.")
-    failed = "".join(f" {r['backbone']} {r['note']}." for r in d["compared"] if "note" in r)
-    if len(rows) < 2:
-        only = f"Backbones: only {reference} probed"
-        if missing or failed:
-            return f"{only}." + (f" {missing}" if missing else "") + failed
-        return f"{only} (--backbones lite0,lite1,... compares others)."
-
-    def one(r: dict[str, Any]) -> str:
-        lo, hi = r["probe_accuracy_ci95"]
-        p = r.get("paired", {}).get("p_value")
-        return (f"{r['backbone']} {r['probe_accuracy']:.3f} [{lo:.3f}, {hi:.3f}]"
-                + (f" (p = {p:.2g} vs {reference})" if p is not None else ""))
-
-    text = (f"Backbones, linear probe on the same {d['sample']} sampled images (95% intervals): "
-            + ", ".join(one(r) for r in rows) + ". ")
-    best, chosen = d["best"], d["recommended"]
-    ref_s = next((r.get("seconds") for r in rows if r["backbone"] == reference), None)
-    if chosen != reference:
-        s = next(r.get("seconds") for r in rows if r["backbone"] == chosen)
-        slower = f" (its sample took {s / ref_s:.1f}x {reference}'s time)" if ref_s and s else ""
-        text += f"{chosen} probes clearly better than {reference}: the commands use it{slower}."
-    elif best != reference:
-        text += (f"Best: {best}, but within noise of {reference} (exact McNemar p >= {SIGNIFICANCE}): "
-                 f"the commands keep {reference}.")
-    else:
-        text += f"Best: {reference}; the commands use it."
-    return text + (f" {missing}" if missing else "") + failed
-
-
-# ----------------------------------------------------------------------------- the Next commands
-def _free_run_name(base: str, folders: Callable[[str], list[Path]]) -> str:
-    """``base``, or ``base-2``, ``base-3``... : the first name none of whose run folders exists
-    (a run folder is never overwritten, so a taken name would make the command fail)."""
-    base = base if _valid_run_name(base) else f"run-{base}"
-    for i in range(1, 1000):
-        name = base if i == 1 else f"{base}-{i}"
-        if not any(f.exists() for f in folders(name)):
-            return name
-    return f"{base}-{time.strftime('%Y%m%d-%H%M%S')}"
-
-
-def _valid_run_name(name: str) -> bool:
-    try:
-        check_run_name(name)
-    except ParameterError:
-        return False
-    return True
-
-
-def _next_steps(scenario: int, *, data: str, backbone: str, images: ImageSet | None = None,
-                identity: WeightsIdentity | None = None, cache_dir: str | Path | None = None,
-                device: str = "auto", precision: str = "auto") -> tuple[list[str], dict[str, Any]]:
-    """The commands of ``scenario``, with the files they will write named: the cache through
-    :func:`~fxtl.features.extraction.planned_cache_path` (``CACHE`` when it cannot be known,
-    e.g. without ``images``), the run folders through an explicit ``--run-name`` that is free now."""
-    q = shlex.quote
-    home = Path(cache_dir) if cache_dir is not None else default_cache_dir()
-    runs_dir = home / "runs"
-    opt_b = "" if backbone == DEFAULT_BACKBONE else f" --backbone {q(backbone)}"
-    opt_c = "" if cache_dir is None else f" --cache-dir {q(str(cache_dir))}"
-    opt_d = "".join(f" --{k} {v}" for k, v in (("device", device), ("precision", precision)) if v != "auto")
-    layers = "auto" if scenario == 3 else None  # heads on several layers: scenario 3 only
-    cache = None
-    if images is not None:
-        cache = planned_cache_path(images, backbone=backbone, layers=layers, precision=precision,
-                                   device=device, cache_dir=home, identity=identity)
-    c = q(str(cache)) if cache is not None else "CACHE"
-    models = HeadConfig(models=("all",)).models if scenario in (1, 3) else ("logreg",)
-    if images is not None and len(images) > LARGE_ROWS:  # fit-head skips heads that cannot scale
-        models = tuple(m for m in models if get_head(m).stream is not None)
-
-    def folders(name: str) -> dict[str, list[Path]]:
-        heads = Destination(runs_dir=runs_dir, run_name=name if len(models) > 1 else f"{name}-logreg")
-        out = {"heads": heads.exact_folders(models)}
-        if scenario == 3:
-            out["start"] = [runs_dir / f"{name}-start"]
-        if scenario != 1:
-            out["finetune"] = [runs_dir / f"{name}-finetune"]
-        return out
-
-    base = f"{slug(images.name if images is not None else Path(data).name)}-{slug(Path(backbone).name)}"
-    name = _free_run_name(base, lambda n: [f for fs in folders(n).values() for f in fs])
-    where = folders(name)
-    heads_name = name if len(models) > 1 else f"{name}-logreg"
-    extract = f"fxtl extract {q(data)}{opt_b}" + (f" --layers {layers}" if layers else "") + opt_d + opt_c
-    fit = (f"fxtl fit-head {c} --model {'all' if len(models) > 1 else 'logreg'}"
-           + (f" --layers {layers}" if layers else "") + f" --run-name {heads_name}{opt_c}")
-    finetune = f"fxtl finetune {q(data)}{opt_b}"
-    compared = list(where["heads"]) + where.get("finetune", [])
-    compare = "fxtl compare " + " ".join(q(str(r)) for r in compared) + opt_c
-    if scenario == 1:
-        cmds = [extract, fit, compare]
-    elif scenario == 3:
-        lo, hi = LP_FT_CROP_SCALE
-        # The fine-tune folds its start head into the network's classifier, which sees the
-        # penultimate features only: that head is fitted on them, beside the heads that choose.
-        start = (f"fxtl fit-head {c} --model logreg --layers penultimate --run-name {name}-start"
-                 f"{opt_c}")
-        cmds = [extract, fit, start,
-                f"{finetune} --trainable last:2 --init-head {q(str(where['start'][0]))} "
-                f"--crop-scale {lo} {hi} --run-name {name}-finetune{opt_d}{opt_c}", compare]
-    else:
-        epochs = " --epochs 15" if scenario == 4 else ""
-        cmds = [f"{finetune} --trainable all{epochs} --run-name {name}-finetune{opt_d}{opt_c}",
-                extract, fit, compare]
-    outputs = {"cache": str(cache) if cache is not None else None, "runs_dir": str(runs_dir),
-               "run_name": name, "head_runs": [str(f) for f in where["heads"]],
-               "start_head": str(where["start"][0]) if "start" in where else None,
-               "finetune_run": str(where["finetune"][0]) if "finetune" in where else None,
-               "layers": layers}
-    return cmds, outputs
+    return out, ProbeSample(paths=[paths[k] for k in keep], labels=y, correct=deep_ok,
+                             identity=WeightsIdentity(bb.weights_sha256, bb.preprocessing),
+                             input_size=crop, seconds=seconds)
 
 
 def _commands(scenario: int, data: str, backbone: str, **where: Any) -> list[str]:
-    return _next_steps(scenario, data=data, backbone=backbone, **where)[0]
+    """The commands of ``scenario`` (:func:`~fxtl.advice_commands.next_steps`) without their outputs."""
+    return next_steps(scenario, data=data, backbone=backbone, **where)[0]
 
 
 def advise(data: str | Path, *, backbone: str = DEFAULT_BACKBONE,
@@ -588,7 +312,9 @@ def advise(data: str | Path, *, backbone: str = DEFAULT_BACKBONE,
     -------
     Advice
         ``commands`` name the cache file ``extract`` will write and the run folders (through
-        ``--run-name``), so they can be run as printed, in order; ``outputs`` lists them.
+        ``--run-name``), so they can be run as printed, in order; ``outputs`` lists them;
+        ``recommendation`` says which command is the recommended method and which the comparison
+        run beside it (scenario 3: the heads on the layers they choose, against LP-FT).
 
     Examples
     --------
@@ -605,9 +331,9 @@ def advise(data: str | Path, *, backbone: str = DEFAULT_BACKBONE,
     size = _size(images, large_per_class)
     sim, sampled = _measure(images, backbone=backbone, sample=sample, seed=seed, device=device,
                             precision=precision, progress=progress)
-    compared, identities = _compare_backbones(names, missing, sampled, reference=backbone,
-                                              seed=seed, device=device, precision=precision,
-                                              progress=progress)
+    compared, identities = compare_backbones(names=names, missing=missing, sample=sampled,
+                                             reference=backbone, seed=seed, device=device,
+                                             precision=precision, progress=progress)
     scenario = {("small", "similar"): 1, ("large", "similar"): 2, ("small", "different"): 3,
                 ("large", "different"): 4}[(size["category"], sim["category"])]
     why = (f"{size['train_images']} training images in {size['classes']} classes "
@@ -619,12 +345,13 @@ def advise(data: str | Path, *, backbone: str = DEFAULT_BACKBONE,
            + f"). Scenario {scenario}: {SCENARIOS[scenario][2]}")
     sure = certainty(size, sim)
     use = compared["recommended"]
-    commands, outputs = _next_steps(scenario, data=str(data), backbone=use, images=images,
-                                    identity=identities.get(use), cache_dir=cache_dir,
-                                    device=device, precision=precision)
+    commands, outputs = next_steps(scenario, data=str(data), backbone=use, images=images,
+                                   identity=identities.get(use), cache_dir=cache_dir,
+                                   device=device, precision=precision)
     return Advice(scenario=scenario, size=size, similarity=sim, explanation=f"{why} {sure['text']}",
                   commands=commands, seconds=round(time.perf_counter() - t0, 3), data=str(data),
-                  backbone=backbone, extra={"certainty": sure}, backbones=compared, outputs=outputs)
+                  backbone=backbone, extra={"certainty": sure}, backbones=compared, outputs=outputs,
+                  recommendation=recommendation(scenario, commands=commands, outputs=outputs))
 
 
 def certainty(size: dict[str, Any], similarity: dict[str, Any]) -> dict[str, Any]:
@@ -665,38 +392,52 @@ def certainty(size: dict[str, Any], similarity: dict[str, Any]) -> dict[str, Any
 
 
 def advised_method(scenario: int) -> str:
-    """``"head"`` for scenario 1 (a classifier on frozen features), ``"finetune"`` otherwise."""
-    return "head" if scenario == 1 else "finetune"
+    """What the advice of ``scenario`` recommends: ``"head"`` (a classifier on frozen features:
+    scenario 1 on the penultimate features, 3 on the layers it chooses) or ``"finetune"`` (2, 4).
+
+    Examples
+    --------
+    >>> [advised_method(s) for s in (1, 2, 3, 4)]
+    ['head', 'finetune', 'head', 'finetune']
+    """
+    if scenario not in RECOMMENDATIONS:
+        raise ParameterError("scenario", f"scenario must be 1, 2, 3 or 4, got {scenario!r}")
+    return RECOMMENDATIONS[scenario]["method"]
 
 
 def advice_verdict(scenario: int, pair: dict[str, Any] | None) -> dict[str, Any]:
     """Did the advice hold? From the paired test of the best head (``a``) against the fine-tune
     (``b``), as :func:`fxtl.report.comparison.paired_test` returns it.
 
-    ``held``: the advised method is better and the difference significant (exact McNemar,
-    p < 0.05); ``tied``: not significant; ``failed``: the other method is significantly better;
-    ``untested``: no paired test (no fine-tune, or no per-image predictions).
+    The advised method is :func:`advised_method`'s (scenario 3: the head on the layers it
+    chooses, against the LP-FT fine-tune run as its comparison). ``held``: the advised method is
+    better and the difference significant (exact McNemar, p < 0.05); ``tied``: not significant;
+    ``failed``: the other method is significantly better; ``untested``: no paired test (no
+    fine-tune, or no per-image predictions).
 
     Examples
     --------
-    >>> advice_verdict(3, {"a_method": "head:logreg", "b_method": "finetune:last:2",
-    ...                    "a_accuracy": 0.82, "b_accuracy": 0.74, "p_value": 0.09, "n": 150,
-    ...                    "split": "test", "a_only_correct": 20, "b_only_correct": 8})["verdict"]
+    >>> pair = {"a_method": "head:logreg", "b_method": "finetune:last:2", "a_accuracy": 0.82,
+    ...         "b_accuracy": 0.74, "p_value": 0.09, "n": 150, "split": "test",
+    ...         "a_only_correct": 20, "b_only_correct": 8}
+    >>> advice_verdict(3, pair)["verdict"]
     'tied'
+    >>> advice_verdict(3, {**pair, "p_value": 0.01})["verdict"]  # the head was advised
+    'held'
     """
-    from .report.comparison import SIGNIFICANCE, describe_pair
-
     advised = advised_method(scenario)
+    label = RECOMMENDATIONS[scenario]["label"]
+    head = f"Advice (scenario {scenario}: {label})"
     if not pair or pair.get("p_value") is None:
         why = pair.get("note") if pair else "no fine-tune beside the heads"
-        return {"advised": advised, "winner": None, "verdict": "untested", "p_value": None,
-                "text": f"Advice (scenario {scenario}: {advised}) untested: {why}."}
+        return {"advised": advised, "advised_label": label, "winner": None, "verdict": "untested",
+                "p_value": None, "text": f"{head} untested: {why}."}
     a, b = pair["a_accuracy"], pair["b_accuracy"]
     better = "head" if a > b else "finetune" if b > a else None
     if pair["p_value"] >= SIGNIFICANCE or better is None:
         verdict = "tied"
     else:
         verdict = "held" if better == advised else "failed"
-    return {"advised": advised, "winner": better if verdict != "tied" else None,
-            "verdict": verdict, "p_value": pair["p_value"],
-            "text": f"Advice (scenario {scenario}: {advised}) {verdict}: {describe_pair(pair)}."}
+    return {"advised": advised, "advised_label": label,
+            "winner": better if verdict != "tied" else None, "verdict": verdict,
+            "p_value": pair["p_value"], "text": f"{head} {verdict}: {describe_pair(pair)}."}

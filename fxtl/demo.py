@@ -2,11 +2,12 @@
 
 Builds a small real dataset without network (scikit-learn's bundled handwritten digits written
 as PNG class folders with train/val/test splits), then runs advise -> extract -> every head ->
-a short fine-tune of what advise recommends -> compare, and writes a report that points at
-every artifact (metrics, confusion matrices, learning curves, embedding map, comparison chart),
-with 95% intervals and the paired test of the best head against the fine-tune.
-Digits are scenario 3 (small, different), whose fine-tune starts from the fitted
-logistic-regression head (LP-FT, see :func:`fxtl.plan.run_plan`).
+a short fine-tune -> compare, as advise recommends, and writes a report that points at every
+artifact (metrics, confusion matrices, learning curves, embedding map, comparison chart), with
+95% intervals and the paired test of the best head against the fine-tune. Digits are scenario 3
+(small, different): advise recommends the heads on the layers they choose, and runs beside them,
+as the comparison, a fine-tune of the last two blocks from a fitted logistic-regression head
+(LP-FT, see :func:`fxtl.plan.run_plan`).
 """
 from __future__ import annotations
 
@@ -105,10 +106,15 @@ def _markdown(r: dict[str, Any]) -> str:
     comp = plan.get("compare", {})
     lines = ["# fxtl demo report", "",
              f"Data: `{r['data']}` (scikit-learn handwritten digits as PNG folders)", "",
-             f"## Advice: scenario {a['scenario']}", "", a["explanation"], "",
-             "## Results (same splits for every method; 95% intervals)", "",
-             "| method | split | accuracy | 95% interval | macro-F1 | 95% interval | run folder |",
-             "|---|---|---|---|---|---|---|"]
+             f"## Advice: scenario {a['scenario']}", "", a["explanation"], ""]
+    rec = a.get("recommendation")
+    if rec:
+        against = rec.get("comparison")
+        lines += [f"Recommended: {rec['what']}"
+                  + (f"; compared with: {against['what']}" if against else "") + ".", ""]
+    lines += ["## Results (same splits for every method; 95% intervals)", "",
+              "| method | split | accuracy | 95% interval | macro-F1 | 95% interval | run folder |",
+              "|---|---|---|---|---|---|---|"]
     for run in plan["runs"]:
         lines.append(f"| {run['kind']} {run['model']} | {run['split']} | {run['accuracy']:.3f} | "
                      f"{_ci(run.get('accuracy_ci95'))} | {run['macro_f1']:.3f} | "

@@ -11,7 +11,8 @@ from pathlib import Path
 from typing import Any
 
 from ._util import csv_text, read_json
-from .advice import LP_FT_CROP_SCALE, Advice, advice_verdict
+from .advice import Advice, advice_verdict
+from .advice_commands import LP_FT_CROP_SCALE
 from .data.discovery import discover
 from .features.extraction import extract
 from .heads.fitting import fit_heads
@@ -57,14 +58,14 @@ def run_plan(advice: Advice, *, cache_dir: str | Path | None = None, device: str
     Runs with the backbone the advice's commands use (``advice.recommended_backbone``).
     Scenario 1: extract + every head. 2 and 4: a full fine-tune (4 trains longer) beside a
     logistic-regression head. 3: several layers extracted (``layers="auto"``) and every head
-    choosing among them, then the last two blocks fine-tuned from a logistic-regression head on
-    the penultimate features (LP-FT, crop scale :data:`LP_FT_CROP_SCALE`, at the input size the
-    head was fitted at, so ``image_size`` does not apply to it; that start head is in
-    ``start_head``, not among the compared runs). The same splits are used
-    throughout, so ``compare`` lines the results up. Ends with the paired test of the best head
-    (best on its search score, not on test: ``best_head``) against the fine-tune on the same
-    images (``paired``: exact McNemar) and whether the advice
-    held, tied or failed (``verdict``, :func:`advice_verdict`).
+    choosing among them (the recommendation), then, as the comparison, the last two blocks
+    fine-tuned from a logistic-regression head on the penultimate features (LP-FT, crop scale
+    :data:`LP_FT_CROP_SCALE`, at the input size the head was fitted at, so ``image_size`` does
+    not apply to it; that start head is in ``start_head``, not among the compared runs). The
+    same splits are used throughout, so ``compare`` lines the results up. Ends with the paired
+    test of the best head (best on its search score, not on test: ``best_head``) against the
+    fine-tune on the same images (``paired``: exact McNemar) and whether the advice held, tied
+    or failed (``verdict``, :func:`advice_verdict`: scenario 3 advises the head).
     """
     log = log or (lambda msg: None)
     data = advice.data

@@ -10,7 +10,7 @@ import pytest
 from click.testing import CliRunner
 from scipy.stats import binomtest
 
-from fxtl.advice import SCENARIOS, _commands, advice_verdict, advise, certainty
+from fxtl.advice import SCENARIOS, _commands, advice_verdict, advise, advised_method, certainty
 from fxtl.cli import cli
 from fxtl.errors import ParameterError
 
@@ -51,7 +51,8 @@ def test_advice_verdict_from_the_paired_test():
             "b_accuracy": 0.74, "n": 150, "split": "test", "a_only_correct": 20,
             "b_only_correct": 8, "p_value": 0.036}
     assert advice_verdict(1, pair)["verdict"] == "held"  # head advised, head significantly better
-    assert advice_verdict(3, pair)["verdict"] == "failed"
+    assert advice_verdict(3, pair)["verdict"] == "held"  # scenario 3 advises the head too
+    assert advice_verdict(2, pair)["verdict"] == "failed"  # 2 and 4 advise the fine-tune
     v = advice_verdict(3, {**pair, "p_value": 0.09})
     assert v["verdict"] == "tied" and v["winner"] is None
     assert "0.820 vs 0.740 on 150 test images: not significant, p = 0.09" in v["text"]
@@ -95,6 +96,59 @@ def test_scenario_3_recommends_heads_on_several_layers():
     assert "--layers auto" in SCENARIOS[3][2]
     for k in (1, 2, 4):
         assert "--layers" not in " ".join(_commands(k, "data", "lite0"))
+
+
+def test_scenario_3_advice_is_the_several_layer_head_and_is_judged_so():
+    """Scenario 3 advises the head on the layers it chooses; the LP-FT fine-tune is what it is
+    tested against: the advice held when the head wins, failed when the fine-tune does."""
+    assert [advised_method(s) for s in (1, 2, 3, 4)] == ["head", "finetune", "head", "finetune"]
+    with pytest.raises(ParameterError, match="scenario must be 1, 2, 3 or 4, got 5"):
+        advised_method(5)
+    # the demo's digits (docs/layers.md): chosen-layers logreg 0.893 vs LP-FT 0.793, 16 / 1
+    pair = {"a_method": "head:logreg", "b_method": "finetune:last:2 (LP-FT)", "a_accuracy": 0.893,
+            "b_accuracy": 0.793, "n": 150, "split": "test", "a_only_correct": 16,
+            "b_only_correct": 1, "p_value": 0.000274658203125}
+    held = advice_verdict(3, pair)
+    assert (held["advised"], held["verdict"], held["winner"]) == ("head", "held", "head")
+    assert held["advised_label"] == "several-layer head"
+    assert held["text"].startswith(
+        "Advice (scenario 3: several-layer head) held: head:logreg vs finetune:last:2 (LP-FT): "
+        "0.893 vs 0.793 on 150 test images: significant, p < 0.001")
+    swapped = {**pair, "a_accuracy": 0.793, "b_accuracy": 0.893, "a_only_correct": 1,
+               "b_only_correct": 16}
+    failed = advice_verdict(3, swapped)
+    assert (failed["advised"], failed["verdict"], failed["winner"]) == ("head", "failed", "finetune")
+    assert failed["text"].startswith("Advice (scenario 3: several-layer head) failed: ")
+    # the fine-tune stays the advice of scenarios 2 and 4
+    assert advice_verdict(4, swapped)["verdict"] == "held"
+    assert advice_verdict(2, pair)["verdict"] == "failed"
+    tied = advice_verdict(3, {**pair, "p_value": 0.77})
+    assert (tied["verdict"], tied["winner"]) == ("tied", None)
+
+
+def test_scenario_3_names_the_several_layer_head_first(digits_advice):
+    """The explanation, the commands and --json name the several-layer head as the
+    recommendation, before the LP-FT fine-tune that is run beside it as the comparison."""
+    text = SCENARIOS[3][2]
+    assert text.index("Recommended: heads on the frozen features of several layers") \
+        < text.index("As the comparison, fine-tune only the last two blocks") < text.index("LP-FT")
+    a = digits_advice
+    assert a.scenario == 3 and f"Scenario 3: {text}" in a.explanation
+    rec, cmds = a.recommendation, a.commands
+    fits = [c for c in cmds if c.startswith("fxtl fit-head")]
+    assert rec["method"] == "head" and rec["label"] == "several-layer head"
+    assert rec["command"] == fits[0] == cmds[1] and "--model all --layers auto" in rec["command"]
+    assert rec["runs"] == a.outputs["head_runs"] and rec["layers"] == "auto"
+    ft = next(i for i, c in enumerate(cmds) if c.startswith("fxtl finetune"))
+    assert cmds.index(rec["command"]) < ft
+    comp = rec["comparison"]
+    assert comp["method"] == "finetune" and comp["command"] == cmds[ft]
+    assert "--trainable last:2 --init-head" in comp["command"] and "LP-FT" in comp["what"]
+    assert comp["runs"] == [a.outputs["finetune_run"]]
+    d = a.to_dict()  # --json: the new key beside every key users rely on
+    assert d["recommendation"] == rec
+    assert {"scenario", "size", "similarity", "explanation", "commands", "outputs",
+            "backbones"} <= set(d)
 
 
 def test_cli_json_is_the_librarys_advice(digits_dir, digits_advice):
@@ -161,9 +215,10 @@ def test_demo_runs_the_whole_job(tmp_path):
     assert (pair["a_only_correct"], pair["b_only_correct"]) == (a_only, b_only)
     p_value = binomtest(min(a_only, b_only), a_only + b_only, 0.5).pvalue if a_only + b_only else 1.0
     assert pair["p_value"] == pytest.approx(p_value)
-    # scenario 3 advises the fine-tune (b): it held when b is significantly better
-    verdict = "tied" if p_value >= 0.05 else "held" if b_only > a_only else "failed"
-    assert d["plan"]["verdict"]["verdict"] == verdict
+    # scenario 3 advises the head on the chosen layers (a): it held when a is significantly better
+    verdict = "tied" if p_value >= 0.05 else "held" if a_only > b_only else "failed"
+    assert d["plan"]["verdict"]["verdict"] == verdict and d["plan"]["verdict"]["advised"] == "head"
+    assert d["advice"]["recommendation"]["method"] == "head"
     report = Path(d["report"]).read_text()
     assert "95% interval" in report and pair["text"] in report
     for run in d["plan"]["runs"]:

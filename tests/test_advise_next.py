@@ -12,8 +12,10 @@ import pytest
 from click.testing import CliRunner
 
 import fxtl.advice as advice_mod
-from fxtl.advice import (BACKBONE_RULE, _compare_backbones, _next_steps, _Sample, advise,
-                         backbones_to_compare, choose_backbone)
+import fxtl.advice_backbones as backbones_mod
+from fxtl.advice import BACKBONE_RULE, advise, backbones_to_compare, choose_backbone
+from fxtl.advice_backbones import ProbeSample, compare_backbones
+from fxtl.advice_commands import next_steps
 from fxtl.backbones.registry import WeightsIdentity, packaged_backbones
 from fxtl.cli import cli
 from fxtl.errors import BackboneError
@@ -60,7 +62,7 @@ def test_the_printed_commands_run_in_order(scenario, data, tiny, tiny2, tmp_path
     # similar (1) or different (3): the threshold moved instead of the random network's score
     monkeypatch.setattr(advice_mod, "SIMILAR_AT", 0.0 if scenario == 1 else 1.01)
     if scenario == 1:
-        monkeypatch.setattr(advice_mod, "choose_backbone",
+        monkeypatch.setattr(backbones_mod, "choose_backbone",
                             lambda rows, reference: {"best": tiny2, "recommended": tiny2})
     cache_dir = tmp_path / "cache home"
     args = ["advise", str(data), "-b", tiny, "--sample", "18", "--cache-dir", str(cache_dir)]
@@ -93,6 +95,7 @@ def test_the_printed_commands_run_in_order(scenario, data, tiny, tiny2, tmp_path
         assert kinds == ["extract", "fit-head", "compare"] and out["finetune_run"] is None
         assert Path(out["cache"]).name.startswith("my_digits-tiny_two.pth-")
         assert scored == set(out["head_runs"])
+        assert a["recommendation"]["method"] == "head" and a["recommendation"]["comparison"] is None
     else:
         assert kinds == ["extract", "fit-head", "fit-head", "finetune", "compare"]
         assert ex["layers"] and out["layers"] == "auto"
@@ -104,6 +107,13 @@ def test_the_printed_commands_run_in_order(scenario, data, tiny, tiny2, tmp_path
         assert config["init_head"] == str(Path(out["start_head"]).resolve())
         assert config["trainable"] == "last:2" and config["crop_scale"] == [0.8, 1.0]
         assert scored == set(out["head_runs"]) | {out["finetune_run"]}
+        # the recommendation is the heads on the chosen layers; LP-FT is the comparison
+        rec = a["recommendation"]
+        assert (rec["method"], rec["command"], rec["runs"], rec["layers"]) == \
+            ("head", a["commands"][1], out["head_runs"], "auto")
+        assert rec["comparison"]["method"] == "finetune"
+        assert rec["comparison"]["command"] == a["commands"][3]
+        assert rec["comparison"]["runs"] == [out["finetune_run"]]
         assert comp["paired"], comp  # the best head against the fine-tune, on the same images
     # a second advise names other run folders (runs are never overwritten) but the same cache
     again = _run(args)
@@ -133,14 +143,14 @@ def test_backbones_are_probed_on_the_same_images(data, tiny, tiny2):
 
 
 def test_a_backbone_that_cannot_load_is_left_out_of_the_comparison(data, tiny, tiny2, monkeypatch):
-    real = advice_mod.load_backbone
+    real = backbones_mod.load_backbone
 
     def load(name, **kw):
         if name == tiny2:
             raise BackboneError(f"weights of {name} do not match the pinned hash; reinstall")
         return real(name, **kw)
 
-    monkeypatch.setattr(advice_mod, "load_backbone", load)
+    monkeypatch.setattr(backbones_mod, "load_backbone", load)
     a = advise(data, backbone=tiny, backbones=[tiny2], sample=18)
     first, second = a.backbones["compared"]
     assert first["backbone"] == tiny and "probe_accuracy" in first
@@ -185,20 +195,20 @@ def _packaged(installed: set[str]):
 
 
 def test_auto_compares_the_installed_lite_backbones(monkeypatch):
-    monkeypatch.setattr(advice_mod, "packaged_backbones", _packaged({"lite0", "lite1", "lite2"}))
+    monkeypatch.setattr(backbones_mod, "packaged_backbones", _packaged({"lite0", "lite1", "lite2"}))
     assert backbones_to_compare("auto", reference="lite0") == (["lite0", "lite1", "lite2"], [])
     assert backbones_to_compare("auto", reference="lite2")[0] == ["lite2", "lite0", "lite1"]
     assert backbones_to_compare(["lite0"], reference="lite0") == (["lite0"], [])
     assert backbones_to_compare("auto", reference="resnet18") == (["resnet18"], [])
-    monkeypatch.setattr(advice_mod, "packaged_backbones", _packaged({"lite0"}))
+    monkeypatch.setattr(backbones_mod, "packaged_backbones", _packaged({"lite0"}))
     names, missing = backbones_to_compare("auto", reference="lite0")
     assert names == ["lite0"] and [m["name"] for m in missing] == ["lite1", "lite2"]
     # without the extra: one line says what installing it would give
-    sample = _Sample(paths=["a"] * 20, labels=np.r_[np.zeros(10, int), np.ones(10, int)],
-                     correct=np.r_[np.ones(18, bool), np.zeros(2, bool)],
-                     identity=WeightsIdentity("0" * 64, None), input_size=224, seconds=1.0)
-    d, _ = _compare_backbones(names, missing, sample, reference="lite0", seed=0, device="cpu",
-                              precision="fp32", progress=False)
+    sample = ProbeSample(paths=["a"] * 20, labels=np.r_[np.zeros(10, int), np.ones(10, int)],
+                         correct=np.r_[np.ones(18, bool), np.zeros(2, bool)],
+                         identity=WeightsIdentity("0" * 64, None), input_size=224, seconds=1.0)
+    d, _ = compare_backbones(names=names, missing=missing, sample=sample, reference="lite0",
+                             seed=0, device="cpu", precision="fp32", progress=False)
     assert d["recommended"] == d["best"] == "lite0" and d["not_installed"] == ["lite1", "lite2"]
     assert d["compared"][0]["probe_accuracy"] == 0.9 and d["install"] == "pip install 'fxtl[lite]'"
     assert "\n" not in d["text"]
@@ -229,11 +239,12 @@ def test_planned_cache_path_is_extracts_own(shapes_dir, shapes_cache):
 
 
 def test_next_steps_without_data_keep_placeholders_only_for_the_cache(tmp_path):
-    cmds, out = _next_steps(3, data="my data", backbone="lite2", cache_dir=tmp_path)
+    cmds, out = next_steps(3, data="my data", backbone="lite2", cache_dir=tmp_path)
     q = shlex.quote
     assert cmds[0] == f"fxtl extract 'my data' --backbone lite2 --layers auto --cache-dir {q(str(tmp_path))}"
     assert cmds[1].startswith("fxtl fit-head CACHE --model all --layers auto --run-name my_data-lite2 ")
     start = tmp_path / "runs" / "my_data-lite2-start"
     assert f"--init-head {start}" in cmds[3] and out["start_head"] == str(start)
+    assert out["steps"] == {"extract": 0, "heads": 1, "start": 2, "finetune": 3, "compare": 4}
     (tmp_path / "runs" / "my_data-lite2-knn").mkdir(parents=True)  # a taken folder moves the name
-    assert _next_steps(3, data="my data", backbone="lite2", cache_dir=tmp_path)[1]["run_name"] == "my_data-lite2-2"
+    assert next_steps(3, data="my data", backbone="lite2", cache_dir=tmp_path)[1]["run_name"] == "my_data-lite2-2"

@@ -15,8 +15,11 @@ Examples
 """
 from __future__ import annotations
 
+import functools
+import importlib
 import logging
 import sys
+import threading
 import warnings
 from pathlib import Path
 from typing import Any
@@ -27,7 +30,7 @@ from ..errors import ParameterError, ProvenanceError
 from .model import Head, class_positions
 
 __all__ = ["save_head", "load_head", "resolve_head_path", "skops_io", "HEAD_FORMAT", "HEAD_FORMAT_VERSION",
-           "TRUSTED_TYPES"]
+           "TRUSTED_TYPES", "SKLEARN_CLASSES", "trusted_types"]
 
 logger = logging.getLogger(__name__)
 
@@ -55,6 +58,24 @@ TRUSTED_TYPES = (
     "sklearn.neural_network._stochastic_optimizers.AdamOptimizer",
     "sklearn.neural_network._stochastic_optimizers.SGDOptimizer",
 )
+# scikit-learn estimators a head may hold, this fxtl's or an older one's ("module:Class"): skops
+# no longer trusts every scikit-learn estimator by default here (see :func:`skops_io`), and their
+# type names are read from the classes, so they follow scikit-learn's module layout.
+SKLEARN_CLASSES = (
+    "sklearn.pipeline:Pipeline",
+    "sklearn.preprocessing:StandardScaler",
+    "sklearn.preprocessing:Normalizer",
+    "sklearn.preprocessing:LabelBinarizer",
+    "sklearn.decomposition:PCA",
+    "sklearn.linear_model:LogisticRegression",
+    "sklearn.linear_model:SGDClassifier",
+    "sklearn.svm:SVC",
+    "sklearn.svm:LinearSVC",
+    "sklearn.neural_network:MLPClassifier",
+    "sklearn.neighbors:KNeighborsClassifier",
+    "sklearn.calibration:CalibratedClassifierCV",
+    "sklearn.frozen:FrozenEstimator",  # the calibrated SVMs' fitted estimator
+)
 # Sidecar fields that change a head's answers; ``meaning_sha256`` covers them (the file's own
 # ``sha256`` covers only the estimator, not the names its columns are given or the features
 # it must be applied to).
@@ -71,27 +92,57 @@ def _meaning_keys(sidecar: dict) -> tuple[str, ...]:
 
 
 def skops_io():
-    """:mod:`skops.io`, imported without torch.
+    """:mod:`skops.io`, imported without its walk over scikit-learn.
 
-    skops lists scikit-learn's estimators by walking its packages, which imports torch through
-    scikit-learn's array-API shim; a head never needs torch, and fitting one must not load it.
-    The walk skips packages that fail to import, so torch is hidden for that import only.
+    At import, skops lists every scikit-learn estimator as trusted by default, and to list them
+    it imports every scikit-learn module (and dask, pandas and torch through scikit-learn's
+    array-API shim): seconds of CPU in every command that saves or loads a head. fxtl loads
+    only the types its heads hold (:func:`trusted_types`: :data:`TRUSTED_TYPES` and
+    :data:`SKLEARN_CLASSES`), so it needs no such list: ``all_estimators`` answers nothing while
+    skops imports (under a lock, put back at once). Where skops was imported before fxtl, its list is there and changes
+    nothing here: a type is loaded only when :func:`trusted_types` or skops trusts it.
     """
-    if "skops.io" in sys.modules or "torch" in sys.modules:
+    if "skops.io" in sys.modules:
         import skops.io as sio
 
         return sio
-    # scipy.stats (imported by scikit-learn) looks torch up in sys.modules while it imports and
-    # fails on the None placeholder: import them before torch is hidden.
-    import sklearn.base  # noqa: F401
+    import sklearn.utils
+    import sklearn.utils.discovery
 
-    sys.modules["torch"] = None  # type: ignore[assignment]  # `import torch` -> ImportError
-    try:
-        import skops.io as sio
-    finally:
-        if sys.modules.get("torch", 0) is None:
-            del sys.modules["torch"]
+    with _SKOPS_IMPORT:
+        saved = sklearn.utils.all_estimators, sklearn.utils.discovery.all_estimators
+        sklearn.utils.all_estimators = sklearn.utils.discovery.all_estimators = _no_estimators
+        try:
+            import skops.io as sio
+        finally:
+            sklearn.utils.all_estimators, sklearn.utils.discovery.all_estimators = saved
     return sio
+
+
+_SKOPS_IMPORT = threading.Lock()
+
+
+@functools.cache
+def _sklearn_type_names() -> tuple[str, ...]:
+    names = []
+    for dotted in SKLEARN_CLASSES:
+        module, _, name = dotted.partition(":")
+        try:
+            cls = getattr(importlib.import_module(module), name)
+        except (ImportError, AttributeError):  # an older scikit-learn: no head can hold it
+            continue
+        names.append(f"{cls.__module__}.{cls.__name__}")
+    return tuple(names)
+
+
+def trusted_types() -> list[str]:
+    """Every type name :func:`load_head` loads without ``trust=True``: :data:`TRUSTED_TYPES` and
+    the scikit-learn estimators of :data:`SKLEARN_CLASSES` (named as this scikit-learn names them)."""
+    return list(TRUSTED_TYPES) + list(_sklearn_type_names())
+
+
+def _no_estimators(*args: Any, **kwargs: Any) -> list:
+    return []
 
 
 def save_head(head: Head, path: str | Path) -> Path:
@@ -147,7 +198,7 @@ def load_head(path: str | Path, *, trust: bool = False) -> Head:
     """Load a head saved by :func:`save_head` (``path``: the head file or its run folder).
 
     A skops head is checked against its sidecar (format, version, sha256) and loaded with
-    :data:`TRUSTED_TYPES` only; ``trust=True`` skips the sidecar checks and also accepts other
+    :func:`trusted_types` only; ``trust=True`` skips the sidecar checks and also accepts other
     types the file names. An old joblib
     head is a pickle: it is refused (:class:`ParameterError` on ``trust``) unless ``trust=True``,
     which unpickles it (only for files you made yourself).
@@ -172,14 +223,15 @@ def load_head(path: str | Path, *, trust: bool = False) -> Head:
     sio = skops_io()
 
     try:
-        untrusted = [t for t in sio.get_untrusted_types(file=path) if t not in TRUSTED_TYPES]
+        trusted = trusted_types()
+        untrusted = [t for t in sio.get_untrusted_types(file=path) if t not in trusted]
         if untrusted and not trust:
             raise ProvenanceError(f"{path} holds types fxtl does not trust ({', '.join(untrusted[:3])}); "
                                   "refit the head, or load it with trust=True if you made it yourself",
                                   param="trust")
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # version notes are reported from the sidecar
-            estimator = sio.load(path, trusted=list(TRUSTED_TYPES) + untrusted)
+            estimator = sio.load(path, trusted=trusted + untrusted)
     except ProvenanceError:
         raise
     except Exception as exc:  # a damaged zip or member: one line, never a traceback

@@ -172,3 +172,44 @@ def test_a_skops_head_with_an_untrusted_type_loads_only_with_trust(tmp_path):
     back = load_head(path, trust=True)
     assert type(back.pipeline[0]).__name__ == "_Doubler"
     np.testing.assert_array_equal(back.pipeline.predict(X), pipe.predict(X))
+
+
+def test_a_head_holding_a_scikit_learn_estimator_no_head_holds_needs_trust(tmp_path):
+    """skops trusts every scikit-learn estimator by default; fxtl loads only those its heads hold
+    (fxtl.heads.persistence.SKLEARN_CLASSES): a forged head.skops with a random forest (whose
+    tree arrays are read without bounds checks) is refused without trust."""
+    from sklearn.ensemble import RandomForestClassifier
+
+    from fxtl.errors import ProvenanceError
+    from fxtl.heads.model import Head
+    from fxtl.heads.persistence import load_head, save_head
+
+    X = np.random.default_rng(0).normal(size=(20, 3))
+    y = np.arange(20) % 2
+    forest = RandomForestClassifier(n_estimators=2, random_state=0).fit(X, y)
+    path = save_head(Head(model="logreg", pipeline=forest, class_names=["a", "b"], provenance={}),
+                     tmp_path / "head.skops")
+    with pytest.raises(ProvenanceError, match=r"RandomForestClassifier.*trust=True"):
+        load_head(path)
+    assert type(load_head(path, trust=True).pipeline).__name__ == "RandomForestClassifier"
+
+
+_SKOPS_IMPORT = """
+import sys
+import sklearn.utils, sklearn.utils.discovery
+before = sklearn.utils.all_estimators
+from fxtl.heads.persistence import skops_io, trusted_types
+sio = skops_io()
+print(sklearn.utils.all_estimators is before and sklearn.utils.discovery.all_estimators is before,
+      sorted(m for m in ("sklearn.cross_decomposition", "sklearn.semi_supervised",
+                         "sklearn.gaussian_process", "dask", "torch") if m in sys.modules),
+      "sklearn.linear_model._logistic.LogisticRegression" in trusted_types())
+"""
+
+
+def test_skops_is_imported_without_walking_scikit_learn():
+    """Importing skops lists every scikit-learn estimator by importing every scikit-learn
+    module (seconds per command); fxtl's import skips that walk and puts scikit-learn back."""
+    run = subprocess.run([sys.executable, "-c", _SKOPS_IMPORT], capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr[-1500:]
+    assert run.stdout.split() == ["True", "[]", "True"]
