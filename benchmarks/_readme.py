@@ -14,12 +14,16 @@ any script that writes its own table::
 
     from _readme import replace_section
     text = replace_section(text, "backbones-table", body)
+
+Outside the sections the README may hold no number that reads as a measurement
+(:func:`typed_numbers`, which `tests/test_readme_numbers.py` runs with a short allowlist).
 """
 from __future__ import annotations
 
 import re
 
-__all__ = ["replace_section", "section_names", "get_section", "MarkerError"]
+__all__ = ["replace_section", "section_names", "get_section", "typed_numbers", "MEASUREMENT",
+           "MarkerError"]
 
 _NAME = r"[a-z0-9][a-z0-9-]*"
 _OPEN = re.compile(rf"<!-- fxtl:({_NAME}) -->")
@@ -105,3 +109,40 @@ def replace_section(text: str, name: str, body: str) -> str:
         pos = end
     out.append(text[pos:])
     return "".join(out)
+
+
+# What reads as a measurement: a number (or a range, or "a -> b") with a unit of time, size,
+# rate, ratio or share; an accuracy with three decimals; a difference like 3e-7.
+MEASUREMENT = re.compile(
+    r"(?<![\w.])[~±]?\d[\d,]*(?:\.\d+)?(?:\s?(?:-|->)\s?\d[\d,]*(?:\.\d+)?)?"
+    r" ?(?:img/s|images/s|ms|s|min|minutes|hours|KB|MB|GB|x|%)(?!\w)"
+    r"|(?<![\w.])0\.\d{3}(?!\d)"
+    r"|(?<![\w.])\d(?:\.\d+)?e-\d+(?!\w)")
+_MARKED = re.compile(rf"<!-- fxtl:({_NAME}) -->.*?<!-- /fxtl:\1 -->", re.S)
+_LINK_TARGET = re.compile(r"\]\([^)\s]*\)")  # where a link goes, e.g. an anchor "#...-12s-work"
+
+
+def _blank(match: re.Match) -> str:
+    return re.sub(r"[^\n]", " ", match.group(0))  # same lines, so line numbers still hold
+
+
+def typed_numbers(text: str, allowed: tuple[str, ...] = ()) -> list[tuple[int, str, str]]:
+    """Numbers that look measured and sit outside every marked section: ``(line, number, the
+    line's text)`` each.
+
+    ``allowed`` are phrases (within one line) whose numbers are not measurements (a default, a
+    target, a test's tolerance); every occurrence of each is skipped.
+
+    Examples
+    --------
+    >>> typed_numbers("took **0.41 s** and <!-- fxtl:x -->0.30 s<!-- /fxtl:x --> (`--epochs 5`)")
+    [(1, '0.41 s', 'took **0.41 s** and <!-- fxtl:x -->0.30 s<!-- /fxtl:x --> (`--epochs 5`)')]
+    """
+    scan = _LINK_TARGET.sub(_blank, _MARKED.sub(_blank, text))
+    for phrase in allowed:
+        scan = scan.replace(phrase, " " * len(phrase))
+    lines = text.splitlines()
+    found = []
+    for number, line in enumerate(scan.splitlines(), 1):
+        found += [(number, m.group(0).strip(), lines[number - 1]) for m in MEASUREMENT.finditer(line)]
+    return found

@@ -336,9 +336,9 @@ def scale_memory(r: Results) -> str:
 _HEAD_ORDER = ("logreg", "svm", "linear-svm", "mlp", "knn")
 
 
-def _range(values: list[float], unit: str) -> str:
-    lo, hi = min(values), max(values)
-    return f"{lo:.1f}{unit}" if lo == hi else f"{lo:.1f}-{hi:.1f}{unit}"
+def _range(values: list[float], unit: str, digits: int = 1) -> str:
+    lo, hi = (f"{v:.{digits}f}" for v in (min(values), max(values)))
+    return f"{lo}{unit}" if lo == hi else f"{lo}-{hi}{unit}"
 
 
 @section("heads-scale")
@@ -492,6 +492,50 @@ def finetune_speed(r: Results) -> str:
             f"img/s, **{sp['speedup_median_epoch']:.2f}x** median epoch, {sp['speedup']:.2f}x "
             f"overall" + (f", load average {load[0]:.1f} at the end" if load else "")
             + f" (target {sp['target'].removeprefix('>= ')}")
+
+
+@section("finetune-speed-bf16")
+def finetune_speed_bf16(r: Results) -> str:
+    """benchmarks/finetune_speed.py's json at ea90e28, a run on a CPU where fxtl trained in
+    bf16 (kept as benchmarks/results/finetune_speed_ea90e28.json)."""
+    sp = r["finetune_speed_ea90e28"]
+    return (f"{sp['fxtl']['images_per_second']:.1f} vs {sp['tutorial']['images_per_second']:.1f} "
+            f"img/s, **{sp['speedup_median_epoch']:.2f}x** median epoch")
+
+
+@section("finetune-speedup-bf16")
+def finetune_speedup_bf16(r: Results) -> str:
+    return f"{r['finetune_speed_ea90e28']['speedup_median_epoch']:.2f}x"
+
+
+@section("cache-hit")
+def cache_hit(r: Results) -> str:
+    """benchmarks/cache_hit.py: `fxtl extract DATA` run again on an unchanged folder."""
+    d = r["cache_hit"]
+    hit, targets, imports, m = d["variants"]["hit"], d["targets"], d["imports"], d["machine"]
+    wall_target, rss_target = targets["wall_seconds_median"], targets["peak_rss_mb"]
+    wall_met = "met" if hit["wall_seconds_median"] <= wall_target else "not met"
+    rss_met = "met" if hit["peak_rss_mb"] <= rss_target else "not met"
+    names = {"torch": "torch", "sklearn": "scikit-learn"}
+    if not imports["cache_hit"]:
+        imported = "the import check's run was not a cache hit (see the json)"
+    elif imports["imported"]:
+        imported = f"{_join_and([names.get(x, x) for x in imports['imported']])} imported"
+    else:
+        imported = ("neither torch nor scikit-learn is imported"
+                    + (" (nor in the child it forks)" if imports["probe_ran_in_child"] else ""))
+    loads = [m["load_average_at_start"][0], *m["load_average_1min_per_round"]]
+    runs = f"{d['runs']} runs" if d["runs"] != 1 else "1 run"
+    return (f"**{_range(hit['wall_seconds'], ' s', 2)}** wall, median "
+            f"{hit['wall_seconds_median']:.2f} s over {runs} (target {wall_target:g} s: "
+            f"**{wall_met}**), **{hit['peak_rss_mb']:.0f} MB** peak RSS of its largest process "
+            f"(target {rss_target:g} MB: **{rss_met}**); no network is built, {imported}; the "
+            f"forked child that checks the cache adds {d['probe_seconds_median'] * 1000:.0f} ms "
+            f"(median, against `--no-cache-probe`); without a bytecode cache "
+            f"(`PYTHONDONTWRITEBYTECODE=1`, as in this sandbox) the median is "
+            f"{d['variants']['no_bytecode_write']['wall_seconds_median']:.2f} s. {m['cpus']}-core "
+            f"CPU, 1-minute load average {_range(loads, '', 1)} over the runs, "
+            f"{d['measured'][:16].replace('T', ' ')} UTC (`benchmarks/results/cache_hit.json`)")
 
 
 @section("finetune-ddp")

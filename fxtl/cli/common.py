@@ -1,7 +1,9 @@
 """What every ``fxtl`` command shares: its options, printing, and how errors become exit codes.
 
 Every result-producing command takes ``--json`` (stdout then holds exactly one JSON object;
-progress and logs go to stderr) and ``--cache-dir`` (default ``./cache`` or ``$FXTL_CACHE``).
+progress and logs go to stderr); those that find or write caches, heads and runs by themselves
+take ``--cache-dir`` (default ``./cache`` or ``$FXTL_CACHE``), while ``info``, ``export`` and
+``merge`` work on the files they are given.
 Exit codes: 0 success, 1 runtime failure with a one-line reason, 2 usage error.
 """
 from __future__ import annotations
