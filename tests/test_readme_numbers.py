@@ -115,9 +115,6 @@ NOT_MEASURED = (
     "checks 1e-5",                   # the DDP test's tolerance
     # Owned by the helper on heads for many classes (fxtl:heads-classes): the target it quotes.
     "The 10 s of hymenoptera",
-    # Owned by the helper on fine-tune accuracy (fxtl:finetune-accuracy): an earlier result and
-    # its target, in that row.
-    "The 0.941 measured before (target 0.93",
 )
 
 
