@@ -14,6 +14,7 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
+from ..data.splits import SELECTION_HOLDOUT  # the selection hold-out's name, decided there
 from ..errors import ParameterError
 
 __all__ = ["FinetuneConfig", "RESUME_KEYS", "BN_FROZEN_BELOW", "OPTIMIZERS", "BN_MODES", "MONITORS",
@@ -35,8 +36,6 @@ DEFAULT_LR = {"adamw": 5e-4, "sgd": 1e-2}
 # the full rate moves the pretrained features away from what the probe was fitted on
 # (docs/finetune.md).
 PROBE_LR_FACTOR = 0.4
-# The selection split's name when it is a hold-out of train (the report hold-out is "holdout").
-SELECTION_HOLDOUT = "holdout-selection"
 
 _TRAINABLE = re.compile(r"all|head|last:(\d+)")
 # Fields that only say where or how fast a run computes, or what it keeps once finished: a
