@@ -358,7 +358,7 @@ def test_config_is_validated_and_errors_name_parameters(shapes_dir, tmp_path):
     with pytest.raises(dataclasses.FrozenInstanceError):
         cfg.epochs = 4  # type: ignore[misc]
     rec = cfg.record(data_fingerprint="f")
-    assert set(rec) == set(RESUME_KEYS) - {"flip", "init", "selection_holdout"}
+    assert set(rec) == set(RESUME_KEYS) - {"flip", "init", "selection_holdout", "refit"}
     assert "device" not in rec and "workers" not in rec
     assert cfg.replace(flip=False).record(data_fingerprint="f")["flip"] is False
     r = CliRunner().invoke(cli, ["finetune", str(shapes_dir), "--cache-dir", str(tmp_path),

@@ -76,6 +76,11 @@ class _Trainable(click.ParamType):
                    "reported split): train on every train image and keep the last epoch, "
                    "instead of selecting the epoch (the probe's start included) on a "
                    "--test-size hold-out of train.")
+@click.option("--no-refit", "no_refit", is_flag=True,
+              help="Where the epoch is selected on a hold-out of train: report the kept epoch as "
+                   "trained beside the hold-out, instead of training it again from the same start "
+                   "on every train image for as many epochs (the default; about that many more "
+                   "epochs of time).")
 @click.option("--seed", type=SEED, default=0, show_default=True,
               help="Seeds the classifier, shuffling, augmentation and hold-out.")
 @click.option("--test-size", type=click.FloatRange(0, 1, min_open=True, max_open=True), default=0.2,
@@ -96,14 +101,16 @@ class _Trainable(click.ParamType):
 @json_option
 @handle_errors
 def finetune(data_dir, run_name, resume, cache_dir, as_json, no_flip, no_selection_holdout,
-             patience, **options):
+             no_refit, patience, **options):
     """Fine-tune the backbone on DATA_DIR (same splits and metrics as fit-head).
 
     The classifier starts from a logistic regression fitted on the training images' features
     (--init zero: from zeros). Trains on train, keeps the best epoch on val (epoch 0 is that
     start) and reports on test. With two splits the second is only reported on and the epoch
     is selected on a hold-out of train; with only train, it reports on fit-head's hold-out and
-    selects on a second one. No image both selects and reports. The run folder
+    selects on a second one. A trained epoch kept on a hold-out of train is then trained again
+    from the same start on every train image (--no-refit: not). No image both selects and
+    reports. The run folder
     <cache-dir>/runs/<run>/ holds the model (usable as --backbone and by predict), metrics.json,
     rows.json, learning curves and confusion matrix.
 
@@ -122,7 +129,7 @@ def finetune(data_dir, run_name, resume, cache_dir, as_json, no_flip, no_selecti
 
     # Every other option is a FinetuneConfig field of the same name.
     config = FinetuneConfig(flip=not no_flip, selection_holdout=not no_selection_holdout,
-                            patience=patience or None, **options)
+                            refit=not no_refit, patience=patience or None, **options)
     res = run_finetune(data_dir, config=config, cache_dir=resolve_cache_dir(cache_dir),
                        run_name=run_name, resume=resume, progress=show_progress())
     if res.rank != 0:  # under torchrun only rank 0 reports, so stdout holds one result
@@ -133,12 +140,18 @@ def finetune(data_dir, run_name, resume, cache_dir, as_json, no_flip, no_selecti
     def human(d):
         from ..report.metrics import format_metrics
 
+        refit = d["refit"]
+        again = ([f"  refit: epoch {refit['epoch_chosen']} (chosen on the "
+                  f"{refit['selection_rows']} {res.metrics['selection_split']} images) trained "
+                  f"again from the same start on all {refit['refit_rows']} train images for "
+                  f"{refit['epochs']} epoch(s), {refit['seconds']:.1f} s: the model reported below"]
+                 if refit else [])
         return "\n".join([
             f"{d['run_dir']}",
             f"  {d['model']}: {d['epochs']} epoch(s), kept epoch {d['best_epoch']}"
             f"{' (stopped early)' if d['stopped_early'] else ''}; {d['trainable_params']:,} trained "
             f"parameters; {d['fit_seconds']:.1f} s training at {d['train_images_per_second']:.1f} "
-            f"images/s ({d['precision']} on {d['device']}, BatchNorm {d['bn']})",
+            f"images/s ({d['precision']} on {d['device']}, BatchNorm {d['bn']})", *again,
             f"  on {d['split']}: " + format_metrics(res.metrics).replace("\n", "\n  ")])
 
     emit(res.to_dict(), as_json, human)

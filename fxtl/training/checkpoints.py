@@ -9,6 +9,11 @@ A run is finished when its manifest (``fxtl-model.json``, written last) is in pl
 is the checkpoint removed (:func:`remove_checkpoint`, unless ``keep_checkpoint``), so a run
 stopped at any earlier point keeps what ``resume`` needs, and resuming a finished run has
 nothing to do (:func:`is_finished`).
+
+A run whose kept epoch is retrained on every train image (``refit``, :mod:`fxtl.training.refit`)
+also keeps, until it has finished, the network it started from (``start.pt``, written before
+the first epoch) and the refit's own training state (``checkpoint-refit.pt``, after every refit
+epoch), so an interrupted refit resumes too.
 """
 from __future__ import annotations
 
@@ -30,11 +35,15 @@ if TYPE_CHECKING:
 __all__ = ["CHECKPOINT_FORMAT", "CHECKPOINT_VERSION", "TrainState", "rng_state", "set_rng_state",
            "torch_save", "load_checkpoint", "choose_run_dir", "discard_unfinished", "initial_state",
            "RUN_FILES", "manifest_digest", "CHECKPOINT_FILE", "is_finished", "remove_checkpoint",
-           "check_same_settings"]
+           "remove_start", "check_same_settings", "START_FILE", "REFIT_CHECKPOINT_FILE"]
 
 CHECKPOINT_FORMAT = "fxtl-finetune-checkpoint"
 CHECKPOINT_VERSION = 1
 CHECKPOINT_FILE = "checkpoint-last.pt"
+# The network as the first epoch found it (the fitted start), for the refit to start from again.
+START_FILE = "start.pt"
+# The refit's training state after each of its epochs (same format, ``phase: "refit"``).
+REFIT_CHECKPOINT_FILE = "checkpoint-refit.pt"
 
 
 @dataclass
@@ -120,10 +129,17 @@ def is_finished(run_dir: Path) -> bool:
 
 
 def remove_checkpoint(run_dir: Path) -> None:
-    """Remove a finished run's checkpoint (about 3x the model; nothing resumes a finished run).
-    An unfinished run keeps it, whatever the caller asks."""
+    """Remove a finished run's checkpoints (about 3x the model each; nothing resumes a finished
+    run). An unfinished run keeps them, whatever the caller asks."""
     if is_finished(run_dir):
-        (Path(run_dir) / CHECKPOINT_FILE).unlink(missing_ok=True)
+        for name in (CHECKPOINT_FILE, REFIT_CHECKPOINT_FILE):
+            (Path(run_dir) / name).unlink(missing_ok=True)
+
+
+def remove_start(run_dir: Path) -> None:
+    """Remove a finished run's ``start.pt``: only an unfinished refit starts from it."""
+    if is_finished(run_dir):
+        (Path(run_dir) / START_FILE).unlink(missing_ok=True)
 
 
 def _last_written(run_dir: Path) -> float:
@@ -154,7 +170,7 @@ def choose_run_dir(runs: Path, base: str, *, run_name: str | None, resume: bool)
 # What a fine-tune writes into its folder (a resumed run may find any of them).
 RUN_FILES = frozenset({"model.pt", CHECKPOINT_FILE, "metrics.json", "rows.json",
                        "predictions.csv", "fxtl-model.json", "learning_curves.png",
-                       "confusion.png", ".lock"})
+                       "confusion.png", ".lock", START_FILE, REFIT_CHECKPOINT_FILE})
 
 
 def _check_reusable(run_dir: Path, *, resume: bool) -> None:
@@ -171,7 +187,7 @@ def _check_reusable(run_dir: Path, *, resume: bool) -> None:
     has_ckpt = (run_dir / CHECKPOINT_FILE).is_file()
     finished = is_finished(run_dir)  # its checkpoint may be gone: removed once finished
     foreign = [n for n in present if n not in RUN_FILES
-               or not (has_ckpt or finished) and n != "model.pt"]
+               or not (has_ckpt or finished) and n not in ("model.pt", START_FILE)]
     if foreign:
         raise FxtlError(f"run folder {run_dir} holds another run's files ({', '.join(foreign[:3])}"
                         f"{', ...' if len(foreign) > 3 else ''}); choose another run name")
@@ -181,7 +197,7 @@ def _check_reusable(run_dir: Path, *, resume: bool) -> None:
     if not resume and has_ckpt:
         raise FxtlError(f"run folder {run_dir} already holds a run; resume it, or choose "
                         "another run name (or delete the folder)")
-    if not resume:  # only model.pt: an interrupted first epoch; starting over may replace it
+    if not resume:  # only model.pt, start.pt: an interrupted first epoch; starting over may replace them
         return
 
 
@@ -191,7 +207,7 @@ def discard_unfinished(run_dir: Path) -> None:
     (its checkpoint perhaps removed) as it is."""
     if (run_dir / CHECKPOINT_FILE).exists() or is_finished(run_dir):
         return
-    for name in ("model.pt", ".lock"):
+    for name in ("model.pt", START_FILE, ".lock"):
         (run_dir / name).unlink(missing_ok=True)
     try:
         run_dir.rmdir()  # only when empty: never anybody else's files
@@ -226,7 +242,7 @@ def initial_state(trainer: Trainer, ckpt_path: Path, record: dict[str, Any], *,
 def check_same_settings(old: dict[str, Any], record: dict[str, Any], *, source: Path) -> None:
     """Refuse to resume (or report) a run made with other settings than ``record``: every
     :data:`RESUME_KEYS` entry of ``old`` (the stored record, read from ``source``) must match."""
-    defaults = {"flip": True}  # keys a record holds only when they differ from these
+    defaults = {"flip": True, "refit": False}  # keys a record holds only when they differ from these
     old = old if isinstance(old, dict) else {}
     diff = [k for k in RESUME_KEYS if old.get(k, defaults.get(k)) != record.get(k, defaults.get(k))]
     if "selection_holdout" in diff and "selection_holdout" not in old \
@@ -235,7 +251,13 @@ def check_same_settings(old: dict[str, Any], record: dict[str, Any], *, source: 
                               "image and selected on nothing; resume it with that plan "
                               "(selection_holdout=False, --no-selection-holdout), or start a new "
                               "run, which selects on a hold-out of train")
+    if "refit" in diff and "refit" not in old and record.get("refit") is True:
+        raise ProvenanceError(f"{source} was made by a fine-tune that reported the epoch its "
+                              "selection hold-out chose as trained beside that hold-out, without "
+                              "retraining it on every train image; resume it with that plan "
+                              "(refit=False, --no-refit), or start a new run, which refits")
     if diff:
         raise ProvenanceError(f"{source} was made with other settings ({diff[0]}: "
-                              f"{old.get(diff[0])!r}, now {record.get(diff[0])!r}); resume with "
+                              f"{old.get(diff[0], defaults.get(diff[0]))!r}, now "
+                              f"{record.get(diff[0], defaults.get(diff[0]))!r}); resume with "
                               "the same settings, or start a new run")

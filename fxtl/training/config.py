@@ -102,6 +102,13 @@ class FinetuneConfig:
         ``patience`` stops early, and a kept start is refitted on train plus the hold-out. False:
         every training image trains, nothing selects and the last epoch is kept. Data with
         train, val and test selects on val either way.
+    refit : bool
+        Where the selection rows are a hold-out of train and a trained epoch k won there, retrain
+        from the same start on every train image (training rows plus the hold-out) for exactly k
+        epochs, with the run's own schedule (warm-up and cosine over ``epochs``, stopped after
+        epoch k) and seed, and report that model: the hold-out chooses, then all rows train, as
+        ``fit-head`` refits the head its selection chose. False: report epoch k as trained on
+        the rows beside the hold-out. A kept start (epoch 0) is refitted either way.
     seed : int
         Seeds the classifier, the shuffling, the augmentation and the hold-outs.
     test_size : float
@@ -146,6 +153,7 @@ class FinetuneConfig:
     init: str = "probe"
     init_head: str | None = None
     selection_holdout: bool = True
+    refit: bool = True
     seed: int = 0
     test_size: float = 0.2
     device: str = field(default="auto", metadata={_NOT_COMPARED: False})
@@ -193,6 +201,7 @@ class FinetuneConfig:
              "must be an integer >= 0"),
             ("flip", isinstance(self.flip, bool), "must be True or False"),
             ("selection_holdout", isinstance(self.selection_holdout, bool), "must be True or False"),
+            ("refit", isinstance(self.refit, bool), "must be True or False"),
             ("keep_checkpoint", isinstance(self.keep_checkpoint, bool), "must be True or False"),
         ]
         for name, ok, rule in checks:
@@ -213,7 +222,8 @@ class FinetuneConfig:
         probe = self.init == "probe" and self.init_head is None
         return DEFAULT_LR[self.optimizer] * (PROBE_LR_FACTOR if probe else 1.0)
 
-    def record(self, *, data_fingerprint: str, two_splits: bool = False) -> dict[str, Any]:
+    def record(self, *, data_fingerprint: str, two_splits: bool = False,
+               holdout_selection: bool = False) -> dict[str, Any]:
         """The stored form (``metrics.json["config"]``, the checkpoint): every compared field.
 
         ``flip`` appears only when off and ``init`` only when not ``zero``, so runs and
@@ -222,7 +232,9 @@ class FinetuneConfig:
         made without the option had: on with ``two_splits`` (the data has train and one reported
         split, and no val split to select on), off without. So a two-split checkpoint that
         selected on nothing resumes only with ``selection_holdout=False``, never silently on a
-        hold-out of its training rows.
+        hold-out of its training rows. ``refit`` appears only where it changes the answer: on,
+        and the selection rows are a hold-out of train (``holdout_selection``); runs made before
+        the refit, and runs with it off, hold no ``refit`` and keep their names.
         """
         d: dict[str, Any] = {f.name: getattr(self, f.name) for f in fields(self)
                              if f.metadata.get(_NOT_COMPARED, True)}
@@ -237,6 +249,8 @@ class FinetuneConfig:
             del d["init"]
         if self.selection_holdout != two_splits:
             del d["selection_holdout"]
+        if not (self.refit and holdout_selection):
+            del d["refit"]
         d["data_fingerprint"] = data_fingerprint
         return d
 

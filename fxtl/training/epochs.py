@@ -158,7 +158,8 @@ class EpochRunner:
         return {"val_loss": ev["loss"], "val_accuracy": ev["accuracy"]}
 
     def _train_steps(self, trainer: Trainer, epoch: int, errors: dict[str, str],
-                     on_step: Callable[[dict[str, Any]], None] | None) -> EpochTotals:
+                     on_step: Callable[[dict[str, Any]], None] | None, *,
+                     phase: str = "train") -> EpochTotals:
         """Every optimizer step of one epoch; the totals of all ranks."""
         import torch
 
@@ -166,7 +167,8 @@ class EpochRunner:
         train_labels = self.labels[self.splits.train]
         t0 = time.perf_counter()
         loss_sum, correct, seen = 0.0, 0, 0
-        bar = progress_bar(len(self.train_ds), f"epoch {epoch}/{cfg.epochs}", self.progress)
+        desc = f"epoch {epoch}/{cfg.epochs}" if phase == "train" else f"{phase} epoch {epoch}"
+        bar = progress_bar(len(self.train_ds), desc, self.progress)
         for step, (x, idx, errs) in enumerate(self.train_loader, start=1):
             keep = note_errors(idx, errs, errors, self.train_ds.paths)
             n_keep = int(keep.sum())
@@ -187,7 +189,8 @@ class EpochRunner:
             bar.set_postfix(loss=f"{loss_sum / seen:.3f}", acc=f"{correct / seen:.3f}",
                             img_s=f"{seen * group.world_size / (time.perf_counter() - t0):.1f}")
             if on_step is not None:
-                on_step({"epoch": epoch, "step": step, "loss": loss, "images": n_keep})
+                on_step({"epoch": epoch, "step": step, "loss": loss, "images": n_keep,
+                         "phase": phase})
         bar.close()
         seconds = time.perf_counter() - t0
         # The whole batch's numbers, from every rank (and the images any rank skipped).
@@ -200,18 +203,24 @@ class EpochRunner:
                             f"(first: {next(iter(errors.items()), ('?', '?'))}); fix the files")
         return totals
 
+    def fit_epoch(self, trainer: Trainer, epoch: int, errors: dict[str, str], *,
+                  on_step: Callable[[dict[str, Any]], None] | None,
+                  phase: str = "train") -> dict[str, Any]:
+        """Train epoch ``epoch`` (counted from 1) on the training rows: its history row."""
+        self.sampler.set_epoch(epoch)
+        trainer.train_mode()
+        tot = self._train_steps(trainer, epoch, errors, on_step, phase=phase)
+        return {"epoch": epoch, "train_loss": tot.loss_sum / tot.seen,
+                "train_accuracy": tot.correct / tot.seen, "train_seconds": round(tot.seconds, 3),
+                "train_images": int(tot.seen), "train_images_per_second": tot.seen / tot.seconds,
+                "lr": trainer.opt.param_groups[-1]["lr"]}
+
     def train_epoch(self, trainer: Trainer, state: TrainState, run_dir: Path, *,
                     on_step: Callable[[dict[str, Any]], None] | None) -> None:
         """Train one epoch, validate, keep the best weights, checkpoint; updates ``state``."""
         epoch = state.epoch + 1
-        self.sampler.set_epoch(epoch)
-        trainer.train_mode()
         t0 = time.perf_counter()
-        tot = self._train_steps(trainer, epoch, state.errors, on_step)
-        row = {"epoch": epoch, "train_loss": tot.loss_sum / tot.seen,
-               "train_accuracy": tot.correct / tot.seen, "train_seconds": round(tot.seconds, 3),
-               "train_images": int(tot.seen), "train_images_per_second": tot.seen / tot.seconds,
-               "lr": trainer.opt.param_groups[-1]["lr"]}
+        row = self.fit_epoch(trainer, epoch, state.errors, on_step=on_step)
         improved = True  # without a selection split the last epoch is kept
         if self.val_loader is not None:
             ev = self.evaluate(trainer, self.splits.val, self.val_loader, state.errors)

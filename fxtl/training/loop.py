@@ -5,7 +5,10 @@ linear classifier replaces the ImageNet one. By default it starts from a logisti
 probe fitted on the training rows' own features (``init="probe"``: LP-FT, Kumar et al. 2022),
 kept as epoch 0 unless a trained epoch beats it on the selection split (val when a test split
 reports, else a hold-out of train: :mod:`fxtl.training.rows`); ``init_head`` starts from
-a ``fit-head`` run refitted on those rows instead, ``init="zero"`` from zeros. What trains
+a ``fit-head`` run refitted on those rows instead, ``init="zero"`` from zeros. Where the
+selection rows are a hold-out of train, a kept trained epoch k is trained again from the same
+start on every train image for k epochs and that model is reported (``refit``,
+:mod:`fxtl.training.refit`). What trains
 is ``trainable``: ``all`` (the default), ``head`` (the new classifier only) or ``last:N`` (the
 last N blocks, :func:`~fxtl.training.blocks.block_groups`, and the classifier).
 
@@ -19,6 +22,7 @@ The package, one module per concern:
 ``lpft``                  refit an ``init_head`` on the training rows and fold it into a layer
 ``trainer``               network, optimizer, schedule, one step, evaluation
 ``epochs``                one epoch, selection (early stopping), checkpoint, the final report
+``refit``                 a kept epoch trained again on every train image (selection on a hold-out)
 ``checkpoints``           training state, ``checkpoint-last.pt``, the run folder
 ``curves``                ``learning_curves.png``
 ``loop`` (this module)    :func:`finetune`: puts them together and writes the run folder
@@ -43,6 +47,8 @@ Run folder ``<cache-dir>/runs/<run-name>/``:
 ``model.pt``            ``torch.save`` of the network's state dict (best epoch), new classifier
 ``checkpoint-last.pt``  training state for ``resume`` (``torch.load(..., weights_only=True)``);
                         removed once the run has finished, unless ``keep_checkpoint``
+``start.pt``            the network the first epoch started from (for ``refit``); removed once finished
+``checkpoint-refit.pt`` the refit's training state, as ``checkpoint-last.pt`` (same lifetime)
 ``metrics.json``        the :mod:`fxtl.report.metrics` schema, ``kind="finetune"``, plus ``history``
 ``rows.json``           which images trained, selected and reported (:class:`fxtl.data.splits.RunRows`)
 ``learning_curves.png`` loss and accuracy per epoch, train and val
@@ -74,14 +80,16 @@ from ..runtime import resolve_device, resolve_precision
 from .augment import TrainTransform, epoch_sampler
 from .blocks import block_groups
 from .checkpoints import (CHECKPOINT_FILE, CHECKPOINT_FORMAT, CHECKPOINT_VERSION,
-                          check_same_settings, choose_run_dir, discard_unfinished, initial_state,
-                          is_finished, manifest_digest, remove_checkpoint, torch_save)
+                          REFIT_CHECKPOINT_FILE, check_same_settings, choose_run_dir,
+                          discard_unfinished, initial_state, is_finished, manifest_digest,
+                          remove_checkpoint, remove_start, torch_save)
 from .config import (BN_FROZEN_BELOW, BN_MODES, DEFAULT_LR, MONITORS, OPTIMIZERS, FinetuneConfig,
                      parse_trainable)
 from .curves import plot_learning_curves
 from .epochs import EpochRunner
 from .lpft import linear_head_weights, new_classifier, probe_classifier, refit_kept_start
-from .rows import plan_splits, run_rows, two_splits
+from .refit import needs_start, refit_kept_epoch, save_start
+from .rows import plan_splits, run_rows, selects_on_holdout, two_splits
 from .trainer import Trainer
 
 if TYPE_CHECKING:  # the class is built lazily (importing it imports torch)
@@ -126,9 +134,12 @@ class FinetuneResult:
         d["run_dir"] = str(self.run_dir)
         d.update({k: self.metrics.get(k) for k in ("balanced_accuracy", "n", "backbone", "dataset",
                                                     "precision", "device", "bn")})
+        refit = self.metrics.get("refit")  # the reported model is epoch best_epoch trained again
+        d["refit"] = {k: v for k, v in refit.items() if k != "history"} if refit else None
         d["artifacts"] = {name: str(self.run_dir / name) for name in
-                          (MODEL_MANIFEST, "model.pt", CHECKPOINT_FILE, "metrics.json", "rows.json",
-                           "learning_curves.png", "confusion.png") if (self.run_dir / name).exists()}
+                          (MODEL_MANIFEST, "model.pt", CHECKPOINT_FILE, REFIT_CHECKPOINT_FILE,
+                           "metrics.json", "rows.json", "learning_curves.png", "confusion.png")
+                          if (self.run_dir / name).exists()}
         return d
 
 
@@ -157,8 +168,9 @@ def finetune(data: str | Path, *, config: FinetuneConfig | None = None,
     progress : bool
         Progress bar per epoch on stderr (loss, accuracy, images/s).
     on_step : callable, optional
-        Called after every optimizer step with ``{"epoch", "step", "loss", "images"}``
-        (``epoch`` counts from 1); for logging, or to stop a run from outside.
+        Called after every optimizer step with ``{"epoch", "step", "loss", "images", "phase"}``
+        (``epoch`` counts from 1; ``phase`` is ``train``, or ``refit`` while a kept epoch is
+        trained again on every train image); for logging, or to stop a run from outside.
     **options
         Fields of :class:`FinetuneConfig` (``epochs=5``, ``lr=1e-3``...), overriding ``config``.
 
@@ -200,7 +212,8 @@ def finetune(data: str | Path, *, config: FinetuneConfig | None = None,
         torch.manual_seed(cfg.seed)  # dropout draws from it; fork_rng restores the caller's
         bb, cfg, groups, n_train_blocks = _network(cfg, images, labels[splits.train])
         pre = bb.preprocessing
-        record = cfg.record(data_fingerprint=fingerprint(images), two_splits=two_splits(splits))
+        record = cfg.record(data_fingerprint=fingerprint(images), two_splits=two_splits(splits),
+                            holdout_selection=selects_on_holdout(splits))
         init_info = new_classifier(bb, images.class_names, cfg.init_head, images=images,
                                    train_rows=splits.train)
         if init_info is not None:
@@ -235,8 +248,10 @@ def finetune(data: str | Path, *, config: FinetuneConfig | None = None,
                 discard_unfinished(run_dir)
             raise
         group.barrier()  # the run folder is complete before any rank returns
-        if group.is_primary and not cfg.keep_checkpoint:
-            remove_checkpoint(run_dir)  # finished: its manifest is in place
+        if group.is_primary:  # finished: its manifest is in place
+            remove_start(run_dir)
+            if not cfg.keep_checkpoint:
+                remove_checkpoint(run_dir)
     return _result(run_dir, metrics, seconds=time.perf_counter() - t_start,
                    resumed_from=resumed_from, group=group)
 
@@ -277,8 +292,8 @@ def _finished_result(run_dir: Path, record: dict[str, Any], *, seconds: float,
 def _train(run: EpochRunner, trainer: Trainer, run_dir: Path, record: dict[str, Any], *,
            group: TrainingGroup, resume: bool, on_step, init_info: dict[str, Any] | None,
            cfg: FinetuneConfig) -> tuple[dict[str, Any], int]:
-    """The fitted start (a fresh run), the epochs still to run, then the report:
-    ``(metrics, epoch resumed from)``."""
+    """The fitted start (a fresh run), the epochs still to run, the refit of the kept start or
+    of a kept trained epoch, then the report: ``(metrics, epoch resumed from)``."""
     lock = file_lock(run_dir / ".lock", what=f"the run {run_dir.name}") if group.is_primary \
         else contextlib.nullcontext()
     initial = None
@@ -298,9 +313,12 @@ def _train(run: EpochRunner, trainer: Trainer, run_dir: Path, record: dict[str, 
                     init_info["kind"] = "probe"
             if init_info is not None:
                 initial = run.keep_initial(trainer, state, run_dir)
+            if needs_start(cfg, run.splits):  # a kept trained epoch is retrained from it
+                save_start(trainer, run_dir, primary=group.is_primary)
         while not state.done and state.epoch < record["epochs"]:
             run.train_epoch(trainer, state, run_dir, on_step=on_step)
         final_refit = _refit_kept_start(run, trainer, state, run_dir, cfg=cfg, kept=kept)
+        refit = refit_kept_epoch(run, trainer, state, run_dir, on_step=on_step)
         metrics = run.report(trainer, state, run_dir)
     if initial is not None:
         metrics["initial"] = initial
@@ -313,6 +331,19 @@ def _train(run: EpochRunner, trainer: Trainer, run_dir: Path, record: dict[str, 
             f"it was refitted on the {final_refit['refit_rows']} {final_refit['refit_split']} "
             f"images{every} before the report, as fit-head refits the head its selection chose; "
             f"the {run.splits.report_name} images took no part")
+    if refit is not None:
+        metrics["refit"] = refit
+        metrics["notes"].append(
+            f"{run.splits.val_name} chose epoch {refit['epoch_chosen']} (trained on the "
+            f"{refit['trained_rows']} images beside it); the reported model is that epoch trained "
+            f"again from the same start on all {refit['refit_rows']} {refit['refit_split']} images "
+            f"for {refit['epochs']} epoch(s) ({refit['schedule']}; {refit['seconds']:.1f} s), as "
+            f"fit-head refits the head its selection chose; the {run.splits.report_name} images "
+            "took no part")
+    elif (not cfg.refit and selects_on_holdout(run.splits) and metrics["best_epoch"] >= 1):
+        metrics["notes"].append(
+            f"refit is off: the reported model is epoch {metrics['best_epoch']} as trained on the "
+            f"{metrics['n_train']} images beside the {run.splits.val_name} rows")
     if init_info is not None and init_info["kind"] == "init_head":
         metrics["init_head"] = init_info
         metrics["notes"].append(

@@ -5,7 +5,7 @@ same images. Where the data has no val split to select on (train only; train and
 split, e.g. train + val with val reported), a fine-tune selects on a hold-out of its training
 rows (``holdout-selection``): the fitted start is epoch 0 there, the best epoch is kept, and a
 kept start is refitted on the training and selection rows (every train image with two splits,
-as ``fit-head`` fits its head). With ``selection_holdout=False``, or a class too small to spare
+as ``fit-head`` fits its head), a kept trained epoch retrained on them (``refit``). With ``selection_holdout=False``, or a class too small to spare
 an image, every training image trains, nothing selects and the last epoch is kept (the cosine
 schedule has decayed to zero there).
 """
@@ -20,7 +20,7 @@ from ..data.splits import SELECTION_HOLDOUT, RunRows, SplitPlan
 from ..data.splits import plan_splits as plan_rows
 from ..data.splits import run_rows as rows_record
 
-__all__ = ["Splits", "plan_splits", "run_rows", "two_splits"]
+__all__ = ["Splits", "plan_splits", "run_rows", "two_splits", "selects_on_holdout"]
 
 # The fine-tune's name for the shared plan (fields train, val, val_name, report, report_name).
 Splits = SplitPlan
@@ -48,6 +48,12 @@ def two_splits(splits: Splits) -> bool:
     """Has the data train and one reported split, and no val split to select on (train + val
     with val reported, train + test)? There ``selection_holdout`` decides the selection."""
     return splits.report_name != "holdout" and splits.val_name in ("", SELECTION_HOLDOUT)
+
+
+def selects_on_holdout(splits: Splits) -> bool:
+    """Are the selection rows a hold-out of train (:data:`SELECTION_HOLDOUT`)? Then a trained
+    epoch they keep is retrained on every train image (``refit``, :mod:`fxtl.training.refit`)."""
+    return splits.val is not None and splits.val_name == SELECTION_HOLDOUT
 
 
 def run_rows(images: ImageSet, splits: Splits, *, unread: Collection[str] = ()) -> RunRows:

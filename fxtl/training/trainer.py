@@ -45,7 +45,7 @@ class Trainer:
         self.frozen_modules = [bb.model.get_submodule(m) for gi, (_, members) in enumerate(groups)
                                if gi < first_trained for m in members]
         self.bn_frozen = cfg.bn == "frozen"
-        param_groups: dict[tuple[int, bool], list] = {}
+        self.param_groups: dict[tuple[int, bool], list] = {}
         self.trainable_params = 0
         for name, p in self.net.named_parameters():
             gi = owner(name)
@@ -53,11 +53,29 @@ class Trainer:
             p.requires_grad_(train)
             if train:
                 self.trainable_params += p.numel()
-                param_groups.setdefault((gi, p.ndim > 1), []).append(p)
+                self.param_groups.setdefault((gi, p.ndim > 1), []).append(p)
+        self.n_blocks, self.cfg = n_blocks, cfg
+        self.restart(steps_per_epoch)
+        if device == "cpu" and precision == "bf16":
+            depthwise_fp32_when_training(self.net)
+        # Summed, then divided by the images of the whole (all-rank) batch: DDP averages the
+        # ranks' gradients, so each rank scales its sum by world_size / global count.
+        self.criterion = torch.nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing,
+                                                   reduction="sum")
+        self.world_size = group.world_size
+        self.train_net = group.wrap(self.net)  # DistributedDataParallel under torchrun
+
+    def restart(self, steps_per_epoch: int) -> None:
+        """A fresh optimizer, schedule (and fp16 scaler) for ``steps_per_epoch`` steps an epoch:
+        warm-up over ``warmup_epochs`` epochs, then a cosine over the rest of ``epochs``. The
+        refit trains other rows with it (more steps an epoch, the same schedule per epoch)."""
+        import torch
+
+        cfg, n_blocks = self.cfg, self.n_blocks
         lr, decay = cfg.peak_lr, cfg.lr_decay
         opt_groups = [{"params": ps, "lr": lr * decay ** (n_blocks - gi),
                        "weight_decay": cfg.weight_decay if wd else 0.0}
-                      for (gi, wd), ps in sorted(param_groups.items())]
+                      for (gi, wd), ps in sorted(self.param_groups.items())]
         if cfg.optimizer == "sgd":
             self.opt = torch.optim.SGD(opt_groups, lr=lr, momentum=cfg.momentum, nesterov=True)
         else:
@@ -71,15 +89,7 @@ class Trainer:
             return 0.5 * (1.0 + math.cos(math.pi * min(1.0, (step - warm) / max(1, total - warm))))
 
         self.sched = torch.optim.lr_scheduler.LambdaLR(self.opt, schedule)
-        self.scaler = torch.amp.GradScaler("cuda") if precision == "fp16" else None
-        if device == "cpu" and precision == "bf16":
-            depthwise_fp32_when_training(self.net)
-        # Summed, then divided by the images of the whole (all-rank) batch: DDP averages the
-        # ranks' gradients, so each rank scales its sum by world_size / global count.
-        self.criterion = torch.nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing,
-                                                   reduction="sum")
-        self.world_size = group.world_size
-        self.train_net = group.wrap(self.net)  # DistributedDataParallel under torchrun
+        self.scaler = torch.amp.GradScaler("cuda") if self.precision == "fp16" else None
 
     def logits(self, x):
         return self.net(self.bb.normalize(x))
