@@ -292,3 +292,27 @@ def test_refit_is_in_the_record_only_where_it_changes_the_answer(tmp_path):
     assert plan.report_name == "holdout" and selects_on_holdout(plan)
     assert not selects_on_holdout(plan_splits(discover(data), seed=0, test_size=0.2,
                                               selection_holdout=False))
+
+
+def test_the_refit_under_torchrun_equals_one_process(data, tiny, tmp_path):
+    """Two processes (gloo): the refit trains its share on each rank, rank 0 alone writes, and
+    the reported model is the single process's (18 and 20 train images: no rank pads)."""
+    from .test_finetune_ddp import assert_same_weights, torchrun
+
+    kw = dict(trainable="all", init="zero", lr=0.05, epochs=2, bn="frozen", image_size=32,
+              batch_size=4, workers=0, precision="fp32")
+    one = finetune(data, backbone=tiny, patience=None, progress=False, cache_dir=tmp_path / "one",
+                   **kw)
+    assert one.metrics["refit"]["epochs"] == one.best_epoch >= 1
+    args = [f"--{k.replace('_', '-')}={v}" for k, v in kw.items()]
+    proc = torchrun(str(data), "--backbone", tiny, "--patience", "0", "--cache-dir",
+                    str(tmp_path / "ddp"), *args)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = json.loads(proc.stdout)
+    assert out["refit"] == {k: v for k, v in one.to_dict()["refit"].items()
+                            if k not in ("seconds", "train_images_per_second")} | \
+        {k: out["refit"][k] for k in ("seconds", "train_images_per_second")}
+    assert proc.stderr.count("refit: training it again") == 1  # rank 0 alone says it
+    run = Path(out["run_dir"])
+    assert not {START_FILE, REFIT_CHECKPOINT_FILE} & {p.name for p in run.iterdir()}
+    assert_same_weights(_weights(run / "model.pt"), _weights(one.run_dir / "model.pt"))
