@@ -139,6 +139,7 @@ def _run_detail(run_dir: Path) -> dict:
             "val_accuracy_per_epoch": [h.get("val_accuracy") for h in m["history"]],
             "train_accuracy_per_epoch": [h["train_accuracy"] for h in m["history"]],
             "final_refit": m.get("final_refit"), "init_probe": m.get("init_probe"),
+            "refit": {k: v for k, v in m["refit"].items() if k != "history"} if m.get("refit") else None,
             "train_seconds": sum(h["train_seconds"] for h in m["history"])}
 
 

@@ -52,6 +52,7 @@ def _ft_row(ft, what: str) -> dict:
             "epochs": ft.epochs, "best_epoch": ft.best_epoch, "stopped_early": ft.stopped_early,
             "seconds": round(ft.seconds, 1), "initial": m.get("initial"),
             "final_refit": m.get("final_refit"),
+            "refit": {k: v for k, v in m["refit"].items() if k != "history"} if m.get("refit") else None,
             "start": m.get("init_probe") or m.get("init_head"),
             "history": [{k: h.get(k) for k in ("epoch", "train_accuracy", "val_accuracy")}
                         for h in m.get("history", [])]}

@@ -471,6 +471,10 @@ def finetune_accuracy(r: Results) -> str:
         kept = (f"kept epoch {v['best_epoch']} of {ran}, chosen on a hold-out of "
                 f"{d['n_selection']} train images (the probe {_f(d['initial_val_accuracy'])}, "
                 f"then {trained})")
+        if d.get("refit"):  # the reported model: that epoch trained again on every train image
+            rf = d["refit"]
+            kept += (f", then trained again from the same start on all {rf['refit_rows']} train "
+                     f"images for {rf['epochs']} epoch(s) ({rf['seconds']:.0f} s): the refit")
     m = res["machine"]
     load = (f", load average {m['loadavg_before'][0]:.1f} at the start and "
             f"{m['loadavg_at_end'][0]:.1f} at the end") if "loadavg_before" in m else ""
