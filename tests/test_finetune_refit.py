@@ -99,6 +99,8 @@ def test_a_kept_trained_epoch_is_trained_again_on_every_train_image(data, tiny, 
     # the schedule per epoch is the run's: each refit epoch ends at the rate its epoch ended at
     assert [h["lr"] for h in refit["history"]] == pytest.approx([h["lr"] for h in m["history"][:2]])
     assert refit["seconds"] > 0 and "stopped after epoch 2" in refit["schedule"]
+    selection_seconds = sum(h["train_seconds"] + h["val_seconds"] for h in m["history"])
+    assert res.fit_seconds == pytest.approx(selection_seconds + refit["seconds"], abs=0.05)
     assert m["config"]["refit"] is True
     assert any(f"the reported model is that epoch trained again from the same start on all "
                f"{2 * N_TRAIN} train+{SELECTION_HOLDOUT} images for 2 epoch(s)" in n
@@ -245,6 +247,37 @@ def test_an_interrupted_refit_resumes_to_the_uninterrupted_model(data, tiny, tmp
     assert {s["phase"] for s in steps} == {"refit"}
     assert _same(_weights(run / "model.pt"), _weights(whole.run_dir / "model.pt"))
     assert res.accuracy == whole.accuracy and len(res.metrics["refit"]["history"]) == 2
+    assert not {CKPT, REFIT_CHECKPOINT_FILE, START_FILE} & {p.name for p in run.iterdir()}
+
+
+def test_a_run_stopped_after_its_refit_reports_it_without_training(data, tiny, tmp_path,
+                                                                    keep_epoch, monkeypatch):
+    """A disk that fills at learning_curves.png, after the refit: --resume trains nothing and
+    reports the refitted model (from the refit's checkpoint), then tidies up."""
+    from fxtl.training import loop
+
+    keep_epoch(2)
+    whole = finetune(data, backbone=tiny, cache_dir=tmp_path / "whole", **ZERO)
+
+    def full_disk(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    keep_epoch(2)
+    monkeypatch.setattr(loop, "plot_learning_curves", full_disk)
+    kw = dict(backbone=tiny, cache_dir=tmp_path / "cut", run_name="r", **ZERO)
+    with pytest.raises(OSError, match="No space"):
+        finetune(data, **kw)
+    run = tmp_path / "cut" / "runs" / "r"
+    assert torch.load(run / REFIT_CHECKPOINT_FILE, weights_only=True)["done"]
+    (run / "model.pt").unlink()  # whatever model.pt holds, the refit's checkpoint decides
+    monkeypatch.undo()
+    keep_epoch(2)
+    steps = []
+    res = finetune(data, resume=True, on_step=steps.append, **kw)
+    assert steps == [] and res.resumed_from_epoch == 3
+    assert _same(_weights(run / "model.pt"), _weights(whole.run_dir / "model.pt"))
+    assert [(h["train_loss"], h["lr"]) for h in res.metrics["refit"]["history"]] == \
+        [(h["train_loss"], h["lr"]) for h in whole.metrics["refit"]["history"]]
     assert not {CKPT, REFIT_CHECKPOINT_FILE, START_FILE} & {p.name for p in run.iterdir()}
 
 

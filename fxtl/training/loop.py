@@ -333,6 +333,8 @@ def _train(run: EpochRunner, trainer: Trainer, run_dir: Path, record: dict[str, 
             f"the {run.splits.report_name} images took no part")
     if refit is not None:
         metrics["refit"] = refit
+        # the reported model's training time: the selection epochs and the refit's (compare)
+        metrics["fit_seconds"] = round(metrics["fit_seconds"] + refit["seconds"], 3)
         metrics["notes"].append(
             f"{run.splits.val_name} chose epoch {refit['epoch_chosen']} (trained on the "
             f"{refit['trained_rows']} images beside it); the reported model is that epoch trained "
