@@ -112,6 +112,10 @@ def test_a_kept_trained_epoch_is_trained_again_on_every_train_image(data, tiny, 
     assert not {CKPT, REFIT_CHECKPOINT_FILE, START_FILE} & {p.name for p in res.run_dir.iterdir()}
     d = res.to_dict()
     assert d["refit"]["refit_rows"] == 2 * N_TRAIN and "history" not in d["refit"]
+    manifest = json.loads((res.run_dir / "fxtl-model.json").read_text())
+    assert manifest["best_epoch"] == 2 and manifest["refit"] == {
+        "epochs": 2, "refit_rows": 2 * N_TRAIN, "refit_split": f"train+{SELECTION_HOLDOUT}"}
+    assert fxtl.load_backbone(str(res.run_dir)).categories == list(CLASSES)
 
 
 def test_the_default_probe_start_is_the_refits_start(data, tiny, tmp_path, keep_epoch):

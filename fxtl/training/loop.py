@@ -425,6 +425,8 @@ def write_outputs(run_dir: Path, metrics: dict[str, Any], bb: Backbone, *, pre: 
         "config": metrics["config"], "created": metrics["created"], "fxtl_version": __version__,
         "versions": metrics["versions"],
     }
+    if metrics.get("refit"):  # model.pt is best_epoch trained again on every train image
+        manifest["refit"] = {k: metrics["refit"][k] for k in ("epochs", "refit_rows", "refit_split")}
     manifest["meaning_sha256"] = manifest_digest(manifest)
     atomic_write_json(run_dir / MODEL_MANIFEST, manifest)
 
