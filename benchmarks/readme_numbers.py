@@ -551,45 +551,56 @@ def finetune_ddp(r: Results) -> str:
 
 @section("heads-classes")
 def heads_classes(r: Results) -> str:
-    labels = r["heads_classes"]["labels"]
-    before, after = labels["before"]["caches"], labels["after"]["caches"]
-    digits = [n for n in ("digits300", "digits600", "digits1000") if n in after]
+    """The latest round measured alone on the CPU: main before it (``quiet-before``, a git
+    archive of its fxtl) against the code after it (``quiet-after``), same caches, same host."""
+    data = r["heads_classes"]
+    labels = data["labels"]
+    before, after = labels["quiet-before"], labels["quiet-after"]
+    b, a = before["caches"], after["caches"]
+    digits = [n for n in ("digits300", "digits600", "digits1000") if n in a]
+    target = data["target_seconds"]
 
-    def cpu(runs, names):
-        return " / ".join(f"{runs[n]['cpu_seconds_median']:.1f}" for n in names)
+    def med(runs, names, key):
+        return " / ".join(f"{runs[n][key + '_median']:.1f}" for n in names)
 
-    loads = [rep["load_before"][0] for lab in (before, after) for c in lab.values()
-             for rep in c["repeats"]]
-    same = all(after[n]["repeats"][0]["heads"][m][k] == before[n]["repeats"][0]["heads"][m][k]
-               for n in after for m in after[n]["repeats"][0]["heads"]
-               for k in ("best_params", "selection_score", "accuracy"))
-    rows = " / ".join(f"{after[n]['repeats'][0]['heads']['logreg']['n_fit']:,}" for n in digits)
-    omni, hym = after["omniglot"], after["hymenoptera"]
-    text = (f"load average {min(loads):.1f}-{max(loads):.1f}; `fit-head --model all` on 10-class "
-            f"lite0 digits with {rows} fit rows takes {cpu(after, digits)} s of CPU (before: "
-            f"{cpu(before, digits)} s), on omniglot ({omni['repeats'][0]['heads']['logreg']['n_fit']} "
-            f"rows, {omni['classes']} classes) {omni['cpu_seconds_median']:.1f} s "
-            f"({before['omniglot']['cpu_seconds_median']:.1f} s), on hymenoptera "
-            f"{hym['cpu_seconds_median']:.1f} s ({before['hymenoptera']['cpu_seconds_median']:.1f} s), "
-            + ("every head with the same parameters, selection score and accuracy as before"
-               if same else "some heads chose or scored differently (see the json)"))
-    alone = labels.get("alone")
-    if not alone:
-        return text
-    a = alone["caches"]
-    a_loads = [rep["load_before"][0] for c in a.values() for rep in c["repeats"]]
-    walls = {n: a[n]["wall_seconds_median"] for n in a}
-    target = r["heads_classes"]["target_seconds"]
-    met = [n for n in digits if walls.get(n, float("inf")) <= target]
-    return (text + f". Latest, at {alone.get('git_commit', '?')[:7]} with no other job on the CPU "
-            f"(load average {min(a_loads):.1f}-{max(a_loads):.1f} before each run, "
-            f"{alone.get('date', '?')[:10]}): wall "
-            + " / ".join(f"{walls[n]:.1f}" for n in digits if n in walls)
-            + f" s on digits {rows} rows, omniglot {walls.get('omniglot', float('nan')):.1f} s, "
-            f"hymenoptera {walls.get('hymenoptera', float('nan')):.1f} s (CPU "
-            + " / ".join(f"{a[n]['cpu_seconds_median']:.1f}" for n in digits if n in a)
-            + f" s); the {target:.0f} s target is "
-            + (f"met on {', '.join(met)}" if met else "met on none of the 10-class sets"))
+    loads = [rep["load_before"][0] for lab in (b, a) for c in lab.values() for rep in c["repeats"]]
+    reps = min(len(c["repeats"]) for lab in (b, a) for c in lab.values())
+    rows = " / ".join(f"{a[n]['repeats'][0]['heads']['logreg']['n_fit']:,}" for n in digits)
+    omni = a["omniglot"]["repeats"][0]["heads"]["logreg"]["n_fit"]
+    ten = digits + ["omniglot"]
+    met = [n for n in ten if a[n]["wall_seconds_median"] <= target]
+    missed = [n for n in ten if n not in met]
+    changed = []
+    for n in a:
+        for m, h in a[n]["repeats"][0]["heads"].items():
+            old = b[n]["repeats"][0]["heads"][m]
+            if old["best_params"] != h["best_params"] or old["accuracy"] != h["accuracy"]:
+                changed.append(f"{m} on {n} {_f(old['accuracy'])} to {_f(h['accuracy'])}")
+    big = digits[-1]
+    per_head = ", ".join(f"{m} {h['fit_seconds']:.1f} s" for m, h in sorted(
+        a[big]["repeats"][0]["heads"].items(), key=lambda kv: -kv[1]["fit_seconds"]))
+    rest = a[big]["repeats"][0]["wall_seconds"] - sum(
+        h["fit_seconds"] for h in a[big]["repeats"][0]["heads"].values())
+    return (f"{after['date'][:10]}, each command alone on the CPU (load average "
+            f"{min(loads):.1f}-{max(loads):.1f} before each run), "
+            + ("the slower of 2 runs" if reps == 2 else f"median of {reps} runs")
+            + ", wall "
+            f"(CPU): on 10-class lite0 digits with {rows} fit rows {med(a, digits, 'wall_seconds')} s "
+            f"({med(a, digits, 'cpu_seconds')} s), before this round (main at "
+            f"{before.get('tree_commit', '?')[:7]}) {med(b, digits, 'wall_seconds')} s "
+            f"({med(b, digits, 'cpu_seconds')} s); omniglot ({omni:,} rows, "
+            f"{a['omniglot']['classes']} classes) {a['omniglot']['wall_seconds_median']:.1f} s "
+            f"(before {b['omniglot']['wall_seconds_median']:.1f} s); hymenoptera "
+            f"{a['hymenoptera']['wall_seconds_median']:.1f} s "
+            f"(before {b['hymenoptera']['wall_seconds_median']:.1f} s). The {target:.0f} s target "
+            + (f"is met on {_join_and(met)}" if met else "is met on none of them")
+            + (f", not on {_join_and(missed)}" if missed else "")
+            + f". At {rows.split(' / ')[-1]} rows the heads take {per_head} and the command "
+            f"itself (importing scikit-learn, reading the cache, writing five runs) "
+            f"{rest:.1f} s. "
+            + ("Heads that chose or scored differently from before: " + "; ".join(changed)
+               if changed else "Every head chose the same parameters with the same accuracy")
+            + "; every other head chose the same parameters with the same reported accuracy")
 
 
 @section("head-vs-finetune")

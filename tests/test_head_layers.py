@@ -18,7 +18,8 @@ from fxtl.heads.layers import choose_layers, layer_matrix
 from fxtl.heads.planning import plan_head
 from fxtl.prediction import predict
 
-KW = dict(batch_size=4, chunk_batches=1, workers=0, progress=False)
+# fp32, as the predictions on images below: "auto" is bf16 on a CPU with avx512_bf16.
+KW = dict(batch_size=4, chunk_batches=1, workers=0, progress=False, precision="fp32")
 
 
 @pytest.fixture(scope="module")

@@ -113,8 +113,6 @@ NOT_MEASURED = (
     "treat speeds as ±30 %",         # the caveat on a shared machine
     "Why not 3x / 85 %",             # the extraction targets
     "checks 1e-5",                   # the DDP test's tolerance
-    # Owned by the helper on heads for many classes (fxtl:heads-classes): the target it quotes.
-    "The 10 s of hymenoptera",
 )
 
 

@@ -33,6 +33,7 @@ from typing import Any, Callable, Iterator
 import numpy as np
 
 __all__ = ["PreparedFold", "GridOutcome", "prepare_folds", "score_grid", "pick_best",
+           "candidates_per_round",
            "SINGLE_THREADED", "GIL_BOUND", "map_threads", "PATH_PATIENCE", "fit_pipeline",
            "fit_transform_steps", "quiet_convergence"]
 
@@ -91,16 +92,21 @@ def uses_kernel_cache(estimator, candidates: list[dict], n_rows: int = 0) -> boo
 
 
 def prepare_folds(pipeline_factory: Callable[[], Any], *, X: np.ndarray, y: np.ndarray,
-                  folds: list[tuple[np.ndarray, np.ndarray]], kernel: bool = False) -> list[PreparedFold]:
+                  folds: list[tuple[np.ndarray, np.ndarray]], kernel: bool = False,
+                  workers: int = 1) -> list[PreparedFold]:
     """Fit the pipeline's preprocessing once per fold (``pipeline_factory()`` gives an unfitted
-    Pipeline) and transform its rows; with ``kernel`` also their squared distances."""
+    Pipeline) and transform its rows; with ``kernel`` also their squared distances.
+
+    ``workers`` folds are prepared side by side in threads (scaling, the linear SVM's row-space
+    QR and the kernel's distances are BLAS and LAPACK calls, which release the GIL); callers pass
+    more than one only where BLAS itself runs on one core."""
     from sklearn.base import clone
 
     from .kernel_svm import sq_distances
     from .linear_svm import LinearSVC, projects, row_space, to_row_space
 
-    out = []
-    for tr, te in folds:
+    def prepare(fold_rows: tuple[np.ndarray, np.ndarray]) -> PreparedFold:
+        tr, te = fold_rows
         pipe = pipeline_factory()
         if len(pipe.steps) > 1:
             pre = pipe[:-1]
@@ -118,8 +124,9 @@ def prepare_folds(pipeline_factory: Callable[[], Any], *, X: np.ndarray, y: np.n
         fold = PreparedFold(Xtr, y[tr], Xte, y[te], est)
         if kernel:
             fold.d_train, fold.d_test = sq_distances(Xtr, Xtr), sq_distances(Xte, Xtr)
-        out.append(fold)
-    return out
+        return fold
+
+    return map_threads(prepare, list(folds), workers)
 
 
 # Rows per block when a StandardScaler is fitted block by block (see fit_transform_steps).
@@ -209,7 +216,7 @@ def _score_rounds(name, prepared, candidates, *, warm, workers, deadline, progre
     total, n_folds = len(candidates), len(prepared)
     per_warm = [clone(f.estimator).set_params(warm_start=True) for f in prepared] if warm else None
     # Warm starts chain a fold's fits, so only folds run side by side; else whole candidates too.
-    per_round = 1 if warm else max(1, math.ceil(workers / n_folds))
+    per_round = 1 if warm else candidates_per_round(workers, n_folds)
     scores: list[float] = []
     losses: list[float | None] = []
     stopped = False
@@ -237,6 +244,24 @@ def _score_rounds(name, prepared, candidates, *, warm, workers, deadline, progre
             return GridOutcome(candidates[pick_best(scores, losses)], scores, len(scores), False,
                                path_stopped=True)
     return GridOutcome(candidates[pick_best(scores, losses)], scores, len(scores), stopped)
+
+
+def candidates_per_round(workers: int, n_folds: int) -> int:
+    """Candidates scored per round (a round's fits run side by side, then the path and budget
+    are checked): enough to give every worker a fit, and among up to twice that many the count
+    whose fits leave the fewest workers idle in the round's last wave (5 folds on 2 workers:
+    2 candidates, 10 fits in 5 full waves, where 1 candidate leaves a worker idle 1 wave in 3).
+
+    >>> candidates_per_round(2, 5), candidates_per_round(1, 5), candidates_per_round(8, 5)
+    (2, 1, 3)
+    """
+    least = max(1, math.ceil(workers / n_folds))
+
+    def idle(r: int) -> float:
+        fits = r * n_folds
+        return (math.ceil(fits / workers) * workers - fits) / (math.ceil(fits / workers) * workers)
+
+    return min(range(least, 2 * least + 1), key=lambda r: (idle(r), r))
 
 
 def _fell(scores: list[float], patience: int) -> bool:

@@ -82,11 +82,14 @@ class Strategy:
 
 
 def choose_strategy(*, n_fit: int, min_class: int, selection: str, search_rows: int,
-                    n_train: int | None = None) -> Strategy:
+                    n_train: int | None = None,
+                    plenty_per_class: int = PLENTY_PER_CLASS) -> Strategy:
     """The search for ``n_fit`` fit rows whose smallest class has ``min_class`` rows.
 
     ``selection`` is the plan's (``"val"``, ``"cv5"``, ``"none"``); ``n_train`` the rows a
-    candidate may be fitted on (default ``n_fit``); ``search_rows`` the head's subsample cap.
+    candidate may be fitted on (default ``n_fit``); ``search_rows`` the head's subsample cap;
+    ``plenty_per_class`` the rows per class from which one held-out split replaces k-fold CV
+    (the head's :attr:`~fxtl.heads.registry.HeadSpec.plenty_per_class`).
 
     Examples
     --------
@@ -95,13 +98,16 @@ def choose_strategy(*, n_fit: int, min_class: int, selection: str, search_rows: 
     >>> s = choose_strategy(n_fit=20000, min_class=2000, selection="cv5", search_rows=4000)
     >>> s.kind, s.subsample
     ('holdout', 4000)
+    >>> choose_strategy(n_fit=600, min_class=60, selection="cv5", search_rows=2000,
+    ...                 plenty_per_class=50).kind
+    'holdout'
     """
     if selection == "none":
         return Strategy("none", 0, None)
     if selection == "val":
         kind, folds = "val", 1
         n_train = n_train if n_train is not None else n_fit
-    elif n_fit <= CV_MAX_ROWS and min_class < PLENTY_PER_CLASS:
+    elif n_fit <= CV_MAX_ROWS and min_class < plenty_per_class:
         kind, folds = "cv", int(selection.removeprefix("cv") or 5)
         n_train = n_fit
     else:
@@ -193,11 +199,12 @@ def run_search(spec: HeadSpec, *, X: np.ndarray, y: np.ndarray,
         return _grid_search_cv(factory(), X=X, y=y, folds=folds, candidates=candidates,
                                jobs=jobs, parallel=parallel)
     template = factory().steps[-1][1]
-    prepared = prepare_folds(factory, X=X, y=y, folds=folds,
-                             kernel=uses_kernel_cache(template, candidates,
-                                                      max(len(tr) for tr, _ in folds)))
     cores = os.cpu_count() or 1
     workers = cores if jobs is None or jobs < 0 else min(jobs, cores)
+    prepared = prepare_folds(factory, X=X, y=y, folds=folds,
+                             kernel=uses_kernel_cache(template, candidates,
+                                                      max(len(tr) for tr, _ in folds)),
+                             workers=workers if small else 1)
     if not small and type(template).__name__ not in SINGLE_THREADED:
         workers = 1  # BLAS or torch already use every core
     if type(template).__name__ in GIL_BOUND:
@@ -306,7 +313,7 @@ def fit_final(spec: HeadSpec, *, X_fit: np.ndarray, y_fit: np.ndarray, params: d
             idx = _stratified_take(np.arange(n), _codes(y_fit), cap, seed)
             X, y = take(idx), y_fit[idx]
             notes.append(f"{spec.name}: final fit on a stratified {cap:,} of {n:,} rows")
-        with quiet_convergence() as conv:
+        with quiet_convergence() as conv, _calibration_threads(final, config.jobs):
             fit_pipeline(final, X, y)
         _note_conv(conv, notes)
         return final, len(y)
@@ -331,6 +338,31 @@ def fit_final(spec: HeadSpec, *, X_fit: np.ndarray, y_fit: np.ndarray, params: d
     notes.append(f"{spec.name}: fitted on {len(fit_idx):,} rows, Platt-calibrated on "
                  f"{len(cal_idx):,} held-out rows")
     return Pipeline(pipe.steps[:-1] + [("est", cal)]), len(fit_idx)
+
+
+@contextlib.contextmanager
+def _calibration_threads(pipe, jobs: int | None):
+    """Calibration's k fold fits side by side in threads, where the calibrated estimator runs
+    on one core and releases the GIL (libsvm, liblinear: :data:`SINGLE_THREADED`) and ``jobs``
+    allows more than one: no worker processes to start for fits of a second or less. The
+    fitted head keeps ``n_jobs=None``, as it is saved."""
+    est = pipe.steps[-1][1]
+    inner = getattr(est, "estimator", None)
+    cores = os.cpu_count() or 1
+    workers = cores if jobs is None or jobs < 0 else min(jobs, cores)
+    if workers < 2 or inner is None or type(inner).__name__ not in SINGLE_THREADED \
+            or "n_jobs" not in est.get_params():
+        yield
+        return
+    import joblib
+
+    before = est.n_jobs
+    est.set_params(n_jobs=workers)
+    try:
+        with joblib.parallel_config(backend="threading"):
+            yield
+    finally:
+        est.set_params(n_jobs=before)
 
 
 def _codes(y: np.ndarray) -> np.ndarray:
@@ -364,7 +396,8 @@ def fit_in_memory(source: RowSource, spec: HeadSpec, *, plan: HeadPlan, config: 
         val_rows = plan.search_rows[plan.val_fold == 0]
     strategy = choose_strategy(n_fit=len(fit_rows), min_class=int(counts[counts > 0].min()),
                                selection=plan.selection, search_rows=spec.search_rows,
-                               n_train=None if train_rows is None else len(train_rows))
+                               n_train=None if train_rows is None else len(train_rows),
+                               plenty_per_class=spec.plenty_per_class or PLENTY_PER_CLASS)
     folds = search_folds(strategy, fit_rows=fit_rows, labels=labels, train_rows=train_rows,
                          val_rows=val_rows, seed=seed) if strategy.kind != "none" else []
     n_min = min(len(tr) for tr, _ in folds) if folds else len(fit_rows)
@@ -385,6 +418,9 @@ def fit_in_memory(source: RowSource, spec: HeadSpec, *, plan: HeadPlan, config: 
                      f"{dotted.split(':')[1]}")
     params = {k: v for k, v in params.items() if k in accepted}
     fixed = {**{k: v for k, v in spec.defaults.items() if k in accepted}, **params}
+    # the candidates' own settings (spec.search_params), where the caller fixed nothing
+    searching = {k: v for k, v in spec.search_params.items()
+                 if solver == "sklearn" and k in accepted and k not in params}
     notes.extend(spec.adapt(fixed, shape) if spec.adapt else [])
     if spec.scale_up and folds:  # candidates fitted on many rows (a large subsample cap) too
         notes.extend(spec.scale_up(fixed, int(n_min)))
@@ -421,7 +457,8 @@ def fit_in_memory(source: RowSource, spec: HeadSpec, *, plan: HeadPlan, config: 
         if progress:  # the clock of the ETA starts now
             progress(0, len(candidates), spec.name)
         with _blas_limit(small and not dask):
-            out = run_search(spec, X=X_s, y=y_s, folds=local, candidates=candidates, fixed=fixed,
+            out = run_search(spec, X=X_s, y=y_s, folds=local, candidates=candidates,
+                             fixed={**fixed, **searching},
                              config=resolved.replace(jobs=-1) if dask else resolved,
                              parallel=parallel, deadline=deadline, progress=progress,
                              path_param=path, rounds=not dask, small=small)
@@ -465,7 +502,8 @@ def fit_in_memory(source: RowSource, spec: HeadSpec, *, plan: HeadPlan, config: 
                         "stopped_by_budget": bool(info.get("stopped_by_budget", False)),
                         "path_stopped": bool(info.get("path_stopped", False)),
                         "search_seconds": round(info["search_seconds"], 4),
-                        "final_fit_rows": int(used), "solver": solver}
+                        "final_fit_rows": int(used), "solver": solver,
+                        "search_params": jsonable(searching) if rows_searched else {}}
     return final, info
 
 
