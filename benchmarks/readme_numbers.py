@@ -87,6 +87,9 @@ def demo_block(r: Results) -> str:
         lines = lines[:runs_at + 1] + [folders[0], "  ...", folders[-1]]
     m = d["machine"]
     cpu = f"{m['cpus']}-core CPU" + (", no GPU" if not m.get("gpu") else f", {m['gpu']}")
+    if "cpu_bf16" in m and not m.get("gpu"):  # precision auto: what the features were computed in
+        cpu += (", bf16 on the CPU (avx512_bf16; an fp32 CPU gives other numbers)"
+                if m["cpu_bf16"] else ", fp32 (no bf16 on this CPU)")
     load = (m.get("load_average_at_end") or [0])[0]
     if load > m["cpus"]:  # the time says more about the other jobs than about fxtl
         cpu += f", shared with other jobs: load average {load:.0f}"
