@@ -75,11 +75,21 @@ def run(cache_dir: Path, demo_args: list[str]) -> dict[str, Any]:
         "measured": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
         "git_commit": _git_commit(),
         "machine": {"cpus": os.cpu_count(), "cpu": platform.machine(), "gpu": _gpu(),
+                    "cpu_bf16": _cpu_bf16(),
                     "load_average_at_end": list(os.getloadavg())},
         "wall_seconds": round(wall, 1),
         "images": images,
         "report": _as_user_sees(report, str(cache_dir)),
     }
+
+
+def _cpu_bf16() -> bool:
+    """Whether this CPU runs bf16 natively: fxtl's ``precision="auto"`` (the demo's) is then
+    bf16 on the CPU, and its features, so its numbers, differ from an fp32 machine's."""
+    sys.path.insert(0, str(REPO))
+    from fxtl.runtime import cpu_supports_bf16
+
+    return bool(cpu_supports_bf16())
 
 
 def main(argv: list[str] | None = None) -> int:

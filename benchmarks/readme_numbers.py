@@ -87,6 +87,9 @@ def demo_block(r: Results) -> str:
         lines = lines[:runs_at + 1] + [folders[0], "  ...", folders[-1]]
     m = d["machine"]
     cpu = f"{m['cpus']}-core CPU" + (", no GPU" if not m.get("gpu") else f", {m['gpu']}")
+    if "cpu_bf16" in m and not m.get("gpu"):  # precision auto: what the features were computed in
+        cpu += (", bf16 on the CPU (avx512_bf16; an fp32 CPU gives other numbers)"
+                if m["cpu_bf16"] else ", fp32 (no bf16 on this CPU)")
     load = (m.get("load_average_at_end") or [0])[0]
     if load > m["cpus"]:  # the time says more about the other jobs than about fxtl
         cpu += f", shared with other jobs: load average {load:.0f}"
@@ -600,7 +603,23 @@ def heads_classes(r: Results) -> str:
             f"{rest:.1f} s. "
             + ("Heads that chose or scored differently from before: " + "; ".join(changed)
                if changed else "Every head chose the same parameters with the same accuracy")
-            + "; every other head chose the same parameters with the same reported accuracy")
+            + "; every other head chose the same parameters with the same reported accuracy"
+            + _heads_classes_repeat(labels, digits))
+
+
+def _heads_classes_repeat(labels: dict, digits: list[str]) -> str:
+    """One sentence on the repeat of the same commands, where one was run."""
+    if "repeat-after" not in labels:
+        return ""
+    b, a = labels["repeat-before"]["caches"], labels["repeat-after"]["caches"]
+    runs = min(len(c["repeats"]) for lab in (b, a) for c in lab.values())
+    walls = " / ".join(f"{a[n]['wall_seconds_median']:.1f}" for n in digits)
+    old = " / ".join(f"{b[n]['wall_seconds_median']:.1f}" for n in digits)
+    ratio = [a[n]["wall_seconds_median"] / b[n]["wall_seconds_median"] for n in digits]
+    return (f". A repeat of both, {runs} runs each, minutes later (right after it, vmstat "
+            f"showed the hypervisor taking a fifth or more of the CPU) measured {walls} s on "
+            f"digits against {old} s before: {min(ratio):.2f}-{max(ratio):.2f} of before's time, "
+            f"the host slower for both")
 
 
 @section("head-vs-finetune")

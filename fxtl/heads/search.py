@@ -199,8 +199,7 @@ def run_search(spec: HeadSpec, *, X: np.ndarray, y: np.ndarray,
         return _grid_search_cv(factory(), X=X, y=y, folds=folds, candidates=candidates,
                                jobs=jobs, parallel=parallel)
     template = factory().steps[-1][1]
-    cores = os.cpu_count() or 1
-    workers = cores if jobs is None or jobs < 0 else min(jobs, cores)
+    workers = _workers(jobs)
     prepared = prepare_folds(factory, X=X, y=y, folds=folds,
                              kernel=uses_kernel_cache(template, candidates,
                                                       max(len(tr) for tr, _ in folds)),
@@ -348,8 +347,7 @@ def _calibration_threads(pipe, jobs: int | None):
     fitted head keeps ``n_jobs=None``, as it is saved."""
     est = pipe.steps[-1][1]
     inner = getattr(est, "estimator", None)
-    cores = os.cpu_count() or 1
-    workers = cores if jobs is None or jobs < 0 else min(jobs, cores)
+    workers = _workers(jobs)
     if workers < 2 or inner is None or type(inner).__name__ not in SINGLE_THREADED \
             or "n_jobs" not in est.get_params():
         yield
@@ -363,6 +361,12 @@ def _calibration_threads(pipe, jobs: int | None):
             yield
     finally:
         est.set_params(n_jobs=before)
+
+
+def _workers(jobs: int | None) -> int:
+    """Threads for ``jobs`` (None or negative: every core), at most the cores."""
+    cores = os.cpu_count() or 1
+    return cores if jobs is None or jobs < 0 else min(jobs, cores)
 
 
 def _codes(y: np.ndarray) -> np.ndarray:
