@@ -35,6 +35,10 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
+sys.path.insert(0, str(ROOT))
+
+from fxtl.training.refit import refit_summary  # noqa: E402
+
 DEFAULT_DATA = ROOT.parent / "shared" / "datasets" / "hymenoptera"
 DEFAULT_OUTPUT = HERE / "results" / "finetune_accuracy.json"
 
@@ -139,7 +143,7 @@ def _run_detail(run_dir: Path) -> dict:
             "val_accuracy_per_epoch": [h.get("val_accuracy") for h in m["history"]],
             "train_accuracy_per_epoch": [h["train_accuracy"] for h in m["history"]],
             "final_refit": m.get("final_refit"), "init_probe": m.get("init_probe"),
-            "refit": {k: v for k, v in m["refit"].items() if k != "history"} if m.get("refit") else None,
+            "refit": refit_summary(m),
             "train_seconds": sum(h["train_seconds"] for h in m["history"])}
 
 

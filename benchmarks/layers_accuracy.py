@@ -39,6 +39,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
 import advise_calibration as calib  # noqa: E402  (splits, heads, fine-tune plan, McNemar)
+from fxtl.training.refit import refit_summary  # noqa: E402
 
 RESULTS = HERE / "results" / "layers_accuracy.json"
 DATASETS = calib.DATASETS
@@ -52,7 +53,7 @@ def _ft_row(ft, what: str) -> dict:
             "epochs": ft.epochs, "best_epoch": ft.best_epoch, "stopped_early": ft.stopped_early,
             "seconds": round(ft.seconds, 1), "initial": m.get("initial"),
             "final_refit": m.get("final_refit"),
-            "refit": {k: v for k, v in m["refit"].items() if k != "history"} if m.get("refit") else None,
+            "refit": refit_summary(m),
             "start": m.get("init_probe") or m.get("init_head"),
             "history": [{k: h.get(k) for k in ("epoch", "train_accuracy", "val_accuracy")}
                         for h in m.get("history", [])]}

@@ -88,7 +88,7 @@ from .config import (BN_FROZEN_BELOW, BN_MODES, DEFAULT_LR, MONITORS, OPTIMIZERS
 from .curves import plot_learning_curves
 from .epochs import EpochRunner
 from .lpft import linear_head_weights, new_classifier, probe_classifier, refit_kept_start
-from .refit import needs_start, refit_kept_epoch, save_start
+from .refit import needs_start, refit_kept_epoch, refit_summary, save_start
 from .rows import plan_splits, run_rows, selects_on_holdout, two_splits
 from .trainer import Trainer
 
@@ -134,8 +134,7 @@ class FinetuneResult:
         d["run_dir"] = str(self.run_dir)
         d.update({k: self.metrics.get(k) for k in ("balanced_accuracy", "n", "backbone", "dataset",
                                                     "precision", "device", "bn")})
-        refit = self.metrics.get("refit")  # the reported model is epoch best_epoch trained again
-        d["refit"] = {k: v for k, v in refit.items() if k != "history"} if refit else None
+        d["refit"] = refit_summary(self.metrics)  # model.pt is best_epoch trained again
         d["artifacts"] = {name: str(self.run_dir / name) for name in
                           (MODEL_MANIFEST, "model.pt", CHECKPOINT_FILE, REFIT_CHECKPOINT_FILE,
                            "metrics.json", "rows.json", "learning_curves.png", "confusion.png")

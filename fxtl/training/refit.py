@@ -40,10 +40,17 @@ from .rows import Splits, selects_on_holdout
 from .trainer import Trainer
 
 __all__ = ["REFIT_PHASE", "needs_start", "refit_applies", "refit_rows", "save_start",
-           "refit_kept_epoch"]
+           "refit_kept_epoch", "refit_summary"]
 
 # ``phase`` of the refit's checkpoint and of ``on_step``'s calls during the refit.
 REFIT_PHASE = "refit"
+
+
+def refit_summary(metrics: dict[str, Any]) -> dict[str, Any] | None:
+    """A run's ``metrics["refit"]`` without its per-epoch history (what ``--json`` and the
+    benchmarks show), or None when the run made no refit."""
+    refit = metrics.get("refit")
+    return {k: v for k, v in refit.items() if k != "history"} if refit else None
 
 
 def needs_start(cfg: FinetuneConfig, splits: Splits) -> bool:
