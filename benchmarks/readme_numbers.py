@@ -598,12 +598,14 @@ def heads_classes(r: Results) -> str:
             f"(before {b['hymenoptera']['wall_seconds_median']:.1f} s). The {target:.0f} s target "
             + (f"is met on {_join_and(met)}" if met else "is met on none of them")
             + (f", not on {_join_and(missed)}" if missed else "")
-            + f". At {rows.split(' / ')[-1]} rows the heads take {per_head} and the command "
+            + f". At {a[big]['repeats'][0]['heads']['logreg']['n_fit']:,} rows the heads take "
+            f"{per_head} and the command "
             f"itself (importing scikit-learn, reading the cache, writing five runs) "
             f"{rest:.1f} s. "
             + ("Heads that chose or scored differently from before: " + "; ".join(changed)
-               if changed else "Every head chose the same parameters with the same accuracy")
-            + "; every other head chose the same parameters with the same reported accuracy"
+               + "; every other head chose the same parameters with the same reported accuracy"
+               if changed else
+               "Every head chose the same parameters with the same reported accuracy as before")
             + _heads_classes_repeat(labels, digits))
 
 
