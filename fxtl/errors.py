@@ -25,6 +25,11 @@ class FxtlError(Exception):
         if param is not None:
             self.param = param
 
+    def __reduce__(self):
+        # Pickled whole (message, param, class), whatever the subclass's __init__ takes: an
+        # error raised in a worker process (fxtl.heads.side_by_side) reaches the caller as itself.
+        return _rebuild, (type(self), self.args, self.__dict__)
+
 
 class DataError(FxtlError):
     """The dataset (folder, manifest, image) cannot be used as given."""
@@ -53,6 +58,13 @@ class ParameterError(FxtlError, ValueError):
     def __init__(self, param: str, message: str) -> None:
         super().__init__(message)
         self.param = param
+
+
+def _rebuild(cls: type, args: tuple, state: dict) -> FxtlError:
+    err = Exception.__new__(cls)
+    err.args = args
+    err.__dict__.update(state)
+    return err
 
 
 class FxtlWarning(UserWarning):

@@ -108,7 +108,8 @@ def _fmt_params(p: dict) -> str:
 @click.option("--no-search", is_flag=True, help="Fit the default parameters, no hyper-parameter search.")
 @click.option("--seed", type=SEED, default=0, show_default=True, help="Seeds folds, hold-out and estimators.")
 @click.option("--jobs", "-j", type=int, default=-1, show_default=True, callback=_jobs_value,
-              help="Parallel search jobs (joblib); -1 uses every core.")
+              help="Cores to use: a head's candidates, and several heads on a few thousand rows, run "
+                   "side by side; -1 uses every core, 1 fits one thing at a time.")
 @click.option("--test-size", type=click.FloatRange(0, 1, min_open=True, max_open=True), default=0.2,
               show_default=True, help="Hold-out fraction (per class) when the cache has only train.")
 @click.option("--cv-folds", type=click.IntRange(min=2), default=5, show_default=True,

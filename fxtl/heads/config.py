@@ -70,7 +70,9 @@ class HeadConfig:
     seed : int
         Seeds the folds, the hold-out, subsamples, PCA and the estimators (0 .. 2**32 - 1).
     jobs : int, optional
-        Parallel search jobs (-1: every core; not 0).
+        Cores the fit may use (-1: every core; not 0). With several, a head's candidates run
+        side by side in threads, and several heads (``models``) on a few thousand rows run side
+        by side in worker processes, one core each (:mod:`fxtl.heads.side_by_side`, Linux).
     test_size : float
         Hold-out fraction when the cache has only a train split.
     cv_folds : int
@@ -168,6 +170,15 @@ class HeadConfig:
                 raise ParameterError(name, f"{name} {rule}, got {getattr(self, name)!r}")
         if self.scheduler is not None and self.backend != "dask":
             raise ParameterError("scheduler", "a scheduler needs backend='dask'")
+
+    def __getstate__(self) -> dict[str, Any]:
+        # params is a read-only view, which pickle cannot take; a plain dict travels instead
+        # (a result sent back from a worker process, fxtl.heads.side_by_side).
+        return {**self.__dict__, "params": dict(self.params)}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        for k, v in state.items():
+            object.__setattr__(self, k, MappingProxyType(v) if k == "params" else v)
 
     def replace(self, **changes: Any) -> "HeadConfig":
         """A copy with ``changes`` (validated); unknown names raise :class:`TypeError`."""

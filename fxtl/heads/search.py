@@ -32,7 +32,7 @@ from .registry import DataShape, HeadSpec, build_pipeline, estimator_params, res
 from .source import RowSource
 
 __all__ = ["Strategy", "choose_strategy", "search_folds", "run_search", "fit_final",
-           "quiet_convergence", "jsonable", "CV_MAX_ROWS", "PLENTY_PER_CLASS", "SVM_FIT_ROWS",
+           "quiet_convergence", "jsonable", "workers_for", "CV_MAX_ROWS", "PLENTY_PER_CLASS", "SVM_FIT_ROWS",
            "CALIBRATION_ROWS", "SMALL_VALUES", "Progress"]
 
 # Up to this many fit rows, k-fold CV (every row helps choose); above, one held-out split.
@@ -199,7 +199,7 @@ def run_search(spec: HeadSpec, *, X: np.ndarray, y: np.ndarray,
         return _grid_search_cv(factory(), X=X, y=y, folds=folds, candidates=candidates,
                                jobs=jobs, parallel=parallel)
     template = factory().steps[-1][1]
-    workers = _workers(jobs)
+    workers = workers_for(jobs)
     prepared = prepare_folds(factory, X=X, y=y, folds=folds,
                              kernel=uses_kernel_cache(template, candidates,
                                                       max(len(tr) for tr, _ in folds)),
@@ -347,7 +347,7 @@ def _calibration_threads(pipe, jobs: int | None):
     fitted head keeps ``n_jobs=None``, as it is saved."""
     est = pipe.steps[-1][1]
     inner = getattr(est, "estimator", None)
-    workers = _workers(jobs)
+    workers = workers_for(jobs)
     if workers < 2 or inner is None or type(inner).__name__ not in SINGLE_THREADED \
             or "n_jobs" not in est.get_params():
         yield
@@ -363,7 +363,7 @@ def _calibration_threads(pipe, jobs: int | None):
         est.set_params(n_jobs=before)
 
 
-def _workers(jobs: int | None) -> int:
+def workers_for(jobs: int | None) -> int:
     """Threads for ``jobs`` (None or negative: every core), at most the cores."""
     cores = os.cpu_count() or 1
     return cores if jobs is None or jobs < 0 else min(jobs, cores)
