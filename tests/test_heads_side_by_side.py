@@ -131,3 +131,32 @@ def test_what_travels_back_from_a_worker_pickles_as_itself():
                                                                         param="cache")):
         again = pickle.loads(pickle.dumps(err))
         assert type(again) is type(err) and str(again) == str(err) and again.param == err.param
+
+
+def test_workers_find_scikit_learn_imported_by_the_caller(named):
+    """In a fresh interpreter, no worker imports scikit-learn itself (2-3 s of CPU each, and the
+    caller would import it once more to read the results)."""
+    import subprocess
+    import sys
+    import textwrap
+
+    script = textwrap.dedent(f"""
+        import sys
+        import fxtl.heads.fitting as fitting
+        real = fitting._fit_one
+        def spy(source, name, **kw):
+            before = set(sys.modules)
+            res = real(source, name, **kw)
+            new = sorted(m for m in set(sys.modules) - before if m.startswith(("sklearn", "scipy")))
+            print(name, len(new), new[:5], flush=True)
+            return res
+        fitting._fit_one = spy
+        fitting.fit_heads({str(named)!r}, models=["all"], jobs=2)
+    """)
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                         timeout=300, env={**os.environ, "PYTHONWARNINGS": "ignore"})
+    assert out.returncode == 0, out.stderr[-2000:]
+    lines = out.stdout.split("\n")
+    counts = {line.split()[0]: int(line.split()[1]) for line in lines if line.strip()}
+    assert sorted(counts) == sorted(["logreg", "svm", "linear-svm", "mlp", "knn"]), out.stdout
+    assert all(n == 0 for n in counts.values()), out.stdout

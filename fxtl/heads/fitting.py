@@ -44,7 +44,7 @@ from . import side_by_side
 from .registry import HEADS, TORCH_MIN_VALUES, HeadSpec, get_head
 from .result import FitResult
 from .runs import Destination, check_destination, destination, save_runs
-from .search import Progress, fit_in_memory, workers_for
+from .search import Progress, fit_in_memory, preload, workers_for
 from .source import LARGE_ROWS, RowSource, open_source
 from .streaming import fit_streaming
 
@@ -213,6 +213,7 @@ def _fit_all(cache: str | Path | FeatureCache, cfg: HeadConfig, where: Destinati
                                             "time on one core each")
                 return finish(res)
 
+            preload([get_head(n) for n in names])  # shared by the workers, not each one's
             order = sorted(names, key=lambda n: (_SLOWEST_FIRST.index(n)
                                                  if n in _SLOWEST_FIRST else -1))
             done = side_by_side.run(order, work, workers=workers, progress=progress,

@@ -16,6 +16,7 @@ rows it was not fitted on. An optional time budget stops the search between cand
 from __future__ import annotations
 
 import contextlib
+import importlib
 import os
 import time
 from dataclasses import dataclass
@@ -28,11 +29,12 @@ from .grid import (GIL_BOUND, PATH_PATIENCE, SINGLE_THREADED, GridOutcome, fit_p
 from .config import HeadConfig
 from .dask_backend import SearchBackend
 from .planning import HeadPlan
-from .registry import DataShape, HeadSpec, build_pipeline, estimator_params, resolve_solver
+from .registry import (DataShape, HeadSpec, build_pipeline, estimator_params, import_estimator,
+                       resolve_solver)
 from .source import RowSource
 
 __all__ = ["Strategy", "choose_strategy", "search_folds", "run_search", "fit_final",
-           "quiet_convergence", "jsonable", "workers_for", "CV_MAX_ROWS", "PLENTY_PER_CLASS", "SVM_FIT_ROWS",
+           "quiet_convergence", "jsonable", "workers_for", "preload", "CV_MAX_ROWS", "PLENTY_PER_CLASS", "SVM_FIT_ROWS",
            "CALIBRATION_ROWS", "SMALL_VALUES", "Progress"]
 
 # Up to this many fit rows, k-fold CV (every row helps choose); above, one held-out split.
@@ -509,6 +511,23 @@ def fit_in_memory(source: RowSource, spec: HeadSpec, *, plan: HeadPlan, config: 
                         "final_fit_rows": int(used), "solver": solver,
                         "search_params": jsonable(searching) if rows_searched else {}}
     return final, info
+
+
+# What an in-memory fit imports besides the estimators' own modules (see preload).
+FIT_MODULES = ("sklearn.pipeline", "sklearn.preprocessing", "sklearn.decomposition",
+               "sklearn.calibration", "sklearn.frozen", "sklearn.model_selection",
+               "sklearn.metrics", "threadpoolctl")
+
+
+def preload(specs: list[HeadSpec]) -> None:
+    """Import what fitting ``specs`` in memory imports, now: worker processes forked afterwards
+    (:mod:`fxtl.heads.side_by_side`) then share it instead of each importing scikit-learn
+    again (2-3 s of CPU each), and the caller does not import it a third time to read their
+    results."""
+    for module in FIT_MODULES:
+        importlib.import_module(module)
+    for spec in specs:
+        import_estimator(spec.estimator)
 
 
 def _blas_limit(small: bool):
