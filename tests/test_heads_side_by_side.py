@@ -116,7 +116,8 @@ def test_one_head_at_a_time_where_workers_cannot_be_forked(named, monkeypatch):
 
 
 def test_run_orders_and_returns_by_name():
-    out = side_by_side.run(["b", "a", "c"], lambda name, progress: (name, os.getpid()), workers=2)
+    out = side_by_side.run(["b", "a", "c"], lambda name, progress, spare: (name, os.getpid()),
+                           workers=2)
     assert sorted(out) == ["a", "b", "c"]
     assert all(out[k][0] == k and out[k][1] != os.getpid() for k in out)
 

@@ -36,6 +36,7 @@ from ..report.metrics import classification_metrics
 from ..runtime import release_freed_memory
 from .config import HeadConfig, parse_budget
 from .dask_backend import SearchBackend
+from .grid import borrow_cores
 from .layers import LayerChoice, choose_layers, features_name, layer_matrix
 from .model import Head
 from .persistence import load_head
@@ -204,13 +205,14 @@ def _fit_all(cache: str | Path | FeatureCache, cfg: HeadConfig, where: Destinati
     workers = _side_by_side(cfg, names, source, plan, runner)
     with contextlib.closing(runner):
         if workers > 1:
-            def work(name: str, report: Progress | None) -> FitResult:
+            def work(name: str, report: Progress | None, spare) -> FitResult:
                 own = cfg.for_model(name)
-                res = _fit_one(source, name, plan=plan, config=own.replace(jobs=1),
+                borrow_cores(spare)  # threads beyond the first only on cores left idle
+                res = _fit_one(source, name, plan=plan, config=own.replace(jobs=workers),
                                runner=runner, budget=None, progress=report)
                 res.config, res.metrics["config"] = own, own.to_dict()  # as asked, not jobs=1
                 res.metrics["notes"].append(f"fitted in a worker process, {workers} heads at a "
-                                            "time on one core each")
+                                            "time on a core each (more once others finish)")
                 return finish(res)
 
             preload([get_head(n) for n in names])  # shared by the workers, not each one's
@@ -243,7 +245,7 @@ def _side_by_side(cfg: HeadConfig, names: Sequence[str], source: RowSource, plan
     """How many heads are fitted at a time in worker processes (1: one after another here).
 
     Side by side where that only fills idle cores: several heads, ``jobs`` allowing several
-    cores, forking available, rows few enough that every fit is on one core anyway (below
+    cores, forking available, rows few enough that BLAS runs on one core anyway (below
     :data:`~fxtl.heads.registry.TORCH_MIN_VALUES` values, so no torch solver either), the
     searches in this process (not a Dask cluster), and no time budget to share out in order.
     """

@@ -33,7 +33,7 @@ from typing import Any, Callable, Iterator
 import numpy as np
 
 __all__ = ["PreparedFold", "GridOutcome", "prepare_folds", "score_grid", "pick_best",
-           "candidates_per_round",
+           "candidates_per_round", "borrow_cores",
            "SINGLE_THREADED", "GIL_BOUND", "map_threads", "PATH_PATIENCE", "fit_pipeline",
            "fit_transform_steps", "quiet_convergence"]
 
@@ -274,11 +274,27 @@ def _fell(scores: list[float], patience: int) -> bool:
     return len(scores) > patience and all(s < best - 1e-12 for s in scores[-patience:])
 
 
+# In a worker process fitting one of several heads side by side (fxtl.heads.side_by_side): the
+# semaphore counting the cores other workers have left idle (see borrow_cores); None elsewhere.
+_spare_cores: Any = None
+
+
+def borrow_cores(spare: Any) -> None:
+    """Make :func:`map_threads` in this (worker) process run its first thread on the worker's
+    own core and every further thread only while it holds one of ``spare``'s cores (a
+    ``multiprocessing`` semaphore the parent releases as workers finish with nothing left to
+    start): the last heads of a run take the cores the others no longer use."""
+    global _spare_cores
+    _spare_cores = spare
+
+
 def map_threads(fn: Callable[[Any], Any], tasks: list, workers: int) -> list:
     """``[fn(t) for t in tasks]``, ``workers`` at a time in daemon threads.
 
     Daemon threads, and a main thread that waits in short slices, so that Ctrl-C or SIGTERM ends
-    the command at once: an interrupted search leaves no thread (and no process) running.
+    the command at once: an interrupted search leaves no thread (and no process) running. In a
+    worker process that borrows cores (:func:`borrow_cores`) threads after the first run a task
+    only while they hold a spare core.
     """
     if workers <= 1 or len(tasks) <= 1:
         return [fn(t) for t in tasks]
@@ -287,19 +303,36 @@ def map_threads(fn: Callable[[Any], Any], tasks: list, workers: int) -> list:
         todo.put((i, t))
     results: list = [None] * len(tasks)
     errors: list[BaseException] = []
+    spare = _spare_cores
 
-    def work():
+    def run_one() -> bool:
+        try:
+            i, t = todo.get_nowait()
+        except queue.Empty:
+            return False
+        try:
+            results[i] = fn(t)
+        except BaseException as exc:  # re-raised in the caller's thread
+            errors.append(exc)
+        return True
+
+    def work(k: int):
         while not errors:
+            if not k or spare is None:
+                if not run_one():
+                    return
+                continue
+            # a borrowed core per task, given back after it (another worker may need it)
+            while not spare.acquire(timeout=0.05):
+                if errors or todo.empty():
+                    return
             try:
-                i, t = todo.get_nowait()
-            except queue.Empty:
-                return
-            try:
-                results[i] = fn(t)
-            except BaseException as exc:  # re-raised in the caller's thread
-                errors.append(exc)
+                if not run_one():
+                    return
+            finally:
+                spare.release()
 
-    threads = [threading.Thread(target=work, daemon=True, name=f"fxtl-search-{k}")
+    threads = [threading.Thread(target=work, args=(k,), daemon=True, name=f"fxtl-search-{k}")
                for k in range(min(workers, len(tasks)))]
     for th in threads:
         th.start()

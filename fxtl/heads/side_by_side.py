@@ -1,16 +1,19 @@
-"""Several heads fitted at once, each in a forked worker process on one core.
+"""Several heads fitted at once, each in a forked worker process.
 
 A head's search on a few hundred or thousand rows keeps only part of a machine busy: the
 logistic path's L-BFGS holds the GIL between its small BLAS calls, an MLP candidate trains alone
 at the end of a round, the final fits run one after another. Threads cannot fill the gaps with
 another head (two GIL-heavy heads in one process slow each other down more than they gain: the
 logistic path ran 2-3 times slower beside the SVMs in threads), separate processes can. With
-``--model all`` on 2 cores, two heads run at a time, the slowest first, each on one core.
+``--model all`` on 2 cores, two heads run at a time, the slowest first, each on a core of its
+own; once nothing is left to start, each worker that finishes lends its core to those still
+running (a semaphore their search threads take a core from, :func:`fxtl.heads.grid.borrow_cores`),
+so a long last head (an MLP searched by 5-fold CV) is not left on one core.
 
 Workers are forked (Linux), so they start in milliseconds with the parent's imports and rows,
 read nothing from disk, and send back only the fitted result. Every head is fitted exactly as it
 would be alone (same folds, seeds and candidates). A worker ignores Ctrl-C (the parent stops
-them all at once), dies with its parent, and runs BLAS and OpenMP on one thread.
+them all at once), dies with its parent, and runs BLAS and OpenMP on one thread per search thread.
 
 :func:`available` says where this applies; :func:`run` does it.
 """
@@ -42,16 +45,20 @@ def available() -> bool:
     return sys.platform.startswith("linux") and "fork" in multiprocessing.get_all_start_methods()
 
 
-def run(names: Sequence[str], work: Callable[[str, Progress | None], Any], *, workers: int,
+def run(names: Sequence[str], work: Callable[[str, Progress | None, Any], Any], *, workers: int,
         progress: Progress | None = None,
         on_start: Callable[[str], None] | None = None) -> dict[str, Any]:
-    """``{name: work(name, progress)}`` for every name, ``workers`` at a time in forked processes,
-    in the order given (put the slowest first).
+    """``{name: work(name, progress, spare)}`` for every name, ``workers`` at a time in forked
+    processes, in the order given (put the slowest first).
 
     ``work`` runs in the worker; its result (and any progress it reports) is pickled back. An
-    exception in a worker is raised here once the other workers are stopped.
+    exception in a worker is raised here once the other workers are stopped. ``spare`` is a
+    semaphore counting idle cores: released once per worker that finishes with no name left to
+    start, so that the workers still running may use more threads
+    (:func:`fxtl.heads.grid.borrow_cores`).
     """
     ctx = multiprocessing.get_context("fork")
+    spare = ctx.Semaphore(0)
     pending = list(names)
     running: dict[Any, tuple[str, Any]] = {}  # read end -> (name, process)
     results: dict[str, Any] = {}
@@ -64,7 +71,8 @@ def run(names: Sequence[str], work: Callable[[str, Progress | None], Any], *, wo
                     on_start(name)
                 reader, writer = ctx.Pipe(duplex=False)
                 proc = ctx.Process(target=_worker, name=f"fxtl-head-{name}", daemon=True,
-                                   args=(writer, name, work, progress is not None, parent))
+                                   args=(writer, name, work, progress is not None, parent,
+                                         spare))
                 proc.start()
                 writer.close()
                 running[reader] = (name, proc)
@@ -85,6 +93,8 @@ def run(names: Sequence[str], work: Callable[[str, Progress | None], Any], *, wo
                 running.pop(reader)
                 reader.close()
                 proc.join()
+                if not pending:
+                    spare.release()  # its core is free for the workers still running
                 if kind == "error":
                     raise payload[0]
                 results[name] = payload[0]
@@ -96,14 +106,14 @@ def run(names: Sequence[str], work: Callable[[str, Progress | None], Any], *, wo
     return results
 
 
-def _worker(conn, name: str, work: Callable, report: bool, parent: int) -> None:
+def _worker(conn, name: str, work: Callable, report: bool, parent: int, spare: Any) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent stops the workers
     _die_with(parent)
     try:
         prog = (lambda done, total, model: conn.send(("progress", done, total, model))) \
             if report else None
         with threadpool_limits(limits=1):  # one core each (BLAS, and OpenMP in this thread)
-            message = ("result", work(name, prog))
+            message = ("result", work(name, prog, spare))
         payload = pickle.dumps(message)
     except BaseException as exc:  # noqa: BLE001 - re-raised in the parent
         payload = pickle.dumps(("error", _portable(exc)))
