@@ -161,3 +161,27 @@ def test_workers_find_scikit_learn_imported_by_the_caller(named):
     counts = {line.split()[0]: int(line.split()[1]) for line in lines if line.strip()}
     assert sorted(counts) == sorted(["logreg", "svm", "linear-svm", "mlp", "knn"]), out.stdout
     assert all(n == 0 for n in counts.values()), out.stdout
+
+
+def test_search_threads_beyond_the_first_run_only_on_borrowed_cores(monkeypatch):
+    import threading
+    import time
+
+    from fxtl.heads import grid
+
+    seen: list[str] = []
+
+    def fn(t):
+        seen.append(threading.current_thread().name)
+        time.sleep(0.02)
+        return t
+
+    ctx = multiprocessing.get_context("fork")
+    monkeypatch.setattr(grid, "_spare_cores", ctx.Semaphore(0))  # every other worker busy
+    assert grid.map_threads(fn, list(range(8)), 2) == list(range(8))
+    assert set(seen) == {"fxtl-search-0"}
+    seen.clear()
+    monkeypatch.setattr(grid, "_spare_cores", ctx.Semaphore(1))  # one worker done
+    assert grid.map_threads(fn, list(range(8)), 2) == list(range(8))
+    assert set(seen) == {"fxtl-search-0", "fxtl-search-1"}
+    assert grid._spare_cores.acquire(timeout=1)  # the borrowed core was given back
