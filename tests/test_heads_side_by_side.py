@@ -25,8 +25,9 @@ WORKER_NOTE = "fitted in a worker process"
 
 @pytest.fixture(scope="module")
 def named(tmp_path_factory):
-    """Ten named classes (a space, a non-ASCII letter), 40 train rows each, train/ and test/."""
-    return write_named_cache(tmp_path_factory.mktemp("side") / "alphabets.h5", per_class=40)
+    """Ten named classes (a space, a non-ASCII letter), 52 train rows each (520 fit rows, above
+    fitting.SIDE_BY_SIDE_ROWS), train/ and test/."""
+    return write_named_cache(tmp_path_factory.mktemp("side") / "alphabets.h5", per_class=52)
 
 
 def _side(res) -> bool:
@@ -108,6 +109,12 @@ def test_an_interrupt_in_the_caller_stops_every_worker(named):
 def test_one_head_at_a_time_where_side_by_side_does_not_apply(named, options):
     options = {"models": ["logreg", "knn"], "jobs": 2, **options}
     assert not any(_side(r) for r in fit_heads(named, **options))
+
+
+def test_one_head_at_a_time_on_few_rows(named, monkeypatch):
+    assert fitting.SIDE_BY_SIDE_ROWS <= 520
+    monkeypatch.setattr(fitting, "SIDE_BY_SIDE_ROWS", 521)
+    assert not any(_side(r) for r in fit_heads(named, models=["logreg", "knn"], jobs=2))
 
 
 def test_one_head_at_a_time_where_workers_cannot_be_forked(named, monkeypatch):

@@ -237,6 +237,10 @@ def _fit_all(cache: str | Path | FeatureCache, cfg: HeadConfig, where: Destinati
 # Heads fitted side by side start in this order, so that the slowest do not start last (measured
 # at 1,000 rows of 10 classes: linear-svm, logreg and mlp take 5-7 s, svm 2 s, knn 0.2 s on one
 # core); heads not named here (registered by a user) start first.
+# Below this many fit rows every head takes a second or so and heads run one at a time: forking
+# the workers costs about what it saves (hymenoptera, 245 rows: 8.6-9.0 s side by side against
+# 6.7-8.7 s; digits, 1,000 rows: 18.9-20.4 s against 27.8-29.8 s; benchmarks/heads_classes.py).
+SIDE_BY_SIDE_ROWS = 500
 _SLOWEST_FIRST = ("linear-svm", "logreg", "mlp", "svm", "knn")
 
 
@@ -245,12 +249,14 @@ def _side_by_side(cfg: HeadConfig, names: Sequence[str], source: RowSource, plan
     """How many heads are fitted at a time in worker processes (1: one after another here).
 
     Side by side where that only fills idle cores: several heads, ``jobs`` allowing several
-    cores, forking available, rows few enough that BLAS runs on one core anyway (below
+    cores, forking available, at least :data:`SIDE_BY_SIDE_ROWS` fit rows, rows few enough that
+    BLAS runs on one core anyway (below
     :data:`~fxtl.heads.registry.TORCH_MIN_VALUES` values, so no torch solver either), the
     searches in this process (not a Dask cluster), and no time budget to share out in order.
     """
     n_values = len(plan.fit_rows) * source.dim
-    if (len(names) < 2 or source.large or cfg.budget is not None or runner.name != "loky"
+    if (len(names) < 2 or len(plan.fit_rows) < SIDE_BY_SIDE_ROWS or source.large
+            or cfg.budget is not None or runner.name != "loky"
             or cfg.solver == "torch" or n_values >= TORCH_MIN_VALUES
             or not side_by_side.available()):
         return 1
