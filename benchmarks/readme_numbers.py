@@ -552,13 +552,18 @@ def finetune_ddp(r: Results) -> str:
             f"{ddp['2']['train_images_per_second_median']:.1f} train img/s")
 
 
+# The latest round of benchmarks/heads_classes.py: (before, after) labels, and their repeat.
+HEADS_CLASSES_ROUND = ("s10-before", "s10-after")
+HEADS_CLASSES_REPEAT = ("s10-before-again", "s10-after-again")
+
+
 @section("heads-classes")
 def heads_classes(r: Results) -> str:
-    """The latest round measured alone on the CPU: main before it (``quiet-before``, a git
-    archive of its fxtl) against the code after it (``quiet-after``), same caches, same host."""
+    """The latest round measured alone on the CPU: main before it (a git archive of its fxtl)
+    against the code after it, same caches, same host (:data:`HEADS_CLASSES_ROUND`)."""
     data = r["heads_classes"]
     labels = data["labels"]
-    before, after = labels["quiet-before"], labels["quiet-after"]
+    before, after = (labels[k] for k in HEADS_CLASSES_ROUND)
     b, a = before["caches"], after["caches"]
     digits = [n for n in ("digits300", "digits600", "digits1000") if n in a]
     target = data["target_seconds"]
@@ -582,11 +587,12 @@ def heads_classes(r: Results) -> str:
     big = digits[-1]
     per_head = ", ".join(f"{m} {h['fit_seconds']:.1f} s" for m, h in sorted(
         a[big]["repeats"][0]["heads"].items(), key=lambda kv: -kv[1]["fit_seconds"]))
-    rest = a[big]["repeats"][0]["wall_seconds"] - sum(
-        h["fit_seconds"] for h in a[big]["repeats"][0]["heads"].values())
+    hym = a["hymenoptera"]["wall_seconds_median"]
+    ratio = a[big]["wall_seconds_median"] / hym
     return (f"{after['date'][:10]}, each command alone on the CPU (load average "
             f"{min(loads):.1f}-{max(loads):.1f} before each run), "
-            + ("the slower of 2 runs" if reps == 2 else f"median of {reps} runs")
+            + ("one run each" if reps == 1 else "the slower of 2 runs" if reps == 2
+               else f"median of {reps} runs")
             + ", wall "
             f"(CPU): on 10-class lite0 digits with {rows} fit rows {med(a, digits, 'wall_seconds')} s "
             f"({med(a, digits, 'cpu_seconds')} s), before this round (main at "
@@ -594,14 +600,13 @@ def heads_classes(r: Results) -> str:
             f"({med(b, digits, 'cpu_seconds')} s); omniglot ({omni:,} rows, "
             f"{a['omniglot']['classes']} classes) {a['omniglot']['wall_seconds_median']:.1f} s "
             f"(before {b['omniglot']['wall_seconds_median']:.1f} s); hymenoptera "
-            f"{a['hymenoptera']['wall_seconds_median']:.1f} s "
-            f"(before {b['hymenoptera']['wall_seconds_median']:.1f} s). The {target:.0f} s target "
-            + (f"is met on {_join_and(met)}" if met else "is met on none of them")
-            + (f", not on {_join_and(missed)}" if missed else "")
-            + f". At {a[big]['repeats'][0]['heads']['logreg']['n_fit']:,} rows the heads take "
-            f"{per_head} and the command "
-            f"itself (importing scikit-learn, reading the cache, writing five runs) "
-            f"{rest:.1f} s. "
+            f"{hym:.1f} s (before {b['hymenoptera']['wall_seconds_median']:.1f} s). The "
+            f"{target:.0f} s target "
+            + (f"is met on {_join_and(met)}" + (f", not on {_join_and(missed)}" if missed else "")
+               if met else f"is met on none of {_join_and(missed)}")
+            + f" on this host, where {big} takes {ratio:.1f} times as long as hymenoptera. At "
+            f"{a[big]['repeats'][0]['heads']['logreg']['n_fit']:,} rows the heads take "
+            f"{per_head} (each one's own wall time, two at a time in worker processes). "
             + ("Heads that chose or scored differently from before: " + "; ".join(changed)
                + "; every other head chose the same parameters with the same reported accuracy"
                if changed else
@@ -611,17 +616,16 @@ def heads_classes(r: Results) -> str:
 
 def _heads_classes_repeat(labels: dict, digits: list[str]) -> str:
     """One sentence on the repeat of the same commands, where one was run."""
-    if "repeat-after" not in labels:
+    if HEADS_CLASSES_REPEAT[1] not in labels:
         return ""
-    b, a = labels["repeat-before"]["caches"], labels["repeat-after"]["caches"]
+    b, a = (labels[k]["caches"] for k in HEADS_CLASSES_REPEAT)
     runs = min(len(c["repeats"]) for lab in (b, a) for c in lab.values())
     walls = " / ".join(f"{a[n]['wall_seconds_median']:.1f}" for n in digits)
     old = " / ".join(f"{b[n]['wall_seconds_median']:.1f}" for n in digits)
     ratio = [a[n]["wall_seconds_median"] / b[n]["wall_seconds_median"] for n in digits]
-    return (f". A repeat of both, {runs} runs each, minutes later (right after it, vmstat "
-            f"showed the hypervisor taking a fifth or more of the CPU) measured {walls} s on "
-            f"digits against {old} s before: {min(ratio):.2f}-{max(ratio):.2f} of before's time, "
-            f"the host slower for both")
+    return (f". A repeat of both right after, {'one run' if runs == 1 else f'{runs} runs'} each, measured "
+            f"{walls} s on digits against {old} s before: {min(ratio):.2f}-{max(ratio):.2f} of "
+            f"before's time")
 
 
 @section("head-vs-finetune")
