@@ -71,11 +71,11 @@ def _spy_fixed(monkeypatch) -> list[dict]:
 def test_linear_svm_candidates_use_the_search_tolerance_and_the_final_fit_its_own(plenty, monkeypatch):
     seen = _spy_fixed(monkeypatch)
     res = fit_head(plenty, model="linear-svm", jobs=1)
-    assert seen[0]["tol"] == get_head("linear-svm").search_params["tol"] == 1e-1
+    assert seen[0]["tol"] == get_head("linear-svm").search_params["tol"] == 1e-2
     calibrated = res.estimator.named_steps["est"]
     final = calibrated.calibrated_classifiers_[0].estimator
     assert final.tol == get_head("linear-svm").defaults["tol"] == 1e-4
-    assert res.metrics["strategy"]["search_params"] == {"tol": 1e-1}
+    assert res.metrics["strategy"]["search_params"] == {"tol": 1e-2}
     assert "tol" not in res.metrics["best_params"]
 
 

@@ -125,13 +125,16 @@ def _worker(conn, name: str, work: Callable, report: bool, parent: int, spare: A
 
 
 def _portable(exc: BaseException) -> BaseException:
-    """``exc`` if it survives pickling as itself, else a RuntimeError carrying its traceback."""
-    try:
-        pickle.loads(pickle.dumps(exc))
-        return exc
-    except Exception:  # noqa: BLE001 - any unpicklable exception
-        text = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
-        return RuntimeError(f"in a worker process: {text}")
+    """``exc`` itself when it is fxtl's or Python's own (those unpickle as themselves), else a
+    RuntimeError carrying its traceback."""
+    if isinstance(exc, FxtlError) or type(exc).__module__ == "builtins":
+        try:
+            pickle.dumps(exc)
+            return exc
+        except Exception:  # noqa: BLE001 - an unpicklable argument
+            pass
+    text = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
+    return RuntimeError(f"in a worker process: {text}")
 
 
 def _die_with(parent: int) -> None:
