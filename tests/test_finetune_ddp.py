@@ -36,10 +36,10 @@ def weights(run_dir: Path) -> dict[str, torch.Tensor]:
     return torch.load(run_dir / "checkpoint-last.pt", weights_only=True)["model"]
 
 
-def assert_same_weights(a: dict, b: dict) -> None:
+def assert_same_weights(a: dict, b: dict, tol: float = 1e-5) -> None:
     assert a.keys() == b.keys()
     for k in a:
-        torch.testing.assert_close(a[k].float(), b[k].float(), atol=1e-5, rtol=1e-5, msg=k)
+        torch.testing.assert_close(a[k].float(), b[k].float(), atol=tol, rtol=tol, msg=k)
 
 
 def test_rank_batches_together_are_the_single_process_batch():

@@ -352,4 +352,8 @@ def test_the_refit_under_torchrun_equals_one_process(data, tiny, tmp_path):
     assert proc.stderr.count("refit: training it again") == 1  # rank 0 alone says it
     run = Path(out["run_dir"])
     assert not {START_FILE, REFIT_CHECKPOINT_FILE} & {p.name for p in run.iterdir()}
-    assert_same_weights(_weights(run / "model.pt"), _weights(one.run_dir / "model.pt"))
+    # 10 steps at lr 0.05 with every layer trained: each rank's convolutions sum half the batch
+    # and gloo averages the two, an fp32 order of sums unlike one process's, and the steps grow
+    # it. Measured on the 2-core Xeon and CI's EPYC: at most 3.9e-5 (blocks.4.0.conv_pw), where
+    # the training moved that tensor by 5.6e-2, 500 times this tolerance.
+    assert_same_weights(_weights(run / "model.pt"), _weights(one.run_dir / "model.pt"), tol=1e-4)
