@@ -210,7 +210,8 @@ def _fit_all(cache: str | Path | FeatureCache, cfg: HeadConfig, where: Destinati
                 borrow_cores(spare)  # threads beyond the first only on cores left idle
                 res = _fit_one(source, name, plan=plan, config=own.replace(jobs=workers),
                                runner=runner, budget=None, progress=report)
-                res.config, res.metrics["config"] = own, own.to_dict()  # as asked, not jobs=1
+                # the config as asked, not the worker's jobs
+                res.config, res.metrics["config"] = own, own.to_dict()
                 res.metrics["notes"].append(f"fitted in a worker process, {workers} heads at a "
                                             "time on a core each (more once others finish)")
                 return finish(res)
@@ -221,26 +222,28 @@ def _fit_all(cache: str | Path | FeatureCache, cfg: HeadConfig, where: Destinati
             done = side_by_side.run(order, work, workers=workers, progress=progress,
                                     on_start=started)
             results = [done[name] for name in names]
-        for i, name in enumerate(names if workers <= 1 else ()):
-            share = None
-            if cfg.budget is not None:
-                share = max(0.0, cfg.budget - (time.perf_counter() - t_start)) / (len(names) - i)
-            started(name)
-            results.append(finish(_fit_one(source, name, plan=plan, config=cfg.for_model(name),
-                                           runner=runner, budget=share, progress=progress)))
-            release_freed_memory()  # the next head starts from what is in use, not the peak
+        else:
+            for i, name in enumerate(names):
+                share = None
+                if cfg.budget is not None:
+                    left = max(0.0, cfg.budget - (time.perf_counter() - t_start))
+                    share = left / (len(names) - i)
+                started(name)
+                results.append(finish(_fit_one(source, name, plan=plan, config=cfg.for_model(name),
+                                               runner=runner, budget=share, progress=progress)))
+                release_freed_memory()  # the next head starts from what is in use, not the peak
     if where is not None:
         save_runs(results, where)
     return results
 
 
-# Heads fitted side by side start in this order, so that the slowest do not start last (measured
-# at 1,000 rows of 10 classes: linear-svm, logreg and mlp take 5-7 s, svm 2 s, knn 0.2 s on one
-# core); heads not named here (registered by a user) start first.
 # Below this many fit rows every head takes a second or so and heads run one at a time: forking
 # the workers costs about what it saves (hymenoptera, 245 rows: 8.6-9.0 s side by side against
 # 6.7-8.7 s; digits, 1,000 rows: 18.9-20.4 s against 27.8-29.8 s; benchmarks/heads_classes.py).
 SIDE_BY_SIDE_ROWS = 500
+# Heads fitted side by side start in this order, so that the slowest do not start last (measured
+# at 1,000 rows of 10 classes: linear-svm, logreg and mlp take 5-7 s, svm 2 s, knn 0.2 s on one
+# core); heads not named here (registered by a user) start first.
 _SLOWEST_FIRST = ("linear-svm", "logreg", "mlp", "svm", "knn")
 
 
