@@ -33,11 +33,12 @@ import numpy as np
 from PIL import Image
 from sklearn.base import BaseEstimator, TransformerMixin
 
+from ._util import progress_bar
 from .backbones.registry import DEFAULT_BACKBONE, load_backbone
 from .data.discovery import walk_images
 from .data.images import EvalTransform, ImageDecodeError, Preprocessing, to_rgb
 from .errors import DataError, ParameterError
-from .features.embedding import default_batch_size, default_workers, make_loader, progress_bar
+from .features.embedding import default_batch_size, default_workers, make_loader
 from .runtime import autocast, resolve_device, resolve_precision
 
 if TYPE_CHECKING:

@@ -287,10 +287,34 @@ def test_quiet_verbose_and_compare_rows_naming_their_run(cache, head_run, tmp_pa
     assert both.exit_code == 2 and "cannot be combined" in both.stderr
 
 
-def test_progress_bars_only_on_a_terminal():
-    from fxtl.features.embedding import progress_bar
+def test_progress_bars_only_on_a_terminal(monkeypatch):
+    import io
+    import sys
+    import threading
 
-    assert progress_bar(3, "x", True).disable  # pytest's stderr is not a terminal
+    from fxtl._util import progress_bar
+
+    class Terminal(io.StringIO):
+        def isatty(self) -> bool:
+            return True
+
+    before = threading.active_count()
+    for enabled in (True, False):  # pytest's stderr is not a terminal
+        bar = progress_bar(3, "x", enabled)
+        assert bar.disable
+        bar.update(2)
+        bar.set_postfix(loss="0.1")
+        bar.close()
+        assert bar.n == 2 and bar.total == 3
+    # no bar drawn, no tqdm monitor thread left behind: a live thread would make every later
+    # cache probe start a fresh interpreter instead of forking
+    assert threading.active_count() == before
+    monkeypatch.setattr("sys.stderr", Terminal())
+    bar = progress_bar(3, "x", True)
+    assert not bar.disable and type(bar).__name__ == "tqdm_asyncio"
+    bar.update(3)
+    bar.close()
+    assert "x: 100%" in sys.stderr.getvalue()
     assert progress_bar(3, "x", False).disable
 
 

@@ -8,12 +8,12 @@ runs it natively; pinned memory and non-blocking copies on CUDA.
 """
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Iterator, Sequence
 
 import numpy as np
 
+from .._util import progress_bar
 from ..data.discovery import ImageDataset
 from ..data.images import collate_images
 from ..runtime import autocast, default_workers, resolve_device, resolve_precision
@@ -117,7 +117,7 @@ def _batches(backbone: Backbone, paths: Sequence[str | Path], step, *, device: s
     loader = make_loader(ImageDataset(paths, backbone.preprocessing), batch_size=batch_size,
                          workers=min(workers, max(0, (len(paths) + batch_size - 1) // batch_size)),
                          device=device)
-    bar = progress_bar(len(paths), desc, progress)
+    bar = progress_bar(len(paths), desc, progress, smoothing=0.1)
     try:
         with torch.inference_mode(), autocast(device, precision):
             for x, idx, errs in loader:
@@ -130,11 +130,3 @@ def _batches(backbone: Backbone, paths: Sequence[str | Path], step, *, device: s
         bar.close()
 
 
-def progress_bar(total: int, desc: str, enabled: bool):
-    """A tqdm bar on stderr, drawn only when stderr is a terminal (a CI log gets no bar lines);
-    disabled: a no-op with the same methods."""
-    from tqdm.auto import tqdm
-
-    return tqdm(total=total, desc=desc, unit="img", file=sys.stderr,
-                disable=None if enabled else True,  # None: tqdm's "only on a terminal"
-                dynamic_ncols=True, smoothing=0.1)

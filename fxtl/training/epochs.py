@@ -16,7 +16,7 @@ from typing import Any, Callable
 
 import numpy as np
 
-from .._util import now_iso, versions
+from .._util import now_iso, progress_bar, versions
 from ..data.discovery import ImageDataset, ImageSet, fingerprint
 from ..data.images import Preprocessing, collate_images
 from ..distributed import TrainingGroup, available_cores
@@ -29,7 +29,7 @@ from .config import FinetuneConfig
 from .rows import Splits
 from .trainer import Trainer, evaluate_loader, note_errors
 
-__all__ = ["EpochRunner", "EpochTotals", "make_loader", "progress_bar", "is_improvement",
+__all__ = ["EpochRunner", "EpochTotals", "make_loader", "is_improvement",
            "MIN_DELTA"]
 
 # A selection loss must drop by more than this to count as an improvement.
@@ -49,14 +49,6 @@ def make_loader(dataset, *, batch_size: int, workers: int, device: str, sampler=
                                        collate_fn=collate_images,
                                        num_workers=workers, pin_memory=device.startswith("cuda"),
                                        generator=torch.Generator().manual_seed(seed), **kwargs)
-
-
-def progress_bar(total: int, desc: str, enabled: bool):
-    from tqdm.auto import tqdm
-
-    # disable=None: drawn only on a terminal; a CI log keeps the plain per-epoch lines
-    return tqdm(total=total, desc=desc, unit="img", file=sys.stderr,
-                disable=None if enabled else True, dynamic_ncols=True, leave=True)
 
 
 def is_improvement(acc: float, loss: float, best: dict[str, Any] | None, monitor: str) -> bool:
