@@ -9,22 +9,25 @@ cleanly is opened in this process.
 
 Whether to isolate is the caller's choice: every reader of :mod:`fxtl.features.store` takes
 ``isolate=``. What a child found is remembered only by a :class:`CacheGuard` the caller enters
-(``with CacheGuard(): ...``, as the ``fxtl`` command does for each command), per file (device,
-inode, size, mtime) and for that block only; a cache written inside the block is known good.
-So a command pays for one probe per cache at most, and nothing outlives the block.
+(``with CacheGuard(): ...``, as the ``fxtl`` command does for each command, and :func:`guarded`
+for one API call that reads a file several times), per file (device, inode, size, mtime) and
+for that block only; a cache written inside the block is known good. So a command pays for one
+probe per cache at most, and nothing outlives the block.
 """
 from __future__ import annotations
 
+import contextlib
 import contextvars
 import os
 import stat
 from pathlib import Path
+from typing import Iterator
 
 from .._isolate import run_isolated
 from ..errors import CacheError, ParameterError
 from .spec import MAX_EXPANSION, PROBE_READ_ALL_BYTES
 
-__all__ = ["CacheGuard", "guard_cache", "remember_written", "probe_seconds", "LEVELS",
+__all__ = ["CacheGuard", "guard_cache", "guarded", "remember_written", "probe_seconds", "LEVELS",
            "PROBE_SECONDS"]
 
 # Seconds the child may take to read a cache's structure; reading the features adds time per byte.
@@ -136,6 +139,18 @@ def guard_cache(path: str | Path, *, features: bool = True, level: str | None = 
     if not isolate:
         return
     (active if active is not None and active.isolate else CacheGuard()).check(path, level=level)
+
+
+@contextlib.contextmanager
+def guarded() -> Iterator[None]:
+    """A block in which each cache is probed once: inside the entered :class:`CacheGuard`, or
+    a new one until the block ends. For an API call that opens a file several times (a head
+    streamed from a large cache opens it once per pass): 16 probes of one file became 1."""
+    if _active.get() is not None:
+        yield
+        return
+    with CacheGuard():
+        yield
 
 
 def remember_written(path: str | Path) -> None:

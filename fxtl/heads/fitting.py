@@ -31,6 +31,7 @@ import numpy as np
 from .._util import now_iso, versions
 from ..data.splits import RunRows, run_rows
 from ..errors import ParameterError
+from ..features.cache_guard import guarded
 from ..features.store import FeatureCache, load_features
 from ..report.metrics import classification_metrics
 from ..runtime import release_freed_memory
@@ -174,6 +175,7 @@ def _best(results: Sequence[FitResult]) -> FitResult:
     return best
 
 
+@guarded()  # each cache probed once for the call, not once per streamed pass
 def _fit_all(cache: str | Path | FeatureCache, cfg: HeadConfig, where: Destination | None, *,
              progress: Progress | None, log: Callable[[str], None] | None) -> list[FitResult]:
     check_destination(where, cfg.models)

@@ -165,6 +165,30 @@ def test_a_guard_probes_once_per_file_and_never_for_a_cache_written_in_its_block
     assert calls[-1] == ("valid.h5", "meta") and len(calls) == 6
 
 
+def test_one_fit_heads_call_probes_its_cache_once_per_level(tmp_path, monkeypatch):
+    """A head streamed from a large cache opens the file once per pass (16 for logreg here);
+    the call probes it as one block does, and remembers nothing after it returns."""
+    from fxtl.heads.fitting import fit_heads
+
+    from ..test_heads import write_synthetic_cache
+
+    children = []
+    real = cache_guard.run_isolated
+    monkeypatch.setattr(cache_guard, "run_isolated",
+                        lambda *a, **k: children.append((Path(a[1]).name, a[2])) or real(*a, **k))
+    big = write_synthetic_cache(tmp_path / "big.h5", splits=(("train", 600), ("val", 150)), dim=12)
+    res = fit_heads(big, models=["logreg"], large_threshold=500, save=False)
+    assert res[0].metrics["scalable"] is True
+    assert children == [("big.h5", "meta"), ("big.h5", "all")]
+    read_attrs(big)
+    assert children[-1] == ("big.h5", "meta") and len(children) == 3
+    with CacheGuard():  # inside the caller's block, the call uses that block's verdicts
+        read_attrs(big)
+        load_features(big)
+        fit_heads(big, models=["logreg"], large_threshold=500, save=False)
+    assert len(children) == 5
+
+
 def test_isolate_false_reads_in_process(tmp_path, monkeypatch):
     children = []
     monkeypatch.setattr(cache_guard, "run_isolated", lambda *a, **k: children.append(a[1]))
