@@ -9,6 +9,7 @@ caller decides when to call it and what to remember (:mod:`fxtl.features.cache_g
 from __future__ import annotations
 
 import faulthandler
+import gc
 import importlib
 import os
 import select
@@ -45,8 +46,9 @@ def run_isolated(target: str, path: Path, level: str, *, limit: float, fix: str)
 
 def _may_fork() -> bool:
     """Fork only while no other Python thread runs: a lock one of them holds (h5py's, the import
-    lock, logging's) would stay held in the child and hang it. Native pools (OpenBLAS, OpenMP)
-    hold none of the locks the child takes, and the child runs no BLAS or OpenMP code."""
+    lock, logging's) would stay held in the child and hang it. Native pools (OpenBLAS, OpenMP,
+    onnxruntime's) hold none of the locks the child takes: the child runs no BLAS or OpenMP code,
+    and collects no garbage (whose finalizers could wait on such a pool)."""
     return hasattr(os, "fork") and threading.active_count() == 1
 
 
@@ -89,6 +91,10 @@ def _probe_forked(target: str, path: Path, level: str, limit: float, fix: str) -
         os.close(w)
         return _probe_spawned(target, path, level, limit, fix)
     if pid == 0:  # the child: never returns, never runs the parent's exit handlers
+        # No garbage collection here: a cycle the parent had not collected yet would be finalized
+        # in the child, and a finalizer can wait for a thread that only the parent has (an
+        # onnxruntime session left in a traceback waited on its thread pool for ever).
+        gc.disable()
         code = 0
         try:
             os.close(r)

@@ -189,6 +189,40 @@ def test_one_fit_heads_call_probes_its_cache_once_per_level(tmp_path, monkeypatc
     assert len(children) == 5
 
 
+def _allocating_reader(path, level) -> None:
+    """A reader that allocates as a real one does: enough objects for a garbage collection."""
+    junk = [[i] for i in range(50_000)]
+    assert len(junk) == 50_000
+
+
+def test_a_forked_probe_finalizes_none_of_the_callers_garbage(tmp_path, monkeypatch):
+    """Garbage the caller has not collected yet, whose finalizer waits for something only the
+    caller's threads would give (an onnxruntime session in an old traceback waited on its
+    thread pool): collected in the child, it hung every probe until the time limit."""
+    import gc
+    import threading
+
+    monkeypatch.setattr(_isolate, "_may_fork", lambda: True)
+    parent, held = os.getpid(), threading.Lock()
+    held.acquire()
+
+    class Waits:
+        def __del__(self):
+            if os.getpid() != parent:
+                held.acquire()  # never released in the child: a hang if the child finalizes it
+
+    path = _valid(tmp_path / "valid.h5")
+    gc.collect()  # the next collection is hundreds of allocations away: in the child
+    cycle = Waits()
+    cycle.me = cycle
+    del cycle
+    t0 = time.monotonic()
+    assert _isolate.run_isolated(f"{__name__}:_allocating_reader", path, "all", limit=5,
+                                 fix="re-create it") is None
+    assert time.monotonic() - t0 < 5
+    gc.collect()
+
+
 def test_isolate_false_reads_in_process(tmp_path, monkeypatch):
     children = []
     monkeypatch.setattr(cache_guard, "run_isolated", lambda *a, **k: children.append(a[1]))
