@@ -36,6 +36,8 @@ import time
 from datetime import datetime, timezone
 from pathlib import Path
 
+from _host import cpu_model
+
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
 RESULTS = HERE / "results"
@@ -129,16 +131,6 @@ def _imports(data: Path, cache_dir: Path, env: dict[str, str], scratch: Path) ->
             "processes_seen": len({pid for pid, _ in lines})}
 
 
-def _cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
 def _git_rev() -> str:
     out = subprocess.run(["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"],
                          capture_output=True, text=True)
@@ -209,7 +201,7 @@ def main(argv: list[str] | None = None) -> int:
             summary["no_bytecode_write"]["wall_seconds_median"] - hit["wall_seconds_median"], 4),
         "imports": imports,
         "targets": TARGETS,
-        "machine": {"cpu": _cpu_model(), "cpus": os.cpu_count(), "python": platform.python_version(),
+        "machine": {"cpu": cpu_model(), "cpus": os.cpu_count(), "python": platform.python_version(),
                     "load_average_at_start": load_start,
                     "load_average_1min_per_round": loads,
                     "load_average_at_end": list(os.getloadavg())},

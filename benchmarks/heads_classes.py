@@ -29,6 +29,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from _host import host
+
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 TARGET_SECONDS = 10.0  # `--model all` on 300-1,000 rows (issue 23 item 5)
@@ -92,6 +94,7 @@ def main() -> None:
     entry = out["labels"].setdefault(args.label, {})
     entry.update({"git_commit": commit if tree == ROOT else None, "tree": str(tree),
                   "machine": platform.processor() or platform.machine(), "cpus": os.cpu_count(),
+                  "host": host(),
                   "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
                   "command": "python " + " ".join([Path(sys.argv[0]).as_posix(), *sys.argv[1:]])})
     sets = entry.setdefault("caches", {})
