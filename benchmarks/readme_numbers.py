@@ -553,8 +553,8 @@ def finetune_ddp(r: Results) -> str:
 
 
 # The latest round of benchmarks/heads_classes.py: (before, after) labels, and their repeat.
-HEADS_CLASSES_ROUND = ("s10-before", "s10-after")
-HEADS_CLASSES_REPEAT = ("s10-before-again", "s10-after-again")
+HEADS_CLASSES_ROUND = ("s12-filed", "s12-now")
+HEADS_CLASSES_REPEAT = ("s12-filed-again", "s12-now-again")
 
 
 @section("heads-classes")
@@ -578,9 +578,14 @@ def heads_classes(r: Results) -> str:
     ten = digits + ["omniglot"]
     met = [n for n in ten if a[n]["wall_seconds_median"] <= target]
     missed = [n for n in ten if n not in met]
-    changed = []
+    changed, resplit = [], []
     for n in a:
-        for m, h in a[n]["repeats"][0]["heads"].items():
+        heads = a[n]["repeats"][0]["heads"]
+        fit_rows = (b[n]["repeats"][0]["heads"]["logreg"]["n_fit"], heads["logreg"]["n_fit"])
+        if fit_rows[0] != fit_rows[1]:  # another hold-out: accuracies on other test rows
+            resplit.append(f"{n} ({fit_rows[0]:,} fit rows then, {fit_rows[1]:,} now)")
+            continue
+        for m, h in heads.items():
             old = b[n]["repeats"][0]["heads"][m]
             if old["best_params"] != h["best_params"] or old["accuracy"] != h["accuracy"]:
                 changed.append(f"{m} on {n} {_f(old['accuracy'])} to {_f(h['accuracy'])}")
@@ -595,8 +600,8 @@ def heads_classes(r: Results) -> str:
                else f"median of {reps} runs")
             + ", wall "
             f"(CPU): on 10-class lite0 digits with {rows} fit rows {med(a, digits, 'wall_seconds')} s "
-            f"({med(a, digits, 'cpu_seconds')} s), before this round (main at "
-            f"{before.get('tree_commit', '?')[:7]}) {med(b, digits, 'wall_seconds')} s "
+            f"({med(a, digits, 'cpu_seconds')} s), {before.get('baseline', 'before this round')} "
+            f"(main at {before.get('tree_commit', '?')[:7]}) {med(b, digits, 'wall_seconds')} s "
             f"({med(b, digits, 'cpu_seconds')} s); omniglot ({omni:,} rows, "
             f"{a['omniglot']['classes']} classes) {a['omniglot']['wall_seconds_median']:.1f} s "
             f"(before {b['omniglot']['wall_seconds_median']:.1f} s); hymenoptera "
@@ -604,14 +609,25 @@ def heads_classes(r: Results) -> str:
             f"{target:.0f} s target "
             + (f"is met on {_join_and(met)}" + (f", not on {_join_and(missed)}" if missed else "")
                if met else f"is met on none of {_join_and(missed)}")
-            + f" on this host, where {big} takes {ratio:.1f} times as long as hymenoptera. At "
+            + f" on this host{_host_words(after)}, where {big} takes {ratio:.1f} times as long as hymenoptera. At "
             f"{a[big]['repeats'][0]['heads']['logreg']['n_fit']:,} rows the heads take "
             f"{per_head} (each one's own wall time, two at a time in worker processes). "
             + ("Heads that chose or scored differently from before: " + "; ".join(changed)
                + "; every other head chose the same parameters with the same reported accuracy"
                if changed else
                "Every head chose the same parameters with the same reported accuracy as before")
+            + (f". The hold-out of {_join_and(resplit)} was drawn differently in between, so "
+               "its accuracies are on other test rows and are not compared" if resplit else "")
             + _heads_classes_repeat(labels, digits))
+
+
+def _host_words(entry: dict) -> str:
+    """" (CPU, cores)" where the results say which host ran them."""
+    h = entry.get("host")
+    if not h:
+        return ""
+    return (f" ({h['cpus']}-core {h['cpu']}" + (" with avx512_bf16" if h.get("avx512_bf16") else "")
+            + ")")
 
 
 def _heads_classes_repeat(labels: dict, digits: list[str]) -> str:
