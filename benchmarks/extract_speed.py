@@ -18,7 +18,7 @@ Writes benchmarks/results/extract_speed.json.
 
 times only ``fxtl.extract`` without and with ``layers="auto"`` (the later stages stored beside
 the features), alternating the two so a busy machine slows both alike; median compute images/s
-of each, into benchmarks/results/extract_layers_speed.json.
+of each, added to the measurements in benchmarks/results/extract_layers_speed.json.
 """
 from __future__ import annotations
 
@@ -35,6 +35,8 @@ from pathlib import Path
 
 import numpy as np
 import torch
+
+from _host import host
 
 HERE = Path(__file__).resolve().parent
 DEFAULT_DATA = HERE.parent.parent / "shared" / "datasets" / "hymenoptera"
@@ -180,16 +182,21 @@ def main() -> None:
     if args.layers_only:
         with tempfile.TemporaryDirectory() as tmp:
             res = layers_speed(args.data, args.repeats, Path(tmp))
-        res["machine"] = {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
-                          "threads": torch.get_num_threads(), "torch": torch.__version__,
+        res["machine"] = {**host(), "threads": torch.get_num_threads(), "torch": torch.__version__,
                           "precision": resolve_precision("auto", "cpu")}
+        res["date"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
         for key in ("none", "auto"):
             print(f"layers={key:<5} {res[key]['median_compute_images_per_second']:7.1f} img/s in loop, "
                   f"{res[key]['median_end_to_end_images_per_second']:6.1f} img/s end to end (median of "
                   f"{args.repeats})")
         print(f"auto / none (in loop): {res['auto_over_none_compute']:.3f}  (target >= 0.90)")
-        (HERE / "results").mkdir(exist_ok=True)
-        (HERE / "results" / "extract_layers_speed.json").write_text(json.dumps(res, indent=2) + "\n")
+        # One measurement per host and precision, kept beside the earlier ones (the ratio is
+        # what the target is about; images/s belong to their host).
+        path = HERE / "results" / "extract_layers_speed.json"
+        path.parent.mkdir(exist_ok=True)
+        old = json.loads(path.read_text()) if path.is_file() else {"measurements": []}
+        kept = old.get("measurements", [old])  # a file from before held one measurement
+        path.write_text(json.dumps({"measurements": [*kept, res]}, indent=2) + "\n")
         return
     prec = resolve_precision("auto", "cpu")
     bs = default_batch_size("cpu", prec)
