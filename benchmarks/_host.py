@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import os
 import platform
+import subprocess
+import time
 from pathlib import Path
 
-__all__ = ["cpu_model", "host"]
+__all__ = ["cpu_model", "host", "provenance"]
 
 
 def cpu_model() -> str:
@@ -37,3 +39,16 @@ def host() -> dict:
         mem = None
     return {"cpu": cpu_model(), "cpus": os.cpu_count(), "avx512_bf16": "avx512_bf16" in flags,
             "memory_gib": round(mem, 1) if mem else None, "python": platform.python_version()}
+
+
+def provenance(benchmark: str, argv: list[str]) -> dict:
+    """The head of a results file: which benchmark, at which commit, run how, where and when,
+    and the load average before it (other jobs on a shared machine stretch wall times)."""
+    repo = Path(__file__).resolve().parents[1]
+    commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=repo, capture_output=True,
+                            text=True).stdout.strip()
+    return {"benchmark": benchmark, "git_commit": commit,
+            "command": f"python benchmarks/{benchmark}.py " + " ".join(argv),
+            "machine": platform.machine(), "cpus": os.cpu_count(), "host": host(),
+            "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            "load_before": [round(v, 2) for v in os.getloadavg()]}

@@ -17,9 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import resource
-import subprocess
 import sys
 import time
 import warnings
@@ -29,6 +27,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from _host import provenance  # noqa: E402
 from fxtl.heads import fit_head, fitting  # noqa: E402
 from fxtl.heads.registry import get_head  # noqa: E402
 from fxtl.heads.search import PLENTY_PER_CLASS  # noqa: E402
@@ -113,13 +112,7 @@ def main(argv=None) -> None:
     ap.add_argument("caches", nargs="+", help="NAME=CACHE.h5")
     ap.add_argument("-o", "--output", default=str(ROOT / "benchmarks/results/search_shortcuts.json"))
     args = ap.parse_args(argv)
-    commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True,
-                            text=True).stdout.strip()
-    result = {"benchmark": "search_shortcuts", "git_commit": commit,
-              "command": "python benchmarks/search_shortcuts.py " + " ".join(args.caches),
-              "machine": platform.machine(), "cpus": os.cpu_count(),
-              "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-              "load_before": [round(v, 2) for v in os.getloadavg()], "caches": {}}
+    result = {**provenance("search_shortcuts", args.caches), "caches": {}}
     for item in args.caches:
         name, _, path = item.partition("=")
         result["caches"][name] = {"cache": path, **measure(path)}
